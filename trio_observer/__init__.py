@@ -1,0 +1,1 @@
+"""Supervise child processes in Trio and observe what they do."""

@@ -1,0 +1,562 @@
+"""The observer registry: bounded sinks, backpressure and loss accounting."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final, Generic, Literal, TypeVar, cast, final, overload
+
+import trio
+
+from ._events import EventCategory, ObserverEvent
+
+
+class ObserverBackpressure(enum.Enum):
+    """What an emitter does when a sink's channel is full."""
+
+    DROP_OLDEST = "drop-oldest"
+    """Never wait. The event that does not fit is dropped and counted in
+    ``missed_events``. (The name is the reference's: the channel keeps the
+    *oldest* events it already holds and drops the newcomer, so a consumer
+    that falls behind sees the start of a burst, then a gap.)"""
+    BLOCK = "block"
+    """The emitter waits until the sink's channel has room."""
+
+
+@final
+class ObserverSubscriberId:
+    """The id of a registered sink: a UUID version 4 string, 36 characters.
+
+    Ids are equal by value and hashable, so a consumer can keep the string
+    (``str(id)``) and look the sink up again with :meth:`from_string`.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"subscriber id must be a str, not {type(value).__name__}")
+        self._value = value
+
+    @classmethod
+    def new(cls) -> ObserverSubscriberId:
+        """Return a fresh id from the operating system's random source."""
+        # uuid4() draws from os.urandom, a CSPRNG; ids derived from clock
+        # bits (as the reference did) can collide across processes.
+        return cls(str(uuid.uuid4()))
+
+    @classmethod
+    def from_string(cls, value: str) -> ObserverSubscriberId:
+        """Wrap an id previously obtained with ``str(id)`` or :meth:`as_str`."""
+        return cls(value)
+
+    def as_str(self) -> str:
+        """Return the id as a string."""
+        return self._value
+
+    def __str__(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"ObserverSubscriberId({self._value!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ObserverSubscriberId):
+            return self._value == other._value
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ObserverSinkStatus:
+    """A snapshot of one sink's counters."""
+
+    missed_events: int
+    """Matching events that were not delivered: the channel was full
+    (``DROP_OLDEST``), the receiver had gone away, the sink was removed while
+    an emitter waited on it, or the emitter was cancelled while it waited."""
+    delivered_events: int
+    """Matching events whose ``send`` completed: they are in the channel or
+    already received."""
+    disconnected: bool
+    """True once the receiving side was closed; every later matching event
+    counts as missed."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class MissedEvents:
+    """In-band notice that ``count`` events were lost before the next one.
+
+    Yielded by a subscription opened with ``report_missed=True``, like the
+    ``Lagged(n)`` error of tokio's broadcast channel.
+    """
+
+    count: int
+    """How many matching events this subscriber did not receive."""
+
+
+class _Sink:
+    """One registered sink. Counters only go up; the session's tasks are the
+    only writers, and trio runs them one at a time, so no lock is needed."""
+
+    __slots__ = (
+        "backpressure",
+        "categories",
+        "delivered",
+        "disconnected",
+        "missed",
+        "send_channel",
+        "tagged",
+    )
+
+    def __init__(
+        self,
+        categories: frozenset[EventCategory],
+        send_channel: trio.MemorySendChannel[object],
+        backpressure: ObserverBackpressure,
+        tagged: bool,
+    ) -> None:
+        self.categories = categories
+        self.send_channel = send_channel
+        self.backpressure = backpressure
+        # A tagged sink sends (missed-so-far, event) pairs, which is how a
+        # subscription knows exactly where a loss happened in its stream.
+        self.tagged = tagged
+        self.delivered = 0
+        self.missed = 0
+        self.disconnected = False
+
+    def item(self, event: ObserverEvent) -> object:
+        return (self.missed, event) if self.tagged else event
+
+    def mark_disconnected(self) -> None:
+        self.disconnected = True
+        self.send_channel.close()
+
+    def status(self) -> ObserverSinkStatus:
+        return ObserverSinkStatus(self.missed, self.delivered, self.disconnected)
+
+
+ItemT = TypeVar("ItemT", ObserverEvent, "ObserverEvent | MissedEvents")
+
+
+@final
+class Subscription(Generic[ItemT]):
+    """A registered sink together with its receiving end.
+
+    Iterate it with ``async for``; the loop ends when the sink is removed
+    (the ``async with`` block that opened it exits) or when the session ends.
+    Obtained from :meth:`ObserverRegistry.subscribe`; not constructed by users.
+    """
+
+    def __init__(
+        self,
+        sink_id: ObserverSubscriberId,
+        sink: _Sink,
+        receive_channel: trio.MemoryReceiveChannel[object],
+    ) -> None:
+        self._id = sink_id
+        self._sink = sink
+        self._receive_channel = receive_channel
+        # The missed count already reported in-band, and an event held back
+        # while its MissedEvents marker goes out first.
+        self._reported = 0
+        self._held: ObserverEvent | None = None
+
+    @property
+    def id(self) -> ObserverSubscriberId:
+        """The sink's id in the registry."""
+        return self._id
+
+    def status(self) -> ObserverSinkStatus:
+        """The sink's counters (still readable after the sink was removed)."""
+        return self._sink.status()
+
+    async def receive(self) -> ItemT:
+        """Wait for the next item.
+
+        With ``report_missed=True``, a :class:`MissedEvents` marker comes
+        right before the first event delivered after a loss, and once more
+        at the end of the stream if events were lost after the last one.
+
+        Raises:
+          trio.EndOfChannel: the sink was removed or the session ended, and
+            everything buffered has been received.
+        """
+        if not self._sink.tagged:
+            return cast(ItemT, await self._receive_channel.receive())
+        if self._held is not None:
+            event, self._held = self._held, None
+            await trio.lowlevel.checkpoint()
+            return event
+        try:
+            item = await self._receive_channel.receive()
+        except trio.EndOfChannel:
+            if self._sink.missed > self._reported:
+                return cast(ItemT, self._marker(self._sink.missed))
+            raise
+        missed_before, event = cast("tuple[int, ObserverEvent]", item)
+        if missed_before > self._reported:
+            self._held = event
+            return cast(ItemT, self._marker(missed_before))
+        return event
+
+    def _marker(self, missed: int) -> MissedEvents:
+        lost, self._reported = missed - self._reported, missed
+        return MissedEvents(lost)
+
+    def __aiter__(self) -> AsyncIterator[ItemT]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ItemT]:
+        while True:
+            try:
+                item = await self.receive()
+            except trio.EndOfChannel:
+                return
+            yield item
+
+
+_ALL_CATEGORIES: Final = tuple(EventCategory)
+
+
+@final
+class ObserverRegistry:
+    """The set of sinks of one session; emitting fans an event out to them.
+
+    Registrations belong to the registry (the session), not to a consumer:
+    a sink stays registered until it is removed or the registry is closed,
+    and its counters can be read with :meth:`status` even after its receiver
+    went away. Events are not replayed to late subscribers.
+
+    Users get a registry from :attr:`Session.observers`; constructing one is
+    useful in tests.
+    """
+
+    def __init__(self) -> None:
+        self._sinks: dict[ObserverSubscriberId, _Sink] = {}
+        # How many sinks want each category: emitters ask wants() before they
+        # build an event, so nobody pays for events nobody will receive.
+        self._interest: dict[EventCategory, int] = dict.fromkeys(_ALL_CATEGORIES, 0)
+        self._interest_callbacks: list[Callable[[], None]] = []
+        self._closed = False
+
+    # -- registration ---------------------------------------------------
+
+    def add_channel(
+        self,
+        categories: Iterable[EventCategory],
+        capacity: int,
+        backpressure: ObserverBackpressure,
+    ) -> tuple[ObserverSubscriberId, trio.MemoryReceiveChannel[ObserverEvent]]:
+        """Register a bounded sink and return its id and receiving end.
+
+        Args:
+          categories: The event categories this sink receives.
+          capacity: How many events the channel buffers. 0 is treated as 1
+            (a rendezvous channel would make every ``DROP_OLDEST`` event
+            missed unless a receiver happened to be waiting).
+          backpressure: What an emitter does when the channel is full.
+
+        Returns:
+          ``(id, receive_channel)``. Closing ``receive_channel`` marks the
+          sink disconnected; it never affects the session or other sinks.
+
+        Raises:
+          TypeError: ``categories`` holds something that is not an
+            :class:`EventCategory`, ``capacity`` is not an int, or
+            ``backpressure`` is not an :class:`ObserverBackpressure`.
+          ValueError: ``capacity`` is negative.
+          trio.ClosedResourceError: the registry was closed (its session
+            ended).
+        """
+        sink_id, receive_channel = self._add(categories, capacity, backpressure, tagged=False)
+        return sink_id, receive_channel  # type: ignore[return-value]
+
+    def _add(
+        self,
+        categories: Iterable[EventCategory],
+        capacity: int,
+        backpressure: ObserverBackpressure,
+        *,
+        tagged: bool,
+    ) -> tuple[ObserverSubscriberId, trio.MemoryReceiveChannel[object]]:
+        wanted = _check_categories(categories)
+        if not isinstance(capacity, int) or isinstance(capacity, bool):
+            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if not isinstance(backpressure, ObserverBackpressure):
+            raise TypeError(
+                "backpressure must be ObserverBackpressure.BLOCK or "
+                f"ObserverBackpressure.DROP_OLDEST, not {backpressure!r}"
+            )
+        if self._closed:
+            raise trio.ClosedResourceError("this observer registry's session has ended")
+        send_channel, receive_channel = trio.open_memory_channel[object](max(capacity, 1))
+        sink_id = ObserverSubscriberId.new()
+        self._sinks[sink_id] = _Sink(wanted, send_channel, backpressure, tagged)
+        for category in wanted:
+            self._interest[category] += 1
+        self._interest_changed()
+        return sink_id, receive_channel
+
+    def remove(self, sink_id: ObserverSubscriberId) -> bool:
+        """Unregister a sink and close its sending side.
+
+        The consumer's ``async for`` ends after the events already buffered.
+        An emitter waiting on this sink (``BLOCK``) is released without an
+        error; the event it was delivering counts as missed.
+
+        Returns:
+          True if the sink was registered, False if it was not (a second
+          call, or an unknown id).
+        """
+        sink = self._sinks.pop(sink_id, None)
+        if sink is None:
+            return False
+        sink.send_channel.close()
+        for category in sink.categories:
+            self._interest[category] -= 1
+        self._interest_changed()
+        return True
+
+    @overload
+    def subscribe(
+        self,
+        categories: Iterable[EventCategory],
+        *,
+        capacity: int = ...,
+        backpressure: ObserverBackpressure = ...,
+        report_missed: Literal[False] = ...,
+    ) -> AbstractAsyncContextManager[Subscription[ObserverEvent]]: ...
+    @overload
+    def subscribe(
+        self,
+        categories: Iterable[EventCategory],
+        *,
+        capacity: int = ...,
+        backpressure: ObserverBackpressure = ...,
+        report_missed: Literal[True],
+    ) -> AbstractAsyncContextManager[Subscription[ObserverEvent | MissedEvents]]: ...
+    def subscribe(
+        self,
+        categories: Iterable[EventCategory],
+        *,
+        capacity: int = 256,
+        backpressure: ObserverBackpressure = ObserverBackpressure.DROP_OLDEST,
+        report_missed: bool = False,
+    ) -> AbstractAsyncContextManager[Subscription[Any]]:
+        """Register a sink for the duration of an ``async with`` block.
+
+        ::
+
+            async with session.observers.subscribe([EventCategory.LIFECYCLE]) as sub:
+                async for event in sub:
+                    ...
+
+        Args:
+          categories: The event categories to receive.
+          capacity: Channel size; see :meth:`add_channel`. The default, 256,
+            absorbs the bursts of a build tool starting many processes.
+          backpressure: ``DROP_OLDEST`` by default, so that a slow consumer
+            never stalls the session; choose ``BLOCK`` when every event
+            matters more than the pace of the processes.
+          report_missed: When true, the subscription yields a
+            :class:`MissedEvents` marker before the first event after a loss,
+            so the consumer learns of it in-band, in the right place.
+
+        Raises:
+          TypeError, ValueError, trio.ClosedResourceError: as
+            :meth:`add_channel`, when the block is entered.
+        """
+        return self._subscribe(categories, capacity, backpressure, report_missed)
+
+    @asynccontextmanager
+    async def _subscribe(
+        self,
+        categories: Iterable[EventCategory],
+        capacity: int,
+        backpressure: ObserverBackpressure,
+        report_missed: bool,
+    ) -> AsyncIterator[Subscription[Any]]:
+        sink_id, receive_channel = self._add(
+            categories, capacity, backpressure, tagged=report_missed
+        )
+        subscription: Subscription[Any] = Subscription(
+            sink_id, self._sinks[sink_id], receive_channel
+        )
+        try:
+            yield subscription
+        finally:
+            self.remove(sink_id)
+            receive_channel.close()
+
+    def status(self, sink_id: ObserverSubscriberId) -> ObserverSinkStatus | None:
+        """Return the sink's counters, or None if it is not registered."""
+        sink = self._sinks.get(sink_id)
+        return None if sink is None else sink.status()
+
+    def __len__(self) -> int:
+        return len(self._sinks)
+
+    def is_empty(self) -> bool:
+        """Return True when no sink is registered."""
+        return not self._sinks
+
+    def wants(self, category: EventCategory) -> bool:
+        """Return True if some registered sink receives ``category``.
+
+        Emitters call this before building an event, so an event nobody
+        would receive is never built.
+        """
+        return self._interest[category] > 0
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close every sink's sending side and refuse new sinks.
+
+        Consumers' ``async for`` loops end after the events already buffered.
+        Statuses stay readable. Idempotent. The session calls this when it
+        ends.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for sink in self._sinks.values():
+            sink.send_channel.close()
+
+    def _on_interest_changed(self, callback: Callable[[], None]) -> None:
+        # The session uses this to start the tree poller when the first
+        # PROCESS/FILE/NETWORK sink arrives and stop it when the last goes.
+        self._interest_callbacks.append(callback)
+
+    def _interest_changed(self) -> None:
+        for callback in self._interest_callbacks:
+            callback()
+
+    # -- emitting -------------------------------------------------------
+
+    def emit_nowait(self, event: ObserverEvent) -> None:
+        """Deliver ``event`` to every matching sink without waiting.
+
+        A full channel counts the event as missed, whatever the sink's
+        policy. The session uses this where it must not wait (while it tears
+        a process tree down after a cancellation).
+        """
+        if not self._sinks:
+            return
+        for sink in tuple(self._sinks.values()):
+            if event.category in sink.categories:
+                self._push_nowait(sink, event)
+
+    async def emit(self, event: ObserverEvent) -> None:
+        """Deliver ``event`` to every sink whose categories include it.
+
+        ``DROP_OLDEST`` sinks get it at once or count it as missed. ``BLOCK``
+        sinks that are full are waited on, one after another, only after
+        every other sink has had its chance; so however slow a ``BLOCK``
+        consumer is, every other sink has the event delivered or counted
+        before this call starts to wait.
+
+        With no sink registered this returns at once, without a checkpoint:
+        it is on the spawn and reap paths, and an idle registry must cost
+        one check. It is a checkpoint whenever it has to wait.
+
+        Cancellation while waiting counts the event as missed on every
+        ``BLOCK`` sink that had not received it yet, then raises
+        ``trio.Cancelled``.
+        """
+        if not self._sinks:
+            return
+        category = event.category
+        waiting: list[_Sink] | None = None
+        for sink in tuple(self._sinks.values()):
+            if category not in sink.categories:
+                continue
+            if sink.backpressure is ObserverBackpressure.DROP_OLDEST or sink.disconnected:
+                self._push_nowait(sink, event)
+                continue
+            try:
+                sink.send_channel.send_nowait(sink.item(event))
+            except trio.WouldBlock:
+                if waiting is None:
+                    waiting = []
+                waiting.append(sink)
+                continue
+            except trio.BrokenResourceError:
+                sink.mark_disconnected()
+                sink.missed += 1
+                continue
+            except trio.ClosedResourceError:
+                # Removed, or the registry closed: nothing can be delivered.
+                sink.missed += 1
+                continue
+            sink.delivered += 1
+        if waiting is not None:
+            await self._send_waiting(waiting, event)
+
+    @staticmethod
+    def _push_nowait(sink: _Sink, event: ObserverEvent) -> None:
+        if sink.disconnected:
+            sink.missed += 1
+            return
+        try:
+            sink.send_channel.send_nowait(sink.item(event))
+        except trio.WouldBlock:
+            sink.missed += 1
+            return
+        except trio.BrokenResourceError:
+            sink.mark_disconnected()
+            sink.missed += 1
+            return
+        except trio.ClosedResourceError:
+            sink.missed += 1
+            return
+        sink.delivered += 1
+
+    @staticmethod
+    async def _send_waiting(waiting: list[_Sink], event: ObserverEvent) -> None:
+        for index, sink in enumerate(waiting):
+            try:
+                # The item is built now, not when the sink was found full:
+                # a tagged sink must carry the missed count as of delivery.
+                await sink.send_channel.send(sink.item(event))
+            except trio.BrokenResourceError:
+                sink.mark_disconnected()
+                sink.missed += 1
+            except trio.ClosedResourceError:
+                sink.missed += 1
+            except BaseException:
+                # Cancelled (or worse) while waiting: this sink and the ones
+                # after it never got the event. Account for it, then go.
+                for unsent in waiting[index:]:
+                    unsent.missed += 1
+                raise
+            else:
+                sink.delivered += 1
+
+
+def _check_categories(categories: Iterable[EventCategory]) -> frozenset[EventCategory]:
+    if isinstance(categories, (str, bytes, EventCategory)):
+        raise TypeError(
+            "categories must be an iterable of EventCategory, e.g. "
+            f"[EventCategory.LIFECYCLE], not {categories!r}"
+        )
+    wanted = frozenset(categories)
+    for category in wanted:
+        if not isinstance(category, EventCategory):
+            allowed = ", ".join(f"EventCategory.{c.name}" for c in EventCategory)
+            raise TypeError(f"categories: {category!r} is not an EventCategory ({allowed})")
+    return wanted
