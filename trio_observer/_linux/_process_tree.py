@@ -1,0 +1,221 @@
+"""Finding and stopping what a session's processes left behind.
+
+When a session ends, nothing it started may outlive it. Its processes are
+reaped by then, but they may have left descendants: members of their process
+groups (a shell's background job), and orphans that moved to a group or
+session of their own before their parent died. The session is a child
+subreaper, so those orphans are re-parented to this process; they are
+recognised by the session id every child carries in its environment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+PROC: Final = "/proc"
+_PR_SET_CHILD_SUBREAPER: Final = 36
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of ``/proc/<pid>/stat`` the teardown needs."""
+
+    pid: int
+    state: str
+    ppid: int
+    pgid: int
+    sid: int
+    starttime: int
+
+
+def parse_stat(pid: int, text: str) -> ProcStat:
+    """Parse the text of ``/proc/<pid>/stat``.
+
+    The command name sits in parentheses and may itself hold spaces and
+    parentheses, so the fields are counted from the *last* ``)``.
+    """
+    fields = text[text.rindex(")") + 2 :].split()
+    return ProcStat(
+        pid=pid,
+        state=fields[0],
+        ppid=int(fields[1]),
+        pgid=int(fields[2]),
+        sid=int(fields[3]),
+        starttime=int(fields[19]),
+    )
+
+
+def read_stat(pid: int, proc_root: str = PROC) -> ProcStat | None:
+    """Return the process's stat, or None if it is gone (a race, not an error)."""
+    try:
+        with open(f"{proc_root}/{pid}/stat") as f:
+            return parse_stat(pid, f.read())
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return None
+
+
+def scan(proc_root: str = PROC) -> dict[int, ProcStat]:
+    """Read the stat of every process visible in ``proc_root``."""
+    table: dict[int, ProcStat] = {}
+    try:
+        names = os.listdir(proc_root)
+    except OSError:
+        return table
+    for name in names:
+        if name.isdigit():
+            stat = read_stat(int(name), proc_root)
+            if stat is not None:
+                table[stat.pid] = stat
+    return table
+
+
+def has_marker(pid: int, marker: bytes, proc_root: str = PROC) -> bool:
+    """True if the process's initial environment holds ``marker`` exactly."""
+    try:
+        with open(f"{proc_root}/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def proc_available(proc_root: str = PROC) -> bool:
+    """True if ``proc_root`` looks like a Linux procfs."""
+    return os.path.exists(f"{proc_root}/self/stat")
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper; return False where unsupported.
+
+    Orphaned descendants are then re-parented to this process rather than
+    to init, so the session can still find, stop and reap them.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def find_leftovers(
+    *,
+    groups: Iterable[int],
+    marker: bytes,
+    exclude: Iterable[int] = (),
+    proc_root: str = PROC,
+) -> dict[int, ProcStat]:
+    """Return the processes that belong to a session's tree.
+
+    A process belongs when it is in one of ``groups`` (as process group or
+    session id), when it is a child of this process carrying ``marker`` in
+    its environment, or when its parent belongs. ``exclude`` (the session's
+    own processes still being supervised) are left out.
+    """
+    table = scan(proc_root)
+    own = os.getpid()
+    group_set = set(groups)
+    excluded = set(exclude)
+    excluded.add(own)
+    children: dict[int, list[int]] = {}
+    for stat in table.values():
+        children.setdefault(stat.ppid, []).append(stat.pid)
+    found: dict[int, ProcStat] = {}
+    todo = [
+        stat.pid
+        for stat in table.values()
+        if stat.pgid in group_set
+        or stat.sid in group_set
+        or (stat.ppid == own and has_marker(stat.pid, marker, proc_root))
+    ]
+    while todo:
+        pid = todo.pop()
+        if pid in found or pid not in table:
+            continue
+        found[pid] = table[pid]
+        todo.extend(children.get(pid, ()))
+    for pid in excluded:
+        found.pop(pid, None)
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _wait_gone(pids: Iterable[int]) -> None:
+    """Wait until every pid has exited (zombies count as exited)."""
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+        async with trio.open_nursery() as nursery:
+            for fd in fds:
+                nursery.start_soon(trio.lowlevel.wait_readable, fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def reap_zombie_children(pids: Iterable[int]) -> None:
+    """Reap those of ``pids`` that are exited children of this process."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            # Not our child (its parent in the tree reaped it) or gone.
+            pass
+
+
+async def stop_leftovers(
+    *,
+    groups: Iterable[int],
+    marker: bytes,
+    grace: float,
+    exclude: Iterable[int] = (),
+    proc_root: str = PROC,
+) -> int:
+    """SIGTERM the session's leftover processes, SIGKILL them after ``grace``.
+
+    Repeats until a scan finds nothing (a dying tree may still fork), reaps
+    the ones that became this process's children, and returns how many
+    processes it stopped. Needs procfs and pidfd; elsewhere it returns 0 and
+    the caller's process-group signals are all there is.
+    """
+    if not proc_available(proc_root) or not hasattr(os, "pidfd_open"):
+        return 0
+    groups = tuple(groups)
+    exclude = tuple(exclude)
+    stopped: set[int] = set()
+    sig = signal.SIGTERM
+    for _ in range(8):
+        leftovers = find_leftovers(
+            groups=groups, marker=marker, exclude=exclude, proc_root=proc_root
+        )
+        alive = [pid for pid, stat in leftovers.items() if stat.state not in ("Z", "X")]
+        reap_zombie_children(pid for pid, s in leftovers.items() if s.state in ("Z", "X"))
+        if not alive:
+            break
+        stopped.update(alive)
+        for pid in alive:
+            _signal(pid, sig)
+        if sig == signal.SIGTERM:
+            with trio.move_on_after(grace):
+                await _wait_gone(alive)
+        else:
+            await _wait_gone(alive)
+        reap_zombie_children(alive)
+        # Whatever is still there after the first round gets no more grace.
+        sig = signal.SIGKILL
+    return len(stopped)

@@ -1,0 +1,310 @@
+"""One supervised process: spawn, wait, reap, signals, tree termination."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping
+from typing import IO, Any, Final, final
+
+import trio
+
+from ._events import TerminationOutcome
+
+# Every child of a session carries this variable, so that a descendant the
+# session adopts (as child subreaper) after it left the process group can
+# still be recognised as the session's at teardown.
+SESSION_ENV_VAR: Final = "TRIO_OBSERVER_SESSION"
+
+StdioArg = int | IO[Any] | None
+"""What ``stdin``/``stdout``/``stderr`` accept: ``None`` (inherit),
+``subprocess.PIPE``, ``subprocess.DEVNULL``, ``subprocess.STDOUT`` (stderr
+only), an fd or a file object."""
+
+
+@final
+class Process:
+    """A process started by a session.
+
+    The session waits for it, reaps it exactly once and emits its lifecycle
+    events; this handle lets you wait for it too, signal it and talk to it.
+    Obtained from :meth:`Session.start_process`; not constructed by users.
+    """
+
+    def __init__(
+        self,
+        *,
+        pid: int,
+        argv: tuple[str, ...],
+        reap: Callable[[], int],
+        pgid: int,
+        stdin: trio.abc.SendStream | None,
+        stdout: trio.abc.ReceiveStream | None,
+        stderr: trio.abc.ReceiveStream | None,
+    ) -> None:
+        self._pid = pid
+        self._argv = argv
+        self._reap_now = reap
+        self._pgid = pgid
+        self.stdin = stdin
+        """The child's stdin, when started with ``stdin=subprocess.PIPE``."""
+        self.stdout = stdout
+        """The child's stdout, when started with ``stdout=subprocess.PIPE``."""
+        self.stderr = stderr
+        """The child's stderr, when started with ``stderr=subprocess.PIPE``."""
+        self._returncode: int | None = None
+        self._termination: TerminationOutcome | None = None
+        self._exited = trio.Event()
+        self._pidfd = _open_pidfd(pid)
+        # Set once the session asked the process to stop, so that the exit
+        # can be told apart from a natural one.
+        self._term_requested_at: float | None = None
+        self._kill_sent = False
+
+    def __repr__(self) -> str:
+        state = "running" if self._returncode is None else f"exited {self._returncode}"
+        return f"<trio_observer.Process {list(self._argv)!r} pid={self._pid} {state}>"
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self._pid
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The command line the process was started with."""
+        return self._argv
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the process was reaped, else None.
+
+        Negative when a signal ended the process (``-9`` for SIGKILL), as in
+        :mod:`subprocess`.
+        """
+        return self._returncode
+
+    @property
+    def termination(self) -> TerminationOutcome | None:
+        """How the process ended, once it was reaped, else None."""
+        return self._termination
+
+    async def wait(self) -> int:
+        """Wait until the process has been reaped and return its exit code.
+
+        Any number of tasks may wait at once. Cancelling a wait does not
+        affect the process.
+        """
+        await self._exited.wait()
+        assert self._returncode is not None
+        return self._returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the process (not its descendants).
+
+        Does nothing once the process has been reaped: its pid may already
+        belong to somebody else. Until then it uses the process's pidfd
+        where Linux has one, so the signal cannot reach a reused pid.
+        """
+        if self._returncode is not None:
+            return
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self._pid, sig)
+        except ProcessLookupError:
+            # Exited but not reaped yet: nothing left to signal.
+            pass
+
+    def terminate(self) -> None:
+        """Send SIGTERM to the process."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Send SIGKILL to the process."""
+        self.send_signal(signal.SIGKILL)
+
+    def signal_tree(self, sig: int) -> None:
+        """Send ``sig`` to the process's whole process group.
+
+        Each process a session starts leads its own process group (with a
+        PTY, its own session), so this reaches every descendant that did not
+        move itself elsewhere. Does nothing once the group is empty.
+        """
+        try:
+            os.killpg(self._pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            # Empty group (or, after pid reuse, no longer ours to signal).
+            pass
+
+    async def terminate_gracefully(self, *, grace: float = 5.0) -> int:
+        """Stop the process tree: SIGTERM, then SIGKILL after ``grace`` seconds.
+
+        Sends SIGTERM to the process group, waits up to ``grace`` seconds of
+        the trio clock for the process to exit, then sends SIGKILL to the
+        group. Returns the exit code; :attr:`termination` then says whether
+        the process stopped within the grace period (``SOFT_EXIT``) or had
+        to be killed (``HARD_KILLED``).
+
+        Raises:
+          ValueError: ``grace`` is negative or not a number.
+        """
+        _check_grace("grace", grace)
+        if self._returncode is None:
+            self._request_stop(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                await self._exited.wait()
+            if self._returncode is None:
+                self._request_stop(signal.SIGKILL)
+        return await self.wait()
+
+    # -- used by the session ------------------------------------------
+
+    def _request_stop(self, sig: int) -> None:
+        if self._term_requested_at is None:
+            self._term_requested_at = trio.current_time()
+        if sig == signal.SIGKILL:
+            self._kill_sent = True
+        self.signal_tree(sig)
+
+    async def _wait_exit(self) -> None:
+        """Block until the process has exited (not reaped yet).
+
+        Only the supervisor calls this: trio allows one waiter per fd.
+        """
+        if self._pidfd is not None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+        else:
+            await trio.to_thread.run_sync(_wait_no_reap, self._pid, abandon_on_cancel=True)
+
+    def _reap(self) -> None:
+        self._returncode = self._reap_now()
+        if self._pidfd is not None:
+            # Fd numbers are reused: forget it before anyone can trip on it.
+            fd, self._pidfd = self._pidfd, None
+            os.close(fd)
+        if self._term_requested_at is None:
+            self._termination = TerminationOutcome.NATURAL_EXIT
+        elif self._kill_sent:
+            self._termination = TerminationOutcome.HARD_KILLED
+        else:
+            self._termination = TerminationOutcome.SOFT_EXIT
+        self._exited.set()
+
+    async def _supervise(self, grace: float) -> None:
+        """Wait for the exit and reap; if cancelled, stop the tree first."""
+        try:
+            await self._wait_exit()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._stop(grace)
+                self._reap()
+            raise
+        self._reap()
+
+    async def _stop(self, grace: float) -> None:
+        self._request_stop(signal.SIGTERM)
+        with trio.move_on_after(grace) as scope:
+            await self._wait_exit()
+        if scope.cancelled_caught:
+            self._request_stop(signal.SIGKILL)
+            await self._wait_exit()
+
+    def _close_streams(self) -> None:
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                _close_stream(stream)
+
+
+def _close_stream(stream: trio.abc.AsyncResource) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+
+
+def _open_pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        # Not Linux, or a kernel before 5.3: fall back to a waiting thread.
+        return None
+
+
+def _wait_no_reap(pid: int) -> None:
+    # WNOWAIT leaves the zombie in place, so the pid cannot be reused before
+    # the session reaps it (the same trick trio uses).
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+def _check_grace(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+
+
+def spawn_with_pipes(
+    argv: tuple[str, ...],
+    *,
+    stdin: StdioArg,
+    stdout: StdioArg,
+    stderr: StdioArg,
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    session_id: str,
+) -> Process:
+    """Start ``argv`` in its own process group with the given stdio.
+
+    ``subprocess.Popen`` runs on the trio thread, not in a worker thread as
+    trio does: on Linux it uses vfork, so the call costs a few hundred
+    microseconds, and the thread hop would add about a third to every spawn.
+    """
+    child_env = dict(os.environ if env is None else env)
+    child_env[SESSION_ENV_VAR] = session_id
+
+    parent_streams: dict[str, trio.lowlevel.FdStream] = {}
+    child_fds: list[int] = []
+
+    def pipe_for(name: str, spec: StdioArg, child_reads: bool) -> StdioArg:
+        if spec != subprocess.PIPE:
+            return spec
+        read_fd, write_fd = os.pipe()
+        parent_fd, child_fd = (write_fd, read_fd) if child_reads else (read_fd, write_fd)
+        parent_streams[name] = trio.lowlevel.FdStream(parent_fd)
+        child_fds.append(child_fd)
+        return child_fd
+
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdin=pipe_for("stdin", stdin, True),
+            stdout=pipe_for("stdout", stdout, False),
+            stderr=pipe_for("stderr", stderr, False),
+            cwd=cwd,
+            env=child_env,
+            process_group=0,
+        )
+    except BaseException:
+        for stream in parent_streams.values():
+            stream.close()
+        raise
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+
+    def reap() -> int:
+        # Popen reaps, so its own bookkeeping (and its __del__) never
+        # races us for the status.
+        return popen.wait()
+
+    return Process(
+        pid=popen.pid,
+        argv=argv,
+        reap=reap,
+        pgid=popen.pid,
+        stdin=parent_streams.get("stdin"),
+        stdout=parent_streams.get("stdout"),
+        stderr=parent_streams.get("stderr"),
+    )

@@ -1,0 +1,251 @@
+"""The session: a nursery for processes that reaps all of them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import final
+
+import trio
+
+from ._events import EventCategory, ObserverEvent, ObserverEventKind, trio_time_ms
+from ._linux import _process_tree
+from ._process import SESSION_ENV_VAR, Process, StdioArg, _check_grace, spawn_with_pipes
+from ._registry import ObserverRegistry, ObserverSubscriberId
+
+
+@final
+class Session:
+    """A scope that starts processes, supervises them and reaps every one.
+
+    Obtained from :func:`open_session`; not constructed by users.
+    """
+
+    def __init__(self, nursery: trio.Nursery, *, grace_period: float) -> None:
+        self._nursery = nursery
+        self._grace_period = grace_period
+        self._id = ObserverSubscriberId.new().as_str()
+        self._observers = ObserverRegistry()
+        self._processes: list[Process] = []
+        self._supervisors_done: list[trio.Event] = []
+        self._closed = False
+
+    @property
+    def observers(self) -> ObserverRegistry:
+        """The session's observer registry: add sinks here."""
+        return self._observers
+
+    @property
+    def cancel_scope(self) -> trio.CancelScope:
+        """Cancel this to stop every process tree of the session."""
+        return self._nursery.cancel_scope
+
+    @property
+    def grace_period(self) -> float:
+        """Seconds between SIGTERM and SIGKILL when the session stops a tree."""
+        return self._grace_period
+
+    @property
+    def id(self) -> str:
+        """A random id for this session; its children carry it in their
+        environment as ``TRIO_OBSERVER_SESSION``."""
+        return self._id
+
+    @property
+    def processes(self) -> tuple[Process, ...]:
+        """Every process started in this session, in start order."""
+        return tuple(self._processes)
+
+    async def start_process(
+        self,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        stdin: StdioArg = None,
+        stdout: StdioArg = None,
+        stderr: StdioArg = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Process:
+        """Start a process in the session and return its handle at once.
+
+        The process gets its own process group, so that the session can stop
+        it together with its descendants. Observers registered before this
+        call see its ``STARTED`` event; ``EXITED`` follows, exactly once,
+        when the session has reaped it.
+
+        Args:
+          argv: The program and its arguments. The program is looked up on
+            ``PATH`` (the child's, if ``env`` sets one).
+          stdin: ``None`` to inherit, ``subprocess.PIPE`` for a stream in
+            :attr:`Process.stdin`, ``subprocess.DEVNULL``, an fd or a file.
+          stdout: Likewise, with ``subprocess.PIPE`` giving
+            :attr:`Process.stdout`.
+          stderr: Likewise; ``subprocess.STDOUT`` merges it into stdout.
+          cwd: The child's working directory.
+          env: The child's environment (default: this process's). The
+            session adds ``TRIO_OBSERVER_SESSION`` to it either way.
+
+        Returns:
+          The :class:`Process`.
+
+        Raises:
+          ValueError: ``argv`` is empty.
+          FileNotFoundError: the program does not exist (no event is
+            emitted; the session and its other processes go on).
+          trio.ClosedResourceError: the session has ended.
+        """
+        args = _check_argv(argv)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise trio.ClosedResourceError("this session has ended; open a new one")
+        process = spawn_with_pipes(
+            args, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env, session_id=self._id
+        )
+        self._processes.append(process)
+        started = trio.Event()
+        done = trio.Event()
+        self._supervisors_done.append(done)
+        self._nursery.start_soon(self._supervise, process, started, done)
+        try:
+            if self._observers.wants(EventCategory.LIFECYCLE):
+                await self._observers.emit(
+                    ObserverEvent(
+                        category=EventCategory.LIFECYCLE,
+                        kind=ObserverEventKind.STARTED,
+                        pid=process.pid,
+                        ppid=os.getpid(),
+                        timestamp_ms=trio_time_ms(),
+                        argv=args,
+                    )
+                )
+        finally:
+            started.set()
+        return process
+
+    async def run_process(
+        self,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        stdin: StdioArg = None,
+        stdout: StdioArg = None,
+        stderr: StdioArg = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        task_status: trio.TaskStatus[Process] = trio.TASK_STATUS_IGNORED,
+    ) -> int:
+        """Start a process, wait for it and return its exit code.
+
+        Under ``await nursery.start(session.run_process, argv)`` the
+        :class:`Process` is handed back as soon as it has started, as trio's
+        ``run_process`` does. Arguments are those of :meth:`start_process`.
+        """
+        process = await self.start_process(
+            argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env
+        )
+        task_status.started(process)
+        return await process.wait()
+
+    async def _supervise(self, process: Process, started: trio.Event, done: trio.Event) -> None:
+        try:
+            cancelled = False
+            try:
+                await process._supervise(self._grace_period)
+            except trio.Cancelled:
+                cancelled = True
+                raise
+            finally:
+                if self._observers.wants(EventCategory.LIFECYCLE):
+                    event = ObserverEvent(
+                        category=EventCategory.LIFECYCLE,
+                        kind=ObserverEventKind.EXITED,
+                        pid=process.pid,
+                        ppid=os.getpid(),
+                        timestamp_ms=trio_time_ms(),
+                        exit_code=process.returncode,
+                        termination=process.termination,
+                    )
+                    if cancelled or not started.is_set():
+                        # Tearing down: a BLOCK consumer may be cancelled
+                        # too, so waiting on it could hang the session.
+                        self._observers.emit_nowait(event)
+                    else:
+                        await self._observers.emit(event)
+        finally:
+            done.set()
+
+    async def _wait_for_processes(self) -> None:
+        for done in self._supervisors_done:
+            await done.wait()
+
+    async def _stop_leftovers(self) -> None:
+        groups = [p.pid for p in self._processes]
+        await _process_tree.stop_leftovers(
+            groups=groups,
+            marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
+            grace=self._grace_period,
+        )
+
+    def _close(self) -> None:
+        self._closed = True
+        self._observers.close()
+        for process in self._processes:
+            process._close_streams()
+
+
+@asynccontextmanager
+async def open_session(*, grace_period: float = 5.0) -> AsyncIterator[Session]:
+    """Open a session: a nursery-like scope for processes.
+
+    ::
+
+        async with trio_observer.open_session() as session:
+            process = await session.start_process(["make", "test"])
+            await process.wait()
+
+    Leaving the block waits for every process the session started, like a
+    nursery waits for its tasks. Cancelling the session (its
+    :attr:`~Session.cancel_scope`, an outer cancellation, or an exception in
+    the block) stops every process tree: SIGTERM to its process group, then
+    SIGKILL after ``grace_period`` seconds. Either way, before the block
+    returns, whatever the processes left behind (members of their process
+    groups, orphans adopted by this process as child subreaper) is stopped
+    the same way and reaped, every observer sink is closed, so consumers'
+    ``async for`` loops end, and the session's pipes are closed.
+
+    Args:
+      grace_period: Seconds a process tree gets between SIGTERM and
+        SIGKILL. The default, 5 seconds, is what most service managers give;
+        it runs on the trio clock, so ``MockClock`` can skip it in tests.
+
+    Raises:
+      ValueError: ``grace_period`` is negative or NaN.
+    """
+    _check_grace("grace_period", grace_period)
+    _process_tree.become_subreaper()
+    async with trio.open_nursery() as nursery:
+        session = Session(nursery, grace_period=grace_period)
+        try:
+            yield session
+        except BaseException:
+            nursery.cancel_scope.cancel()
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await session._wait_for_processes()
+                    await session._stop_leftovers()
+                finally:
+                    session._close()
+
+
+def _check_argv(argv: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("argv must be a sequence of arguments such as ['ls', '-l'], not a string")
+    args = tuple(os.fspath(a) for a in argv)
+    if not args:
+        raise ValueError("argv must not be empty: it needs at least the program to run")
+    for arg in args:
+        if not isinstance(arg, str):
+            raise TypeError(f"argv items must be str or os.PathLike[str], not {arg!r}")
+    return args
