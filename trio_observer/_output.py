@@ -1,0 +1,764 @@
+"""Captured byte streams: a bounded backlog with cursors, lines, expect and idle.
+
+One :class:`OutputLog` holds the newest bytes of one stream (a pipe or a
+PTY). Every position is an absolute byte offset since the start of the
+stream, so readers never share state: a cursor, an ``expect`` call and a
+tee each keep their own offset, and the writer never waits for any of them
+(except ``BLOCK`` tees, and only through :meth:`OutputLog.feed_async`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import math
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, final
+
+import trio
+
+from ._registry import ObserverBackpressure
+from ._tee import ByteTee
+
+_READ_SIZE = 65536
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class OutputGap:
+    """In-band notice that a cursor fell behind and bytes were evicted unread.
+
+    The cursor continues with the oldest byte still retained, so the bytes
+    it yields plus every gap's ``missed_bytes`` add up to the stream.
+    """
+
+    missed_bytes: int
+    """How many bytes were evicted from the backlog before this cursor read them."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ExpectMatch:
+    """Where :meth:`OutputLog.expect` found its pattern.
+
+    Chain searches with ``since=match.end`` to look for the next thing
+    strictly after this one.
+    """
+
+    start: int
+    """Absolute offset of the first matched byte."""
+    end: int
+    """Absolute offset just past the last matched byte."""
+    data: bytes
+    """The matched bytes."""
+    before: bytes
+    """The bytes between the search start and the match (after the last gap,
+    if the search lost bytes; see ``missed_bytes``)."""
+    match: re.Match[bytes] | None
+    """The regex match (over ``before + data + ...``), or None for a literal."""
+    missed_bytes: int = 0
+    """Bytes evicted from the backlog before the search could look at them;
+    0 unless the search fell more than ``max_bytes`` behind."""
+
+
+class ExpectTimeout(TimeoutError):
+    """:meth:`OutputLog.expect` timed out; ``seen`` holds what it searched."""
+
+    def __init__(self, message: str, *, seen: bytes, missed_bytes: int) -> None:
+        super().__init__(message)
+        self.seen = seen
+        """The bytes searched without a match (at most ``max_bytes``, the newest)."""
+        self.missed_bytes = missed_bytes
+        """Bytes that arrived after the search start but were never searched."""
+
+
+class ExpectEOF(EOFError):
+    """The stream ended before :meth:`OutputLog.expect` found its pattern."""
+
+    def __init__(self, message: str, *, seen: bytes, missed_bytes: int) -> None:
+        super().__init__(message)
+        self.seen = seen
+        """The bytes searched without a match (at most ``max_bytes``, the newest)."""
+        self.missed_bytes = missed_bytes
+        """Bytes that arrived after the search start but were never searched."""
+
+
+@final
+class OutputLog:
+    """A bounded backlog of one byte stream, with independent readers.
+
+    The writer (the session's reader task, through :func:`pump_stream`)
+    calls :meth:`feed` and finally :meth:`close`. Readers take a
+    :meth:`cursor`, :meth:`expect` a pattern, :meth:`wait_for_idle`, or
+    :meth:`open_tee` a bounded copy of the live stream. Only the newest
+    ``max_bytes`` are retained; a reader that falls behind learns it from an
+    :class:`OutputGap`, it never slows the writer.
+
+    Args:
+      max_bytes: How many of the newest bytes to keep. The default, 1 MiB,
+        holds a long build log tail while bounding memory per stream.
+
+    Raises:
+      ValueError: ``max_bytes`` is less than 1.
+    """
+
+    def __init__(self, *, max_bytes: int = 1 << 20) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+            raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+        self._max = max_bytes
+        # Chunks as fed, never copied or merged. _starts[i] is the absolute
+        # offset of _chunks[i][0]; entries before _head are evicted and are
+        # only deleted in bulk, so that eviction is O(1) amortised and
+        # _starts stays sorted for bisect.
+        self._chunks: list[bytes] = []
+        self._starts: list[int] = []
+        self._head = 0
+        self._start = 0
+        self._total = 0
+        self._closed = False
+        self._data_lot = trio.lowlevel.ParkingLot()
+        self._close_lot = trio.lowlevel.ParkingLot()
+        self._room_lot = trio.lowlevel.ParkingLot()
+        self._tees: list[ByteTee] = []
+        self._blocking_tees = 0
+        try:
+            self._last_feed: float | None = trio.current_time()
+        except RuntimeError:
+            # Built outside trio.run: the quiet period starts at the first
+            # wait_for_idle() instead of at construction.
+            self._last_feed = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<OutputLog total_bytes={self._total} retained={self._total - self._start} "
+            f"max_bytes={self._max} closed={self._closed}>"
+        )
+
+    # -- counters ------------------------------------------------------
+
+    @property
+    def max_bytes(self) -> int:
+        """How many of the newest bytes the backlog keeps."""
+        return self._max
+
+    @property
+    def total_bytes(self) -> int:
+        """Every byte ever fed; also the absolute offset of the next byte."""
+        return self._total
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Bytes evicted from the backlog to stay within ``max_bytes``."""
+        # Offsets start at 0, so the first retained offset is also the
+        # number of bytes evicted before it.
+        return self._start
+
+    @property
+    def start_offset(self) -> int:
+        """Absolute offset of the oldest retained byte."""
+        return self._start
+
+    @property
+    def retained_bytes(self) -> int:
+        """How many bytes :meth:`snapshot` would return."""
+        return self._total - self._start
+
+    @property
+    def closed(self) -> bool:
+        """True once the end of the stream was recorded with :meth:`close`."""
+        return self._closed
+
+    # -- the writer's side ---------------------------------------------
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` to the stream without waiting for any reader.
+
+        Cursors and ``expect`` calls waiting for data are woken; tees get a
+        copy (a full ``DROP_OLDEST`` tee counts it as missed, a full
+        ``BLOCK`` tee still takes it: use :meth:`feed_async` to wait for
+        ``BLOCK`` tees instead). Must be called inside ``trio.run``.
+
+        Raises:
+          trio.ClosedResourceError: :meth:`close` was called.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("this OutputLog was closed (end of stream)")
+        size = len(data)
+        if not size:
+            return
+        if type(data) is not bytes:
+            # A bytearray may be reused by the caller; the backlog must not change.
+            data = bytes(data)
+        self._chunks.append(data)
+        self._starts.append(self._total)
+        self._total += size
+        if self._total - self._start > self._max:
+            self._evict()
+        self._last_feed = trio.current_time()
+        if self._data_lot:
+            self._data_lot.unpark_all()
+        if self._tees:
+            for tee in self._tees:
+                tee._push(data)
+
+    def _evict(self) -> None:
+        start = self._total - self._max
+        self._start = start
+        chunks, starts = self._chunks, self._starts
+        head = self._head
+        while starts[head] + len(chunks[head]) <= start:
+            # Release the bytes now; the list slot goes at the next compaction.
+            chunks[head] = b""
+            head += 1
+        if start - starts[head] > self._max:
+            # Only a single feed larger than max_bytes gets here: copy its
+            # tail so memory stays bounded by max_bytes, not by the feed.
+            chunks[head] = chunks[head][start - starts[head] :]
+            starts[head] = start
+        if head >= 64 and 2 * head >= len(chunks):
+            del chunks[:head]
+            del starts[:head]
+            head = 0
+        self._head = head
+
+    async def feed_async(self, data: bytes | bytearray | memoryview) -> None:
+        """Wait until every ``BLOCK`` tee has room, then :meth:`feed` ``data``.
+
+        This is how a ``BLOCK`` tee slows the stream down: while a consumer
+        lags, the writer stops reading the pipe, the pipe fills up and the
+        process blocks in ``write()``. Cursors and ``expect`` never block it.
+        If cancelled while waiting, ``data`` is still fed (a ``BLOCK`` tee
+        may then hold one chunk over its capacity), so no byte is lost.
+
+        Raises:
+          trio.ClosedResourceError: :meth:`close` was called.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("this OutputLog was closed (end of stream)")
+        try:
+            await trio.lowlevel.checkpoint()
+            while self._must_wait():
+                await self._room_lot.park()
+        except BaseException:
+            if not self._closed:
+                self.feed(data)
+            raise
+        self.feed(data)
+
+    def _must_wait(self) -> bool:
+        if self._blocking_tees:
+            for tee in self._tees:
+                if tee._blocking and not tee._has_room():
+                    return True
+        return False
+
+    def close(self) -> None:
+        """Record the end of the stream. Idempotent.
+
+        Readers finish with the data already fed, then see the end: cursors
+        stop, ``expect`` raises :class:`ExpectEOF`, ``wait_for_idle``
+        returns, tees end after their queue.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for tee in self._tees:
+            tee._end()
+        self._data_lot.unpark_all()
+        self._close_lot.unpark_all()
+        self._room_lot.unpark_all()
+
+    # -- reading -------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Return a copy of the retained bytes (the newest ``max_bytes`` at most)."""
+        head = self._head
+        if head == len(self._chunks):
+            return b""
+        skip = self._start - self._starts[head]
+        first = self._chunks[head][skip:] if skip else self._chunks[head]
+        return b"".join([first, *self._chunks[head + 1 :]])
+
+    def _read_at(self, position: int) -> bytes:
+        # The caller guarantees start <= position < total.
+        index = bisect.bisect_right(self._starts, position, self._head) - 1
+        chunk = self._chunks[index]
+        skip = position - self._starts[index]
+        return chunk[skip:] if skip else chunk
+
+    def cursor(self, start: Literal["oldest", "now"] | int = "oldest") -> OutputCursor:
+        """Return a new independent reader.
+
+        Args:
+          start: ``"oldest"`` (the default) starts at the oldest retained
+            byte, ``"now"`` at the next byte to be fed, and an int at that
+            absolute offset (for example an :attr:`ExpectMatch.end`); an
+            offset already evicted makes the first item an
+            :class:`OutputGap`.
+
+        Raises:
+          ValueError: ``start`` is another string, or an offset outside
+            ``0..total_bytes``.
+        """
+        if start == "oldest":
+            return OutputCursor(self, self._start)
+        if start == "now":
+            return OutputCursor(self, self._total)
+        if isinstance(start, str):
+            raise ValueError(f"start must be 'oldest', 'now' or an offset, not {start!r}")
+        return OutputCursor(self, self._check_offset("start", start))
+
+    def _check_offset(self, name: str, offset: int) -> int:
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"{name} must be an int offset, not {type(offset).__name__}")
+        if not 0 <= offset <= self._total:
+            raise ValueError(
+                f"{name} must be an offset between 0 and total_bytes ({self._total}), not {offset}"
+            )
+        return offset
+
+    async def expect(
+        self,
+        pattern: str | bytes | re.Pattern[bytes],
+        *,
+        # A timeout argument, not a cancel scope: expiry must raise a
+        # TimeoutError carrying what was seen, which a scope cannot do.
+        timeout: float | None = None,  # noqa: ASYNC109
+        since: OutputCursor | int | None = None,
+    ) -> ExpectMatch:
+        """Wait until ``pattern`` appears in the stream and return where.
+
+        The search has its own position: it never takes data from a cursor
+        or another search. Matches that straddle chunk boundaries are found.
+        A literal is searched incrementally (only ``len(pattern) - 1`` bytes
+        are looked at twice). A regex is re-run over everything since the
+        search start each time data arrives, so it costs O(bytes searched)
+        per wakeup, bounded by ``max_bytes``; like pexpect, it matches the
+        data as it is when it runs, so ``rb"\\d+"`` may match ``b"12"`` of a
+        ``b"123"`` still on its way, and ``^`` matches at the search start.
+
+        Args:
+          pattern: A ``bytes`` literal, a ``str`` literal (encoded as
+            UTF-8), or a regex compiled from bytes (``re.compile(rb"...")``).
+          timeout: Seconds of the trio clock to wait; None waits for ever.
+          since: Where to start: None (the default) searches only output
+            fed after the call; a cursor starts at its position (without
+            moving it); an int at that absolute offset, such as a previous
+            match's ``end``, or 0 for the oldest retained byte.
+
+        Returns:
+          The first match at or after the search start.
+
+        Raises:
+          ExpectTimeout: ``timeout`` passed first (a :class:`TimeoutError`;
+            ``exc.seen`` holds the bytes searched).
+          ExpectEOF: the stream ended without a match (an :class:`EOFError`;
+            ``exc.seen`` as above).
+          TypeError: ``pattern`` is a regex compiled from ``str`` (decode
+            nothing silently: compile it from bytes), or not a pattern.
+          ValueError: ``since`` is a cursor of another log or an offset
+            outside ``0..total_bytes``; ``timeout`` is negative.
+        """
+        literal, regex = _compile_pattern(pattern)
+        position = self._resolve_since(since)
+        timeout_at = _deadline("timeout", timeout)
+        reader = OutputCursor(self, position)
+        buffer = bytearray()
+        base = position  # absolute offset of buffer[0]
+        scan = 0  # with a literal: no match starts before buffer[scan]
+        missed = 0
+        await trio.lowlevel.checkpoint()
+        with trio.move_on_at(timeout_at):
+            while True:
+                ended = False
+                while True:
+                    try:
+                        item = reader.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    except trio.EndOfChannel:
+                        ended = True
+                        break
+                    if isinstance(item, OutputGap):
+                        # A match must not straddle bytes nobody saw.
+                        missed += item.missed_bytes
+                        buffer.clear()
+                        base = reader.position
+                        scan = 0
+                    else:
+                        buffer += item
+                match: re.Match[bytes] | None = None
+                if regex is None:
+                    index = buffer.find(literal, scan)
+                    found = index >= 0
+                    if found:
+                        span = (index, index + len(literal))
+                    else:
+                        scan = max(scan, len(buffer) - len(literal) + 1)
+                else:
+                    found = regex.search(buffer) is not None
+                    if found:
+                        # Re-run over an immutable copy so the Match handed
+                        # out does not point into our reusable buffer.
+                        match = regex.search(bytes(buffer))
+                        assert match is not None
+                        span = match.span()
+                if found:
+                    return ExpectMatch(
+                        start=base + span[0],
+                        end=base + span[1],
+                        data=bytes(buffer[span[0] : span[1]]),
+                        before=bytes(buffer[: span[0]]),
+                        match=match,
+                        missed_bytes=missed,
+                    )
+                if ended:
+                    raise ExpectEOF(
+                        f"the stream ended before {pattern!r} appeared",
+                        seen=bytes(buffer),
+                        missed_bytes=missed,
+                    )
+                excess = len(buffer) - self._max
+                if excess > 0:
+                    # The search keeps no more history than the backlog does.
+                    del buffer[:excess]
+                    base += excess
+                    missed += excess
+                    scan = max(0, scan - excess)
+                await self._data_lot.park()
+        raise ExpectTimeout(
+            f"{pattern!r} did not appear within {timeout} seconds",
+            seen=bytes(buffer),
+            missed_bytes=missed,
+        )
+
+    def _resolve_since(self, since: OutputCursor | int | None) -> int:
+        if since is None:
+            return self._total
+        if isinstance(since, OutputCursor):
+            if since._log is not self:
+                raise ValueError("since: the cursor belongs to another OutputLog")
+            return since.position
+        return self._check_offset("since", since)
+
+    async def wait_for_idle(
+        self,
+        quiet: float,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - mirrors expect()
+    ) -> None:
+        """Wait until no output arrived for ``quiet`` seconds of the trio clock.
+
+        The quiet period counts from the last :meth:`feed` (or from the
+        log's creation if nothing was fed yet), so it may already be over
+        when this is called. A closed stream is idle at once: nothing more
+        can arrive.
+
+        Args:
+          quiet: Seconds without output that count as idle.
+          timeout: Seconds to wait at most; None waits for ever.
+
+        Raises:
+          TimeoutError: ``timeout`` passed while output kept arriving.
+          ValueError: ``quiet`` or ``timeout`` is negative or NaN.
+        """
+        if not quiet >= 0:
+            raise ValueError(f"quiet must be a number of seconds >= 0, not {quiet!r}")
+        timeout_at = _deadline("timeout", timeout)
+        if self._last_feed is None:
+            self._last_feed = trio.current_time()
+        parked = False
+        while not self._closed:
+            # Feeds only ever move idle_at later, so sleeping until it and
+            # then looking again needs no wakeup per feed.
+            idle_at = self._last_feed + quiet
+            now = trio.current_time()
+            if now >= idle_at:
+                break
+            if now >= timeout_at:
+                if not parked:
+                    await trio.lowlevel.checkpoint()
+                raise TimeoutError(
+                    f"output did not stay quiet for {quiet} seconds within {timeout} seconds"
+                )
+            with trio.move_on_at(min(idle_at, timeout_at)):
+                await self._close_lot.park()
+            parked = True
+        if not parked:
+            await trio.lowlevel.checkpoint()
+
+    # -- tees ----------------------------------------------------------
+
+    def open_tee(
+        self,
+        *,
+        capacity: int = 16,
+        backpressure: ObserverBackpressure = ObserverBackpressure.DROP_OLDEST,
+    ) -> ByteTee:
+        """Attach a bounded queue that receives every chunk fed from now on.
+
+        ::
+
+            async with log.open_tee(capacity=64) as tee:
+                async for item in tee:
+                    ...
+
+        Args:
+          capacity: How many chunks the queue holds (at most 64 KiB each
+            when fed by :func:`pump_stream`).
+          backpressure: ``DROP_OLDEST`` (the default, as for observer sinks)
+            never slows the stream: a chunk that does not fit is dropped,
+            counted, and reported in-band as one :class:`MissedBytes`
+            before the next chunk delivered. ``BLOCK`` makes
+            :meth:`feed_async` (and so :func:`pump_stream`) wait for room.
+
+        Returns:
+          The tee's receiving end; closing it detaches the tee without
+          affecting the log. On a closed log the tee ends at once.
+
+        Raises:
+          TypeError: ``capacity`` is not an int or ``backpressure`` is not
+            an :class:`ObserverBackpressure`.
+          ValueError: ``capacity`` is less than 1.
+        """
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {capacity}")
+        if not isinstance(backpressure, ObserverBackpressure):
+            raise TypeError(
+                "backpressure must be ObserverBackpressure.BLOCK or "
+                f"ObserverBackpressure.DROP_OLDEST, not {backpressure!r}"
+            )
+        tee = ByteTee(
+            capacity=capacity,
+            backpressure=backpressure,
+            room_lot=self._room_lot,
+            detach=self._detach_tee,
+        )
+        if self._closed:
+            tee._end()
+        else:
+            self._tees.append(tee)
+            self._blocking_tees += tee._blocking
+        return tee
+
+    def _detach_tee(self, tee: ByteTee) -> None:
+        if tee in self._tees:
+            self._tees.remove(tee)
+            self._blocking_tees -= tee._blocking
+
+
+@final
+class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
+    """An independent reader of an :class:`OutputLog`, from :meth:`OutputLog.cursor`.
+
+    ``async for item in cursor`` yields the stream's chunks in order, as
+    ``bytes``; if the cursor fell behind and bytes were evicted before it
+    read them, one :class:`OutputGap` comes first and the cursor goes on
+    with the oldest retained byte. The loop ends at the end of the stream.
+    Reading never affects other readers, and a slow cursor never slows the
+    writer. Not constructed by users.
+    """
+
+    def __init__(self, log: OutputLog, position: int) -> None:
+        self._log = log
+        self._position = position
+        self._closed = False
+
+    @property
+    def position(self) -> int:
+        """Absolute offset of the next byte this cursor will read."""
+        return self._position
+
+    def receive_nowait(self) -> bytes | OutputGap:
+        """Return the next chunk or gap if there is one already.
+
+        Raises:
+          trio.WouldBlock: the cursor is at the end of the data fed so far.
+          trio.EndOfChannel: the stream ended and everything was read.
+          trio.ClosedResourceError: this cursor was closed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("this cursor was closed")
+        log = self._log
+        position = self._position
+        if position < log._start:
+            self._position = log._start
+            return OutputGap(log._start - position)
+        if position < log._total:
+            data = log._read_at(position)
+            self._position = position + len(data)
+            return data
+        if log._closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def receive(self) -> bytes | OutputGap:
+        """Wait for the next chunk (or gap) and return it.
+
+        Raises:
+          trio.EndOfChannel: the stream ended and everything was read.
+          trio.ClosedResourceError: this cursor was closed, before or
+            during the call.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            item = self.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
+        lot = self._log._data_lot
+        while True:
+            await lot.park()
+            try:
+                return self.receive_nowait()
+            except trio.WouldBlock:
+                continue
+
+    def lines(
+        self, *, encoding: str = "utf-8", errors: str = "replace", keepends: bool = False
+    ) -> AsyncIterator[str | OutputGap]:
+        """Read the rest of the stream as decoded text lines.
+
+        Lines end at ``"\\n"``. With ``keepends=False`` the ``"\\n"`` and a
+        ``"\\r"`` right before it are removed (a lone ``"\\r"``, as in a
+        progress bar, stays in the line). A multi-byte character split
+        across chunks comes out whole. A final line without ``"\\n"`` is
+        yielded at the end of the stream. If the cursor falls behind, the
+        partial line before the gap is yielded, then the
+        :class:`OutputGap`, and decoding restarts after it (so the first
+        line after a gap may start mid-line).
+
+        Args:
+          encoding: A codec name known to :mod:`codecs`.
+          errors: How to handle undecodable bytes (``"replace"`` by default,
+            so a binary burst never ends the loop).
+          keepends: Keep the line endings as they were.
+
+        Raises:
+          LookupError: ``encoding`` or ``errors`` is unknown (raised at
+            once, not at the first iteration).
+        """
+        factory = codecs.getincrementaldecoder(encoding)
+        codecs.lookup_error(errors)
+        return self._lines(factory(errors), keepends)
+
+    async def _lines(
+        self, decoder: codecs.IncrementalDecoder, keepends: bool
+    ) -> AsyncGenerator[str | OutputGap, None]:
+        pending = ""
+        while True:
+            try:
+                item = await self.receive()
+            except trio.EndOfChannel:
+                break
+            if isinstance(item, OutputGap):
+                pending += decoder.decode(b"", final=True)
+                decoder.reset()
+                if pending:
+                    yield pending
+                    pending = ""
+                yield item
+                continue
+            text = decoder.decode(item)
+            if "\n" not in text:
+                pending += text
+                continue
+            if pending:
+                text = pending + text
+            # Whole-chunk string operations: per-character work in Python
+            # would make this slower than reading a file object.
+            if keepends:
+                parts = text.split("\n")
+                pending = parts.pop()
+                for line in parts:
+                    yield line + "\n"
+                continue
+            if "\r" in text:
+                text = text.replace("\r\n", "\n")
+            parts = text.split("\n")
+            pending = parts.pop()
+            for line in parts:
+                yield line
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            yield pending
+
+    def close(self) -> None:
+        """Detach the cursor: later reads raise ``ClosedResourceError``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        # Wake a task blocked in receive() so it sees the close; other
+        # sleepers wake spuriously and go back to sleep.
+        self._log._data_lot.unpark_all()
+
+    async def aclose(self) -> None:
+        """Close the cursor (see :meth:`close`), then checkpoint."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
+async def pump_stream(
+    stream: trio.abc.ReceiveStream, log: OutputLog, *, chunk_size: int = _READ_SIZE
+) -> None:
+    """Copy ``stream`` into ``log`` until end of file, then close ``log``.
+
+    This is the session's reader task for a pipe or a PTY. It waits for
+    ``BLOCK`` tees (see :meth:`OutputLog.feed_async`) and for nothing else.
+    The log is closed however the loop ends (EOF, error or cancellation),
+    so readers always see an end. The stream itself is left open: it
+    belongs to the caller.
+
+    Args:
+      stream: Where the bytes come from.
+      log: Where they go.
+      chunk_size: The ``max_bytes`` of each ``receive_some`` call.
+    """
+    try:
+        while True:
+            data = await stream.receive_some(chunk_size)
+            if not data:
+                break
+            # receive_some() already checkpoints each round; only pay for
+            # feed_async() when a BLOCK tee actually has to be waited for.
+            if log._blocking_tees and log._must_wait():
+                await log.feed_async(data)
+            else:
+                log.feed(data)
+    finally:
+        log.close()
+
+
+def _compile_pattern(
+    pattern: str | bytes | re.Pattern[bytes],
+) -> tuple[bytes, re.Pattern[bytes] | None]:
+    if isinstance(pattern, str):
+        return pattern.encode("utf-8"), None
+    if isinstance(pattern, (bytes, bytearray, memoryview)):
+        return bytes(pattern), None
+    if isinstance(pattern, re.Pattern):
+        if isinstance(pattern.pattern, str):
+            raise TypeError(
+                "pattern: a regex compiled from str cannot search bytes; "
+                "compile it from bytes, e.g. re.compile(rb'...')"
+            )
+        return b"", pattern
+    raise TypeError(
+        f"pattern must be bytes, str or a compiled bytes regex, not {type(pattern).__name__}"
+    )
+
+
+def _deadline(name: str, timeout: float | None) -> float:
+    if timeout is None:
+        return math.inf
+    if not timeout >= 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {timeout!r}")
+    return trio.current_time() + timeout
