@@ -1,0 +1,247 @@
+"""Snapshots of the open descriptors of a process tree, diffed into events.
+
+Each scan reads ``/proc/<pid>/fd/*`` of every process of the tree and
+compares it with what was reported before: new regular files become
+``FILE_OPEN``, vanished ones ``FILE_CLOSE``; sockets are joined with the net
+tables to become ``SOCKET_LISTEN``/``SOCKET_CONNECT``/``SOCKET_CLOSE``. What
+opened and closed between two scans is never seen: these events are
+``EventGrade.INFERRED``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final, final
+
+from .._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind, trio_time_ms
+from ._nettables import SocketEntry, read_socket_tables, socket_inode
+from ._procfs import read_fds, read_net_namespace
+
+# Terminals and the null device are the plumbing every process inherits from
+# the session, not files it chose to open; reporting them would bury the
+# interesting events under one open per descendant.
+_SKIPPED_PATHS: Final = frozenset({"/dev/null", "/dev/ptmx", "/dev/tty", "/dev/console"})
+_SKIPPED_PREFIXES: Final = ("/dev/pts/", "/memfd:")
+
+
+def is_reportable_file(target: str) -> bool:
+    """Whether a descriptor target is a file the FILE category reports.
+
+    Only filesystem paths count: pipes (``pipe:[..]``), sockets (reported by
+    the NETWORK category), anonymous inodes (eventfd, epoll, ...) and memfds
+    are not files, and terminals and ``/dev/null`` are inherited plumbing.
+    Deleted files keep the kernel's ``" (deleted)"`` suffix.
+
+    Args:
+        target: What ``readlink(/proc/<pid>/fd/N)`` returned.
+
+    Returns:
+        ``True`` if a ``FILE_OPEN`` should be reported for it.
+    """
+    if not target.startswith("/") or target in _SKIPPED_PATHS:
+        return False
+    return not target.startswith(_SKIPPED_PREFIXES)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class TrackedProcess:
+    """A process of the tree whose descriptors are scanned."""
+
+    pid: int
+    """The process."""
+    starttime: int | None
+    """Its start time, to tell a reused pid from the same process."""
+    ppid: int | None
+    """Its parent, copied into the events."""
+    root_pid: int
+    """The session process whose tree it belongs to (itself for a root)."""
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """``(pid, starttime)``; ``-1`` stands for an unknown start time."""
+        return (self.pid, -1 if self.starttime is None else self.starttime)
+
+
+def _file_event(proc: TrackedProcess, kind: ObserverEventKind, fd: int, path: str) -> ObserverEvent:
+    return ObserverEvent(
+        category=EventCategory.FILE,
+        kind=kind,
+        pid=proc.pid,
+        ppid=proc.ppid,
+        root_pid=proc.root_pid,
+        timestamp_ms=trio_time_ms(),
+        grade=EventGrade.INFERRED,
+        fd=fd,
+        path=path,
+    )
+
+
+def _socket_event(
+    proc: TrackedProcess, kind: ObserverEventKind, fd: int, entry: SocketEntry
+) -> ObserverEvent:
+    return ObserverEvent(
+        category=EventCategory.NETWORK,
+        kind=kind,
+        pid=proc.pid,
+        ppid=proc.ppid,
+        root_pid=proc.root_pid,
+        timestamp_ms=trio_time_ms(),
+        grade=EventGrade.INFERRED,
+        fd=fd,
+        protocol=entry.protocol,
+        local_address=entry.local_address,
+        remote_address=entry.remote_address,
+    )
+
+
+@final
+class DescriptorTracker:
+    """Remembers what was reported per process and turns scans into events.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+    """
+
+    def __init__(self, proc_root: str) -> None:
+        self._proc_root = proc_root
+        self._files: dict[tuple[int, int], dict[int, str]] = {}
+        self._sockets: dict[tuple[int, int], dict[int, SocketEntry]] = {}
+        self._procs: dict[tuple[int, int], TrackedProcess] = {}
+
+    def reset(self, *, files: bool, network: bool) -> None:
+        """Forget what was reported for the categories no longer wanted.
+
+        Nobody listens to their closes any more; if the category is wanted
+        again, everything open then is reported as newly opened.
+
+        Args:
+            files: Whether FILE is still wanted.
+            network: Whether NETWORK is still wanted.
+        """
+        if not files:
+            self._files.clear()
+        if not network:
+            self._sockets.clear()
+        if not files and not network:
+            self._procs.clear()
+
+    def forget(self, proc: TrackedProcess) -> list[ObserverEvent]:
+        """Report everything ``proc`` had open as closed: it exited.
+
+        Args:
+            proc: The process that is gone.
+
+        Returns:
+            ``FILE_CLOSE``/``SOCKET_CLOSE`` events, in descriptor order.
+        """
+        key = proc.identity
+        self._procs.pop(key, None)
+        events = [
+            _file_event(proc, ObserverEventKind.FILE_CLOSE, fd, path)
+            for fd, path in sorted(self._files.pop(key, {}).items())
+        ]
+        events.extend(
+            _socket_event(proc, ObserverEventKind.SOCKET_CLOSE, fd, entry)
+            for fd, entry in sorted(self._sockets.pop(key, {}).items())
+        )
+        return events
+
+    def scan(
+        self, processes: Iterable[TrackedProcess], *, files: bool, network: bool
+    ) -> list[ObserverEvent]:
+        """Scan the descriptors of ``processes`` and return what changed.
+
+        Processes that were tracked but are not in ``processes`` any more are
+        forgotten (their descriptors reported closed). A process whose
+        descriptors cannot be read keeps its previous state: it may be gone
+        (the tree will report that) or not ours to read.
+
+        Args:
+            processes: The live processes of the tree, roots included.
+            files: Whether FILE is wanted.
+            network: Whether NETWORK is wanted.
+
+        Returns:
+            The events, grouped per process, closes before opens.
+        """
+        events: list[ObserverEvent] = []
+        # The socket tables are per network namespace; read each at most once
+        # per scan, and only if some process holds a socket.
+        tables: dict[str, dict[int, SocketEntry]] = {}
+        seen: set[tuple[int, int]] = set()
+        for proc in processes:
+            key = proc.identity
+            seen.add(key)
+            self._procs[key] = proc
+            fds = read_fds(self._proc_root, proc.pid)
+            if fds is None:
+                continue
+            if files:
+                events.extend(self._diff_files(proc, fds))
+            if network:
+                events.extend(self._diff_sockets(proc, fds, tables))
+        for key in [k for k in self._procs if k not in seen]:
+            events.extend(self.forget(self._procs[key]))
+        return events
+
+    def _diff_files(self, proc: TrackedProcess, fds: dict[int, str]) -> list[ObserverEvent]:
+        old = self._files.get(proc.identity, {})
+        new = {fd: target for fd, target in fds.items() if is_reportable_file(target)}
+        self._files[proc.identity] = new
+        events: list[ObserverEvent] = []
+        for fd in sorted(old.keys() | new.keys()):
+            before, after = old.get(fd), new.get(fd)
+            if before == after:
+                continue
+            # A descriptor pointing somewhere else was closed and reopened
+            # (dup2, or close+open reusing the lowest free number).
+            if before is not None:
+                events.append(_file_event(proc, ObserverEventKind.FILE_CLOSE, fd, before))
+            if after is not None:
+                events.append(_file_event(proc, ObserverEventKind.FILE_OPEN, fd, after))
+        return events
+
+    def _diff_sockets(
+        self,
+        proc: TrackedProcess,
+        fds: dict[int, str],
+        tables: dict[str, dict[int, SocketEntry]],
+    ) -> list[ObserverEvent]:
+        inodes = {fd: inode for fd, t in fds.items() if (inode := socket_inode(t)) is not None}
+        old = self._sockets.get(proc.identity, {})
+        if not inodes and not old:
+            return []
+        table: dict[int, SocketEntry] = {}
+        if inodes:
+            namespace = read_net_namespace(self._proc_root, proc.pid)
+            if namespace is None:
+                table = read_socket_tables(self._proc_root, proc.pid)
+            else:
+                if namespace not in tables:
+                    tables[namespace] = read_socket_tables(self._proc_root, proc.pid)
+                table = tables[namespace]
+        new: dict[int, SocketEntry] = {}
+        events: list[ObserverEvent] = []
+        for fd in sorted(old.keys() | inodes.keys()):
+            before = old.get(fd)
+            inode = inodes.get(fd)
+            if before is not None and before.inode == inode:
+                new[fd] = before
+                continue
+            if before is not None:
+                events.append(_socket_event(proc, ObserverEventKind.SOCKET_CLOSE, fd, before))
+            entry = table.get(inode) if inode is not None else None
+            if entry is None or entry.role is None:
+                # Not bound or connected yet: reported once it is.
+                continue
+            new[fd] = entry
+            kind = (
+                ObserverEventKind.SOCKET_LISTEN
+                if entry.role == "listen"
+                else ObserverEventKind.SOCKET_CONNECT
+            )
+            events.append(_socket_event(proc, kind, fd, entry))
+        self._sockets[proc.identity] = new
+        return events

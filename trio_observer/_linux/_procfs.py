@@ -1,0 +1,281 @@
+"""Readers for the per-process files of ``/proc``.
+
+Every reader takes ``proc_root`` so tests can point it at a fake tree written
+into a temporary directory. A process can exit (and its ``/proc`` directory
+vanish) between any two reads, and processes of other users can refuse access:
+those are races and limits of the platform, not errors, so the readers return
+``None`` for them instead of raising.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Final, final
+
+# A process vanishing between listdir() and open() shows up as any of these;
+# ProcessLookupError appears on some /proc files (e.g. reading a dead task's
+# fd directory), PermissionError for other users' processes.
+_RACES: Final = (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError)
+
+# Field numbers as in proc(5), 1-based; they count from the pid (field 1).
+_FIELD_STATE: Final = 3
+_FIELD_PPID: Final = 4
+_FIELD_STARTTIME: Final = 22
+_FIELD_EXIT_CODE: Final = 52
+
+DEAD_STATES: Final = frozenset({"Z", "X", "x"})
+"""States of a process that has exited (zombie or dead) but may still have a
+``/proc`` entry until its parent reaps it."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of ``/proc/<pid>/stat`` the observer needs."""
+
+    pid: int
+    """The process id (the thread-group id)."""
+    comm: str
+    """The command name, at most 15 bytes, as the kernel stores it."""
+    state: str
+    """One letter: ``R``, ``S``, ``D``, ``Z`` (zombie), ..."""
+    ppid: int
+    """The parent's pid (after any reparenting to a subreaper or init)."""
+    starttime: int
+    """Clock ticks after boot when the process started. With the pid it
+    identifies a process: a reused pid has a different start time."""
+    exit_code: int | None
+    """For a zombie: its wait status (field 52, Linux >= 3.5). ``None`` when
+    the kernel does not show the field."""
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """``(pid, starttime)``: unique for the lifetime of the system."""
+        return (self.pid, self.starttime)
+
+    @property
+    def is_dead(self) -> bool:
+        """Whether the process has exited and only waits to be reaped."""
+        return self.state in DEAD_STATES
+
+
+def parse_stat(text: str) -> ProcStat:
+    """Parse the content of ``/proc/<pid>/stat``.
+
+    Args:
+        text: The file's content.
+
+    Returns:
+        The parsed fields.
+
+    Raises:
+        ValueError: If ``text`` is not in the format of proc(5).
+    """
+    # comm is in parentheses and may itself contain spaces and ')' (a program
+    # can name itself "a) b"), so the fields after it start after the LAST ')'.
+    open_paren = text.find("(")
+    close_paren = text.rfind(")")
+    if open_paren < 0 or close_paren < open_paren:
+        raise ValueError(f"not a /proc/<pid>/stat line: {text[:80]!r}")
+    pid = int(text[:open_paren])
+    comm = text[open_paren + 1 : close_paren]
+    rest = text[close_paren + 1 :].split()
+    # rest[0] is field 3 (state).
+    if len(rest) < _FIELD_STARTTIME - 2:
+        raise ValueError(f"truncated /proc/<pid>/stat line: {text[:80]!r}")
+
+    def field(number: int) -> str:
+        return rest[number - _FIELD_STATE]
+
+    exit_code = (
+        int(field(_FIELD_EXIT_CODE)) if len(rest) > _FIELD_EXIT_CODE - _FIELD_STATE else None
+    )
+    return ProcStat(
+        pid=pid,
+        comm=comm,
+        state=field(_FIELD_STATE),
+        ppid=int(field(_FIELD_PPID)),
+        starttime=int(field(_FIELD_STARTTIME)),
+        exit_code=exit_code,
+    )
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except _RACES:
+        return None
+    except OSError:
+        # ESRCH and friends from a task that is being torn down.
+        return None
+    return data.decode("utf-8", "surrogateescape")
+
+
+def read_stat(proc_root: str, pid: int) -> ProcStat | None:
+    """Read ``/proc/<pid>/stat``.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+
+    Returns:
+        The parsed stat, or ``None`` if the process is gone or unreadable.
+    """
+    text = _read_text(f"{proc_root}/{pid}/stat")
+    if not text:
+        return None
+    try:
+        return parse_stat(text)
+    except ValueError:
+        return None
+
+
+def list_pids(proc_root: str) -> list[int]:
+    """List the processes (thread-group leaders) in ``proc_root``.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+
+    Returns:
+        Every numeric entry; threads other than leaders are not listed by
+        the kernel.
+    """
+    try:
+        names = os.listdir(proc_root)
+    except _RACES:
+        return []
+    return [int(name) for name in names if name.isdigit()]
+
+
+def scan_all(proc_root: str) -> dict[int, ProcStat]:
+    """Read the stat of every process: the fallback to build the process tree.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+
+    Returns:
+        The stat of every process that was still there when it was read.
+    """
+    out: dict[int, ProcStat] = {}
+    for pid in list_pids(proc_root):
+        stat = read_stat(proc_root, pid)
+        if stat is not None:
+            out[pid] = stat
+    return out
+
+
+def read_children(proc_root: str, pid: int) -> list[int] | None:
+    """Read the children of ``pid`` from ``/proc/<pid>/task/*/children``.
+
+    The kernel lists children per thread (the thread that forked them), so
+    every thread's file is read.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The parent.
+
+    Returns:
+        The children's pids (empty when the process is gone), or ``None`` when
+        the kernel has no ``children`` files (``CONFIG_PROC_CHILDREN`` off).
+    """
+    task_dir = f"{proc_root}/{pid}/task"
+    try:
+        tids = os.listdir(task_dir)
+    except _RACES:
+        return []
+    children: list[int] = []
+    saw_file = False
+    for tid in tids:
+        text = _read_text(f"{task_dir}/{tid}/children")
+        if text is None:
+            continue
+        saw_file = True
+        children.extend(int(word) for word in text.split())
+    # No file read: either the kernel has no children files, or every thread
+    # died mid-read. Only the first means "not supported".
+    if (
+        not saw_file
+        and os.path.exists(f"{proc_root}/{pid}/stat")
+        and not any(os.path.exists(f"{task_dir}/{tid}/children") for tid in tids)
+    ):
+        return None
+    return children
+
+
+def read_cmdline(proc_root: str, pid: int) -> tuple[str, ...] | None:
+    """Read the command line of ``pid``.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+
+    Returns:
+        The arguments, or ``None`` when the process is gone, is a zombie or a
+        kernel thread (empty command line), or is unreadable.
+    """
+    text = _read_text(f"{proc_root}/{pid}/cmdline")
+    if not text:
+        return None
+    return tuple(text.rstrip("\0").split("\0"))
+
+
+def read_fds(proc_root: str, pid: int) -> dict[int, str] | None:
+    """Read where each open descriptor of ``pid`` points.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+
+    Returns:
+        ``{fd: readlink target}`` (``"/path"``, ``"socket:[inode]"``,
+        ``"pipe:[inode]"``, ``"anon_inode:[eventfd]"``, ...), or ``None`` when
+        the process is gone or its descriptors are not readable by us.
+    """
+    fd_dir = f"{proc_root}/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except _RACES:
+        return None
+    except OSError:
+        return None
+    out: dict[int, str] = {}
+    for name in names:
+        try:
+            out[int(name)] = os.readlink(f"{fd_dir}/{name}")
+        except _RACES:
+            # The descriptor was closed between listdir and readlink.
+            continue
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def read_net_namespace(proc_root: str, pid: int) -> str | None:
+    """Return an id of the network namespace of ``pid`` (``"net:[inode]"``).
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+
+    Returns:
+        The namespace link, or ``None`` if unreadable (then callers fall back
+        to reading the tables through ``/proc/<pid>/net`` without caching).
+    """
+    try:
+        return os.readlink(f"{proc_root}/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def read_proc_file(path: str) -> str | None:
+    """Read a text file under ``/proc``, ``None`` if it is gone or unreadable.
+
+    Args:
+        path: The file.
+
+    Returns:
+        Its content.
+    """
+    return _read_text(path)

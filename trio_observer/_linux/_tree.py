@@ -1,0 +1,533 @@
+"""The tree observer: descendants, files and sockets of the launched processes.
+
+One :class:`TreeObserver` per session. The session feeds it the pids it
+spawns (:meth:`TreeObserver.add_root`) and runs :meth:`TreeObserver.run` in
+its nursery while a sink wants PROCESS, FILE or NETWORK events.
+
+Descendants are tracked by one of two backends:
+
+* ``"connector"``: the netlink process connector reports every fork and exit
+  as it happens, with exit codes and kernel timestamps (grade ``EXACT``).
+* ``"poll"``: the process table is scanned every ``poll_interval`` seconds of
+  the trio clock and diffed (grade ``INFERRED``); a process that lives and
+  dies between two scans without leaving a zombie behind is never seen.
+
+Files and sockets are always snapshots (see :mod:`._descriptors`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, Literal, NoReturn, final
+
+import trio
+
+from .._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind, trio_time_ms
+from ._connector import (
+    ConnectorBatch,
+    ConnectorSocket,
+    ConnectorUnavailableError,
+    ExitRecord,
+    ForkRecord,
+    ProcConnector,
+    open_connector_socket,
+    wait_status_to_exit_code,
+)
+from ._descriptors import DescriptorTracker, TrackedProcess
+from ._procfs import ProcStat, read_children, read_cmdline, read_stat, scan_all
+
+Backend = Literal["auto", "poll", "connector"]
+
+OBSERVABLE_CATEGORIES: Final = frozenset(
+    {EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK}
+)
+"""The categories a tree observer produces; others passed to it are ignored."""
+
+LOSS_PID: Final = 0
+"""The ``pid`` of ``OBSERVATION_LOST`` events: the loss is not about one
+process."""
+
+# An exit can be queued before the fork that created the task: the fork
+# message is sent after the child is woken, and the child may run and exit
+# on another CPU first. Exits of unknown pids are remembered this long (in
+# records) so a late fork can be matched with its exit.
+_RECENT_EXITS: Final = 1024
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class TreeObserverStatistics:
+    """A snapshot of what a :class:`TreeObserver` has done."""
+
+    backend: str | None
+    """``"connector"`` or ``"poll"``: how descendants are tracked; ``None``
+    until :meth:`TreeObserver.run` has chosen."""
+    fallback_reason: str | None
+    """Why ``backend="auto"`` fell back to polling, if it did."""
+    polls: int
+    """How many scans of ``/proc`` were made (process table or descriptors)."""
+    connector_records: int
+    """How many connector records were read (all processes of the system)."""
+    lost_overruns: int
+    """How many times the connector's receive buffer overran (``ENOBUFS``).
+    Each lost an unknown number of records and was followed by a rescan."""
+    known_descendants: int
+    """How many descendants are currently believed alive."""
+
+
+@dataclass(slots=True)
+class _Node:
+    pid: int
+    starttime: int | None
+    ppid: int | None
+    root_pid: int
+
+    def tracked(self) -> TrackedProcess:
+        return TrackedProcess(self.pid, self.starttime, self.ppid, self.root_pid)
+
+
+@final
+class TreeObserver:
+    """Watch the descendants, files and sockets of the processes a session launched.
+
+    Events go to ``emit`` in the order they were noticed. Only the categories
+    currently wanted are observed at all; with none wanted, :meth:`run` does
+    no work and holds no socket until :meth:`set_categories` asks for one.
+
+    Args:
+        emit: Awaited with every event (the session passes its registry's
+            ``emit``).
+        categories: Which of PROCESS, FILE and NETWORK to observe now; other
+            categories are ignored.
+        poll_interval: Seconds of the trio clock between scans.
+        proc_root: Where ``/proc`` is mounted; tests pass a fake tree.
+        backend: ``"connector"`` requires the process connector (and raises
+            from :meth:`run` if it is refused); ``"poll"`` never uses it;
+            ``"auto"`` (the default) tries it and falls back to polling. With
+            a ``proc_root`` other than ``"/proc"`` and no
+            ``connector_factory``, ``"auto"`` polls, because the connector
+            reports the real system's pids.
+        connector_factory: Opens the connector socket; tests pass a fake.
+            Defaults to a real subscribed netlink socket.
+
+    Raises:
+        ValueError: If ``poll_interval`` is not positive or ``backend`` is
+            unknown.
+    """
+
+    def __init__(
+        self,
+        *,
+        emit: Callable[[ObserverEvent], Awaitable[None]],
+        categories: frozenset[EventCategory] = OBSERVABLE_CATEGORIES,
+        poll_interval: float = 0.02,
+        proc_root: str = "/proc",
+        backend: Backend = "auto",
+        connector_factory: Callable[[], ConnectorSocket] | None = None,
+    ) -> None:
+        if not poll_interval > 0 or math.isinf(poll_interval):
+            raise ValueError(f"poll_interval must be a positive number, not {poll_interval!r}")
+        if backend not in ("auto", "poll", "connector"):
+            raise ValueError(f"backend must be 'auto', 'poll' or 'connector', not {backend!r}")
+        self._emit = emit
+        self._categories = frozenset(categories) & OBSERVABLE_CATEGORIES
+        self._poll_interval = poll_interval
+        self._proc_root = proc_root
+        self._backend_choice: Backend = backend
+        if connector_factory is None and backend == "auto" and proc_root != "/proc":
+            self._backend_choice = "poll"
+        self._connector_factory = connector_factory
+        self._roots: dict[int, _Node] = {}
+        self._members: dict[int, _Node] = {}
+        self._seen_dead: set[tuple[int, int]] = set()
+        self._recent_exits: dict[int, ExitRecord] = {}
+        self._roots_dirty = False
+        self._children_files: bool | None = None
+        self._descriptors = DescriptorTracker(proc_root)
+        self._running = False
+        self._active_scope: trio.CancelScope | None = None
+        self._wake = trio.Event()
+        self._backend_in_use: str | None = None
+        self._fallback_reason: str | None = None
+        self._polls = 0
+        self._connector_records = 0
+        self._lost_overruns = 0
+
+    # ----------------------------------------------------------- public API
+
+    def add_root(self, pid: int) -> None:
+        """Watch the descendants of ``pid``, a process the session spawned.
+
+        Call it right after the spawn, before the next checkpoint, so the
+        connector backend cannot process the root's first forks before it
+        knows the root. Events about the root itself are the session's; the
+        tree reports its descendants and its files and sockets.
+
+        Args:
+            pid: The spawned process.
+        """
+        if pid in self._roots:
+            return
+        stat = read_stat(self._proc_root, pid)
+        self._roots[pid] = _Node(
+            pid,
+            stat.starttime if stat is not None else None,
+            stat.ppid if stat is not None else None,
+            pid,
+        )
+        self._roots_dirty = True
+
+    def set_categories(self, categories: frozenset[EventCategory]) -> None:
+        """Change what is observed; an empty set stops all work.
+
+        Args:
+            categories: The categories some sink wants now. Those other than
+                PROCESS, FILE and NETWORK are ignored.
+        """
+        wanted = frozenset(categories) & OBSERVABLE_CATEGORIES
+        self._categories = wanted
+        self._descriptors.reset(
+            files=EventCategory.FILE in wanted, network=EventCategory.NETWORK in wanted
+        )
+        if not wanted:
+            if self._active_scope is not None:
+                self._active_scope.cancel()
+        else:
+            self._wake.set()
+
+    def known_descendants(self) -> set[int]:
+        """Return the pids of the descendants currently believed alive.
+
+        The roots themselves are not included. Only meaningful while
+        :meth:`run` is running (or just after it): an idle observer does not
+        follow the tree.
+
+        Returns:
+            A new set the caller may keep.
+        """
+        return set(self._members)
+
+    def statistics(self) -> TreeObserverStatistics:
+        """Return counters describing the observer's work so far.
+
+        Returns:
+            A frozen snapshot.
+        """
+        return TreeObserverStatistics(
+            backend=self._backend_in_use,
+            fallback_reason=self._fallback_reason,
+            polls=self._polls,
+            connector_records=self._connector_records,
+            lost_overruns=self._lost_overruns,
+            known_descendants=len(self._members),
+        )
+
+    async def run(self) -> NoReturn:
+        """Observe until cancelled.
+
+        Idle (no work, no socket) while no category is wanted.
+
+        Raises:
+            trio.BusyResourceError: If it is already running.
+            ConnectorUnavailableError: With ``backend="connector"``, if the
+                process connector cannot be used.
+        """
+        if self._running:
+            raise trio.BusyResourceError("this TreeObserver is already running")
+        self._running = True
+        try:
+            while True:
+                while not self._categories:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                with trio.CancelScope() as scope:
+                    self._active_scope = scope
+                    await self._run_active()
+                self._active_scope = None
+                # Going idle: nobody wants closes or exits reported while we
+                # do not look; on resume the next scan reports the difference.
+        finally:
+            self._active_scope = None
+            self._running = False
+
+    # ------------------------------------------------------------ the loops
+
+    async def _open_connector(self) -> ProcConnector | None:
+        if self._backend_choice == "poll" or (
+            self._backend_choice == "auto" and self._fallback_reason is not None
+        ):
+            return None
+        factory: Callable[[], ConnectorSocket] = self._connector_factory or open_connector_socket
+        try:
+            # The subscription waits (briefly) for the kernel's ack.
+            sock = await trio.to_thread.run_sync(factory)
+        except ConnectorUnavailableError as exc:
+            if self._backend_choice == "connector":
+                raise
+            self._fallback_reason = str(exc)
+            return None
+        return ProcConnector(sock)
+
+    async def _run_active(self) -> None:
+        connector = await self._open_connector()
+        self._backend_in_use = "poll" if connector is None else "connector"
+        try:
+            # Subscribe first, then scan: a fork between the two is seen by
+            # both, never by neither.
+            await self._pass(scan_tree=True)
+            next_poll = trio.current_time() + self._poll_interval
+            while True:
+                if connector is None:
+                    await trio.sleep_until(next_poll)
+                else:
+                    with trio.move_on_at(next_poll):
+                        await connector.wait_readable()
+                    await self._handle_batch(connector.receive_nowait())
+                if trio.current_time() < next_poll:
+                    continue
+                if connector is None:
+                    await self._pass(scan_tree=True)
+                elif self._roots_dirty or self._categories - {EventCategory.PROCESS}:
+                    await self._pass(scan_tree=self._roots_dirty)
+                next_poll = trio.current_time() + self._poll_interval
+        finally:
+            if connector is not None:
+                connector.close()
+
+    async def _emit_all(self, events: Iterable[ObserverEvent]) -> None:
+        for event in events:
+            # Re-read per event: a sink may go away while we emit.
+            if event.category in self._categories:
+                await self._emit(event)
+
+    async def _pass(self, *, scan_tree: bool) -> None:
+        self._polls += 1
+        events: list[ObserverEvent] = []
+        if scan_tree:
+            events.extend(self._scan_tree())
+        files = EventCategory.FILE in self._categories
+        network = EventCategory.NETWORK in self._categories
+        if files or network:
+            procs = [n.tracked() for n in (*self._roots.values(), *self._members.values())]
+            events.extend(self._descriptors.scan(procs, files=files, network=network))
+        await self._emit_all(events)
+
+    # ---------------------------------------------------- the process table
+
+    def _scan_tree(self) -> list[ObserverEvent]:
+        """Rebuild the tree from /proc; return exits, then starts."""
+        self._roots_dirty = False
+        table: dict[int, ProcStat] | None = None
+        if self._children_files is not False:
+            probe = next(iter(self._roots), None)
+            if probe is not None and read_children(self._proc_root, probe) is None:
+                self._children_files = False
+            elif probe is not None:
+                self._children_files = True
+        if not self._children_files:
+            table = scan_all(self._proc_root)
+        stats: dict[int, ProcStat | None] = dict(table) if table is not None else {}
+
+        def stat_of(pid: int) -> ProcStat | None:
+            if table is not None:
+                return table.get(pid)
+            if pid not in stats:
+                stats[pid] = read_stat(self._proc_root, pid)
+            return stats[pid]
+
+        by_parent: dict[int, list[int]] = {}
+        if table is not None:
+            for entry in table.values():
+                by_parent.setdefault(entry.ppid, []).append(entry.pid)
+
+        def children_of(pid: int) -> list[int]:
+            if table is not None:
+                return by_parent.get(pid, [])
+            return read_children(self._proc_root, pid) or []
+
+        exits: list[ObserverEvent] = []
+        parents: dict[int, int] = {}
+        seen_dead: set[tuple[int, int]] = set()
+        for pid, root in list(self._roots.items()):
+            stat = stat_of(pid)
+            if stat is None or stat.is_dead or not _same(root, stat):
+                # An exited root has no children left (they were reparented
+                # and, if known, stay members); its pid may be reused.
+                del self._roots[pid]
+                exits.extend(self._descriptors.forget(root.tracked()))
+                continue
+            root.starttime = stat.starttime
+            parents[pid] = pid
+        for pid, node in list(self._members.items()):
+            stat = stat_of(pid)
+            if stat is not None and not stat.is_dead and _same(node, stat):
+                node.starttime = stat.starttime
+                parents[pid] = node.root_pid
+                continue
+            del self._members[pid]
+            code = None
+            if stat is not None and stat.is_dead and _same(node, stat):
+                seen_dead.add(stat.identity)
+                if stat.exit_code is not None:
+                    code = wait_status_to_exit_code(stat.exit_code)
+            exits.extend(self._descriptors.forget(node.tracked()))
+            exits.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
+        starts: list[ObserverEvent] = []
+        queue = list(parents)
+        while queue:
+            parent = queue.pop()
+            for child in children_of(parent):
+                if child in self._members or child in self._roots:
+                    continue
+                stat = stat_of(child)
+                if stat is None or stat.ppid != parent:
+                    continue
+                node = _Node(child, stat.starttime, parent, parents[parent])
+                if stat.is_dead:
+                    # A zombie we never saw alive: it lived and died between
+                    # two scans, but its parent has not reaped it yet, so
+                    # both its existence and its exit status are known.
+                    if stat.identity not in self._seen_dead:
+                        status = stat.exit_code
+                        code = None if status is None else wait_status_to_exit_code(status)
+                        starts.append(self._started_event(node, None))
+                        starts.append(
+                            self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code)
+                        )
+                    seen_dead.add(stat.identity)
+                    continue
+                self._members[child] = node
+                parents[child] = node.root_pid
+                queue.append(child)
+                starts.append(self._started_event(node, None))
+        self._seen_dead = seen_dead
+        return exits + starts
+
+    def _process_event(
+        self,
+        node: _Node,
+        kind: ObserverEventKind,
+        exit_code: int | None,
+        *,
+        grade: EventGrade = EventGrade.INFERRED,
+        timestamp_ms: float | None = None,
+    ) -> ObserverEvent:
+        return ObserverEvent(
+            category=EventCategory.PROCESS,
+            kind=kind,
+            pid=node.pid,
+            ppid=node.ppid,
+            root_pid=node.root_pid,
+            exit_code=exit_code,
+            grade=grade,
+            timestamp_ms=trio_time_ms() if timestamp_ms is None else timestamp_ms,
+        )
+
+    def _started_event(
+        self,
+        node: _Node,
+        timestamp_ms: float | None,
+        *,
+        grade: EventGrade = EventGrade.INFERRED,
+    ) -> ObserverEvent:
+        return ObserverEvent(
+            category=EventCategory.PROCESS,
+            kind=ObserverEventKind.DESCENDANT_STARTED,
+            pid=node.pid,
+            ppid=node.ppid,
+            root_pid=node.root_pid,
+            argv=read_cmdline(self._proc_root, node.pid),
+            grade=grade,
+            timestamp_ms=trio_time_ms() if timestamp_ms is None else timestamp_ms,
+        )
+
+    # ------------------------------------------------------- the connector
+
+    def _root_of(self, pid: int) -> int | None:
+        if pid in self._roots:
+            return pid
+        node = self._members.get(pid)
+        return None if node is None else node.root_pid
+
+    async def _handle_batch(self, batch: ConnectorBatch) -> None:
+        self._connector_records += len(batch.records)
+        events: list[ObserverEvent] = []
+        for record in batch.records:
+            if isinstance(record, ForkRecord):
+                events.extend(self._on_fork(record))
+            elif isinstance(record, ExitRecord):
+                events.extend(self._on_exit(record))
+        if batch.overruns:
+            self._lost_overruns += batch.overruns
+            events.append(
+                ObserverEvent(
+                    category=EventCategory.PROCESS,
+                    kind=ObserverEventKind.OBSERVATION_LOST,
+                    pid=LOSS_PID,
+                    timestamp_ms=trio_time_ms(),
+                    grade=EventGrade.EXACT,
+                    count=None,
+                )
+            )
+            await self._emit_all(events)
+            # The lost records may have been forks or exits of the tree.
+            await self._pass(scan_tree=True)
+            return
+        await self._emit_all(events)
+
+    def _on_fork(self, record: ForkRecord) -> list[ObserverEvent]:
+        if record.child_pid != record.child_tgid:
+            return []  # a new thread, not a new process
+        child = record.child_tgid
+        root = self._root_of(record.parent_tgid)
+        if root is None or child in self._members or child in self._roots:
+            return []
+        stat = read_stat(self._proc_root, child)
+        starttime = stat.starttime if stat is not None else None
+        node = _Node(child, starttime, record.parent_tgid, root)
+        self._members[child] = node
+        when = _kernel_time_ms(record.timestamp_ns)
+        events = [self._started_event(node, when, grade=EventGrade.EXACT)]
+        early_exit = self._recent_exits.pop(child, None)
+        if early_exit is not None:
+            events.extend(self._on_exit(early_exit))
+        return events
+
+    def _on_exit(self, record: ExitRecord) -> list[ObserverEvent]:
+        if record.pid != record.tgid:
+            return []  # a thread ended, the process goes on
+        pid = record.tgid
+        node = self._members.pop(pid, None)
+        if node is None:
+            root = self._roots.pop(pid, None)
+            if root is not None:
+                return self._descriptors.forget(root.tracked())
+            self._recent_exits[pid] = record
+            if len(self._recent_exits) > _RECENT_EXITS:
+                del self._recent_exits[next(iter(self._recent_exits))]
+            return []
+        events = self._descriptors.forget(node.tracked())
+        events.append(
+            self._process_event(
+                node,
+                ObserverEventKind.DESCENDANT_EXITED,
+                record.exit_code,
+                grade=EventGrade.EXACT,
+                timestamp_ms=_kernel_time_ms(record.timestamp_ns),
+            )
+        )
+        return events
+
+
+def _same(node: _Node, stat: ProcStat) -> bool:
+    return node.starttime is None or node.starttime == stat.starttime
+
+
+def _kernel_time_ms(timestamp_ns: int) -> float:
+    # Connector timestamps are CLOCK_MONOTONIC; trio's clock is a different
+    # (possibly mock) clock, so carry over the event's age, not its value.
+    age_ns = max(0, time.monotonic_ns() - timestamp_ns)
+    return trio_time_ms() - age_ns / 1e6
