@@ -1,0 +1,42 @@
+"""Shared fixtures: fd and process leak checks for every test."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+PY = sys.executable
+
+
+def open_fds() -> set[str]:
+    """The fd numbers this process has open (trio's test_for_leaking_fds)."""
+    return set(os.listdir("/proc/self/fd"))
+
+
+def children_of(pid: int) -> set[int]:
+    """Live or zombie processes whose parent is ``pid``, read from /proc."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            found.add(int(name))
+    return found
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail if the test leaves an fd open or a child (or zombie) behind."""
+    fds_before = open_fds()
+    children_before = children_of(os.getpid())
+    yield
+    assert open_fds() <= fds_before, "fd leaked"
+    assert children_of(os.getpid()) <= children_before, "child process left behind"
