@@ -1,0 +1,476 @@
+"""OutputLog: backlog, cursors, gaps, lines, expect and idle."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_observer._output import (
+    ExpectEOF,
+    ExpectTimeout,
+    OutputCursor,
+    OutputGap,
+    OutputLog,
+    pump_stream,
+)
+
+
+def drain(cursor: OutputCursor) -> list[bytes | OutputGap]:
+    """Everything a cursor can read without waiting."""
+    items: list[bytes | OutputGap] = []
+    while True:
+        try:
+            items.append(cursor.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return items
+
+
+async def collect_lines(cursor: OutputCursor, **kwargs: bool | str) -> list[str | OutputGap]:
+    return [line async for line in cursor.lines(**kwargs)]  # type: ignore[arg-type]
+
+
+# -- backlog ---------------------------------------------------------------
+
+
+async def test_backlog_keeps_the_newest_bytes_and_counts_exactly() -> None:
+    log = OutputLog(max_bytes=10)
+    assert (log.total_bytes, log.dropped_bytes, log.retained_bytes) == (0, 0, 0)
+    assert log.snapshot() == b""
+    log.feed(b"0123")
+    log.feed(b"456")
+    assert log.snapshot() == b"0123456"
+    assert log.dropped_bytes == 0
+    log.feed(b"789ab")  # 12 bytes: the oldest 2 go, from the middle of a chunk
+    assert log.snapshot() == b"23456789ab"
+    assert (log.total_bytes, log.dropped_bytes, log.start_offset) == (12, 2, 2)
+    log.feed(b"cdefgh")  # evicts "23456" whole-chunk-and-a-bit
+    assert log.snapshot() == b"89abcdefgh"
+    assert (log.total_bytes, log.dropped_bytes, log.retained_bytes) == (18, 8, 10)
+
+
+async def test_a_feed_larger_than_the_backlog_keeps_its_tail() -> None:
+    log = OutputLog(max_bytes=4)
+    log.feed(b"ab")
+    log.feed(bytearray(b"0123456789"))
+    assert log.snapshot() == b"6789"
+    assert (log.total_bytes, log.dropped_bytes) == (12, 8)
+
+
+async def test_eviction_compacts_without_losing_offsets() -> None:
+    # Enough one-byte chunks to trigger several compactions of the chunk list.
+    log = OutputLog(max_bytes=50)
+    cursor = log.cursor()
+    data = bytes(range(256)) * 4
+    for i in range(len(data)):
+        log.feed(data[i : i + 1])
+    assert log.snapshot() == data[-50:]
+    assert log.dropped_bytes == len(data) - 50
+    items = drain(cursor)
+    assert items[0] == OutputGap(len(data) - 50)
+    assert b"".join(i for i in items[1:] if isinstance(i, bytes)) == data[-50:]
+    middle = log.cursor(len(data) - 20)
+    assert b"".join(drain(middle)) == data[-20:]  # type: ignore[arg-type]
+
+
+def test_max_bytes_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        OutputLog(max_bytes=0)
+    with pytest.raises(TypeError, match="max_bytes"):
+        OutputLog(max_bytes=1.5)  # type: ignore[arg-type]
+
+
+async def test_close_is_idempotent_and_ends_feeding() -> None:
+    log = OutputLog()
+    log.feed(b"x")
+    log.close()
+    log.close()
+    assert log.closed
+    with pytest.raises(trio.ClosedResourceError):
+        log.feed(b"y")
+    with pytest.raises(trio.ClosedResourceError):
+        await log.feed_async(b"y")
+    assert log.snapshot() == b"x"
+
+
+# -- cursors ---------------------------------------------------------------
+
+
+async def test_cursor_from_oldest_now_and_offset() -> None:
+    log = OutputLog(max_bytes=6)
+    log.feed(b"abcdefgh")
+    oldest = log.cursor()
+    now = log.cursor("now")
+    at = log.cursor(5)
+    assert (oldest.position, now.position, at.position) == (2, 8, 5)
+    log.feed(b"ij")
+    assert drain(oldest) == [OutputGap(2), b"efgh", b"ij"]
+    assert drain(now) == [b"ij"]
+    assert drain(at) == [b"fgh", b"ij"]
+    with pytest.raises(ValueError, match="start"):
+        log.cursor(11)
+    with pytest.raises(ValueError, match="start"):
+        log.cursor("newest")  # type: ignore[arg-type]
+
+
+async def test_gap_reports_exact_missed_bytes_once() -> None:
+    log = OutputLog(max_bytes=5)
+    cursor = log.cursor()
+    log.feed(b"abc")
+    assert cursor.receive_nowait() == b"abc"
+    log.feed(b"defghijk")  # 11 fed, 5 kept: "def" went unread
+    assert cursor.receive_nowait() == OutputGap(missed_bytes=3)
+    assert cursor.receive_nowait() == b"ghijk"
+    with pytest.raises(trio.WouldBlock):
+        cursor.receive_nowait()
+    assert cursor.position == log.total_bytes
+
+
+async def test_cursors_are_independent() -> None:
+    log = OutputLog()
+    first, second = log.cursor(), log.cursor()
+    log.feed(b"one")
+    assert await first.receive() == b"one"
+    log.feed(b"two")
+    assert await first.receive() == b"two"
+    assert drain(second) == [b"one", b"two"]
+    assert log.snapshot() == b"onetwo"
+
+
+async def test_receive_waits_for_data_then_sees_end() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    got: list[bytes | OutputGap] = []
+
+    async def reader() -> None:
+        async for item in cursor:
+            got.append(item)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        log.feed(b"hello")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [b"hello"]
+        log.close()
+    assert got == [b"hello"]
+    with pytest.raises(trio.EndOfChannel):
+        await cursor.receive()
+
+
+async def test_closing_a_cursor_wakes_its_reader() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    other = log.cursor()
+
+    async def reader() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await cursor.receive()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await cursor.aclose()
+        cursor.close()
+    log.feed(b"still fine")
+    assert drain(other) == [b"still fine"]
+
+
+async def test_slow_cursor_never_blocks_the_writer() -> None:
+    log = OutputLog(max_bytes=100)
+    slow = log.cursor()
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    payload = b"x" * 10_000
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump_stream, receive, log)
+        for _ in range(10):
+            await send.send_all(payload)
+        await send.aclose()
+    # The pump saw EOF and finished although the cursor never read a byte.
+    assert log.closed
+    assert log.total_bytes == 100_000
+    assert drain(slow) == [OutputGap(99_900), b"x" * 100]
+
+
+# -- lines -----------------------------------------------------------------
+
+
+async def test_lines_join_a_character_split_across_chunks() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"caf\xc3")
+    log.feed(b"\xa9\nna\xc3")
+    log.feed(b"\xafve")
+    log.close()
+    assert await collect_lines(cursor) == ["café", "naïve"]
+
+
+async def test_lines_strip_crlf_even_when_split() -> None:
+    log = OutputLog()
+    plain, kept = log.cursor(), log.cursor()
+    for chunk in [b"one\r\ntwo\r", b"\nthree\rbar\n", b"four\n"]:
+        log.feed(chunk)
+    log.close()
+    assert await collect_lines(plain) == ["one", "two", "three\rbar", "four"]
+    assert await collect_lines(kept, keepends=True) == [
+        "one\r\n",
+        "two\r\n",
+        "three\rbar\n",
+        "four\n",
+    ]
+
+
+async def test_lines_yield_the_final_unterminated_line() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"a\nb")
+    log.feed(b"c")
+    log.close()
+    assert await collect_lines(cursor) == ["a", "bc"]
+
+
+async def test_lines_replace_bad_bytes_and_truncated_characters() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"\xff ok\n\xc3")
+    log.close()
+    assert await collect_lines(cursor) == ["\ufffd ok", "\ufffd"]
+
+
+async def test_lines_report_a_gap_in_band() -> None:
+    log = OutputLog(max_bytes=8)
+    cursor = log.cursor()
+    lines = cursor.lines()
+    log.feed(b"ab\ncd")
+    assert await lines.__anext__() == "ab"
+    log.feed(b"efghijklm\nz\n")  # 17 fed, 8 kept: "efgh" went unread
+    log.close()
+    rest = [item async for item in lines]
+    assert rest == ["cd", OutputGap(missed_bytes=4), "ijklm", "z"]
+
+
+async def test_lines_check_the_encoding_at_once() -> None:
+    log = OutputLog()
+    with pytest.raises(LookupError):
+        log.cursor().lines(encoding="no-such-codec")
+    with pytest.raises(LookupError):
+        log.cursor().lines(errors="no-such-handler")
+
+
+# -- expect ----------------------------------------------------------------
+
+
+async def test_expect_literal_straddling_chunks() -> None:
+    log = OutputLog()
+    log.feed(b"old ready\n")  # before the call: not searched by default
+
+    async def feeder() -> None:
+        for chunk in [b"Starting... re", b"a", b"dy", b"!\n"]:
+            await trio.testing.wait_all_tasks_blocked()
+            log.feed(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feeder)
+        match = await log.expect("ready")
+    assert (match.start, match.end) == (10 + 12, 10 + 17)
+    assert match.data == b"ready"
+    assert match.before == b"Starting... "
+    assert match.match is None
+    assert log.snapshot()[match.start : match.end] == b"ready"
+
+
+async def test_expect_regex_and_chaining_with_since() -> None:
+    log = OutputLog()
+    log.feed(b"port=80")
+    log.feed(b"81\nport=9")
+    log.feed(b"0\n")
+    first = await log.expect(re.compile(rb"port=(\d+)\n"), since=0)
+    assert first.match is not None
+    assert first.match.group(1) == b"8081"
+    assert first.data == b"port=8081\n"
+    second = await log.expect(re.compile(rb"port=(\d+)\n"), since=first.end)
+    assert second.match is not None
+    assert second.match.group(1) == b"90"
+    assert second.before == b""
+    assert second.start == first.end
+
+
+async def test_expect_does_not_take_data_from_a_cursor() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"prompt> ")
+    match = await log.expect(b"> ", since=cursor)
+    assert match.start == 6
+    assert cursor.position == 0
+    assert drain(cursor) == [b"prompt> "]
+
+
+async def test_expect_since_cursor_position() -> None:
+    log = OutputLog()
+    log.feed(b"a=1;")
+    cursor = log.cursor()
+    drain(cursor)
+    log.feed(b"a=2;")
+    match = await log.expect(re.compile(rb"a=\d"), since=cursor)
+    assert match.data == b"a=2"
+    assert match.start == 4
+
+
+async def test_expect_times_out_on_the_trio_clock(autojump_clock: trio.testing.MockClock) -> None:
+    log = OutputLog()
+
+    async def chatter() -> None:
+        for _ in range(3):
+            await trio.sleep(1)
+            log.feed(b"tick ")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(chatter)
+        start = trio.current_time()
+        with pytest.raises(ExpectTimeout) as caught:
+            await log.expect(b"boom", timeout=10)
+    assert trio.current_time() - start == pytest.approx(10)
+    assert isinstance(caught.value, TimeoutError)
+    assert caught.value.seen == b"tick tick tick "
+    assert caught.value.missed_bytes == 0
+
+
+async def test_expect_raises_eof_with_what_it_saw() -> None:
+    log = OutputLog()
+
+    async def finish() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        log.feed(b"bye")
+        log.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(finish)
+        with pytest.raises(ExpectEOF) as caught:
+            await log.expect(b"never")
+    assert isinstance(caught.value, EOFError)
+    assert caught.value.seen == b"bye"
+
+
+async def test_expect_after_eviction_reports_missed_bytes() -> None:
+    log = OutputLog(max_bytes=4)
+    log.feed(b"abcdefgh")
+    match = await log.expect(b"g", since=0)
+    assert (match.start, match.missed_bytes, match.before) == (6, 4, b"ef")
+
+
+async def test_expect_rejects_bad_arguments() -> None:
+    log = OutputLog()
+    other = OutputLog()
+    with pytest.raises(TypeError, match="pattern"):
+        await log.expect(re.compile("text"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pattern"):
+        await log.expect(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="since"):
+        await log.expect(b"x", since=other.cursor())
+    with pytest.raises(ValueError, match="since"):
+        await log.expect(b"x", since=1)
+    with pytest.raises(ValueError, match="timeout"):
+        await log.expect(b"x", timeout=-1)
+
+
+# -- idle ------------------------------------------------------------------
+
+
+async def test_wait_for_idle_waits_out_the_last_burst(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = OutputLog()
+
+    async def bursts() -> None:
+        for _ in range(4):
+            await trio.sleep(0.5)
+            log.feed(b".")
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bursts)
+        await log.wait_for_idle(1.0)
+        # Last output at +2.0, then one quiet second.
+        assert trio.current_time() - start == pytest.approx(3.0)
+
+
+async def test_wait_for_idle_returns_at_once_when_already_quiet(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    log = OutputLog()
+    log.feed(b"x")
+    mock_clock.jump(5)
+    start = trio.current_time()
+    await log.wait_for_idle(2.0)
+    assert trio.current_time() == start
+
+
+async def test_wait_for_idle_times_out_while_output_continues(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = OutputLog()
+
+    async def chatter() -> None:
+        while True:
+            await trio.sleep(0.5)
+            log.feed(b".")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(chatter)
+        start = trio.current_time()
+        with pytest.raises(TimeoutError):
+            await log.wait_for_idle(1.0, timeout=4.0)
+        assert trio.current_time() - start == pytest.approx(4.0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_closed_stream_is_idle(mock_clock: trio.testing.MockClock) -> None:
+    log = OutputLog()
+
+    async def end_soon() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        log.feed(b"last")
+        log.close()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(end_soon)
+        await log.wait_for_idle(60.0)
+    assert trio.current_time() == start
+    with pytest.raises(ValueError, match="quiet"):
+        await log.wait_for_idle(-1.0)
+
+
+# -- the property ----------------------------------------------------------
+
+
+@given(
+    chunks=st.lists(st.binary(min_size=0, max_size=40), max_size=40),
+    max_bytes=st.integers(min_value=1, max_value=120),
+)
+def test_backlog_invariants(chunks: list[bytes], max_bytes: int) -> None:
+    async def main() -> None:
+        log = OutputLog(max_bytes=max_bytes)
+        early = log.cursor()
+        for chunk in chunks:
+            log.feed(chunk)
+        everything = b"".join(chunks)
+        snapshot = log.snapshot()
+        assert len(snapshot) == min(len(everything), max_bytes)
+        assert snapshot == everything[len(everything) - len(snapshot) :]
+        assert log.dropped_bytes + len(snapshot) == log.total_bytes == len(everything)
+        items = drain(early)
+        gaps = [item.missed_bytes for item in items if isinstance(item, OutputGap)]
+        data = b"".join(item for item in items if isinstance(item, bytes))
+        assert len(gaps) <= 1
+        assert sum(gaps) == log.dropped_bytes
+        assert sum(gaps) + len(data) == log.total_bytes
+        assert data == snapshot
+
+    trio.run(main)
