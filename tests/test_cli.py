@@ -1,0 +1,127 @@
+"""The command line, run as a real subprocess the way a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import PY
+
+CLI = [sys.executable, "-m", "trio_observer"]
+
+
+def run_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=60, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def read_events(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_passes_output_through_and_mirrors_the_exit_status(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    script = "import sys; print('out'); print('err', file=sys.stderr); sys.exit(4)"
+    result = run_cli("run", "--events", str(events), "--", PY, "-c", script)
+    assert result.returncode == 4
+    assert result.stdout == b"out\n"
+    assert result.stderr == b"err\n"
+    started, exited = read_events(events)
+    assert started["kind"] == "started"
+    assert started["category"] == "lifecycle"
+    assert started["argv"] == [PY, "-c", script]
+    assert exited["kind"] == "exited"
+    assert exited["exit_code"] == 4
+    assert exited["pid"] == started["pid"]
+    for event in (started, exited):
+        assert {"category", "kind", "pid", "ppid", "timestamp_ms", "exit_code"} <= event.keys()
+
+
+def test_events_go_to_stderr_by_default() -> None:
+    result = run_cli("run", "--", PY, "-c", "pass")
+    assert result.returncode == 0
+    kinds = [json.loads(line)["kind"] for line in result.stderr.splitlines()]
+    assert kinds == ["started", "exited"]
+
+
+def test_stdin_is_passed_through() -> None:
+    result = run_cli(
+        "run", "--", PY, "-c", "import sys; print(sys.stdin.read()[::-1])", input=b"abc"
+    )
+    assert result.stdout == b"cba\n"
+
+
+def test_signal_death_is_128_plus_the_signal() -> None:
+    result = run_cli("run", "--", PY, "-c", "import os; os.kill(os.getpid(), 9)")
+    assert result.returncode == 128 + signal.SIGKILL
+
+
+def test_missing_program_is_one_line_and_non_zero() -> None:
+    result = run_cli("run", "--", "no-such-program-xyz")
+    assert result.returncode == 127
+    assert result.stderr == b"trio-observer: command not found: no-such-program-xyz\n"
+
+
+def test_unknown_category_names_the_allowed_ones() -> None:
+    result = run_cli("run", "--category", "lifecycle,disk", "--", PY, "-c", "pass")
+    assert result.returncode == 2
+    assert b"unknown category 'disk'" in result.stderr
+    assert b"lifecycle, process, file, network" in result.stderr
+
+
+def test_no_command() -> None:
+    result = run_cli("run")
+    assert result.returncode == 2
+    assert b"no command given" in result.stderr
+
+
+def test_help() -> None:
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    assert b"--events FILE" in result.stdout
+    assert b"JSON Lines" in result.stdout
+
+
+def test_sigterm_to_the_cli_stops_the_tree(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    script = (
+        "import subprocess, sys, time\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)'],"
+        " start_new_session=True)\n"
+        "print(g.pid, flush=True)\n"
+        "time.sleep(1000)\n"
+    )
+    cli = subprocess.Popen(
+        [*CLI, "run", "--events", str(events), "--", PY, "-c", script],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert cli.stdout is not None
+        grandchild = int(cli.stdout.readline())
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        cli.kill()
+        cli.wait()
+        if cli.stdout is not None:
+            cli.stdout.close()
+    assert not os.path.exists(f"/proc/{grandchild}")
+    kinds = [e["kind"] for e in read_events(events)]
+    assert kinds == ["started", "exited"]
+
+
+@pytest.mark.parametrize("entry", [["trio-observer"], CLI])
+def test_entry_points(entry: list[str]) -> None:
+    if entry == ["trio-observer"]:
+        exe = Path(sys.executable).with_name("trio-observer")
+        if not exe.exists():
+            pytest.skip("the console script is installed only by pip install")
+        entry = [str(exe)]
+    result = subprocess.run([*entry, "--help"], capture_output=True, timeout=60)
+    assert result.returncode == 0
+    assert b"run" in result.stdout
