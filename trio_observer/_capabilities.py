@@ -1,0 +1,269 @@
+"""What this machine can observe, and how well.
+
+Observation depends on the platform and on privileges: the exact process
+connector needs ``CAP_NET_ADMIN``, file and socket snapshots need a readable
+``/proc``, and another user's descriptors need ``CAP_SYS_PTRACE``.
+:func:`negotiate_capabilities` finds out once, honestly, so a session can
+refuse a subscription it cannot serve instead of yielding nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import final
+
+from ._events import EventCategory
+
+
+class TraceScope(enum.Enum):
+    """Which processes an observation is about."""
+
+    LAUNCHED_PROCESS_TREE = "launched-process-tree"
+    """The processes a session launched and their descendants."""
+    SYSTEM_WIDE = "system-wide"
+    """Every process of the machine, whoever runs it."""
+
+
+class CapabilitySupport(enum.Enum):
+    """How well a category can be observed."""
+
+    SUPPORTED = "supported"
+    """Every event of the category is seen, as it happens."""
+    PARTIAL = "partial"
+    """Events are inferred from snapshots (or cover only some processes);
+    the reason says what can be missed."""
+    UNAVAILABLE = "unavailable"
+    """Nothing of the category can be observed here; the reason says why."""
+
+
+class UnsupportedCategoryError(RuntimeError):
+    """A category was asked for that this machine cannot observe at all.
+
+    Args:
+        category: The category.
+        reason: Why it cannot be observed.
+    """
+
+    def __init__(self, category: EventCategory, reason: str) -> None:
+        super().__init__(f"cannot observe {category.value!r} events here: {reason}")
+        self.category = category
+        """The category that was refused."""
+        self.reason = reason
+        """Why it was refused."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CategoryCapability:
+    """How one category can be observed on this machine."""
+
+    category: EventCategory
+    """The category."""
+    support: CapabilitySupport
+    """How well."""
+    backend: str | None
+    """What observes it (``"proc-connector"``, ``"proc-poll"``, ...), or
+    ``None`` when unavailable."""
+    reason: str
+    """Why the support is what it is, in a sentence a user can act on."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CapabilityReport(Mapping[EventCategory, CategoryCapability]):
+    """What this machine can observe, per category; a read-only mapping.
+
+    Returned by :func:`negotiate_capabilities`; not meant to be built by
+    users.
+    """
+
+    scope: TraceScope
+    """The scope the report is for."""
+    categories: Mapping[EventCategory, CategoryCapability]
+    """Every :class:`EventCategory`, each with its capability."""
+
+    def __getitem__(self, category: EventCategory) -> CategoryCapability:
+        return self.categories[category]
+
+    def __iter__(self) -> Iterator[EventCategory]:
+        return iter(self.categories)
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+    def require(self, category: EventCategory) -> CategoryCapability:
+        """Return the capability of ``category``, refusing an unavailable one.
+
+        Args:
+            category: The category a sink wants.
+
+        Returns:
+            Its capability (``SUPPORTED`` or ``PARTIAL``).
+
+        Raises:
+            UnsupportedCategoryError: If the category is ``UNAVAILABLE``.
+        """
+        capability = self.categories[category]
+        if capability.support is CapabilitySupport.UNAVAILABLE:
+            raise UnsupportedCategoryError(category, capability.reason)
+        return capability
+
+    def render_summary(self) -> str:
+        """Return a readable table: one line per category.
+
+        Returns:
+            The table, without a trailing newline.
+        """
+        rows = [("category", "support", "backend", "reason")]
+        rows.extend(
+            (c.category.value, c.support.value, c.backend or "-", c.reason)
+            for c in self.categories.values()
+        )
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [f"scope: {self.scope.value}"]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            lines.append("  ".join([*cells, row[3]]))
+        return "\n".join(lines)
+
+
+def _proc_readable(proc_root: str) -> str | None:
+    """Return why ``proc_root`` is not a usable /proc, or ``None`` if it is."""
+    try:
+        names = os.listdir(proc_root)
+    except OSError as exc:
+        return f"no readable /proc at {proc_root!r} ({exc.strerror or exc})"
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"{proc_root}/{name}/stat", "rb") as f:
+                    f.read()
+            except OSError:
+                continue
+            return None
+    return f"{proc_root!r} lists no readable processes"
+
+
+def _net_tables_readable(proc_root: str) -> bool:
+    return any(os.access(f"{proc_root}/net/{t}", os.R_OK) for t in ("tcp", "tcp6", "unix"))
+
+
+def _others_fds_readable(proc_root: str) -> bool:
+    # Reading the descriptors of a process of another user needs ptrace
+    # access (CAP_SYS_PTRACE); init is such a process for everyone but root,
+    # so try it rather than guess from the uid.
+    try:
+        os.listdir(f"{proc_root}/1/fd")
+    except OSError:
+        return False
+    return True
+
+
+def _connector_reason(proc_root: str) -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the process connector is Linux-only"
+    if proc_root != "/proc":
+        # The connector reports the real system's pids, which a substitute
+        # /proc does not describe.
+        return f"the process connector does not describe {proc_root!r}"
+    from ._linux._connector import probe_connector
+
+    return probe_connector()
+
+
+def negotiate_capabilities(
+    scope: TraceScope = TraceScope.LAUNCHED_PROCESS_TREE, *, proc_root: str = "/proc"
+) -> CapabilityReport:
+    """Find out what this machine can observe, and how well.
+
+    Probes the platform: whether ``proc_root`` is readable, whether the
+    netlink process connector accepts a subscription (it opens and closes a
+    socket), and for :attr:`TraceScope.SYSTEM_WIDE` whether other users'
+    descriptors are readable. Call it once and keep the report.
+
+    Args:
+        scope: Which processes the observation is about.
+        proc_root: Where ``/proc`` is mounted. Anything but ``"/proc"`` rules
+            out the connector.
+
+    Returns:
+        A report with an entry for every :class:`EventCategory`.
+    """
+    caps: dict[EventCategory, CategoryCapability] = {}
+
+    def put(
+        category: EventCategory, support: CapabilitySupport, backend: str | None, why: str
+    ) -> None:
+        caps[category] = CategoryCapability(category, support, backend, why)
+
+    if os.name == "posix":
+        put(
+            EventCategory.LIFECYCLE,
+            CapabilitySupport.SUPPORTED,
+            "spawn-and-reap",
+            "the session spawns and reaps its processes itself",
+        )
+    else:
+        put(
+            EventCategory.LIFECYCLE,
+            CapabilitySupport.UNAVAILABLE,
+            None,
+            "process supervision needs a POSIX system",
+        )
+
+    no_proc = _proc_readable(proc_root)
+    if no_proc is not None:
+        for category in (EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK):
+            put(category, CapabilitySupport.UNAVAILABLE, None, no_proc)
+        return CapabilityReport(scope, MappingProxyType(caps))
+
+    refused = _connector_reason(proc_root)
+    if refused is None:
+        put(
+            EventCategory.PROCESS,
+            CapabilitySupport.SUPPORTED,
+            "proc-connector",
+            "exact fork and exit notifications (with exit codes) from the kernel",
+        )
+    else:
+        put(
+            EventCategory.PROCESS,
+            CapabilitySupport.PARTIAL,
+            "proc-poll",
+            "polling /proc misses descendants that start and exit between two scans "
+            f"(connector: {refused})",
+        )
+
+    others = scope is TraceScope.SYSTEM_WIDE and not _others_fds_readable(proc_root)
+    only_ours = (
+        "; only this user's processes: other users' /proc/<pid>/fd needs CAP_SYS_PTRACE"
+        if others
+        else ""
+    )
+    put(
+        EventCategory.FILE,
+        CapabilitySupport.PARTIAL,
+        "proc-fd-snapshot",
+        "snapshots of /proc/<pid>/fd miss files opened and closed between two scans" + only_ours,
+    )
+    if _net_tables_readable(proc_root):
+        put(
+            EventCategory.NETWORK,
+            CapabilitySupport.PARTIAL,
+            "proc-net-snapshot",
+            "snapshots of descriptors and /proc/<pid>/net tables miss short-lived "
+            "connections and unnamed Unix sockets" + only_ours,
+        )
+    else:
+        put(
+            EventCategory.NETWORK,
+            CapabilitySupport.UNAVAILABLE,
+            None,
+            f"no readable socket tables under {proc_root!r}/net",
+        )
+    return CapabilityReport(scope, MappingProxyType(caps))
