@@ -1,0 +1,314 @@
+"""The /proc readers and net-table parsers, against real and fake /proc trees."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from trio_observer._linux._nettables import (
+    decode_address,
+    format_address,
+    parse_inet_table,
+    parse_unix_table,
+    read_socket_tables,
+    socket_inode,
+)
+from trio_observer._linux._procfs import (
+    parse_stat,
+    read_children,
+    read_cmdline,
+    read_fds,
+    read_stat,
+    scan_all,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
+
+
+class FakeProc:
+    """A fake /proc tree in a temporary directory, for deterministic tests.
+
+    Writes ``<pid>/stat``, ``<pid>/cmdline``, ``<pid>/fd/<n>`` symlinks and,
+    when ``children_files`` is true, ``<pid>/task/<pid>/children``.
+    """
+
+    def __init__(self, root: Path, *, children_files: bool = True) -> None:
+        self.root = root
+        self.children_files = children_files
+        self.ppids: dict[int, int] = {}
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def path(self) -> str:
+        return str(self.root)
+
+    def add(
+        self,
+        pid: int,
+        ppid: int,
+        *,
+        starttime: int = 1000,
+        state: str = "S",
+        comm: str = "fake",
+        exit_status: int = 0,
+        argv: tuple[str, ...] = ("fake",),
+    ) -> None:
+        """Create or replace process ``pid``."""
+        directory = self.root / str(pid)
+        (directory / "fd").mkdir(parents=True, exist_ok=True)
+        (directory / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
+        # Fields 3..52; field 22 is starttime, field 52 the exit status.
+        fields = ["0"] * 50
+        fields[0] = state
+        fields[1] = str(ppid)
+        fields[22 - 3] = str(starttime)
+        fields[52 - 3] = str(exit_status)
+        (directory / "stat").write_text(f"{pid} ({comm}) {' '.join(fields)}\n")
+        (directory / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
+        self.ppids[pid] = ppid
+        self._write_children()
+
+    def remove(self, pid: int) -> None:
+        """Make ``pid`` vanish (exited and reaped)."""
+        directory = self.root / str(pid)
+        for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            else:
+                path.rmdir()
+        directory.rmdir()
+        del self.ppids[pid]
+        self._write_children()
+
+    def set_fd(self, pid: int, fd: int, target: str) -> None:
+        """Point descriptor ``fd`` of ``pid`` at ``target`` (a dangling link)."""
+        link = self.root / str(pid) / "fd" / str(fd)
+        if link.is_symlink():
+            link.unlink()
+        os.symlink(target, link)
+
+    def close_fd(self, pid: int, fd: int) -> None:
+        """Close descriptor ``fd`` of ``pid``."""
+        (self.root / str(pid) / "fd" / str(fd)).unlink()
+
+    def set_net(self, pid: int, table: str, text: str, *, namespace: str = "net:[1]") -> None:
+        """Write ``<pid>/net/<table>`` and the namespace link."""
+        (self.root / str(pid) / "net").mkdir(exist_ok=True)
+        (self.root / str(pid) / "net" / table).write_text(text)
+        ns = self.root / str(pid) / "ns"
+        ns.mkdir(exist_ok=True)
+        if not (ns / "net").is_symlink():
+            os.symlink(namespace, ns / "net")
+
+    def _write_children(self) -> None:
+        if not self.children_files:
+            return
+        for pid in self.ppids:
+            kids = sorted(p for p, parent in self.ppids.items() if parent == pid)
+            path = self.root / str(pid) / "task" / str(pid) / "children"
+            path.write_text("".join(f"{k} " for k in kids))
+
+
+def inet_hex(host: str, port: int) -> str:
+    """Encode an address the way the kernel prints it in /proc/net/tcp."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    raw = socket.inet_pton(family, host)
+    words = struct.unpack(f"={len(raw) // 4}I", raw)
+    return "".join(f"{w:08X}" for w in words) + f":{port:04X}"
+
+
+TCP_HEADER = (
+    "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+    "   uid  timeout inode\n"
+)
+
+
+def tcp_line(slot: int, local: str, remote: str, state: int, inode: int) -> str:
+    return (
+        f"  {slot}: {local} {remote} {state:02X} 00000000:00000000 00:00000000 00000000"
+        f"     0        0 {inode} 1 0000000000000000 100 0 0 10 0\n"
+    )
+
+
+# ------------------------------------------------------------------ stat
+
+
+def test_parse_stat_comm_with_spaces_and_parens() -> None:
+    fields = ["0"] * 50
+    fields[0], fields[1], fields[19], fields[49] = "Z", "42", "777", "768"
+    stat = parse_stat(f"123 (a) b (c)) {' '.join(fields)}")
+    assert stat.pid == 123
+    assert stat.comm == "a) b (c)"
+    assert stat.state == "Z"
+    assert stat.ppid == 42
+    assert stat.starttime == 777
+    assert stat.exit_code == 768
+    assert stat.is_dead
+    assert stat.identity == (123, 777)
+
+
+def test_parse_stat_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="not a /proc"):
+        parse_stat("hello")
+    with pytest.raises(ValueError, match="truncated"):
+        parse_stat("1 (x) S 0 0")
+
+
+def test_read_stat_of_this_process_matches_os() -> None:
+    stat = read_stat("/proc", os.getpid())
+    assert stat is not None
+    assert stat.ppid == os.getppid()
+    assert not stat.is_dead
+    assert read_stat("/proc", 2**22 + 7) is None  # beyond pid_max: never exists
+
+
+def test_scan_all_finds_this_process() -> None:
+    table = scan_all("/proc")
+    assert os.getpid() in table
+    assert table[os.getpid()].ppid == os.getppid()
+
+
+# ------------------------------------------------------- children, cmdline
+
+
+def test_read_children_with_and_without_children_files(tmp_path: Path) -> None:
+    with_files = FakeProc(tmp_path / "a", children_files=True)
+    with_files.add(10, 1)
+    with_files.add(11, 10)
+    with_files.add(12, 10)
+    assert sorted(read_children(with_files.path, 10) or []) == [11, 12]
+    assert read_children(with_files.path, 99) == []  # gone: no children, not "unsupported"
+
+    without = FakeProc(tmp_path / "b", children_files=False)
+    without.add(10, 1)
+    assert read_children(without.path, 10) is None
+
+
+def test_read_cmdline(tmp_path: Path) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(10, 1, argv=("python", "-c", "print('a b')"))
+    assert read_cmdline(fake.path, 10) == ("python", "-c", "print('a b')")
+    (tmp_path / "10" / "cmdline").write_bytes(b"")  # a zombie's command line is empty
+    assert read_cmdline(fake.path, 10) is None
+    assert read_cmdline(fake.path, 11) is None
+
+
+def test_read_fds_of_this_process() -> None:
+    with open(__file__, "rb") as f:
+        fds = read_fds("/proc", os.getpid())
+        assert fds is not None
+        assert fds[f.fileno()] == os.path.realpath(__file__)
+    assert read_fds("/proc", 2**22 + 7) is None
+
+
+# --------------------------------------------------------------- addresses
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="the literal is little-endian")
+def test_decode_address_little_endian_literals() -> None:
+    assert decode_address("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert decode_address("00000000000000000000000001000000:0016") == ("::1", 22)
+    # ::ffff:10.0.0.1 as the kernel prints it on x86.
+    host, port = decode_address("0000000000000000FFFF00000100000A:01BB")
+    # Compared as addresses: Python 3.13 changed how mapped addresses print.
+    assert (ipaddress.ip_address(host), port) == (ipaddress.ip_address("::ffff:10.0.0.1"), 443)
+
+
+@pytest.mark.parametrize(
+    ("host", "port"),
+    [("127.0.0.1", 1), ("10.1.2.3", 65535), ("::1", 8080), ("fe80::1:2", 5353), ("::", 0)],
+)
+def test_decode_address_round_trip(host: str, port: int) -> None:
+    assert decode_address(inet_hex(host, port)) == (host, port)
+
+
+def test_decode_address_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="not a /proc/net address"):
+        decode_address("0100007F")
+    with pytest.raises(ValueError, match="not a /proc/net address"):
+        decode_address("01007F:0001")
+
+
+def test_format_address() -> None:
+    assert format_address("127.0.0.1", 80) == "127.0.0.1:80"
+    assert format_address("::1", 80) == "[::1]:80"
+
+
+def test_socket_inode() -> None:
+    assert socket_inode("socket:[12345]") == 12345
+    assert socket_inode("pipe:[12345]") is None
+    assert socket_inode("socket:[x]") is None
+    assert socket_inode("/tmp/socket:[1]") is None
+
+
+# -------------------------------------------------------------- net tables
+
+
+def test_parse_inet_table_roles() -> None:
+    text = (
+        TCP_HEADER
+        + tcp_line(0, inet_hex("127.0.0.1", 8080), inet_hex("0.0.0.0", 0), 0x0A, 111)
+        + tcp_line(1, inet_hex("10.0.0.2", 5555), inet_hex("10.0.0.9", 443), 0x01, 222)
+        + tcp_line(2, inet_hex("10.0.0.2", 5556), inet_hex("10.0.0.9", 443), 0x02, 333)
+        + tcp_line(3, inet_hex("10.0.0.2", 5557), inet_hex("10.0.0.9", 443), 0x06, 0)
+        + tcp_line(4, inet_hex("0.0.0.0", 0), inet_hex("0.0.0.0", 0), 0x07, 444)
+    )
+    table = parse_inet_table(text, "tcp")
+    assert table[111].role == "listen"
+    assert table[111].local_address == "127.0.0.1:8080"
+    assert table[111].remote_address is None
+    assert table[222].role == "connect"
+    assert table[222].remote_address == "10.0.0.9:443"
+    assert table[333].role == "connect"  # SYN_SENT: connect() was called
+    assert 0 not in table  # TIME_WAIT remnant owned by nobody
+    assert table[444].role is None  # created, never bound
+
+
+def test_parse_udp_table_roles() -> None:
+    text = (
+        TCP_HEADER
+        + tcp_line(0, inet_hex("::", 5353), inet_hex("::", 0), 0x07, 10)
+        + tcp_line(1, inet_hex("::1", 40000), inet_hex("::1", 53), 0x01, 11)
+    )
+    table = parse_inet_table(text, "udp6")
+    assert table[10].role == "listen"
+    assert table[10].local_address == "[::]:5353"
+    assert table[11].role == "connect"
+    assert table[11].remote_address == "[::1]:53"
+
+
+def test_parse_unix_table() -> None:
+    text = (
+        "Num       RefCount Protocol Flags    Type St Inode Path\n"
+        "0000000000000000: 00000002 00000000 00010000 0001 01 100 /run/my app.sock\n"
+        "0000000000000000: 00000003 00000000 00000000 0001 03 101 /run/my app.sock\n"
+        "0000000000000000: 00000003 00000000 00000000 0001 03 102\n"
+        "0000000000000000: 00000002 00000000 00010000 0001 01 103 @abstract\n"
+    )
+    table = parse_unix_table(text)
+    assert table[100].role == "listen"
+    assert table[100].local_address == "/run/my app.sock"
+    assert table[101].role == "connect"
+    assert table[102].role is None  # unnamed (socketpair or client end)
+    assert table[103].local_address == "@abstract"
+
+
+def test_read_socket_tables_sees_a_real_listener() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        fds = read_fds("/proc", os.getpid())
+        assert fds is not None
+        inode = socket_inode(fds[listener.fileno()])
+        assert inode is not None
+        entry = read_socket_tables("/proc", os.getpid())[inode]
+        assert entry.protocol == "tcp"
+        assert entry.role == "listen"
+        assert entry.local_address == f"127.0.0.1:{port}"
