@@ -396,8 +396,9 @@ class ObserverRegistry:
         try:
             yield subscription
         finally:
+            # Only the sending side: a consumer in another task drains what
+            # is buffered and then its loop ends normally.
             self.remove(sink_id)
-            receive_channel.close()
 
     def status(self, sink_id: ObserverSubscriberId) -> ObserverSinkStatus | None:
         """Return the sink's counters, or None if it is not registered."""
