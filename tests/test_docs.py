@@ -28,3 +28,14 @@ def test_example_runs(where: str, code: str) -> None:
         [sys.executable, "-c", code], capture_output=True, timeout=120, cwd=ROOT
     )
     assert result.returncode == 0, f"{where} failed:\n{result.stderr.decode()}"
+
+
+def test_api_reference_is_current() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gen_api
+    finally:
+        sys.path.pop(0)
+    assert (ROOT / "docs" / "api.md").read_text() == gen_api.render(), (
+        "docs/api.md is stale: run python scripts/gen_api.py"
+    )
