@@ -31,6 +31,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import stat
 import struct
 import termios
@@ -197,8 +198,10 @@ def _resolve_executable(program: str, env: Mapping[str, str], cwd: str | None) -
     base = cwd if cwd is not None else os.getcwd()
     if "/" in program:
         # Like subprocess: a relative path is relative to the child's cwd.
+        # An explicit path is not checked further: if it exists, exec
+        # reports what is wrong with it (EACCES, ENOEXEC, ...).
         candidate = os.path.join(base, program)
-        return candidate if runnable(candidate) else None
+        return candidate if os.path.lexists(candidate) else None
     search = env.get("PATH", os.defpath)
     for directory in search.split(os.pathsep):
         # An empty PATH entry means the current directory (the child's).
@@ -412,6 +415,20 @@ def _spawn_error(err: int, program: str, executable: str, cwd: str | None) -> OS
     return OSError(err, message, executable)
 
 
+def _raise_if_hung_up(master_fd: int) -> None:
+    """Raise BrokenResourceError if no process has the slave open.
+
+    Linux accepts writes to such a master into a buffer nobody will read
+    (until it is full), so the write itself does not fail; the master's
+    POLLHUP is the reliable sign.
+    """
+    poller = select.poll()
+    poller.register(master_fd, select.POLLOUT)
+    for _, events in poller.poll(0):
+        if events & select.POLLHUP:
+            raise trio.BrokenResourceError("no process has the terminal open any more")
+
+
 class _Busy:
     """Raise BusyResourceError when two tasks use one direction at once."""
 
@@ -502,6 +519,7 @@ class PtyStream(trio.abc.HalfCloseableStream):
 
     async def _write(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint()
+        _raise_if_hung_up(self._check_open())
         with memoryview(data) as view:
             sent = 0
             while sent < len(view):
@@ -509,6 +527,10 @@ class PtyStream(trio.abc.HalfCloseableStream):
                 try:
                     sent += os.write(fd, view[sent:])
                 except BlockingIOError:
+                    # With the slave closed, epoll reports the master
+                    # writable (POLLHUP) while writes still fail with EAGAIN:
+                    # without this check the loop would spin.
+                    _raise_if_hung_up(fd)
                     await trio.lowlevel.wait_writable(fd)
                 except OSError as exc:
                     if exc.errno == errno.EBADF:
@@ -529,7 +551,8 @@ class PtyStream(trio.abc.HalfCloseableStream):
             ClosedResourceError: If the stream was closed or :meth:`send_eof`
                 was called.
             BusyResourceError: If another task is already sending.
-            BrokenResourceError: If no process has the slave open any more.
+            BrokenResourceError: If no process has the slave open any more
+                (checked before writing and whenever the buffer is full).
         """
         with self._send_busy:
             self._check_open()
