@@ -225,10 +225,18 @@ class TreeObserver:
             known_descendants=len(self._members),
         )
 
-    async def run(self) -> NoReturn:
-        """Observe until cancelled.
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Observe until cancelled; use ``await nursery.start(observer.run)``.
 
         Idle (no work, no socket) while no category is wanted.
+
+        Args:
+            task_status: Under ``nursery.start``, reports started once the
+                backend is chosen (the connector subscribed) and the first
+                scan is done, so every fork after that is seen; at once if no
+                category is wanted.
 
         Raises:
             trio.BusyResourceError: If it is already running.
@@ -238,14 +246,19 @@ class TreeObserver:
         if self._running:
             raise trio.BusyResourceError("this TreeObserver is already running")
         self._running = True
+        started: trio.TaskStatus[None] | None = task_status
         try:
             while True:
+                if not self._categories and started is not None:
+                    started.started()
+                    started = None
                 while not self._categories:
                     self._wake = trio.Event()
                     await self._wake.wait()
                 with trio.CancelScope() as scope:
                     self._active_scope = scope
-                    await self._run_active()
+                    await self._run_active(started)
+                started = None
                 self._active_scope = None
                 # Going idle: nobody wants closes or exits reported while we
                 # do not look; on resume the next scan reports the difference.
@@ -271,13 +284,15 @@ class TreeObserver:
             return None
         return ProcConnector(sock)
 
-    async def _run_active(self) -> None:
+    async def _run_active(self, task_status: trio.TaskStatus[None] | None) -> None:
         connector = await self._open_connector()
         self._backend_in_use = "poll" if connector is None else "connector"
         try:
             # Subscribe first, then scan: a fork between the two is seen by
             # both, never by neither.
             await self._pass(scan_tree=True)
+            if task_status is not None:
+                task_status.started()
             next_poll = trio.current_time() + self._poll_interval
             while True:
                 if connector is None:
@@ -390,7 +405,7 @@ class TreeObserver:
                     # A zombie we never saw alive: it lived and died between
                     # two scans, but its parent has not reaped it yet, so
                     # both its existence and its exit status are known.
-                    if stat.identity not in self._seen_dead:
+                    if stat.identity not in self._seen_dead and stat.identity not in seen_dead:
                         status = stat.exit_code
                         code = None if status is None else wait_status_to_exit_code(status)
                         starts.append(self._started_event(node, None))

@@ -1,0 +1,626 @@
+"""TreeObserver: descendants, files and sockets of real and fake process trees."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from subprocess import PIPE
+
+import pytest
+import trio
+import trio.testing
+
+from tests.test_procfs import TCP_HEADER, FakeProc, inet_hex, tcp_line
+from trio_observer._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind
+from trio_observer._linux._tree import TreeObserver
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
+
+PY = sys.executable
+K = ObserverEventKind
+PROCESS = frozenset({EventCategory.PROCESS})
+ALL = frozenset({EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK})
+
+
+class Collector:
+    """An ``emit`` that records events and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[ObserverEvent] = []
+        self._changed = trio.Event()
+
+    async def emit(self, event: ObserverEvent) -> None:
+        self.events.append(event)
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    async def wait_for(self, predicate: Callable[[ObserverEvent], bool]) -> ObserverEvent:
+        """Wait (bounded by the caller's deadline) for a matching event."""
+        while True:
+            for event in self.events:
+                if predicate(event):
+                    return event
+            await self._changed.wait()
+
+    def kinds(self, pid: int | None = None) -> list[ObserverEventKind]:
+        return [e.kind for e in self.events if pid is None or e.pid == pid]
+
+
+# ---------------------------------------------------------------- real trees
+
+
+class Child:
+    """A real child process driven line by line over its stdin and stdout."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._buffer = b""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(line.encode() + b"\n")
+
+    async def receive_line(self) -> str:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some()
+            assert chunk, "child closed its stdout"
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+
+@asynccontextmanager
+async def child(script: str) -> AsyncIterator[Child]:
+    """Run ``script``; kill and reap it (and close its pipes) on the way out.
+
+    Descendants in these scripts block on a pipe from their parent, so they
+    see EOF and exit when their parent dies.
+    """
+    process = await trio.lowlevel.open_process([PY, "-c", script], stdin=PIPE, stdout=PIPE)
+    try:
+        yield Child(process)
+    finally:
+        with trio.CancelScope(shield=True):
+            process.kill()
+            await process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    await stream.aclose()
+
+
+@asynccontextmanager
+async def observing(observer: TreeObserver) -> AsyncIterator[None]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(observer.run)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+# A child that starts a grandchild, which starts a great-grandchild; each
+# blocks reading its stdin (a pipe from its parent) and reports pids upward.
+TREE_SCRIPT = f"""
+import subprocess, sys
+LEAF = "import sys; sys.stdin.read()"
+MIDDLE = (
+    "import subprocess, sys\\n"
+    "leaf = subprocess.Popen([{PY!r}, '-c', {{LEAF!r}}], stdin=subprocess.PIPE)\\n"
+    "print(leaf.pid, flush=True)\\n"
+    "sys.stdin.read()\\n"
+    "leaf.stdin.close(); leaf.wait()\\n"
+).format(LEAF=LEAF)
+middle = subprocess.Popen([{PY!r}, "-c", MIDDLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+leaf_pid = middle.stdout.readline().strip().decode()
+print(middle.pid, leaf_pid, flush=True)
+sys.stdin.readline()
+middle.stdin.close(); middle.wait()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_poll_reports_descendants_with_their_parents() -> None:
+    collector = Collector()
+    observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend="poll")
+    async with child(TREE_SCRIPT) as root, observing(observer):
+        observer.add_root(root.pid)
+        with trio.fail_after(10):
+            middle, leaf = map(int, (await root.receive_line()).split())
+            started = {
+                pid: await collector.wait_for(
+                    lambda e, pid=pid: e.kind is K.DESCENDANT_STARTED and e.pid == pid  # type: ignore[misc]
+                )
+                for pid in (middle, leaf)
+            }
+        assert started[middle].ppid == root.pid
+        assert started[leaf].ppid == middle
+        for event in started.values():
+            assert event.root_pid == root.pid
+            assert event.grade is EventGrade.INFERRED
+            assert event.category is EventCategory.PROCESS
+            assert event.argv is not None
+            assert event.argv[:2] == (PY, "-c")
+        assert observer.known_descendants() == {middle, leaf}
+        assert observer.statistics().backend == "poll"
+
+        await root.send("stop")
+        with trio.fail_after(10):
+            assert await root.receive_line() == "done"
+            for pid in (middle, leaf):
+                await collector.wait_for(
+                    lambda e, pid=pid: e.kind is K.DESCENDANT_EXITED and e.pid == pid  # type: ignore[misc]
+                )
+        assert observer.known_descendants() == set()
+        # The root's own start and exit are the session's events, not ours.
+        assert root.pid not in {e.pid for e in collector.events}
+
+
+ZOMBIE_SCRIPT = f"""
+import os, subprocess, sys
+grandchild = subprocess.Popen([{PY!r}, "-c", "import sys; sys.exit(4)"])
+# Wait for the exit without reaping it: the grandchild stays a zombie.
+os.waitid(os.P_PID, grandchild.pid, os.WEXITED | os.WNOWAIT)
+print(grandchild.pid, flush=True)
+sys.stdin.readline()
+grandchild.wait()
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_poll_reads_the_exit_code_of_an_unreaped_descendant() -> None:
+    collector = Collector()
+    observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend="poll")
+    async with child(ZOMBIE_SCRIPT) as root, observing(observer):
+        observer.add_root(root.pid)
+        with trio.fail_after(10):
+            grandchild = int(await root.receive_line())
+            exited = await collector.wait_for(
+                lambda e: e.kind is K.DESCENDANT_EXITED and e.pid == grandchild
+            )
+        assert exited.exit_code == 4
+        assert exited.ppid == root.pid
+        assert collector.kinds(grandchild) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+        await root.send("reap")
+        with trio.fail_after(10):
+            await root.process.wait()
+
+
+SHORT_LIVED_SCRIPT = f"""
+import os, subprocess, sys
+sys.stdin.readline()
+ok = subprocess.Popen([{PY!r}, "-c", "import sys; sys.exit(7)"])
+ok.wait()
+killed = subprocess.Popen([{PY!r}, "-c", "import os; os.kill(os.getpid(), 9)"])
+killed.wait()
+print(ok.pid, killed.pid, flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_connector_sees_short_lived_grandchildren_with_exit_codes() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    collector = Collector()
+    observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend="connector")
+    # observing() returns once the connector is subscribed; the root forks
+    # only when told to, after that.
+    async with child(SHORT_LIVED_SCRIPT) as root, observing(observer):
+        observer.add_root(root.pid)
+        await root.send("go")
+        with trio.fail_after(10):
+            ok, killed = map(int, (await root.receive_line()).split())
+            exits = {
+                pid: await collector.wait_for(
+                    lambda e, pid=pid: e.kind is K.DESCENDANT_EXITED and e.pid == pid  # type: ignore[misc]
+                )
+                for pid in (ok, killed)
+            }
+        assert exits[ok].exit_code == 7
+        assert exits[killed].exit_code == -9
+        for pid in (ok, killed):
+            assert collector.kinds(pid) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+            for event in collector.events:
+                if event.pid == pid:
+                    assert event.grade is EventGrade.EXACT
+                    assert event.ppid == root.pid
+                    assert event.root_pid == root.pid
+        assert observer.statistics().backend == "connector"
+        assert observer.statistics().connector_records > 0
+
+
+FILE_SCRIPT = """
+import sys
+path = sys.argv[1]
+for line in sys.stdin:
+    if line.strip() == "open":
+        f = open(path, "w")
+        print(f.fileno(), flush=True)
+    elif line.strip() == "close":
+        f.close()
+        print("closed", flush=True)
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_a_file_held_open_is_seen_opened_then_closed(tmp_path: Path) -> None:
+    target = tmp_path / "held.txt"
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=frozenset({EventCategory.FILE}), backend="poll"
+    )
+    script = FILE_SCRIPT.replace("sys.argv[1]", repr(str(target)))
+    async with child(script) as root, observing(observer):
+        observer.add_root(root.pid)
+        with trio.fail_after(10):
+            await root.send("open")
+            fd = int(await root.receive_line())
+            opened = await collector.wait_for(
+                lambda e: e.kind is K.FILE_OPEN and e.path == str(target)
+            )
+            await root.send("close")
+            assert await root.receive_line() == "closed"
+            closed = await collector.wait_for(
+                lambda e: e.kind is K.FILE_CLOSE and e.path == str(target)
+            )
+        for event in (opened, closed):
+            assert event.pid == root.pid
+            assert event.fd == fd
+            assert event.root_pid == root.pid
+            assert event.category is EventCategory.FILE
+            assert event.grade is EventGrade.INFERRED
+        # Only FILE was asked for; pipes and /dev/null are never files.
+        assert {e.category for e in collector.events} == {EventCategory.FILE}
+        assert all(e.path and e.path.startswith("/") for e in collector.events)
+        assert not any(e.path == "/dev/null" for e in collector.events)
+
+
+SOCKET_SCRIPT = """
+import socket, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+print(listener.getsockname()[1], flush=True)
+sys.stdin.readline()
+client = socket.create_connection(listener.getsockname())
+server, _ = listener.accept()
+print(client.getsockname()[1], flush=True)
+sys.stdin.readline()
+listener.close()
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_sockets_listen_connect_and_close_are_seen() -> None:
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=frozenset({EventCategory.NETWORK}), backend="poll"
+    )
+    async with child(SOCKET_SCRIPT) as root, observing(observer):
+        observer.add_root(root.pid)
+        with trio.fail_after(10):
+            port = int(await root.receive_line())
+            address = f"127.0.0.1:{port}"
+            listen = await collector.wait_for(
+                lambda e: e.kind is K.SOCKET_LISTEN and e.local_address == address
+            )
+            await root.send("connect")
+            client_port = int(await root.receive_line())
+            connect = await collector.wait_for(
+                lambda e: (
+                    e.kind is K.SOCKET_CONNECT and e.local_address == f"127.0.0.1:{client_port}"
+                )
+            )
+            # The accepted end is connected too, seen from the other side.
+            accepted = await collector.wait_for(
+                lambda e: e.kind is K.SOCKET_CONNECT and e.local_address == address
+            )
+            await root.send("close")
+            assert await root.receive_line() == "closed"
+            close = await collector.wait_for(
+                lambda e: e.kind is K.SOCKET_CLOSE and e.fd == listen.fd
+            )
+        assert listen.protocol == "tcp"
+        assert listen.pid == root.pid
+        assert listen.remote_address is None
+        assert connect.remote_address == address
+        assert accepted.remote_address == f"127.0.0.1:{client_port}"
+        assert close.local_address == address
+        assert {e.category for e in collector.events} == {EventCategory.NETWORK}
+
+
+# ----------------------------------------------------------- fake /proc trees
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+@pytest.mark.parametrize("children_files", [True, False], ids=["children-files", "full-scan"])
+async def test_pid_reuse_is_an_exit_and_a_start(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, children_files: bool
+) -> None:
+    fake = FakeProc(tmp_path, children_files=children_files)
+    fake.add(100, 1, starttime=10)
+    fake.add(101, 100, starttime=20)
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        await settle()
+        assert collector.kinds(101) == [K.DESCENDANT_STARTED]
+        # Same pid, same parent, later start time: another process.
+        fake.add(101, 100, starttime=30, argv=("other",))
+        mock_clock.jump(1.0)
+        await settle()
+        assert collector.kinds(101) == [K.DESCENDANT_STARTED] * 1 + [
+            K.DESCENDANT_EXITED,
+            K.DESCENDANT_STARTED,
+        ]
+        assert collector.events[-1].argv == ("other",)
+        assert collector.events[-2].exit_code is None
+        mock_clock.jump(1.0)
+        await settle()
+        assert len(collector.events) == 3
+    assert observer.statistics().backend == "poll"
+
+
+@pytest.mark.parametrize("children_files", [True, False], ids=["children-files", "full-scan"])
+async def test_reparented_descendants_stay_in_the_tree(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, children_files: bool
+) -> None:
+    fake = FakeProc(tmp_path, children_files=children_files)
+    fake.add(1, 0)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    fake.add(102, 101)
+    fake.add(200, 1)  # not ours
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        await settle()
+        assert observer.known_descendants() == {101, 102}
+        # 101 exits; its child is adopted by init but is still the tree's.
+        fake.remove(101)
+        fake.add(102, 1)
+        mock_clock.jump(1.0)
+        await settle()
+        assert observer.known_descendants() == {102}
+        assert collector.kinds(101) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+        assert collector.kinds(102) == [K.DESCENDANT_STARTED]
+        fake.add(103, 102)
+        mock_clock.jump(1.0)
+        await settle()
+        started = collector.events[-1]
+        assert (started.kind, started.pid, started.ppid) == (K.DESCENDANT_STARTED, 103, 102)
+        assert started.root_pid == 100
+        # The root exits: its reparented descendants are still followed.
+        fake.remove(100)
+        fake.add(104, 103)
+        mock_clock.jump(1.0)
+        await settle()
+        assert observer.known_descendants() == {102, 103, 104}
+        assert 200 not in {e.pid for e in collector.events}
+
+
+async def test_zombies_report_their_exit_status_once(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        await settle()
+        fake.add(101, 100, state="Z", exit_status=3 << 8)
+        fake.add(102, 100, state="Z", exit_status=15)  # never seen alive; SIGTERM
+        for _ in range(3):
+            mock_clock.jump(1.0)
+            await settle()
+    assert [(e.kind, e.pid, e.exit_code) for e in collector.events] == [
+        (K.DESCENDANT_STARTED, 101, None),
+        (K.DESCENDANT_EXITED, 101, 3),
+        (K.DESCENDANT_STARTED, 102, None),
+        (K.DESCENDANT_EXITED, 102, -15),
+    ]
+
+
+async def test_the_poll_interval_follows_the_trio_clock(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    observer = TreeObserver(
+        emit=Collector().emit, categories=PROCESS, proc_root=fake.path, poll_interval=0.5
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        await settle()
+        assert observer.statistics().polls == 1
+        mock_clock.jump(0.49)
+        await settle()
+        assert observer.statistics().polls == 1
+        mock_clock.jump(0.01)
+        await settle()
+        assert observer.statistics().polls == 2
+        mock_clock.jump(5.0)  # a late wake-up scans once, it does not catch up
+        await settle()
+        assert observer.statistics().polls == 3
+
+
+async def test_no_work_while_no_category_is_wanted(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=frozenset(), proc_root=fake.path, poll_interval=1.0
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        for _ in range(3):
+            mock_clock.jump(1.0)
+            await settle()
+        assert observer.statistics().polls == 0
+        assert observer.statistics().backend is None
+        # LIFECYCLE is not the tree's business: still idle.
+        observer.set_categories(frozenset({EventCategory.LIFECYCLE}))
+        mock_clock.jump(1.0)
+        await settle()
+        assert observer.statistics().polls == 0
+
+        observer.set_categories(PROCESS)
+        await settle()
+        assert observer.statistics().polls == 1
+        assert collector.kinds() == [K.DESCENDANT_STARTED]
+
+        observer.set_categories(frozenset())
+        await settle()
+        fake.remove(101)
+        for _ in range(3):
+            mock_clock.jump(1.0)
+            await settle()
+        assert observer.statistics().polls == 1
+        assert collector.kinds() == [K.DESCENDANT_STARTED]
+
+        # Resuming reports what changed while nobody was looking.
+        observer.set_categories(PROCESS)
+        await settle()
+        assert collector.kinds() == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+
+
+async def test_fake_files_open_reopen_close_and_exit(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    fake.set_fd(101, 0, "/dev/null")
+    fake.set_fd(101, 1, "pipe:[77]")
+    fake.set_fd(101, 2, "/dev/pts/3")
+    fake.set_fd(101, 3, "/data/a")
+    fake.set_fd(101, 4, "anon_inode:[eventfd]")
+    fake.set_fd(101, 5, "socket:[99]")
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=frozenset({EventCategory.FILE}),
+        proc_root=fake.path,
+        poll_interval=1.0,
+    )
+    observer.add_root(100)
+
+    def files() -> list[tuple[ObserverEventKind, int | None, str | None]]:
+        out = [(e.kind, e.fd, e.path) for e in collector.events]
+        collector.events.clear()
+        return out
+
+    async with observing(observer):
+        await settle()
+        assert files() == [(K.FILE_OPEN, 3, "/data/a")]
+        fake.set_fd(101, 3, "/data/b")  # dup2 over it, or close and reopen
+        fake.set_fd(101, 6, "/data/c (deleted)")
+        mock_clock.jump(1.0)
+        await settle()
+        assert files() == [
+            (K.FILE_CLOSE, 3, "/data/a"),
+            (K.FILE_OPEN, 3, "/data/b"),
+            (K.FILE_OPEN, 6, "/data/c (deleted)"),
+        ]
+        fake.close_fd(101, 6)
+        mock_clock.jump(1.0)
+        await settle()
+        assert files() == [(K.FILE_CLOSE, 6, "/data/c (deleted)")]
+        # The process exits holding /data/b: that closes it.
+        fake.remove(101)
+        mock_clock.jump(1.0)
+        await settle()
+        assert files() == [(K.FILE_CLOSE, 3, "/data/b")]
+
+
+async def test_fake_sockets_are_joined_with_the_net_tables(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.set_fd(100, 3, "socket:[501]")
+    fake.set_fd(100, 4, "socket:[502]")
+    fake.set_fd(100, 5, "socket:[503]")
+    fake.set_net(
+        100,
+        "tcp6",
+        TCP_HEADER
+        + tcp_line(0, inet_hex("::1", 8443), inet_hex("::", 0), 0x0A, 501)
+        + tcp_line(1, inet_hex("::1", 40000), inet_hex("::1", 8443), 0x01, 502)
+        + tcp_line(2, inet_hex("::", 0), inet_hex("::", 0), 0x07, 503),
+    )
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=frozenset({EventCategory.NETWORK}),
+        proc_root=fake.path,
+        poll_interval=1.0,
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        await settle()
+        assert [
+            (e.kind, e.fd, e.protocol, e.local_address, e.remote_address) for e in collector.events
+        ] == [
+            (K.SOCKET_LISTEN, 3, "tcp6", "[::1]:8443", None),
+            (K.SOCKET_CONNECT, 4, "tcp6", "[::1]:40000", "[::1]:8443"),
+        ]
+        collector.events.clear()
+        fake.close_fd(100, 4)
+        mock_clock.jump(1.0)
+        await settle()
+        assert [(e.kind, e.fd, e.remote_address) for e in collector.events] == [
+            (K.SOCKET_CLOSE, 4, "[::1]:8443")
+        ]
+        # Without socket descriptors the tables are not read at all.
+        collector.events.clear()
+        fake.close_fd(100, 3)
+        fake.close_fd(100, 5)
+        (tmp_path / "100" / "net" / "tcp6").chmod(0)
+        mock_clock.jump(1.0)
+        await settle()
+        assert [e.kind for e in collector.events] == [K.SOCKET_CLOSE]
+
+
+def test_bad_arguments_are_refused() -> None:
+    async def emit(event: ObserverEvent) -> None:
+        raise AssertionError("unreachable")
+
+    with pytest.raises(ValueError, match="poll_interval"):
+        TreeObserver(emit=emit, poll_interval=0)
+    with pytest.raises(ValueError, match="backend"):
+        TreeObserver(emit=emit, backend="ebpf")  # type: ignore[arg-type]
+
+
+async def test_run_twice_is_busy(tmp_path: Path) -> None:
+    observer = TreeObserver(emit=Collector().emit, categories=frozenset(), proc_root=str(tmp_path))
+    async with observing(observer):
+        await settle()
+        with pytest.raises(trio.BusyResourceError):
+            await observer.run()
