@@ -1,0 +1,317 @@
+"""The process connector: message parsing, loss accounting, the real socket."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+from collections import deque
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.test_procfs import FakeProc
+from tests.test_tree import PROCESS, Collector, observing
+from trio_observer._events import EventCategory, EventGrade, ObserverEventKind
+from trio_observer._linux._connector import (
+    PROC_CN_MCAST_LISTEN,
+    ConnectorUnavailableError,
+    ExecRecord,
+    ExitRecord,
+    ForkRecord,
+    ProcConnector,
+    build_control_message,
+    open_connector_socket,
+    parse_messages,
+    wait_status_to_exit_code,
+)
+from trio_observer._linux._tree import LOSS_PID, TreeObserver
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+K = ObserverEventKind
+
+
+def message(what: int, union: bytes, *, timestamp_ns: int = 5, idx: int = 1) -> bytes:
+    """One netlink message as the kernel sends a proc event."""
+    event = struct.pack("=IIQ", what, 0, timestamp_ns) + union
+    cn = struct.pack("=IIIIHH", idx, 1, 0, 0, len(event), 0) + event
+    return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+
+
+def fork(parent: int, child: int, *, child_tgid: int | None = None) -> bytes:
+    tgid = child if child_tgid is None else child_tgid
+    return message(1, struct.pack("=IIII", parent, parent, child, tgid))
+
+
+def exec_(pid: int) -> bytes:
+    return message(2, struct.pack("=II", pid, pid))
+
+
+def exit_(pid: int, status: int, *, tgid: int | None = None) -> bytes:
+    return message(
+        0x80000000, struct.pack("=IIIIII", pid, pid if tgid is None else tgid, status, 17, 1, 1)
+    )
+
+
+class FakeConnectorSocket:
+    """A stand-in for the netlink socket: scripted datagrams and errors.
+
+    A real socketpair provides the readiness trio waits on: one byte per
+    scripted item, consumed when the item is received.
+    """
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._script: deque[bytes | OSError] = deque()
+        self.closed = False
+
+    def push(self, *items: bytes | OSError) -> None:
+        for item in items:
+            self._script.append(item)
+            self._writer.send(b"!")
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def recv(self, bufsize: int, /) -> bytes:
+        if not self._script:
+            raise BlockingIOError(errno.EAGAIN, "nothing queued")
+        self._reader.recv(1)
+        item = self._script.popleft()
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+    def close(self) -> None:
+        assert not self.closed, "closed twice"
+        self.closed = True
+        self._reader.close()
+        self._writer.close()
+
+
+def enobufs() -> OSError:
+    return OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def test_wait_status_to_exit_code() -> None:
+    assert wait_status_to_exit_code(0) == 0
+    assert wait_status_to_exit_code(3 << 8) == 3
+    assert wait_status_to_exit_code(255 << 8) == 255
+    assert wait_status_to_exit_code(9) == -9
+    assert wait_status_to_exit_code(9 | 0x80) == -9  # core dumped
+
+
+def test_parse_messages_of_every_kind() -> None:
+    data = fork(10, 11) + exec_(11) + exit_(11, 2 << 8)
+    assert parse_messages(data) == [
+        ForkRecord(5, 10, 10, 11, 11),
+        ExecRecord(5, 11, 11),
+        ExitRecord(5, 11, 11, 2),
+    ]
+
+
+def test_parse_messages_skips_what_is_not_a_proc_event() -> None:
+    ack = message(0, struct.pack("=I", 0))
+    other_channel = message(1, struct.pack("=IIII", 1, 1, 2, 2), idx=7)
+    truncated = fork(10, 11)[:-4]
+    assert parse_messages(ack + other_channel) == []
+    assert parse_messages(truncated) == []
+    assert parse_messages(b"") == []
+    assert parse_messages(fork(1, 2) + truncated) == [ForkRecord(5, 1, 1, 2, 2)]
+
+
+def test_control_message_layout() -> None:
+    data = build_control_message(PROC_CN_MCAST_LISTEN)
+    length, msg_type, *_ = struct.unpack_from("=IHHII", data)
+    assert length == len(data) == 16 + 20 + 4
+    assert msg_type == 3
+    assert struct.unpack_from("=IIIIHH", data, 16) == (1, 1, 0, 0, 4, 0)
+    assert struct.unpack_from("=I", data, 36) == (PROC_CN_MCAST_LISTEN,)
+
+
+# ------------------------------------------------------- the connector object
+
+
+async def test_receive_nowait_counts_overruns_and_keeps_reading() -> None:
+    fake = FakeConnectorSocket()
+    connector = ProcConnector(fake)
+    fake.push(fork(1, 2), enobufs(), enobufs(), exit_(2, 0))
+    with trio.fail_after(10):
+        await connector.wait_readable()
+    batch = connector.receive_nowait()
+    assert batch.overruns == 2
+    assert batch.records == [ForkRecord(5, 1, 1, 2, 2), ExitRecord(5, 2, 2, 0)]
+    assert connector.receive_nowait().records == []
+    connector.close()
+    connector.close()  # idempotent
+    assert fake.closed
+    with pytest.raises(trio.ClosedResourceError):
+        connector.receive_nowait()
+    with pytest.raises(trio.ClosedResourceError):
+        await connector.wait_readable()
+
+
+async def test_other_receive_errors_propagate() -> None:
+    fake = FakeConnectorSocket()
+    connector = ProcConnector(fake)
+    fake.push(OSError(errno.EBADF, "bad"))
+    with pytest.raises(OSError, match="bad"):
+        connector.receive_nowait()
+    connector.close()
+
+
+# ---------------------------------------------------- the observer's backend
+
+
+async def test_overrun_is_reported_counted_and_resynchronised(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=PROCESS,
+        proc_root=proc.path,
+        backend="connector",
+        connector_factory=lambda: sock,
+    )
+    observer.add_root(100)
+    with trio.fail_after(10):
+        async with observing(observer):
+            assert observer.statistics().backend == "connector"
+            proc.add(101, 100)
+            sock.push(fork(100, 101))
+            started = await collector.wait_for(lambda e: e.pid == 101)
+            assert (started.kind, started.grade, started.ppid) == (
+                K.DESCENDANT_STARTED,
+                EventGrade.EXACT,
+                100,
+            )
+            # 102 is forked while the kernel drops our records.
+            proc.add(102, 101)
+            sock.push(enobufs())
+            lost = await collector.wait_for(lambda e: e.kind is K.OBSERVATION_LOST)
+            resynced = await collector.wait_for(lambda e: e.pid == 102)
+            assert observer.statistics().lost_overruns == 1
+            assert (lost.category, lost.pid, lost.count) == (EventCategory.PROCESS, LOSS_PID, None)
+            assert (resynced.kind, resynced.grade, resynced.ppid) == (
+                K.DESCENDANT_STARTED,
+                EventGrade.INFERRED,
+                101,
+            )
+            assert resynced.root_pid == 100
+
+            proc.remove(101)
+            sock.push(exit_(101, 9 << 8))
+            exited = await collector.wait_for(lambda e: e.kind is K.DESCENDANT_EXITED)
+            assert (exited.pid, exited.exit_code, exited.grade) == (101, 9, EventGrade.EXACT)
+            assert observer.known_descendants() == {102}
+    assert sock.closed
+    assert [(e.kind, e.pid) for e in collector.events] == [
+        (K.DESCENDANT_STARTED, 101),
+        (K.OBSERVATION_LOST, LOSS_PID),
+        (K.DESCENDANT_STARTED, 102),
+        (K.DESCENDANT_EXITED, 101),
+    ]
+
+
+async def test_threads_strangers_and_an_exit_before_its_fork(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=PROCESS,
+        proc_root=proc.path,
+        backend="connector",
+        connector_factory=lambda: sock,
+    )
+    observer.add_root(100)
+    with trio.fail_after(10):
+        async with observing(observer):
+            sock.push(
+                fork(100, 150, child_tgid=100),  # a new thread of the root
+                exit_(150, 0, tgid=100),  # that thread ending
+                fork(1, 500),  # somebody else's child
+                exit_(500, 0),
+                # The child ran and exited on another CPU before the fork
+                # message was queued.
+                exit_(103, 15),
+                fork(100, 103),
+                fork(100, 104),
+            )
+            await collector.wait_for(lambda e: e.pid == 104)
+    assert [(e.kind, e.pid, e.exit_code) for e in collector.events] == [
+        (K.DESCENDANT_STARTED, 103, None),
+        (K.DESCENDANT_EXITED, 103, -15),
+        (K.DESCENDANT_STARTED, 104, None),
+    ]
+    assert observer.statistics().connector_records == 7
+
+
+def refuse() -> FakeConnectorSocket:
+    raise ConnectorUnavailableError("refused for the test")
+
+
+async def test_auto_falls_back_to_polling_and_says_why(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    observer = TreeObserver(
+        emit=Collector().emit,
+        categories=PROCESS,
+        proc_root=proc.path,
+        connector_factory=refuse,
+    )
+    with trio.fail_after(10):
+        async with observing(observer):
+            stats = observer.statistics()
+    assert stats.backend == "poll"
+    assert stats.fallback_reason == "refused for the test"
+
+
+async def test_connector_backend_refused_is_an_error(tmp_path: Path) -> None:
+    observer = TreeObserver(
+        emit=Collector().emit,
+        categories=PROCESS,
+        proc_root=str(tmp_path),
+        backend="connector",
+        connector_factory=refuse,
+    )
+    with pytest.raises(ConnectorUnavailableError, match="refused for the test"):
+        await observer.run()
+
+
+# -------------------------------------------------------- the real connector
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_real_connector_reports_fork_and_exit_code() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    connector = ProcConnector(open_connector_socket())
+    try:
+        process = await trio.lowlevel.open_process([sys.executable, "-c", "raise SystemExit(3)"])
+        assert await process.wait() == 3
+        forks: list[ForkRecord] = []
+        exits: list[ExitRecord] = []
+        with trio.fail_after(10):
+            while not exits:
+                await connector.wait_readable()
+                for record in connector.receive_nowait().records:
+                    if isinstance(record, ForkRecord) and record.child_tgid == process.pid:
+                        forks.append(record)
+                    elif isinstance(record, ExitRecord) and record.tgid == process.pid:
+                        exits.append(record)
+    finally:
+        connector.close()
+    assert forks[0].parent_tgid == os.getpid()
+    assert exits[-1].exit_code == 3
+    assert forks[0].timestamp_ns <= exits[-1].timestamp_ns
