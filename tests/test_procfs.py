@@ -6,8 +6,10 @@ import ipaddress
 import os
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 
@@ -20,6 +22,7 @@ from trio_observer._linux._nettables import (
     socket_inode,
 )
 from trio_observer._linux._procfs import (
+    has_children_files,
     parse_stat,
     read_children,
     read_cmdline,
@@ -185,9 +188,29 @@ def test_read_children_with_and_without_children_files(tmp_path: Path) -> None:
     assert sorted(read_children(with_files.path, 10) or []) == [11, 12]
     assert read_children(with_files.path, 99) == []  # gone: no children, not "unsupported"
 
+    assert has_children_files(with_files.path, 10) is True
+    assert has_children_files(with_files.path, 99) is None  # gone: unknown
+
     without = FakeProc(tmp_path / "b", children_files=False)
     without.add(10, 1)
     assert read_children(without.path, 10) is None
+    assert has_children_files(without.path, 10) is False
+
+
+def test_this_kernel_children_files_agree_with_a_full_scan() -> None:
+    supported = has_children_files("/proc", os.getpid())
+    if not supported:
+        pytest.skip("no /proc/<pid>/task/<tid>/children on this kernel")
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=PIPE)
+    try:
+        mine = sorted(p for p, st in scan_all("/proc").items() if st.ppid == os.getpid())
+        assert child.pid in mine
+        assert sorted(read_children("/proc", os.getpid()) or []) == mine
+    finally:
+        child.kill()
+        child.wait()
+        assert child.stdin is not None
+        child.stdin.close()
 
 
 def test_read_cmdline(tmp_path: Path) -> None:

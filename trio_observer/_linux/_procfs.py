@@ -204,6 +204,30 @@ def read_children(proc_root: str, pid: int) -> list[int] | None:
     return children
 
 
+def has_children_files(proc_root: str, pid: int) -> bool | None:
+    """Tell whether the kernel has ``/proc/<pid>/task/<tid>/children`` files.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: Any live process to look at.
+
+    Returns:
+        ``True`` or ``False``; ``None`` if ``pid`` is gone, so the answer is
+        unknown (try another process).
+    """
+    task_dir = f"{proc_root}/{pid}/task"
+    try:
+        tids = os.listdir(task_dir)
+    except _RACES:
+        return None
+    for tid in tids:
+        if os.path.exists(f"{task_dir}/{tid}/children"):
+            return True
+        if os.path.isdir(f"{task_dir}/{tid}"):
+            return False
+    return None
+
+
 def read_cmdline(proc_root: str, pid: int) -> tuple[str, ...] | None:
     """Read the command line of ``pid``.
 

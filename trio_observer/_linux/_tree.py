@@ -37,7 +37,14 @@ from ._connector import (
     wait_status_to_exit_code,
 )
 from ._descriptors import DescriptorTracker, TrackedProcess
-from ._procfs import ProcStat, read_children, read_cmdline, read_stat, scan_all
+from ._procfs import (
+    ProcStat,
+    has_children_files,
+    read_children,
+    read_cmdline,
+    read_stat,
+    scan_all,
+)
 
 Backend = Literal["auto", "poll", "connector"]
 
@@ -335,13 +342,16 @@ class TreeObserver:
     def _scan_tree(self) -> list[ObserverEvent]:
         """Rebuild the tree from /proc; return exits, then starts."""
         self._roots_dirty = False
+        if not self._roots and not self._members:
+            self._seen_dead = set()
+            return []
         table: dict[int, ProcStat] | None = None
-        if self._children_files is not False:
-            probe = next(iter(self._roots), None)
-            if probe is not None and read_children(self._proc_root, probe) is None:
-                self._children_files = False
-            elif probe is not None:
-                self._children_files = True
+        for probe in (*self._roots, *self._members):
+            # Decided once, by the first process still there to look at: the
+            # kernel either has children files or not.
+            if self._children_files is not None:
+                break
+            self._children_files = has_children_files(self._proc_root, probe)
         if not self._children_files:
             table = scan_all(self._proc_root)
         stats: dict[int, ProcStat | None] = dict(table) if table is not None else {}
