@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_observer._pty import PtySize, PtyStream, get_size, open_pty, resize, spawn_on_pty
 from trio_observer._terminal import (
@@ -128,6 +130,22 @@ def test_pty_size_defaults_and_validation() -> None:
         PtySize(rows=2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"PtySize\.cols"):
         PtySize(cols=True)
+
+
+@given(rows=st.integers(-5, 70000), cols=st.integers(-5, 70000))
+def test_sizes_are_validated_and_round_trip(rows: int, cols: int) -> None:
+    valid = 1 <= rows <= 65535 and 1 <= cols <= 65535
+    master, _ = open_pty()
+    try:
+        if valid:
+            resize(master, rows, cols)
+            assert get_size(master) == PtySize(rows, cols)
+        else:
+            with pytest.raises(ValueError, match="rows" if not 1 <= rows <= 65535 else "cols"):
+                resize(master, rows, cols)
+            assert get_size(master) == PtySize()
+    finally:
+        os.close(master)
 
 
 def test_open_pty_master_is_cloexec_and_sized() -> None:
@@ -300,6 +318,22 @@ async def test_no_fd_leak_over_a_whole_run() -> None:
     async with child_on_pty("print('done')") as child:
         await child.read_to_eof()
         await child.wait()
+    assert open_fds() == before
+
+
+async def test_no_fd_leak_when_cancelled_mid_read() -> None:
+    before = open_fds()
+    with trio.CancelScope() as scope:
+        async with (
+            child_on_pty("import sys; sys.stdin.readline()") as child,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(child.read_to_eof)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+    assert scope.cancelled_caught
+    # The cleanup killed (SIGKILL, not the hang-up) and reaped the child.
+    assert child.status == -signal.SIGKILL
     assert open_fds() == before
 
 
