@@ -116,7 +116,7 @@ FANOUT_SINKS = (1, 8, 64)
 def run_fanout(config: Config) -> Report:
     """DROP_OLDEST emit to 1, 8 and 64 sinks vs a bare ``send_nowait`` loop."""
     report = Report()
-    rounds = config.pick(25, 3)
+    rounds = config.pick(40, 3)
     for sinks in FANOUT_SINKS:
         # About 4096 deliveries per block whatever the fan-out, so blocks are
         # long enough to time and short enough to interleave finely.
@@ -205,7 +205,7 @@ def run_block(config: Config) -> Report:
 async def _measure_block(config: Config) -> Report:
     events = config.pick(20_000, 2_000)
     capacity = 256
-    rounds = config.pick(7, 2)
+    rounds = config.pick(11, 2)
     event = EVENT
 
     async def consume(receiver: trio.MemoryReceiveChannel[ObserverEvent], done: trio.Event) -> None:

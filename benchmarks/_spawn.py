@@ -61,7 +61,7 @@ async def _drain(events: trio.MemoryReceiveChannel[trio_observer.ObserverEvent])
 
 async def _measure(config: Config) -> Report:
     per_block = config.pick(5, 3)
-    rounds = config.pick(60, 3)
+    rounds = config.pick(100, 3)
 
     async with (
         trio.open_nursery() as consumers,
