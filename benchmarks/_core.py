@@ -200,8 +200,12 @@ def fmt_bytes(count: float) -> str:
 
 
 def fmt_ratio(ratio: float | None) -> str:
-    """``1.07x``, or ``-`` when there is no ratio."""
-    return "-" if ratio is None else f"{ratio:.2f}x"
+    """``1.073x``, or ``-`` when there is no ratio.
+
+    Three decimals, so that a ratio just over its target (1.1504 against
+    1.15) does not print as if it met it.
+    """
+    return "-" if ratio is None else f"{ratio:.3f}x"
 
 
 HEADER = ("name", "ours", "alternative", "ratio", "target", "verdict")
