@@ -364,6 +364,26 @@ async def test_eof_after_exit_is_empty_bytes_not_eio() -> None:
             await child.stream.send_all(b"x\n")
 
 
+async def test_blocked_send_all_breaks_when_the_child_dies() -> None:
+    # The child never reads, so the terminal's input buffer fills up.
+    code = "import signal; print('UP', flush=True); signal.pause()"
+    async with child_on_pty(code) as child:
+        await child.read_until(b"UP")
+
+        async def flood() -> None:
+            with pytest.raises(trio.BrokenResourceError):
+                await child.stream.send_all((b"y" * 99 + b"\n") * 10_000)
+
+        # Without the hang-up check the sender would spin: epoll reports a
+        # hung-up master writable while the write keeps failing with EAGAIN.
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                await trio.testing.wait_all_tasks_blocked()
+                os.killpg(child.pid, signal.SIGKILL)
+                assert await child.wait() == -signal.SIGKILL
+
+
 async def test_send_eof_ends_the_childs_input() -> None:
     code = "import sys; data = sys.stdin.read(); print('LEN', len(data), flush=True)"
     async with child_on_pty(code) as child:
