@@ -575,6 +575,19 @@ async def test_piped_input_ends_with_the_terminals_eof() -> None:
         os.close(read_end)
 
 
+async def test_devnull_input_is_an_immediate_eof() -> None:
+    # epoll refuses /dev/null (EPERM); it must be read directly instead.
+    null = os.open(os.devnull, os.O_RDONLY)
+    code = "import sys; print('READ', repr(sys.stdin.read()), flush=True)"
+    try:
+        async with child_on_pty(code) as child:
+            await copy_input(null, child.stream)
+            await child.read_until(b"READ ''")
+            assert await child.wait() == 0
+    finally:
+        os.close(null)
+
+
 async def test_copy_output_to_a_regular_file(tmp_path: Path) -> None:
     target = tmp_path / "out"
     with target.open("wb") as f:

@@ -12,7 +12,8 @@ into the shell if we died, and a flag one copier restored on exit would turn
 the other copier's reads blocking under its feet. Instead they wait for
 readiness with :func:`trio.lowlevel.wait_readable` / ``wait_writable`` and
 then do one plain ``read``/``write``, which the readiness guarantees will
-not block (regular files, which epoll cannot watch, never block anyway).
+not block (regular files and devices like /dev/null, which epoll refuses,
+never block anyway).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
 import stat
 import termios
@@ -145,8 +147,8 @@ def _copy_size(user_fd: int, pty: PtyStream) -> None:
         pty.resize(size)
 
 
-async def _read_user(fd: int, regular: bool) -> bytes:
-    if regular:
+async def _read_user(fd: int, never_blocks: bool) -> bytes:
+    if never_blocks:
         await trio.lowlevel.checkpoint()
     else:
         await trio.lowlevel.wait_readable(fd)
@@ -159,8 +161,23 @@ async def _read_user(fd: int, regular: bool) -> bytes:
         raise
 
 
-def _is_regular(fd: int) -> bool:
-    return stat.S_ISREG(os.fstat(fd).st_mode)
+def _never_blocks(fd: int) -> bool:
+    """Whether epoll refuses ``fd`` because its I/O never blocks.
+
+    That is regular files and devices without poll support such as
+    ``/dev/null`` (stdin of a daemon, or of a CI job); epoll_ctl answers
+    EPERM for both, and a plain read or write on them returns at once.
+    """
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return True
+    probe = select.epoll()
+    try:
+        probe.register(fd, select.EPOLLIN | select.EPOLLOUT)
+    except PermissionError:
+        return True
+    finally:
+        probe.close()
+    return False
 
 
 async def copy_input(user_fd: int, pty: PtyStream) -> None:
@@ -180,11 +197,11 @@ async def copy_input(user_fd: int, pty: PtyStream) -> None:
     Raises:
         OSError: If reading ``user_fd`` fails.
     """
-    regular = _is_regular(user_fd)
+    never_blocks = _never_blocks(user_fd)
     interactive = os.isatty(user_fd)
     try:
         while True:
-            data = await _read_user(user_fd, regular)
+            data = await _read_user(user_fd, never_blocks)
             if not data:
                 if not interactive:
                     await pty.send_eof()
@@ -212,19 +229,19 @@ async def copy_output(pty: PtyStream, user_fd: int) -> None:
             the reader of a pipe went away).
         trio.ClosedResourceError: If ``pty`` is closed meanwhile.
     """
-    regular = _is_regular(user_fd)
+    never_blocks = _never_blocks(user_fd)
     while True:
         data = await pty.receive_some()
         if not data:
             return
-        await _write_user(user_fd, data, regular)
+        await _write_user(user_fd, data, never_blocks)
 
 
-async def _write_user(fd: int, data: bytes, regular: bool) -> None:
+async def _write_user(fd: int, data: bytes, never_blocks: bool) -> None:
     with memoryview(data) as view:
         sent = 0
         while sent < len(view):
-            if regular:
+            if never_blocks:
                 await trio.lowlevel.checkpoint()
             else:
                 await trio.lowlevel.wait_writable(fd)
