@@ -326,6 +326,8 @@ def spawn_on_pty(
         FileNotFoundError: If the program cannot be found (``filename`` is
             ``argv[0]``) or ``cwd`` does not exist (``filename`` is ``cwd``).
         OSError: If the spawn fails otherwise, for example ``EACCES``.
+        NotImplementedError: If ``cwd`` is given and the C library has no
+            ``posix_spawn_file_actions_addchdir_np`` (glibc < 2.29).
     """
     if isinstance(argv, str | bytes) or not argv:
         raise ValueError(f"argv must be a non-empty sequence of strings, not {argv!r}")
