@@ -275,9 +275,10 @@ async def test_expect_literal_straddling_chunks() -> None:
             await trio.testing.wait_all_tasks_blocked()
             log.feed(chunk)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(feeder)
-        match = await log.expect("ready")
+    with trio.fail_after(10):  # a missed straddle would wait for ever
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feeder)
+            match = await log.expect("ready")
     assert (match.start, match.end) == (10 + 12, 10 + 17)
     assert match.data == b"ready"
     assert match.before == b"Starting... "

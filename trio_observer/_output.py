@@ -104,6 +104,22 @@ class OutputLog:
       ValueError: ``max_bytes`` is less than 1.
     """
 
+    __slots__ = (
+        "_blocking_tees",
+        "_chunks",
+        "_close_lot",
+        "_closed",
+        "_data_lot",
+        "_head",
+        "_last_feed",
+        "_max",
+        "_room_lot",
+        "_start",
+        "_starts",
+        "_tees",
+        "_total",
+    )
+
     def __init__(self, *, max_bytes: int = 1 << 20) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
             raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
@@ -187,16 +203,19 @@ class OutputLog:
         """
         if self._closed:
             raise trio.ClosedResourceError("this OutputLog was closed (end of stream)")
-        size = len(data)
-        if not size:
-            return
         if type(data) is not bytes:
             # A bytearray may be reused by the caller; the backlog must not change.
             data = bytes(data)
+        if not data:
+            return
+        # This is the capture hot path (one call per read of up to 64 KiB):
+        # attribute loads are kept to a minimum, and nothing is copied.
+        total = self._total
         self._chunks.append(data)
-        self._starts.append(self._total)
-        self._total += size
-        if self._total - self._start > self._max:
+        self._starts.append(total)
+        total += len(data)
+        self._total = total
+        if total - self._start > self._max:
             self._evict()
         self._last_feed = trio.current_time()
         if self._data_lot:
