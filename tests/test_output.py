@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 
 import pytest
@@ -475,3 +476,28 @@ def test_backlog_invariants(chunks: list[bytes], max_bytes: int) -> None:
         assert data == snapshot
 
     trio.run(main)
+
+
+async def test_a_lines_iterator_can_be_left_and_resumed() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"first\nsecond\n")
+    lines = cursor.lines()
+    async for line in lines:
+        assert line == "first"
+        break
+    log.feed(b"third")
+    log.close()
+    # The same iterator holds the text it already decoded.
+    assert [line async for line in lines] == ["second", "third"]
+    assert cursor.position == log.total_bytes
+
+
+async def test_an_abandoned_lines_iterator_is_finalized_quietly() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"a\nb\n")
+    async for _ in cursor.lines():
+        break
+    gc.collect()
+    await trio.testing.wait_all_tasks_blocked()

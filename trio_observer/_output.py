@@ -13,7 +13,7 @@ import bisect
 import codecs
 import math
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, final
 
@@ -653,7 +653,10 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
         yielded at the end of the stream. If the cursor falls behind, the
         partial line before the gap is yielded, then the
         :class:`OutputGap`, and decoding restarts after it (so the first
-        line after a gap may start mid-line).
+        line after a gap may start mid-line). The iterator reads the cursor
+        a chunk at a time, so to stop and resume reading lines, keep using
+        the same iterator: the text it decoded but has not yielded yet is
+        held there, not in the cursor.
 
         Args:
           encoding: A codec name known to :mod:`codecs`.
@@ -667,48 +670,7 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
         """
         factory = codecs.getincrementaldecoder(encoding)
         codecs.lookup_error(errors)
-        return self._lines(factory(errors), keepends)
-
-    async def _lines(
-        self, decoder: codecs.IncrementalDecoder, keepends: bool
-    ) -> AsyncGenerator[str | OutputGap, None]:
-        pending = ""
-        while True:
-            try:
-                item = await self.receive()
-            except trio.EndOfChannel:
-                break
-            if isinstance(item, OutputGap):
-                pending += decoder.decode(b"", final=True)
-                decoder.reset()
-                if pending:
-                    yield pending
-                    pending = ""
-                yield item
-                continue
-            text = decoder.decode(item)
-            if "\n" not in text:
-                pending += text
-                continue
-            if pending:
-                text = pending + text
-            # Whole-chunk string operations: per-character work in Python
-            # would make this slower than reading a file object.
-            if keepends:
-                parts = text.split("\n")
-                pending = parts.pop()
-                for line in parts:
-                    yield line + "\n"
-                continue
-            if "\r" in text:
-                text = text.replace("\r\n", "\n")
-            parts = text.split("\n")
-            pending = parts.pop()
-            for line in parts:
-                yield line
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            yield pending
+        return _LineReader(self, factory(errors), keepends)
 
     def close(self) -> None:
         """Detach the cursor: later reads raise ``ClosedResourceError``. Idempotent."""
@@ -723,6 +685,78 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
         """Close the cursor (see :meth:`close`), then checkpoint."""
         self.close()
         await trio.lowlevel.checkpoint()
+
+
+@final
+class _LineReader:
+    """The iterator behind :meth:`OutputCursor.lines`.
+
+    A class rather than an async generator: trio warns about every async
+    generator that is garbage collected unexhausted, and leaving a lines
+    loop early with ``break`` is normal use. Lines are decoded a chunk at a
+    time into a reversed list, so each step is one ``pop()``.
+    """
+
+    __slots__ = ("_cursor", "_decoder", "_done", "_keepends", "_pending", "_ready")
+
+    def __init__(
+        self, cursor: OutputCursor, decoder: codecs.IncrementalDecoder, keepends: bool
+    ) -> None:
+        self._cursor = cursor
+        self._decoder = decoder
+        self._keepends = keepends
+        self._ready: list[str | OutputGap] = []
+        self._pending = ""
+        self._done = False
+
+    def __aiter__(self) -> _LineReader:
+        return self
+
+    async def __anext__(self) -> str | OutputGap:
+        if self._ready:
+            return self._ready.pop()
+        while not self._ready:
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                item = await self._cursor.receive()
+            except trio.EndOfChannel:
+                self._finish()
+            else:
+                self._split(item)
+        return self._ready.pop()
+
+    def _split(self, item: bytes | OutputGap) -> None:
+        decoder = self._decoder
+        if isinstance(item, OutputGap):
+            tail = self._pending + decoder.decode(b"", final=True)
+            decoder.reset()
+            self._pending = ""
+            self._ready = [item, tail] if tail else [item]
+            return
+        text = decoder.decode(item)
+        if "\n" not in text:
+            self._pending += text
+            return
+        if self._pending:
+            text = self._pending + text
+        # Whole-chunk string operations: per-character work in Python would
+        # make this slower than reading a file object.
+        if not self._keepends and "\r" in text:
+            text = text.replace("\r\n", "\n")
+        parts = text.split("\n")
+        self._pending = parts.pop()
+        if self._keepends:
+            parts = [line + "\n" for line in parts]
+        parts.reverse()
+        self._ready = parts  # type: ignore[assignment]
+
+    def _finish(self) -> None:
+        self._done = True
+        tail = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        if tail:
+            self._ready = [tail]
 
 
 async def pump_stream(
