@@ -1,14 +1,29 @@
 """Supervise child processes in Trio and observe what they do.
 
-Start with :func:`open_session`; see the guide in ``docs/guide.md``.
+Start with :func:`open_session`; the guide is ``docs/guide.md``.
 """
 
+from ._capabilities import CapabilityReport as CapabilityReport
+from ._capabilities import CapabilitySupport as CapabilitySupport
+from ._capabilities import CategoryCapability as CategoryCapability
+from ._capabilities import TraceScope as TraceScope
+from ._capabilities import UnsupportedCategoryError as UnsupportedCategoryError
+from ._capabilities import negotiate_capabilities as negotiate_capabilities
 from ._events import EventCategory as EventCategory
 from ._events import EventGrade as EventGrade
 from ._events import ObserverEvent as ObserverEvent
 from ._events import ObserverEventKind as ObserverEventKind
 from ._events import TerminationOutcome as TerminationOutcome
+from ._output import ExpectEOF as ExpectEOF
+from ._output import ExpectMatch as ExpectMatch
+from ._output import ExpectTimeout as ExpectTimeout
+from ._output import OutputCursor as OutputCursor
+from ._output import OutputGap as OutputGap
+from ._output import OutputLog as OutputLog
+from ._process import CAPTURE as CAPTURE
 from ._process import Process as Process
+from ._process import Pty as Pty
+from ._pty import PtySize as PtySize
 from ._registry import MissedEvents as MissedEvents
 from ._registry import ObserverBackpressure as ObserverBackpressure
 from ._registry import ObserverRegistry as ObserverRegistry
@@ -17,12 +32,25 @@ from ._registry import ObserverSubscriberId as ObserverSubscriberId
 from ._registry import Subscription as Subscription
 from ._session import Session as Session
 from ._session import open_session as open_session
+from ._tee import ByteTee as ByteTee
+from ._tee import ByteTeeStatus as ByteTeeStatus
+from ._tee import MissedBytes as MissedBytes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CAPTURE",
+    "ByteTee",
+    "ByteTeeStatus",
+    "CapabilityReport",
+    "CapabilitySupport",
+    "CategoryCapability",
     "EventCategory",
     "EventGrade",
+    "ExpectEOF",
+    "ExpectMatch",
+    "ExpectTimeout",
+    "MissedBytes",
     "MissedEvents",
     "ObserverBackpressure",
     "ObserverEvent",
@@ -30,9 +58,17 @@ __all__ = [
     "ObserverRegistry",
     "ObserverSinkStatus",
     "ObserverSubscriberId",
+    "OutputCursor",
+    "OutputGap",
+    "OutputLog",
     "Process",
+    "Pty",
+    "PtySize",
     "Session",
     "Subscription",
     "TerminationOutcome",
+    "TraceScope",
+    "UnsupportedCategoryError",
+    "negotiate_capabilities",
     "open_session",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import subprocess
@@ -11,16 +12,72 @@ from typing import IO, Any, Final, final
 import trio
 
 from ._events import TerminationOutcome
+from ._output import OutputLog
+from ._pty import PtySize, PtyStream, open_pty, spawn_on_pty
 
 # Every child of a session carries this variable, so that a descendant the
 # session adopts (as child subreaper) after it left the process group can
 # still be recognised as the session's at teardown.
 SESSION_ENV_VAR: Final = "TRIO_OBSERVER_SESSION"
 
-StdioArg = int | IO[Any] | None
+
+class _Capture(enum.Enum):
+    CAPTURE = "capture"
+
+    def __repr__(self) -> str:
+        return "trio_observer.CAPTURE"
+
+
+CAPTURE: Final = _Capture.CAPTURE
+"""Pass as ``stdout=`` or ``stderr=`` to have the session read the stream
+into an :class:`OutputLog` (``process.stdout_log``/``stderr_log``)."""
+
+StdioArg = int | IO[Any] | _Capture | None
 """What ``stdin``/``stdout``/``stderr`` accept: ``None`` (inherit),
 ``subprocess.PIPE``, ``subprocess.DEVNULL``, ``subprocess.STDOUT`` (stderr
-only), an fd or a file object."""
+only), an fd or a file object, and ``CAPTURE`` (stdout, stderr)."""
+
+
+@final
+class Pty:
+    """The pseudo-terminal of a process started with ``pty=``.
+
+    Everything the process writes to its terminal is captured in :attr:`log`;
+    what you :meth:`write` is what it reads as typed input. Obtained from
+    :attr:`Process.pty`; not constructed by users.
+    """
+
+    def __init__(self, stream: PtyStream, log: OutputLog) -> None:
+        self._stream = stream
+        self.log = log
+        """The terminal's output (an :class:`OutputLog`)."""
+
+    @property
+    def size(self) -> PtySize:
+        """The terminal's current window size."""
+        return self._stream.get_size()
+
+    async def write(self, data: bytes | str) -> None:
+        """Type ``data`` into the terminal (``str`` is encoded as UTF-8).
+
+        The terminal's line discipline applies: input is echoed, and a
+        program reading lines sees them once ``\\n`` (or ``\\r``) arrives.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        await self._stream.send_all(data)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Change the window size; the process gets SIGWINCH.
+
+        Raises:
+          ValueError: ``rows`` or ``cols`` is outside 1..65535.
+        """
+        self._stream.resize(PtySize(rows=rows, cols=cols))
+
+    async def interrupt(self) -> None:
+        """Press Ctrl-C: the terminal sends SIGINT to its foreground group."""
+        await self._stream.interrupt()
 
 
 @final
@@ -53,6 +110,12 @@ class Process:
         """The child's stdout, when started with ``stdout=subprocess.PIPE``."""
         self.stderr = stderr
         """The child's stderr, when started with ``stderr=subprocess.PIPE``."""
+        self.stdout_log: OutputLog | None = None
+        """The captured stdout, when started with ``stdout=CAPTURE``."""
+        self.stderr_log: OutputLog | None = None
+        """The captured stderr, when started with ``stderr=CAPTURE``."""
+        self.pty: Pty | None = None
+        """The process's terminal, when started with ``pty=``."""
         self._returncode: int | None = None
         self._termination: TerminationOutcome | None = None
         self._exited = trio.Event()
@@ -213,9 +276,11 @@ class Process:
             await self._wait_exit()
 
     def _close_streams(self) -> None:
-        for stream in (self.stdin, self.stdout, self.stderr):
+        for stream in (self.stdin, self.stdout, self.stderr, self._pty_stream):
             if stream is not None:
                 _close_stream(stream)
+
+    _pty_stream: PtyStream | None = None
 
 
 def _close_stream(stream: trio.abc.AsyncResource) -> None:
@@ -254,26 +319,33 @@ def spawn_with_pipes(
     cwd: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None,
     session_id: str,
-) -> Process:
+) -> tuple[Process, trio.lowlevel.FdStream | None, trio.lowlevel.FdStream | None]:
     """Start ``argv`` in its own process group with the given stdio.
+
+    Returns the process and the parent ends of its captured stdout and
+    stderr (for ``CAPTURE``), which the session pumps into logs.
 
     ``subprocess.Popen`` runs on the trio thread, not in a worker thread as
     trio does: on Linux it uses vfork, so the call costs a few hundred
     microseconds, and the thread hop would add about a third to every spawn.
     """
-    child_env = dict(os.environ if env is None else env)
-    child_env[SESSION_ENV_VAR] = session_id
+    child_env = child_environment(env, session_id)
 
     parent_streams: dict[str, trio.lowlevel.FdStream] = {}
     child_fds: list[int] = []
+    captured: dict[str, trio.lowlevel.FdStream] = {}
 
-    def pipe_for(name: str, spec: StdioArg, child_reads: bool) -> StdioArg:
-        if spec != subprocess.PIPE:
+    def pipe_for(name: str, spec: StdioArg, child_reads: bool) -> int | IO[Any] | None:
+        if spec is CAPTURE:
+            if child_reads:
+                raise ValueError("stdin cannot be CAPTURE: it is for stdout and stderr")
+        elif spec != subprocess.PIPE:
             return spec
         read_fd, write_fd = os.pipe()
         parent_fd, child_fd = (write_fd, read_fd) if child_reads else (read_fd, write_fd)
-        parent_streams[name] = trio.lowlevel.FdStream(parent_fd)
         child_fds.append(child_fd)
+        stream = trio.lowlevel.FdStream(parent_fd)
+        (captured if spec is CAPTURE else parent_streams)[name] = stream
         return child_fd
 
     try:
@@ -287,7 +359,7 @@ def spawn_with_pipes(
             process_group=0,
         )
     except BaseException:
-        for stream in parent_streams.values():
+        for stream in (*parent_streams.values(), *captured.values()):
             stream.close()
         raise
     finally:
@@ -299,7 +371,7 @@ def spawn_with_pipes(
         # races us for the status.
         return popen.wait()
 
-    return Process(
+    process = Process(
         pid=popen.pid,
         argv=argv,
         reap=reap,
@@ -308,3 +380,43 @@ def spawn_with_pipes(
         stdout=parent_streams.get("stdout"),
         stderr=parent_streams.get("stderr"),
     )
+    return process, captured.get("stdout"), captured.get("stderr")
+
+
+def child_environment(env: Mapping[str, str] | None, session_id: str) -> dict[str, str]:
+    """The child's environment: ``env`` (default: ours) plus the session id."""
+    child_env = dict(os.environ if env is None else env)
+    child_env[SESSION_ENV_VAR] = session_id
+    return child_env
+
+
+def spawn_with_pty(
+    argv: tuple[str, ...],
+    *,
+    size: PtySize,
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    session_id: str,
+) -> tuple[Process, PtyStream]:
+    """Start ``argv`` on a new pseudo-terminal that is its controlling tty.
+
+    The child leads a new session (so its pid is also its process group);
+    the returned stream is the master side, owned by the caller.
+    """
+    master_fd, slave_path = open_pty(size)
+    try:
+        pid = spawn_on_pty(
+            argv, slave_path=slave_path, env=child_environment(env, session_id), cwd=cwd
+        )
+    except BaseException:
+        os.close(master_fd)
+        raise
+
+    def reap() -> int:
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    process = Process(pid=pid, argv=argv, reap=reap, pgid=pid, stdin=None, stdout=None, stderr=None)
+    stream = PtyStream(master_fd)
+    process._pty_stream = stream
+    return process, stream

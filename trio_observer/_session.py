@@ -11,7 +11,17 @@ import trio
 
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, trio_time_ms
 from ._linux import _process_tree
-from ._process import SESSION_ENV_VAR, Process, StdioArg, _check_grace, spawn_with_pipes
+from ._output import OutputLog, pump_stream
+from ._process import (
+    SESSION_ENV_VAR,
+    Process,
+    Pty,
+    StdioArg,
+    _check_grace,
+    spawn_with_pipes,
+    spawn_with_pty,
+)
+from ._pty import PtySize
 from ._registry import ObserverRegistry, ObserverSubscriberId
 
 
@@ -24,6 +34,7 @@ class Session:
 
     def __init__(self, nursery: trio.Nursery, *, grace_period: float) -> None:
         self._nursery = nursery
+        self._readers: list[tuple[trio.CancelScope, trio.Event]] = []
         self._grace_period = grace_period
         self._id = ObserverSubscriberId.new().as_str()
         self._observers = ObserverRegistry()
@@ -66,6 +77,8 @@ class Session:
         stderr: StdioArg = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        pty: bool | PtySize = False,
+        backlog_bytes: int = 1 << 20,
     ) -> Process:
         """Start a process in the session and return its handle at once.
 
@@ -82,15 +95,25 @@ class Session:
           stdout: Likewise, with ``subprocess.PIPE`` giving
             :attr:`Process.stdout`.
           stderr: Likewise; ``subprocess.STDOUT`` merges it into stdout.
+            ``CAPTURE`` (for stdout or stderr) makes the session read the
+            stream into an :class:`OutputLog`, ``process.stdout_log`` or
+            ``process.stderr_log``.
           cwd: The child's working directory.
           env: The child's environment (default: this process's). The
             session adds ``TRIO_OBSERVER_SESSION`` to it either way.
+          pty: ``True`` (24 x 80) or a :class:`PtySize` runs the process on a
+            new pseudo-terminal that is its controlling terminal, in a
+            session of its own; stdin, stdout and stderr must then be left
+            at ``None``. See ``process.pty``.
+          backlog_bytes: How many of the newest bytes each captured stream
+            (or the terminal) keeps; 1 MiB by default.
 
         Returns:
           The :class:`Process`.
 
         Raises:
-          ValueError: ``argv`` is empty.
+          ValueError: ``argv`` is empty, ``backlog_bytes`` < 1, or ``pty``
+            was combined with stdin/stdout/stderr.
           FileNotFoundError: the program does not exist (no event is
             emitted; the session and its other processes go on).
           trio.ClosedResourceError: the session has ended.
@@ -99,9 +122,41 @@ class Session:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise trio.ClosedResourceError("this session has ended; open a new one")
-        process = spawn_with_pipes(
-            args, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env, session_id=self._id
-        )
+        if isinstance(backlog_bytes, bool) or not isinstance(backlog_bytes, int):
+            raise TypeError(f"backlog_bytes must be an int, not {type(backlog_bytes).__name__}")
+        if backlog_bytes < 1:
+            raise ValueError(f"backlog_bytes must be at least 1, got {backlog_bytes}")
+        if pty is not False:
+            if (stdin, stdout, stderr) != (None, None, None):
+                raise ValueError(
+                    "pty: a process on a terminal reads and writes the terminal; "
+                    "leave stdin, stdout and stderr at None"
+                )
+            size = PtySize() if pty is True else pty
+            if not isinstance(size, PtySize):
+                raise TypeError(f"pty must be a bool or a PtySize, not {pty!r}")
+            process, pty_stream = spawn_with_pty(
+                args, size=size, cwd=cwd, env=env, session_id=self._id
+            )
+            log = OutputLog(max_bytes=backlog_bytes)
+            process.pty = Pty(pty_stream, log)
+            self._start_reader(pty_stream, log)
+        else:
+            process, out, err = spawn_with_pipes(
+                args,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=cwd,
+                env=env,
+                session_id=self._id,
+            )
+            if out is not None:
+                process.stdout_log = OutputLog(max_bytes=backlog_bytes)
+                self._start_reader(out, process.stdout_log, close=True)
+            if err is not None:
+                process.stderr_log = OutputLog(max_bytes=backlog_bytes)
+                self._start_reader(err, process.stderr_log, close=True)
         self._processes.append(process)
         started = trio.Event()
         done = trio.Event()
@@ -123,6 +178,36 @@ class Session:
             started.set()
         return process
 
+    def _start_reader(
+        self, stream: trio.abc.ReceiveStream, log: OutputLog, *, close: bool = False
+    ) -> None:
+        # Shielded: the output's tail matters most when the session is being
+        # cancelled. When the session ends, _drain_readers gives the shield a
+        # deadline, so a writer outside the tree cannot hang the session.
+        scope = trio.CancelScope(shield=True)
+        done = trio.Event()
+        self._readers.append((scope, done))
+
+        async def read() -> None:
+            try:
+                with scope:
+                    await pump_stream(stream, log)
+            finally:
+                if close:
+                    stream.close()  # type: ignore[attr-defined]
+                done.set()
+
+        self._nursery.start_soon(read)
+
+    async def _drain_readers(self) -> None:
+        # Everything that could write to the captured streams is gone by
+        # now, so the readers reach end-of-stream on their own; a writer
+        # the session could not attribute gets one grace period.
+        deadline = trio.current_time() + self._grace_period
+        for scope, done in self._readers:
+            scope.deadline = deadline
+            await done.wait()
+
     async def run_process(
         self,
         argv: Sequence[str | os.PathLike[str]],
@@ -132,6 +217,8 @@ class Session:
         stderr: StdioArg = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        pty: bool | PtySize = False,
+        backlog_bytes: int = 1 << 20,
         task_status: trio.TaskStatus[Process] = trio.TASK_STATUS_IGNORED,
     ) -> int:
         """Start a process, wait for it and return its exit code.
@@ -141,7 +228,14 @@ class Session:
         ``run_process`` does. Arguments are those of :meth:`start_process`.
         """
         process = await self.start_process(
-            argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env
+            argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=env,
+            pty=pty,
+            backlog_bytes=backlog_bytes,
         )
         task_status.started(process)
         return await process.wait()
@@ -235,6 +329,7 @@ async def open_session(*, grace_period: float = 5.0) -> AsyncIterator[Session]:
                 try:
                     await session._wait_for_processes()
                     await session._stop_leftovers()
+                    await session._drain_readers()
                 finally:
                     session._close()
 
