@@ -242,9 +242,12 @@ class ObserverRegistry:
 
     def __init__(self) -> None:
         self._sinks: dict[ObserverSubscriberId, _Sink] = {}
-        # How many sinks want each category: emitters ask wants() before they
-        # build an event, so nobody pays for events nobody will receive.
-        self._interest: dict[EventCategory, int] = dict.fromkeys(_ALL_CATEGORIES, 0)
+        # The sinks of each category, in registration order, rebuilt whenever
+        # a sink comes or goes. Emitting walks one tuple with no filtering,
+        # and wants() is a truth test: nobody pays for unwanted events.
+        self._by_category: dict[EventCategory, tuple[_Sink, ...]] = dict.fromkeys(
+            _ALL_CATEGORIES, ()
+        )
         self._interest_callbacks: list[Callable[[], None]] = []
         self._closed = False
 
@@ -303,8 +306,6 @@ class ObserverRegistry:
         send_channel, receive_channel = trio.open_memory_channel[object](max(capacity, 1))
         sink_id = ObserverSubscriberId.new()
         self._sinks[sink_id] = _Sink(wanted, send_channel, backpressure, tagged)
-        for category in wanted:
-            self._interest[category] += 1
         self._interest_changed()
         return sink_id, receive_channel
 
@@ -323,8 +324,6 @@ class ObserverRegistry:
         if sink is None:
             return False
         sink.send_channel.close()
-        for category in sink.categories:
-            self._interest[category] -= 1
         self._interest_changed()
         return True
 
@@ -418,7 +417,7 @@ class ObserverRegistry:
         Emitters call this before building an event, so an event nobody
         would receive is never built.
         """
-        return self._interest[category] > 0
+        return bool(self._by_category[category])
 
     @property
     def closed(self) -> bool:
@@ -444,6 +443,9 @@ class ObserverRegistry:
         self._interest_callbacks.append(callback)
 
     def _interest_changed(self) -> None:
+        sinks = tuple(self._sinks.values())
+        for category in _ALL_CATEGORIES:
+            self._by_category[category] = tuple(s for s in sinks if category in s.categories)
         for callback in self._interest_callbacks:
             callback()
 
@@ -456,11 +458,8 @@ class ObserverRegistry:
         policy. The session uses this where it must not wait (while it tears
         a process tree down after a cancellation).
         """
-        if not self._sinks:
-            return
-        for sink in tuple(self._sinks.values()):
-            if event.category in sink.categories:
-                self._push_nowait(sink, event)
+        for sink in self._by_category[event.category]:
+            _push_nowait(sink, event)
 
     async def emit(self, event: ObserverEvent) -> None:
         """Deliver ``event`` to every sink whose categories include it.
@@ -471,30 +470,35 @@ class ObserverRegistry:
         consumer is, every other sink has the event delivered or counted
         before this call starts to wait.
 
-        With no sink registered this returns at once, without a checkpoint:
+        With no matching sink this returns at once, without a checkpoint:
         it is on the spawn and reap paths, and an idle registry must cost
-        one check. It is a checkpoint whenever it has to wait.
+        one check. With only ``DROP_OLDEST`` sinks it never yields either.
+        After delivering to a ``BLOCK`` sink it yields to the scheduler (a
+        cancel-shielded checkpoint), as trio's own ``send`` does, so that the
+        consumer runs before the channel fills up.
 
         Cancellation while waiting counts the event as missed on every
         ``BLOCK`` sink that had not received it yet, then raises
         ``trio.Cancelled``.
         """
-        if not self._sinks:
+        sinks = self._by_category[event.category]
+        if not sinks:
             return
-        category = event.category
         waiting: list[_Sink] | None = None
-        for sink in tuple(self._sinks.values()):
-            if category not in sink.categories:
-                continue
-            if sink.backpressure is ObserverBackpressure.DROP_OLDEST or sink.disconnected:
-                self._push_nowait(sink, event)
+        delivered_to_block = False
+        for sink in sinks:
+            if sink.disconnected:
+                sink.missed += 1
                 continue
             try:
-                sink.send_channel.send_nowait(sink.item(event))
+                sink.send_channel.send_nowait((sink.missed, event) if sink.tagged else event)
             except trio.WouldBlock:
-                if waiting is None:
-                    waiting = []
-                waiting.append(sink)
+                if sink.backpressure is ObserverBackpressure.BLOCK:
+                    if waiting is None:
+                        waiting = []
+                    waiting.append(sink)
+                else:
+                    sink.missed += 1
                 continue
             except trio.BrokenResourceError:
                 sink.mark_disconnected()
@@ -505,48 +509,49 @@ class ObserverRegistry:
                 sink.missed += 1
                 continue
             sink.delivered += 1
+            if sink.backpressure is ObserverBackpressure.BLOCK:
+                delivered_to_block = True
         if waiting is not None:
-            await self._send_waiting(waiting, event)
+            await _send_waiting(waiting, event)
+        elif delivered_to_block:
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
-    @staticmethod
-    def _push_nowait(sink: _Sink, event: ObserverEvent) -> None:
-        if sink.disconnected:
-            sink.missed += 1
-            return
+
+def _push_nowait(sink: _Sink, event: ObserverEvent) -> None:
+    if sink.disconnected:
+        sink.missed += 1
+        return
+    try:
+        sink.send_channel.send_nowait(sink.item(event))
+    except (trio.WouldBlock, trio.ClosedResourceError):
+        sink.missed += 1
+        return
+    except trio.BrokenResourceError:
+        sink.mark_disconnected()
+        sink.missed += 1
+        return
+    sink.delivered += 1
+
+
+async def _send_waiting(waiting: list[_Sink], event: ObserverEvent) -> None:
+    for index, sink in enumerate(waiting):
         try:
-            sink.send_channel.send_nowait(sink.item(event))
-        except trio.WouldBlock:
-            sink.missed += 1
-            return
+            # The item is built now, not when the sink was found full: a
+            # tagged sink must carry the missed count as of delivery.
+            await sink.send_channel.send(sink.item(event))
         except trio.BrokenResourceError:
             sink.mark_disconnected()
             sink.missed += 1
-            return
         except trio.ClosedResourceError:
             sink.missed += 1
-            return
-        sink.delivered += 1
-
-    @staticmethod
-    async def _send_waiting(waiting: list[_Sink], event: ObserverEvent) -> None:
-        for index, sink in enumerate(waiting):
-            try:
-                # The item is built now, not when the sink was found full:
-                # a tagged sink must carry the missed count as of delivery.
-                await sink.send_channel.send(sink.item(event))
-            except trio.BrokenResourceError:
-                sink.mark_disconnected()
-                sink.missed += 1
-            except trio.ClosedResourceError:
-                sink.missed += 1
-            except BaseException:
-                # Cancelled (or worse) while waiting: this sink and the ones
-                # after it never got the event. Account for it, then go.
-                for unsent in waiting[index:]:
-                    unsent.missed += 1
-                raise
-            else:
-                sink.delivered += 1
+        except BaseException:
+            # Cancelled (or worse) while waiting: this sink and the ones
+            # after it never got the event. Account for it, then go.
+            for unsent in waiting[index:]:
+                unsent.missed += 1
+            raise
+        else:
+            sink.delivered += 1
 
 
 def _check_categories(categories: Iterable[EventCategory]) -> frozenset[EventCategory]:
