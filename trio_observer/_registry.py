@@ -113,6 +113,7 @@ class _Sink:
         "disconnected",
         "missed",
         "send_channel",
+        "sequence",
         "tagged",
     )
 
@@ -126,22 +127,46 @@ class _Sink:
         self.categories = categories
         self.send_channel = send_channel
         self.backpressure = backpressure
-        # A tagged sink sends (missed-so-far, event) pairs, which is how a
+        # A tagged sink sends (sequence, event) pairs, which is how a
         # subscription knows exactly where a loss happened in its stream.
         self.tagged = tagged
         self.delivered = 0
         self.missed = 0
         self.disconnected = False
+        # Every matching event takes the next number when its fate is decided
+        # or its blocking send begins, which is channel order. A snapshot of
+        # `missed` would not do: an emitter queued behind one that is then
+        # cancelled carries the count from before that loss, and the marker
+        # would land after its event instead of before.
+        self.sequence = 0
 
     def item(self, event: ObserverEvent) -> object:
-        return (self.missed, event) if self.tagged else event
+        """What to put in the channel for ``event``, numbered but unclaimed."""
+        return (self.sequence, event) if self.tagged else event
+
+    def claim(self, event: ObserverEvent) -> object:
+        """Number ``event`` for a blocking send; its outcome is counted later."""
+        item = self.item(event)
+        self.sequence += 1
+        return item
+
+    def count_delivered(self) -> None:
+        self.sequence += 1
+        self.delivered += 1
+
+    def count_missed(self) -> None:
+        self.sequence += 1
+        self.missed += 1
 
     def mark_disconnected(self) -> None:
         self.disconnected = True
         self.send_channel.close()
 
     def status(self) -> ObserverSinkStatus:
-        return ObserverSinkStatus(self.missed, self.delivered, self.disconnected)
+        # The receiver may have been closed since an emit last looked; the
+        # status says so at once, not only after the next matching event.
+        receiver_gone = self.send_channel.statistics().open_receive_channels == 0
+        return ObserverSinkStatus(self.missed, self.delivered, self.disconnected or receiver_gone)
 
 
 ItemT = TypeVar("ItemT", ObserverEvent, "ObserverEvent | MissedEvents")
@@ -165,9 +190,10 @@ class Subscription(Generic[ItemT]):
         self._id = sink_id
         self._sink = sink
         self._receive_channel = receive_channel
-        # The missed count already reported in-band, and an event held back
-        # while its MissedEvents marker goes out first.
-        self._reported = 0
+        # The sequence number expected next (a larger one means events were
+        # lost), and an event held back while its MissedEvents marker goes
+        # out first.
+        self._next = 0
         self._held: ObserverEvent | None = None
 
     @property
@@ -193,35 +219,44 @@ class Subscription(Generic[ItemT]):
         if not self._sink.tagged:
             return cast(ItemT, await self._receive_channel.receive())
         if self._held is not None:
-            event, self._held = self._held, None
+            # Checkpoint before taking the event: a receive cancelled here
+            # must leave it for the next call.
             await trio.lowlevel.checkpoint()
-            return event
+            if self._held is not None:
+                event, self._held = self._held, None
+                return event
         try:
             item = await self._receive_channel.receive()
         except trio.EndOfChannel:
-            if self._sink.missed > self._reported:
-                return cast(ItemT, self._marker(self._sink.missed))
+            # Numbers handed out after the last event received belong to
+            # events that were never delivered.
+            if self._sink.sequence > self._next:
+                return cast(ItemT, self._marker(self._sink.sequence))
             raise
-        missed_before, event = cast("tuple[int, ObserverEvent]", item)
-        if missed_before > self._reported:
+        sequence, event = cast("tuple[int, ObserverEvent]", item)
+        if sequence > self._next:
+            marker = self._marker(sequence)
             self._held = event
-            return cast(ItemT, self._marker(missed_before))
+            self._next = sequence + 1
+            return cast(ItemT, marker)
+        self._next = sequence + 1
         return event
 
-    def _marker(self, missed: int) -> MissedEvents:
-        lost, self._reported = missed - self._reported, missed
+    def _marker(self, sequence: int) -> MissedEvents:
+        lost, self._next = sequence - self._next, sequence
         return MissedEvents(lost)
 
-    def __aiter__(self) -> AsyncIterator[ItemT]:
-        return self._iterate()
+    # __anext__ on the class rather than an async generator, as trio's own
+    # channels do: a consumer that breaks out of its loop leaves no
+    # unfinished generator behind for the garbage collector to warn about.
+    def __aiter__(self) -> Subscription[ItemT]:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[ItemT]:
-        while True:
-            try:
-                item = await self.receive()
-            except trio.EndOfChannel:
-                return
-            yield item
+    async def __anext__(self) -> ItemT:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
 
 
 _ALL_CATEGORIES: Final = tuple(EventCategory)
@@ -249,6 +284,9 @@ class ObserverRegistry:
             _ALL_CATEGORIES, ()
         )
         self._interest_callbacks: list[Callable[[], None]] = []
+        # The session refuses categories this machine cannot observe here,
+        # before anything is registered.
+        self._category_checks: list[Callable[[frozenset[EventCategory]], None]] = []
         self._closed = False
 
     # -- registration ---------------------------------------------------
@@ -303,6 +341,8 @@ class ObserverRegistry:
             )
         if self._closed:
             raise trio.ClosedResourceError("this observer registry's session has ended")
+        for check in self._category_checks:
+            check(wanted)
         send_channel, receive_channel = trio.open_memory_channel[object](max(capacity, 1))
         sink_id = ObserverSubscriberId.new()
         self._sinks[sink_id] = _Sink(wanted, send_channel, backpressure, tagged)
@@ -488,27 +528,27 @@ class ObserverRegistry:
         delivered_to_block = False
         for sink in sinks:
             if sink.disconnected:
-                sink.missed += 1
+                sink.count_missed()
                 continue
             try:
-                sink.send_channel.send_nowait((sink.missed, event) if sink.tagged else event)
+                sink.send_channel.send_nowait(sink.item(event))
             except trio.WouldBlock:
                 if sink.backpressure is ObserverBackpressure.BLOCK:
                     if waiting is None:
                         waiting = []
                     waiting.append(sink)
                 else:
-                    sink.missed += 1
+                    sink.count_missed()
                 continue
             except trio.BrokenResourceError:
                 sink.mark_disconnected()
-                sink.missed += 1
+                sink.count_missed()
                 continue
             except trio.ClosedResourceError:
                 # Removed, or the registry closed: nothing can be delivered.
-                sink.missed += 1
+                sink.count_missed()
                 continue
-            sink.delivered += 1
+            sink.count_delivered()
             if sink.backpressure is ObserverBackpressure.BLOCK:
                 delivered_to_block = True
         if waiting is not None:
@@ -519,26 +559,27 @@ class ObserverRegistry:
 
 def _push_nowait(sink: _Sink, event: ObserverEvent) -> None:
     if sink.disconnected:
-        sink.missed += 1
+        sink.count_missed()
         return
     try:
         sink.send_channel.send_nowait(sink.item(event))
     except (trio.WouldBlock, trio.ClosedResourceError):
-        sink.missed += 1
+        sink.count_missed()
         return
     except trio.BrokenResourceError:
         sink.mark_disconnected()
-        sink.missed += 1
+        sink.count_missed()
         return
-    sink.delivered += 1
+    sink.count_delivered()
 
 
 async def _send_waiting(waiting: list[_Sink], event: ObserverEvent) -> None:
     for index, sink in enumerate(waiting):
+        # Numbered now, not when the sink was found full: other emitters may
+        # have queued on it since, and numbers must follow channel order.
+        item = sink.claim(event)
         try:
-            # The item is built now, not when the sink was found full: a
-            # tagged sink must carry the missed count as of delivery.
-            await sink.send_channel.send(sink.item(event))
+            await sink.send_channel.send(item)
         except trio.BrokenResourceError:
             sink.mark_disconnected()
             sink.missed += 1
@@ -547,8 +588,9 @@ async def _send_waiting(waiting: list[_Sink], event: ObserverEvent) -> None:
         except BaseException:
             # Cancelled (or worse) while waiting: this sink and the ones
             # after it never got the event. Account for it, then go.
-            for unsent in waiting[index:]:
-                unsent.missed += 1
+            sink.missed += 1
+            for unsent in waiting[index + 1 :]:
+                unsent.count_missed()
             raise
         else:
             sink.delivered += 1

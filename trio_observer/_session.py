@@ -9,8 +9,10 @@ from typing import final
 
 import trio
 
+from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, trio_time_ms
 from ._linux import _process_tree
+from ._linux._tree import OBSERVABLE_CATEGORIES, TreeObserver
 from ._output import OutputLog, pump_stream
 from ._process import (
     SESSION_ENV_VAR,
@@ -32,15 +34,36 @@ class Session:
     Obtained from :func:`open_session`; not constructed by users.
     """
 
-    def __init__(self, nursery: trio.Nursery, *, grace_period: float) -> None:
+    def __init__(self, nursery: trio.Nursery, *, grace_period: float, poll_interval: float) -> None:
         self._nursery = nursery
         self._readers: list[tuple[trio.CancelScope, trio.Event]] = []
         self._grace_period = grace_period
         self._id = ObserverSubscriberId.new().as_str()
         self._observers = ObserverRegistry()
+        self._observers._category_checks.append(_refuse_unavailable)
+        self._tree = TreeObserver(
+            emit=self._observers.emit,
+            categories=self._tree_categories(),
+            poll_interval=poll_interval,
+        )
+        self._tree_scope = trio.CancelScope()
+        self._observers._on_interest_changed(
+            lambda: self._tree.set_categories(self._tree_categories())
+        )
         self._processes: list[Process] = []
         self._supervisors_done: list[trio.Event] = []
         self._closed = False
+
+    def _tree_categories(self) -> frozenset[EventCategory]:
+        return frozenset(c for c in OBSERVABLE_CATEGORIES if self._observers.wants(c))
+
+    async def _run_tree_observer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # Started once per session; it does nothing (no scan, no socket)
+        # until a sink asks for PROCESS, FILE or NETWORK.
+        with self._tree_scope:
+            await self._tree.run(task_status=task_status)
 
     @property
     def observers(self) -> ObserverRegistry:
@@ -157,6 +180,9 @@ class Session:
             if err is not None:
                 process.stderr_log = OutputLog(max_bytes=backlog_bytes)
                 self._start_reader(err, process.stderr_log, close=True)
+        # Before any checkpoint: the tree observer must know the root before
+        # it handles the root's first fork.
+        self._tree.add_root(process.pid)
         self._processes.append(process)
         started = trio.Event()
         done = trio.Event()
@@ -276,19 +302,23 @@ class Session:
         groups = [p.pid for p in self._processes]
         await _process_tree.stop_leftovers(
             groups=groups,
+            known=self._tree.known_descendants(),
             marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
             grace=self._grace_period,
         )
 
     def _close(self) -> None:
         self._closed = True
+        self._tree_scope.cancel()
         self._observers.close()
         for process in self._processes:
             process._close_streams()
 
 
 @asynccontextmanager
-async def open_session(*, grace_period: float = 5.0) -> AsyncIterator[Session]:
+async def open_session(
+    *, grace_period: float = 5.0, poll_interval: float = 0.02
+) -> AsyncIterator[Session]:
     """Open a session: a nursery-like scope for processes.
 
     ::
@@ -311,6 +341,10 @@ async def open_session(*, grace_period: float = 5.0) -> AsyncIterator[Session]:
       grace_period: Seconds a process tree gets between SIGTERM and
         SIGKILL. The default, 5 seconds, is what most service managers give;
         it runs on the trio clock, so ``MockClock`` can skip it in tests.
+      poll_interval: Seconds of the trio clock between two scans of the
+        process tree, while a sink wants ``PROCESS``, ``FILE`` or
+        ``NETWORK`` events (see ``docs/observation.md``). 20 ms notices a
+        short compiler run without costing more than a few percent of a core.
 
     Raises:
       ValueError: ``grace_period`` is negative or NaN.
@@ -318,7 +352,8 @@ async def open_session(*, grace_period: float = 5.0) -> AsyncIterator[Session]:
     _check_grace("grace_period", grace_period)
     _process_tree.become_subreaper()
     async with trio.open_nursery() as nursery:
-        session = Session(nursery, grace_period=grace_period)
+        session = Session(nursery, grace_period=grace_period, poll_interval=poll_interval)
+        nursery.start_soon(session._run_tree_observer)
         try:
             yield session
         except BaseException:
@@ -331,6 +366,7 @@ async def open_session(*, grace_period: float = 5.0) -> AsyncIterator[Session]:
                     await session._stop_leftovers()
                     await session._drain_readers()
                 finally:
+                    # Before the sinks close: nothing may emit into them after.
                     session._close()
 
 
@@ -344,3 +380,17 @@ def _check_argv(argv: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
         if not isinstance(arg, str):
             raise TypeError(f"argv items must be str or os.PathLike[str], not {arg!r}")
     return args
+
+
+_capabilities: CapabilityReport | None = None
+
+
+def _refuse_unavailable(categories: frozenset[EventCategory]) -> None:
+    # Probing opens a netlink socket, so it is done once per process.
+    global _capabilities
+    if categories <= {EventCategory.LIFECYCLE}:
+        return
+    if _capabilities is None:
+        _capabilities = negotiate_capabilities()
+    for category in categories:
+        _capabilities.require(category)

@@ -107,6 +107,7 @@ def find_leftovers(
     *,
     groups: Iterable[int],
     marker: bytes,
+    known: Iterable[int] = (),
     exclude: Iterable[int] = (),
     proc_root: str = PROC,
 ) -> dict[int, ProcStat]:
@@ -114,8 +115,8 @@ def find_leftovers(
 
     A process belongs when it is in one of ``groups`` (as process group or
     session id), when it is a child of this process carrying ``marker`` in
-    its environment, or when its parent belongs. ``exclude`` (the session's
-    own processes still being supervised) are left out.
+    its environment, when the tree observer ``known`` it as a descendant,
+    or when its parent belongs. ``exclude`` are left out.
     """
     table = scan(proc_root)
     own = os.getpid()
@@ -126,10 +127,12 @@ def find_leftovers(
     for stat in table.values():
         children.setdefault(stat.ppid, []).append(stat.pid)
     found: dict[int, ProcStat] = {}
+    known_set = set(known)
     todo = [
         stat.pid
         for stat in table.values()
-        if stat.pgid in group_set
+        if stat.pid in known_set
+        or stat.pgid in group_set
         or stat.sid in group_set
         or (stat.ppid == own and has_marker(stat.pid, marker, proc_root))
     ]
@@ -183,6 +186,7 @@ async def stop_leftovers(
     groups: Iterable[int],
     marker: bytes,
     grace: float,
+    known: Iterable[int] = (),
     exclude: Iterable[int] = (),
     proc_root: str = PROC,
 ) -> int:
@@ -196,12 +200,13 @@ async def stop_leftovers(
     if not proc_available(proc_root) or not hasattr(os, "pidfd_open"):
         return 0
     groups = tuple(groups)
+    known = tuple(known)
     exclude = tuple(exclude)
     stopped: set[int] = set()
     sig = signal.SIGTERM
     for _ in range(8):
         leftovers = find_leftovers(
-            groups=groups, marker=marker, exclude=exclude, proc_root=proc_root
+            groups=groups, marker=marker, known=known, exclude=exclude, proc_root=proc_root
         )
         alive = [pid for pid, stat in leftovers.items() if stat.state not in ("Z", "X")]
         reap_zombie_children(pid for pid, s in leftovers.items() if s.state in ("Z", "X"))

@@ -1,0 +1,179 @@
+"""The session's byte side and tree observation, end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from trio_observer import (
+    CAPTURE,
+    EventCategory,
+    ObserverBackpressure,
+    ObserverEvent,
+    ObserverEventKind,
+    PtySize,
+    open_session,
+)
+
+from .conftest import PY
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+async def test_captured_logs_hold_everything_up_to_end_of_stream() -> None:
+    script = "import sys; sys.stdout.write('x' * 300000); sys.stderr.write('done')"
+    async with open_session() as session:
+        process = await session.start_process([PY, "-c", script], stdout=CAPTURE, stderr=CAPTURE)
+        assert process.stdout is None
+        await process.wait()
+    assert process.stdout_log is not None
+    assert process.stderr_log is not None
+    assert process.stdout_log.snapshot() == b"x" * 300000
+    assert process.stdout_log.closed
+    assert process.stderr_log.snapshot() == b"done"
+
+
+async def test_backlog_bytes_bounds_the_log() -> None:
+    async with open_session() as session:
+        process = await session.start_process(
+            [PY, "-c", "print('a' * 999)"], stdout=CAPTURE, backlog_bytes=100
+        )
+    assert process.stdout_log is not None
+    assert process.stdout_log.total_bytes == 1000
+    assert process.stdout_log.dropped_bytes == 900
+    assert process.stdout_log.snapshot() == b"a" * 99 + b"\n"
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="backlog_bytes must be at least 1")):
+        async with open_session() as session:
+            await session.start_process([PY, "-c", "pass"], stdout=CAPTURE, backlog_bytes=0)
+
+
+async def test_a_grandchild_holding_the_pipe_does_not_hang_the_session() -> None:
+    # The grandchild inherits stdout and sleeps; the child exits at once.
+    script = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)'],"
+        " start_new_session=True)\n"
+        "print('child done', flush=True)\n"
+    )
+    with trio.fail_after(20):
+        async with open_session() as session:
+            process = await session.start_process([PY, "-c", script], stdout=CAPTURE)
+            assert await process.wait() == 0
+    assert process.stdout_log is not None
+    assert process.stdout_log.snapshot() == b"child done\n"
+    assert process.stdout_log.closed
+
+
+async def test_pty_process_has_a_controlling_terminal() -> None:
+    script = (
+        "import os, sys\n"
+        "print(os.isatty(0), os.tcgetpgrp(0) == os.getpgrp(), os.getsid(0) == os.getpid(),"
+        " os.get_terminal_size(0))\n"
+        "print(input('name? ')[::-1])\n"
+    )
+    async with open_session() as session:
+        process = await session.start_process([PY, "-c", script], pty=PtySize(rows=30, cols=100))
+        assert process.pty is not None
+        await process.pty.log.expect(b"name? ", timeout=10)
+        assert process.pty.size == PtySize(rows=30, cols=100)
+        await process.pty.write("hello\n")
+        assert await process.wait() == 0
+    output = process.pty.log.snapshot()
+    assert b"True True True os.terminal_size(columns=100, lines=30)" in output
+    assert b"olleh" in output
+    assert process.pty.log.closed
+
+
+async def test_pty_interrupt_reaches_the_child() -> None:
+    script = "try:\n    input('ready> ')\nexcept KeyboardInterrupt:\n    print('interrupted')\n"
+    async with open_session() as session:
+        process = await session.start_process([PY, "-c", script], pty=True)
+        assert process.pty is not None
+        await process.pty.log.expect("ready> ", timeout=10)
+        await process.pty.interrupt()
+        await process.pty.log.expect("interrupted", timeout=10)
+        assert await process.wait() == 0
+
+
+async def test_pty_refuses_stdio_arguments() -> None:
+    async with open_session() as session:
+        with pytest.raises(ValueError, match="leave stdin, stdout and stderr at None"):
+            await session.start_process([PY, "-c", "pass"], pty=True, stdout=CAPTURE)
+        assert session.processes == ()
+
+
+async def test_descendants_and_files_are_observed(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "held.txt")
+    script = (
+        "import subprocess, sys\n"
+        f"f = open({path!r}, 'w')\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],"
+        " stdin=subprocess.PIPE)\n"
+        "print(g.pid, flush=True)\n"
+        "sys.stdin.readline()\n"
+        "f.close(); g.stdin.close(); g.wait()\n"
+    )
+    seen: list[ObserverEvent] = []
+    async with open_session(poll_interval=0.01) as session, session.observers.subscribe(
+        [EventCategory.PROCESS, EventCategory.FILE],
+        backpressure=ObserverBackpressure.BLOCK,
+    ) as sub:
+        process = await session.start_process(
+            [PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert process.stdout is not None
+        assert process.stdin is not None
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await process.stdout.receive_some(1)
+        grandchild = int(line)
+        with trio.fail_after(20):
+            async for event in sub:
+                seen.append(event)
+                kinds = {(e.kind, e.pid) for e in seen}
+                if (ObserverEventKind.DESCENDANT_STARTED, grandchild) in kinds and any(
+                    e.kind is ObserverEventKind.FILE_OPEN and e.path == path for e in seen
+                ):
+                    break
+            await process.stdin.send_all(b"go\n")
+            # The exit may come from the kernel before the next scan
+            # notices the closed file: wait for both.
+            async for event in sub:
+                seen.append(event)
+                if any(
+                    e.kind is ObserverEventKind.DESCENDANT_EXITED and e.pid == grandchild
+                    for e in seen
+                ) and any(
+                    e.kind is ObserverEventKind.FILE_CLOSE and e.path == path for e in seen
+                ):
+                    break
+        await process.wait()
+    started = next(
+        e for e in seen if e.kind is ObserverEventKind.DESCENDANT_STARTED and e.pid == grandchild
+    )
+    assert started.ppid == process.pid
+    assert started.root_pid == process.pid
+    exited = next(
+        e for e in seen if e.kind is ObserverEventKind.DESCENDANT_EXITED and e.pid == grandchild
+    )
+    assert exited.exit_code == 0
+    assert any(e.kind is ObserverEventKind.FILE_CLOSE and e.path == path for e in seen)
+
+
+async def test_tree_observer_idle_without_a_sink() -> None:
+    async with open_session() as session:
+        await session.run_process([PY, "-c", "pass"])
+        assert session._tree.statistics().polls == 0
+        async with session.observers.subscribe([EventCategory.PROCESS]):
+            await session.run_process([PY, "-c", "pass"])
+        polls = session._tree.statistics().polls
+        await session.run_process([PY, "-c", "pass"])
+        assert session._tree.statistics().polls == polls
+
+
+def test_no_stray_imports() -> None:
+    assert "trio_observer" in sys.modules
