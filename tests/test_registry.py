@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 import trio
@@ -241,7 +242,7 @@ def _snapshot(registry: ObserverRegistry) -> tuple[int, list[bool]]:
 
 @pytest.mark.parametrize(("arguments", "error", "message"), _BAD_ARGUMENTS)
 async def test_bad_add_channel_arguments_register_nothing(
-    arguments: tuple[object, object, object], error: type[Exception], message: str
+    arguments: tuple[Any, Any, Any], error: type[Exception], message: str
 ) -> None:
     registry = ObserverRegistry()
     registry.add_channel([FILE], 1, DROP)
@@ -249,7 +250,7 @@ async def test_bad_add_channel_arguments_register_nothing(
     registry._on_interest_changed(lambda: calls.append(None))
     before = _snapshot(registry)
     with pytest.raises(error, match=message):
-        registry.add_channel(*arguments)  # type: ignore[arg-type]
+        registry.add_channel(*arguments)
     assert _snapshot(registry) == before
     assert calls == []
     # The failure left nothing behind that an emit could reach.
@@ -258,17 +259,13 @@ async def test_bad_add_channel_arguments_register_nothing(
 
 @pytest.mark.parametrize(("arguments", "error", "message"), _BAD_ARGUMENTS)
 async def test_bad_subscribe_arguments_raise_on_entry(
-    arguments: tuple[object, object, object], error: type[Exception], message: str
+    arguments: tuple[Any, Any, Any], error: type[Exception], message: str
 ) -> None:
     registry = ObserverRegistry()
     categories, capacity, backpressure = arguments
     before = _snapshot(registry)
     with pytest.raises(error, match=message):
-        async with registry.subscribe(
-            categories,  # type: ignore[arg-type]
-            capacity=capacity,  # type: ignore[arg-type]
-            backpressure=backpressure,  # type: ignore[arg-type]
-        ):
+        async with registry.subscribe(categories, capacity=capacity, backpressure=backpressure):
             pytest.fail("the block must not be entered")
     assert _snapshot(registry) == before
 
@@ -665,10 +662,14 @@ async def test_subscribe_registers_and_removes_on_exit() -> None:
 
 async def test_subscribe_removes_on_error() -> None:
     registry = ObserverRegistry()
-    with pytest.raises(ZeroDivisionError):
+
+    async def fail_inside() -> None:
         async with registry.subscribe([LIFECYCLE]):
             assert len(registry) == 1
-            1 / 0  # noqa: B018
+            raise KeyError("consumer failed")
+
+    with pytest.raises(KeyError, match="consumer failed"):
+        await fail_inside()
     assert len(registry) == 0
 
 
@@ -690,16 +691,15 @@ async def test_subscription_iteration_in_a_task_ends_when_the_block_exits() -> N
             received.append(event.pid)
 
     with trio.fail_after(1):
-        async with trio.open_nursery() as nursery:
-            async with registry.subscribe([LIFECYCLE]) as sub:
-                nursery.start_soon(consume, sub)
-                await trio.testing.wait_all_tasks_blocked()
-                await registry.emit(ev(1))
-                await trio.testing.wait_all_tasks_blocked()
-                # Exit while the consumer is busy, not waiting: events still
-                # buffered must reach it, then its loop ends cleanly.
-                await registry.emit(ev(2))
-                await registry.emit(ev(3))
+        async with trio.open_nursery() as nursery, registry.subscribe([LIFECYCLE]) as sub:
+            nursery.start_soon(consume, sub)
+            await trio.testing.wait_all_tasks_blocked()
+            await registry.emit(ev(1))
+            await trio.testing.wait_all_tasks_blocked()
+            # Exit while the consumer is busy, not waiting: events still
+            # buffered must reach it, then its loop ends cleanly.
+            await registry.emit(ev(2))
+            await registry.emit(ev(3))
     assert received == [1, 2, 3]
     assert len(registry) == 0
 
@@ -712,10 +712,9 @@ async def test_subscription_consumer_that_starts_late_still_ends_cleanly() -> No
         async for event in sub:
             received.append(event.pid)
 
-    async with trio.open_nursery() as nursery:
-        async with registry.subscribe([LIFECYCLE]) as sub:
-            await registry.emit(ev(1))
-            nursery.start_soon(consume, sub)
+    async with trio.open_nursery() as nursery, registry.subscribe([LIFECYCLE]) as sub:
+        await registry.emit(ev(1))
+        nursery.start_soon(consume, sub)
     assert received == [1]
 
 
@@ -831,11 +830,10 @@ async def test_consumer_errors_surface_as_an_exception_group() -> None:
             raise ValueError(f"bad event {event.pid}")
 
     with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="bad event 7")):
-        async with trio.open_nursery() as nursery:
-            async with registry.subscribe([LIFECYCLE]) as sub:
-                nursery.start_soon(consume, sub)
-                await trio.testing.wait_all_tasks_blocked()
-                await registry.emit(ev(7))
-                await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery, registry.subscribe([LIFECYCLE]) as sub:
+            nursery.start_soon(consume, sub)
+            await trio.testing.wait_all_tasks_blocked()
+            await registry.emit(ev(7))
+            await trio.testing.wait_all_tasks_blocked()
     # The sink is gone even though the nursery failed.
     assert len(registry) == 0
