@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     # whatever copy happens to be installed, and make this package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _emit, _memory, _spawn
+from benchmarks import _emit, _memory, _output, _spawn
 from benchmarks._core import Config, Section, format_table, machine_lines
 
 SECTIONS: list[Section] = [
@@ -32,6 +32,8 @@ SECTIONS: list[Section] = [
     Section("fanout", "DROP_OLDEST fan-out, per event", _emit.run_fanout),
     Section("block", "BLOCK sink throughput", _emit.run_block),
     Section("memory", "Memory and fds", _memory.run),
+    Section("capture", "Captured pipe output throughput", _output.run_capture),
+    Section("lines", "Captured output read as lines", _output.run_lines),
 ]
 
 

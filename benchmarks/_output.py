@@ -1,0 +1,280 @@
+"""Sections ``capture`` and ``lines``: captured pipe output and reading it as lines.
+
+``capture`` times a child writing N bytes to a pipe until every byte is in
+hand: ours is a session with ``stdout=CAPTURE`` (the session's reader task
+pumps the pipe into an :class:`~trio_observer.OutputLog`), timed until the
+session block has ended, so the log is closed with all N bytes in it. The
+alternatives are what a user would write instead: trio's own
+``open_process(stdout=PIPE)`` with a ``receive_some(65536)`` loop, and a
+blocking ``subprocess.run(capture_output=True)``. The child is
+``head -c N /dev/zero`` for all three, so the child costs the same.
+
+``lines`` times one million short lines from a Python child, read as
+``str`` lines: ours through ``log.cursor().lines()`` on a captured stdout,
+the alternative by iterating the stdout file object of
+``subprocess.Popen(..., stdout=PIPE, text=True)``, line by line. Same child
+for both. Each side checks that it saw every line.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+import trio_observer
+
+from ._core import Config, Report, Row, Target, best, interleave_async, spread_note, time_row
+
+HEAD = shutil.which("head") or "/usr/bin/head"
+CAT = shutil.which("cat") or "/usr/bin/cat"
+
+_MB = 1_000_000
+
+
+def _mb_row(name: str, size: int, ours: float, alternative: float, target: Target | None) -> Row:
+    # Throughput in MB/s; the ratio is ours / alternative in MB/s (higher is better).
+    return Row(
+        name,
+        f"{size / ours / _MB:.0f} MB/s",
+        f"{size / alternative / _MB:.0f} MB/s",
+        alternative / ours,
+        target,
+    )
+
+
+def _check(ok: bool, what: str) -> None:
+    # A benchmark that silently lost data would time the wrong thing.
+    if not ok:
+        raise RuntimeError(f"benchmark data check failed: {what}")
+
+
+def _subprocess_run(argv: list[str], size: int) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, check=True)
+    elapsed = time.perf_counter() - start
+    _check(len(result.stdout) == size, f"subprocess.run: {len(result.stdout)} bytes")
+    return elapsed
+
+
+def _popen_lines(argv: list[str], count: int) -> float:
+    seen = 0
+    start = time.perf_counter()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        for _line in process.stdout:
+            seen += 1
+    elapsed = time.perf_counter() - start
+    _check(seen == count, f"Popen: {seen} lines")
+    return elapsed
+
+
+class _ListIterator:
+    """The cheapest async iterator: ``__anext__`` pops a prebuilt list."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, reversed_items: list[str]) -> None:
+        self._items = reversed_items
+
+    def __aiter__(self) -> _ListIterator:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._items:
+            return self._items.pop()
+        raise StopAsyncIteration
+
+
+# -- capture --------------------------------------------------------------
+
+
+def run_capture(config: Config) -> Report:
+    """Captured pipe throughput vs a raw trio loop and ``subprocess.run``."""
+    return trio.run(_measure_capture, config)
+
+
+async def _measure_capture(config: Config) -> Report:
+    size = config.pick(100 * _MB, 10 * _MB)
+    rounds = config.pick(5, 2)
+    argv = [HEAD, "-c", str(size), "/dev/zero"]
+
+    async def ours() -> float:
+        start = time.perf_counter()
+        async with trio_observer.open_session() as session:
+            process = await session.start_process(argv, stdout=trio_observer.CAPTURE)
+            await process.wait()
+        # Leaving the session waits for its reader to reach end of file.
+        elapsed = time.perf_counter() - start
+        log = process.stdout_log
+        _check(log is not None and log.total_bytes == size, f"captured {log!r}")
+        return elapsed
+
+    async def raw_trio() -> float:
+        start = time.perf_counter()
+        process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+        stream = process.stdout
+        assert stream is not None
+        received = 0
+        async with stream:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                received += len(data)
+        await process.wait()
+        elapsed = time.perf_counter() - start
+        _check(received == size, f"received {received} bytes")
+        return elapsed
+
+    async def subprocess_run() -> float:
+        # Blocking on purpose: this is the synchronous alternative, and
+        # nothing else runs in this trio loop meanwhile.
+        elapsed = _subprocess_run(argv, size)
+        await trio.lowlevel.checkpoint()
+        return elapsed
+
+    trials: dict[str, Callable[[], Awaitable[float]]] = {
+        "CAPTURE": ours,
+        "receive_some loop": raw_trio,
+        "subprocess.run": subprocess_run,
+    }
+    await interleave_async(trials, 1)
+    samples = await interleave_async(trials, rounds)
+    label = f"{size // _MB} MB"
+    return Report(
+        rows=[
+            _mb_row(
+                f"capture {label}: CAPTURE vs trio receive_some(65536)",
+                size,
+                best(samples["CAPTURE"]),
+                best(samples["receive_some loop"]),
+                Target(">=", 0.9),
+            ),
+            _mb_row(
+                f"capture {label}: CAPTURE vs subprocess.run",
+                size,
+                best(samples["CAPTURE"]),
+                best(samples["subprocess.run"]),
+                None,
+            ),
+        ],
+        notes=[
+            f"child `head -c {size} /dev/zero` on all sides; timed from spawn until every "
+            f"byte is held (ours: until the session block ends, the log closed); "
+            f"best of {rounds} rounds",
+            spread_note(samples, "receive_some loop", throughput=True),
+        ],
+    )
+
+
+# -- lines ----------------------------------------------------------------
+
+_LINES_CHILD = """
+import sys
+import tempfile
+n = int(sys.argv[1])
+write = sys.stdout.write
+for start in range(0, n, 10000):
+    write("".join([f"line {i} ok\\n" for i in range(start, min(n, start + 10000))]))
+"""
+
+
+def run_lines(config: Config) -> Report:
+    """``cursor.lines()`` vs iterating a ``Popen`` stdout file object."""
+    count = config.pick(1_000_000, 100_000)
+    with tempfile.TemporaryDirectory(prefix="bench-lines-") as tmp:
+        path = os.path.join(tmp, "lines.txt")
+        with open(path, "w") as f:
+            f.writelines(f"line {i} ok\n" for i in range(count))
+        return trio.run(_measure_lines, config, count, path, os.path.getsize(path))
+
+
+async def _measure_lines(config: Config, count: int, path: str, size: int) -> Report:
+    rounds = config.pick(5, 1)
+    children = {
+        "cat": [CAT, path],
+        "python": [sys.executable, "-c", _LINES_CHILD, str(count)],
+    }
+
+    async def ours(argv: list[str]) -> float:
+        seen = gaps = 0
+        start = time.perf_counter()
+        async with trio_observer.open_session() as session:
+            # A backlog larger than the whole output: a reader that is
+            # descheduled for a moment must not lose lines to eviction.
+            process = await session.start_process(
+                argv, stdout=trio_observer.CAPTURE, backlog_bytes=64 << 20
+            )
+            log = process.stdout_log
+            assert log is not None
+            async for line in log.cursor().lines():
+                if isinstance(line, str):
+                    seen += 1
+                else:
+                    gaps += 1
+            await process.wait()
+        elapsed = time.perf_counter() - start
+        _check(seen == count and gaps == 0, f"lines(): {seen} lines, {gaps} gaps")
+        return elapsed
+
+    async def popen(argv: list[str]) -> float:
+        # Blocking on purpose, as _subprocess_run.
+        elapsed = _popen_lines(argv, count)
+        await trio.lowlevel.checkpoint()
+        return elapsed
+
+    async def floor() -> float:
+        # The async-for protocol alone, one await per line, over lines that
+        # are already split: what any per-line async iterator pays at least.
+        lines = [f"line {i} ok" for i in range(count)]
+        lines.reverse()
+        seen = 0
+        start = time.perf_counter()
+        async for _line in _ListIterator(lines):
+            seen += 1
+        elapsed = time.perf_counter() - start
+        _check(seen == count, f"floor: {seen} lines")
+        return elapsed
+
+    trials: dict[str, Callable[[], Awaitable[float]]] = {"async-for floor": floor}
+    for child, argv in children.items():
+        trials[f"lines() {child}"] = functools.partial(ours, argv)
+        trials[f"Popen {child}"] = functools.partial(popen, argv)
+    await interleave_async(trials, 1)
+    samples = await interleave_async(trials, rounds)
+    return Report(
+        rows=[
+            time_row(
+                f"{count} lines from cat: cursor.lines() vs Popen iteration",
+                best(samples["lines() cat"]),
+                best(samples["Popen cat"]),
+                Target("<=", 0.6),
+            ),
+            time_row(
+                "ref: async-for over split lines vs Popen iteration (cat)",
+                best(samples["async-for floor"]),
+                best(samples["Popen cat"]),
+            ),
+            time_row(
+                f"{count} lines from python: cursor.lines() vs Popen iteration",
+                best(samples["lines() python"]),
+                best(samples["Popen python"]),
+            ),
+        ],
+        notes=[
+            f"`line <i> ok` lines (about {size / _MB:.1f} MB); child `cat` of a "
+            "prepared file (so the reader dominates), or a Python child printing them in "
+            "10000-line writes (the child dominates); timed from spawn to the last line read; "
+            f"Popen with text=True so both sides yield str; best of {rounds} rounds",
+            spread_note({k: v for k, v in samples.items() if k.endswith("cat")}, "Popen cat"),
+            spread_note({k: v for k, v in samples.items() if k.endswith("python")}, "Popen python"),
+        ],
+    )
