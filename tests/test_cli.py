@@ -125,3 +125,32 @@ def test_entry_points(entry: list[str]) -> None:
     result = subprocess.run([*entry, "--help"], capture_output=True, timeout=60)
     assert result.returncode == 0
     assert b"run" in result.stdout
+
+
+def test_capabilities_command() -> None:
+    result = run_cli("capabilities")
+    assert result.returncode == 0
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "scope: launched-process-tree"
+    assert [line.split()[0] for line in lines[2:]] == ["lifecycle", "process", "file", "network"]
+
+
+def test_process_category_reports_descendants(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    script = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'pass'])"
+    result = run_cli(
+        "run", "--events", str(events), "--category", "lifecycle,process", "--", PY, "-c", script
+    )
+    assert result.returncode == 0
+    seen = read_events(events)
+    root = seen[0]["pid"]
+    descendants = [e for e in seen if e["kind"] == "descendant-started"]
+    assert any(e["ppid"] == root for e in descendants)
+    assert [e["kind"] for e in seen if e["category"] == "lifecycle"] == ["started", "exited"]
+
+
+def test_pty_mode_with_piped_input() -> None:
+    script = "import os; print(os.isatty(0), os.isatty(1), input()[::-1])"
+    result = run_cli("run", "--pty", "--", PY, "-c", script, input=b"hello\n")
+    assert result.returncode == 0
+    assert b"True True olleh" in result.stdout

@@ -144,7 +144,7 @@ async def test_bad_argv() -> None:
         with pytest.raises(ValueError, match="argv must not be empty"):
             await session.start_process([])
         with pytest.raises(TypeError, match="not a string"):
-            await session.start_process("ls -l")  # type: ignore[arg-type]
+            await session.start_process("ls -l")
         assert session.processes == ()
 
 
@@ -294,13 +294,15 @@ async def test_sinks_close_when_the_session_ends() -> None:
         async for event in sub:
             seen.append(event.kind)
 
-    async with trio.open_nursery() as nursery:
-        async with open_session() as session:
-            async with session.observers.subscribe(LIFECYCLE) as sub:
-                nursery.start_soon(consume, sub)
-                await session.run_process([PY, "-c", "pass"])
-                # Still inside the subscription: the consumer ends only when
-                # the session (or the subscription) ends.
+    async with (
+        trio.open_nursery() as nursery,
+        open_session() as session,
+        session.observers.subscribe(LIFECYCLE) as sub,
+    ):
+        nursery.start_soon(consume, sub)
+        await session.run_process([PY, "-c", "pass"])
+        # Still inside the subscription: the consumer ends only when
+        # the session (or the subscription) ends.
     assert seen == [ObserverEventKind.STARTED, ObserverEventKind.EXITED]
 
 
@@ -346,9 +348,7 @@ async def test_timestamps_follow_the_trio_clock(mock_clock: trio.testing.MockClo
 
 async def test_stuck_block_consumer_does_not_hang_cancellation() -> None:
     async with open_session() as session:
-        sink_id, events = session.observers.add_channel(
-            LIFECYCLE, 1, ObserverBackpressure.BLOCK
-        )
+        sink_id, events = session.observers.add_channel(LIFECYCLE, 1, ObserverBackpressure.BLOCK)
         await session.start_process([PY, "-c", "import time; time.sleep(1000)"])
         # STARTED filled the channel; nobody reads it.
         session.cancel_scope.cancel()

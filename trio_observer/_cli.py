@@ -12,9 +12,13 @@ from typing import IO, Final
 
 import trio
 
+from ._capabilities import TraceScope, UnsupportedCategoryError, negotiate_capabilities
 from ._events import EventCategory, TerminationOutcome
+from ._process import Process
+from ._pty import PtySize
 from ._registry import ObserverBackpressure
 from ._session import Session, open_session
+from ._terminal import copy_input, forward_resizes, raw_terminal, terminal_size, write_all
 
 _PROG: Final = "trio-observer"
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -73,7 +77,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time between SIGTERM and SIGKILL when stopping CMD's tree (default: 5)",
     )
+    run.add_argument(
+        "--pty",
+        action="store_true",
+        help=(
+            "run CMD on a pseudo-terminal attached to yours (raw mode while it runs, "
+            "window size follows yours), so interactive programs work"
+        ),
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    caps = commands.add_parser(
+        "capabilities",
+        help="show what this machine can observe",
+        description="Show, per event category, whether this machine can observe it and how.",
+    )
+    caps.add_argument(
+        "--scope",
+        choices=[scope.value for scope in TraceScope],
+        default=TraceScope.LAUNCHED_PROCESS_TREE.value,
+        help="what to observe: the launched tree (default) or the whole system",
+    )
     return parser
 
 
@@ -81,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-observer``; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "capabilities":
+        print(negotiate_capabilities(TraceScope(args.scope)).render_summary())
+        return 0
     if args.command == "run":
         cmd = list(args.cmd)
         if cmd[:1] == ["--"]:
@@ -99,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except OSError as exc:
                     print(f"{_PROG}: cannot open --events {args.events!r}: {exc}", file=sys.stderr)
                     return 2
-            return trio.run(_run, cmd, categories, events_file, args.grace_period)
+            return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
 
 
@@ -108,6 +134,7 @@ async def _run(
     categories: list[EventCategory],
     events_file: IO[str],
     grace_period: float,
+    use_pty: bool,
 ) -> int:
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
@@ -116,7 +143,15 @@ async def _run(
             await helpers.start(_write_events, session, categories, events_file)
             helpers.start_soon(_stop_on_signal, session, stopped_by, watch_signals)
             try:
-                process = await session.start_process(cmd)
+                if use_pty:
+                    process = await session.start_process(
+                        cmd, pty=terminal_size(sys.stdin.fileno()) or PtySize()
+                    )
+                else:
+                    process = await session.start_process(cmd)
+            except UnsupportedCategoryError as exc:
+                print(f"{_PROG}: {exc}", file=sys.stderr)
+                return 2
             except FileNotFoundError:
                 print(f"{_PROG}: command not found: {cmd[0]}", file=sys.stderr)
                 return 127
@@ -126,8 +161,11 @@ async def _run(
             finally:
                 if session.processes == ():
                     watch_signals.cancel()
-            with _terminal_foreground(process.pid):
-                await process.wait()
+            if process.pty is not None:
+                await _attach_terminal(process, helpers)
+            else:
+                with _terminal_foreground(process.pid):
+                    await process.wait()
         # The session has ended: CMD and all it left behind are reaped, and
         # the event writer drains and stops by itself.
         watch_signals.cancel()
@@ -138,6 +176,34 @@ async def _run(
     if stopped_by and process.termination is not TerminationOutcome.NATURAL_EXIT:
         return 128 + stopped_by[0]
     return code
+
+
+async def _attach_terminal(process: Process, helpers: trio.Nursery) -> None:
+    """Connect the user's terminal to CMD's until CMD exits.
+
+    Output is copied from the pty's log with a cursor, from its first byte;
+    the log is closed when the session has ended, and the copier with it.
+    """
+    assert process.pty is not None
+    assert process._pty_stream is not None
+    stream = process._pty_stream
+    user_in, user_out = sys.stdin.fileno(), sys.stdout.fileno()
+    raw = contextlib.ExitStack()
+    raw.enter_context(raw_terminal(user_in))
+    cursor = process.pty.log.cursor("oldest")
+
+    async def copy_out() -> None:
+        with raw:
+            async for item in cursor:
+                if isinstance(item, bytes):
+                    await write_all(user_out, item)
+
+    helpers.start_soon(copy_out)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forward_resizes, user_in, stream)
+        nursery.start_soon(copy_input, user_in, stream)
+        await process.wait()
+        nursery.cancel_scope.cancel()
 
 
 async def _write_events(

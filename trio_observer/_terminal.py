@@ -39,6 +39,7 @@ __all__ = [
     "forward_resizes",
     "raw_terminal",
     "terminal_size",
+    "write_all",
 ]
 
 _CHUNK: Final = 4096
@@ -235,6 +236,11 @@ async def copy_output(pty: PtyStream, user_fd: int) -> None:
         if not data:
             return
         await _write_user(user_fd, data, never_blocks)
+
+
+async def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the user's ``fd`` without changing its flags."""
+    await _write_user(fd, data, _never_blocks(fd))
 
 
 async def _write_user(fd: int, data: bytes, never_blocks: bool) -> None:
