@@ -118,10 +118,13 @@ async def test_descendants_and_files_are_observed(tmp_path: os.PathLike[str]) ->
         "f.close(); g.stdin.close(); g.wait()\n"
     )
     seen: list[ObserverEvent] = []
-    async with open_session(poll_interval=0.01) as session, session.observers.subscribe(
-        [EventCategory.PROCESS, EventCategory.FILE],
-        backpressure=ObserverBackpressure.BLOCK,
-    ) as sub:
+    async with (
+        open_session(poll_interval=0.01) as session,
+        session.observers.subscribe(
+            [EventCategory.PROCESS, EventCategory.FILE],
+            backpressure=ObserverBackpressure.BLOCK,
+        ) as sub,
+    ):
         process = await session.start_process(
             [PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
@@ -147,9 +150,7 @@ async def test_descendants_and_files_are_observed(tmp_path: os.PathLike[str]) ->
                 if any(
                     e.kind is ObserverEventKind.DESCENDANT_EXITED and e.pid == grandchild
                     for e in seen
-                ) and any(
-                    e.kind is ObserverEventKind.FILE_CLOSE and e.path == path for e in seen
-                ):
+                ) and any(e.kind is ObserverEventKind.FILE_CLOSE and e.path == path for e in seen):
                     break
         await process.wait()
     started = next(
