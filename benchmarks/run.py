@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     # whatever copy happens to be installed, and make this package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _emit, _memory, _output, _spawn
+from benchmarks import _emit, _memory, _output, _pty, _spawn
 from benchmarks._core import Config, Section, format_table, machine_lines
 
 SECTIONS: list[Section] = [
@@ -34,6 +34,8 @@ SECTIONS: list[Section] = [
     Section("memory", "Memory and fds", _memory.run),
     Section("capture", "Captured pipe output throughput", _output.run_capture),
     Section("lines", "Captured output read as lines", _output.run_lines),
+    Section("pty", "Terminal output throughput", _pty.run_throughput),
+    Section("expect", "Expect latency on a terminal", _pty.run_expect),
 ]
 
 
