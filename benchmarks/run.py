@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     # whatever copy happens to be installed, and make this package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _emit, _memory, _output, _pty, _spawn
+from benchmarks import _emit, _memory, _output, _pty, _spawn, _tree
 from benchmarks._core import Config, Section, format_table, machine_lines
 
 SECTIONS: list[Section] = [
@@ -36,6 +36,9 @@ SECTIONS: list[Section] = [
     Section("lines", "Captured output read as lines", _output.run_lines),
     Section("pty", "Terminal output throughput", _pty.run_throughput),
     Section("expect", "Expect latency on a terminal", _pty.run_expect),
+    Section("tree-cpu", "CPU cost of observing a 50-process tree", _tree.run_cpu),
+    Section("tree-latency", "Descendant detection latency", _tree.run_latency),
+    Section("tree-pass", "One scan of ours vs psutil", _tree.run_pass),
 ]
 
 

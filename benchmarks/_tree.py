@@ -1,0 +1,394 @@
+"""Sections ``tree-cpu``, ``tree-latency`` and ``tree-pass``: observing a process tree.
+
+The session does not start a :class:`TreeObserver` by itself yet, so these
+sections drive one directly, as the session would: ``add_root(pid)`` for a
+process we spawned, then ``await nursery.start(observer.run)``.
+
+``tree-cpu``: a Python root with 49 idle ``sleep`` children (50 processes);
+this process's CPU time (``time.process_time()``, all threads) over a window
+of wall time while observing PROCESS, FILE and NETWORK at the default
+interval, with the connector backend and with the poll backend, against the
+same window with no observer. Reported as the fraction of one core the
+observer adds (observing minus idle, over wall time).
+
+``tree-latency``: a root that, per line on stdin, forks a child that sleeps
+and prints ``FORK <pid> <ns before fork> <ns after fork>`` (monotonic clock,
+shared with this process). Latency is from the timestamp taken just before
+``fork()`` to the ``DESCENDANT_STARTED`` event for that pid reaching the
+observer's ``emit``. Before each fork we wait a random fraction of the poll
+interval, so forks do not always land right after a scan.
+
+``tree-pass``: one scan of ours (what ``run`` does every interval; a private
+call, timed directly) against ``psutil`` calls a user would make instead on
+the same 50-process tree.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import psutil  # type: ignore[import-untyped]  # no type information shipped
+import trio
+
+from trio_observer import EventCategory, ObserverEvent, ObserverEventKind
+from trio_observer._linux._tree import Backend, TreeObserver
+
+from ._core import Config, Report, Row, Target, best, fmt_seconds, interleave_async, time_row
+
+SLEEP = shutil.which("sleep") or "/usr/bin/sleep"
+ALL = frozenset({EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK})
+INTERVAL = 0.02  # TreeObserver's default poll_interval
+
+_TREE_CHILD = """
+import subprocess, sys
+children = [subprocess.Popen([sys.argv[1], "1000"]) for _ in range(int(sys.argv[2]))]
+print("READY", flush=True)
+sys.stdin.read()
+"""
+
+_FORK_CHILD = """
+import os, sys, time
+for line in sys.stdin:
+    if line.strip() == "quit":
+        break
+    before = time.monotonic_ns()
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(600)
+        os._exit(0)
+    after = time.monotonic_ns()
+    os.write(1, b"FORK %d %d %d\\n" % (pid, before, after))
+"""
+
+
+def _check(ok: bool, what: str) -> None:
+    # A benchmark that silently observed nothing would time the wrong thing.
+    if not ok:
+        raise RuntimeError(f"benchmark data check failed: {what}")
+
+
+class _Tree:
+    """A 50-process tree (a root and 49 idle ``sleep``s) in its own session."""
+
+    def __init__(self, children: int = 49) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _TREE_CHILD, SLEEP, str(children)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        _check(self.process.stdout.readline() == b"READY\n", "tree root did not start")
+        self.pid = self.process.pid
+        self.size = 1 + len(psutil.Process(self.pid).children(recursive=True))
+
+    def close(self) -> None:
+        # The root leads its own process group, and every sleep is in it.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+
+
+async def _ignore(event: ObserverEvent) -> None:
+    pass
+
+
+# -- CPU cost -----------------------------------------------------------
+
+
+def run_cpu(config: Config) -> Report:
+    """CPU cost of observing a 50-process tree, connector and poll backends."""
+    tree = _Tree()
+    try:
+        return trio.run(_measure_cpu, config, tree)
+    finally:
+        tree.close()
+
+
+async def _measure_cpu(config: Config, tree: _Tree) -> Report:
+    window = config.pick(4, 1) * 1.0
+    rounds = config.pick(2, 1)
+    stats: dict[str, list[str]] = {"connector": [], "poll": [], "connector, PROCESS only": []}
+
+    async def observing(
+        backend: Backend | None, categories: frozenset[EventCategory] = ALL
+    ) -> float:
+        async with trio.open_nursery() as nursery:
+            if backend is not None:
+                observer = TreeObserver(emit=_ignore, categories=categories, backend=backend)
+                observer.add_root(tree.pid)
+                # Started means the first scan is done: the window measures
+                # the steady state, not the initial 49 DESCENDANT_STARTED.
+                await nursery.start(observer.run)
+            cpu, wall = time.process_time(), time.perf_counter()
+            await trio.sleep(window)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            if backend is not None:
+                statistic = observer.statistics()
+                _check(
+                    statistic.backend == backend and statistic.known_descendants == tree.size - 1,
+                    f"observer {statistic}",
+                )
+                key = backend if categories == ALL else f"{backend}, PROCESS only"
+                stats[key].append(
+                    f"{statistic.polls} scans, {statistic.connector_records} connector records"
+                )
+            nursery.cancel_scope.cancel()
+        return cpu / wall
+
+    trials: dict[str, Callable[[], Awaitable[float]]] = {
+        "idle": lambda: observing(None),
+        "connector": lambda: observing("connector"),
+        "poll": lambda: observing("poll"),
+        "connector, PROCESS only": lambda: observing(
+            "connector", frozenset({EventCategory.PROCESS})
+        ),
+    }
+    samples = await interleave_async(trials, rounds)
+    idle = best(samples["idle"])
+    rows = []
+    for backend in ("connector", "poll"):
+        used = best(samples[backend])
+        rows.append(
+            Row(
+                f"observe {tree.size}-process tree, PROCESS+FILE+NETWORK, {backend}",
+                f"{100 * used:.2f}% core",
+                f"{100 * idle:.2f}% idle",
+                used - idle,
+                Target("<=", 0.03),
+            )
+        )
+    used = best(samples["connector, PROCESS only"])
+    rows.append(
+        Row(
+            f"observe {tree.size}-process tree, PROCESS only, connector",
+            f"{100 * used:.2f}% core",
+            f"{100 * idle:.2f}% idle",
+            used - idle,
+        )
+    )
+    return Report(
+        rows=rows,
+        notes=[
+            f"CPU time of this process over {window:.0f} s windows at poll_interval={INTERVAL}; "
+            "ratio = (observing - idle) CPU seconds per wall second, i.e. the fraction of one "
+            f"core the observer adds; best (lowest) of {rounds} rounds each, interleaved",
+            "per window: "
+            + "; ".join(f"{backend}: {', '.join(lines)}" for backend, lines in stats.items()),
+            "all rounds (% core): "
+            + ", ".join(
+                f"{name} " + "/".join(f"{100 * v:.2f}" for v in values)
+                for name, values in samples.items()
+            ),
+        ],
+    )
+
+
+# -- detection latency ---------------------------------------------------
+
+
+def run_latency(config: Config) -> Report:
+    """Fork-to-event latency of DESCENDANT_STARTED, connector and poll backends."""
+    return trio.run(_measure_latency, config)
+
+
+async def _fork_latencies(backend: Backend, forks: int) -> tuple[list[float], list[float]]:
+    """Return (latencies, fork durations) in seconds for ``forks`` forks."""
+    arrivals: dict[int, int] = {}
+    arrived = trio.Event()
+
+    async def emit(event: ObserverEvent) -> None:
+        nonlocal arrived
+        if event.kind is ObserverEventKind.DESCENDANT_STARTED:
+            arrivals[event.pid] = time.monotonic_ns()
+            arrived.set()
+            arrived = trio.Event()
+
+    latencies: list[float] = []
+    fork_times: list[float] = []
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _FORK_CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        observer = TreeObserver(
+            emit=emit, categories=frozenset({EventCategory.PROCESS}), backend=backend
+        )
+        observer.add_root(process.pid)
+        buffer = b""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(observer.run)
+            _check(observer.statistics().backend == backend, f"backend {backend}")
+            with trio.fail_after(30):
+                for _ in range(forks):
+                    # Real time on purpose: a random phase against the scan timer.
+                    await trio.sleep(random.uniform(0, INTERVAL))
+                    await process.stdin.send_all(b"fork\n")
+                    while b"\n" not in buffer:
+                        data = await process.stdout.receive_some(4096)
+                        _check(bool(data), "fork root exited")
+                        buffer += data
+                    line, buffer = buffer.split(b"\n", 1)
+                    tag, pid_text, before_text, after_text = line.split()
+                    _check(tag == b"FORK", f"unexpected line {line!r}")
+                    pid = int(pid_text)
+                    while pid not in arrivals:
+                        await arrived.wait()
+                    latencies.append((arrivals[pid] - int(before_text)) / 1e9)
+                    fork_times.append((int(after_text) - int(before_text)) / 1e9)
+            nursery.cancel_scope.cancel()
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        await process.stdin.aclose()
+        await process.stdout.aclose()
+    return latencies, fork_times
+
+
+async def _measure_latency(config: Config) -> Report:
+    forks = config.pick(50, 10)
+    connector, connector_forks = await _fork_latencies("connector", forks)
+    poll, poll_forks = await _fork_latencies("poll", forks)
+    c_median, p_median = statistics.median(connector), statistics.median(poll)
+    return Report(
+        rows=[
+            Row(
+                "DESCENDANT_STARTED latency, median: connector vs poll",
+                fmt_seconds(c_median),
+                fmt_seconds(p_median),
+                c_median / p_median,
+            ),
+            Row(
+                "DESCENDANT_STARTED latency, worst: connector vs poll",
+                fmt_seconds(max(connector)),
+                fmt_seconds(max(poll)),
+                max(connector) / max(poll),
+            ),
+        ],
+        notes=[
+            f"{forks} forks per backend, PROCESS only, poll_interval={INTERVAL}; from "
+            "monotonic_ns() just before fork() in the root to the event reaching emit",
+            "the fork call itself (parent side) took median "
+            f"{fmt_seconds(statistics.median(connector_forks + poll_forks))} of that",
+        ],
+    )
+
+
+# -- one scan vs psutil --------------------------------------------------
+
+
+def run_pass(config: Config) -> Report:
+    """One scan of ours vs the equivalent psutil calls, on a 50-process tree."""
+    tree = _Tree()
+    try:
+        return trio.run(_measure_pass, config, tree)
+    finally:
+        tree.close()
+
+
+def _psutil_children(root: int) -> int:
+    return len(psutil.Process(root).children(recursive=True))
+
+
+def _psutil_children_net(root: int) -> int:
+    return _psutil_children(root) + len(psutil.net_connections())
+
+
+def _psutil_children_files_net(root: int) -> int:
+    total = 0
+    for process in psutil.Process(root).children(recursive=True):
+        try:
+            total += len(process.open_files())
+        except psutil.NoSuchProcess:
+            pass
+    return total + len(psutil.net_connections())
+
+
+async def _measure_pass(config: Config, tree: _Tree) -> Report:
+    passes = config.pick(20, 3)
+    rounds = config.pick(5, 1)
+    kinds = {
+        "PROCESS": frozenset({EventCategory.PROCESS}),
+        "PROCESS+NETWORK": frozenset({EventCategory.PROCESS, EventCategory.NETWORK}),
+        "PROCESS+FILE+NETWORK": ALL,
+    }
+    observers = {}
+    for name, categories in kinds.items():
+        observer = TreeObserver(emit=_ignore, categories=categories, backend="poll")
+        observer.add_root(tree.pid)
+        # The first scan reports the whole tree; later ones only differences,
+        # as in run()'s steady state.
+        await observer._pass(scan_tree=True)
+        _check(observer.statistics().known_descendants == tree.size - 1, name)
+        observers[name] = observer
+
+    def ours(observer: TreeObserver) -> Callable[[], Awaitable[float]]:
+        async def trial() -> float:
+            start = time.perf_counter()
+            for _ in range(passes):
+                await observer._pass(scan_tree=True)
+            return (time.perf_counter() - start) / passes
+
+        return trial
+
+    def theirs(call: Callable[[int], int]) -> Callable[[], Awaitable[float]]:
+        async def trial() -> float:
+            start = time.perf_counter()
+            for _ in range(passes):
+                call(tree.pid)
+            elapsed = time.perf_counter() - start
+            await trio.lowlevel.checkpoint()
+            return elapsed / passes
+
+        return trial
+
+    trials: dict[str, Callable[[], Awaitable[float]]] = {
+        **{name: ours(observer) for name, observer in observers.items()},
+        "children": theirs(_psutil_children),
+        "children+net": theirs(_psutil_children_net),
+        "children+files+net": theirs(_psutil_children_files_net),
+    }
+    await interleave_async(trials, 1)
+    samples = await interleave_async(trials, rounds)
+    pairs = [
+        ("PROCESS", "children", "psutil children(recursive=True)"),
+        ("PROCESS+NETWORK", "children+net", "+ psutil.net_connections()"),
+        ("PROCESS+FILE+NETWORK", "children+files+net", "+ open_files() of each"),
+    ]
+    return Report(
+        rows=[
+            time_row(
+                f"one {ours_name} scan vs {label}",
+                best(samples[ours_name]),
+                best(samples[theirs_name]),
+            )
+            for ours_name, theirs_name, label in pairs
+        ],
+        notes=[
+            f"{tree.size}-process tree (root + {tree.size - 1} sleeps); ours: one poll-backend "
+            "scan (`_pass(scan_tree=True)`, what run() does each interval), after a first scan; "
+            "psutil: a user's equivalent, system-wide net_connections() (root); "
+            f"best of {rounds} rounds x {passes} scans",
+        ],
+    )
