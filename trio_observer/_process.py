@@ -22,6 +22,10 @@ SESSION_ENV_VAR: Final = "TRIO_OBSERVER_SESSION"
 
 
 class _Capture(enum.Enum):
+    """Pass ``CAPTURE`` as ``stdout=`` or ``stderr=`` to have the session read
+    the stream into an :class:`OutputLog` (``process.stdout_log`` /
+    ``process.stderr_log``), which any number of readers can follow."""
+
     CAPTURE = "capture"
 
     def __repr__(self) -> str:
