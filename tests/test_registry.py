@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -837,3 +838,71 @@ async def test_consumer_errors_surface_as_an_exception_group() -> None:
             await trio.testing.wait_all_tasks_blocked()
     # The sink is gone even though the nursery failed.
     assert len(registry) == 0
+
+
+async def test_breaking_out_of_a_subscription_loop_leaves_nothing_behind() -> None:
+    registry = ObserverRegistry()
+    async with registry.subscribe([LIFECYCLE]) as sub:
+        for pid in range(3):
+            await registry.emit(ev(pid))
+        async for event in sub:
+            assert event.pid == 0
+            break
+        # No half-run async generator is left for the garbage collector to
+        # warn about (an error under filterwarnings=error), and the rest of
+        # the stream is still there for the next loop.
+        gc.collect()
+        registry.remove(sub.id)
+        assert [event.pid async for event in sub] == [1, 2]
+
+
+async def test_emit_that_does_not_wait_is_not_interrupted_by_cancellation() -> None:
+    registry = ObserverRegistry()
+    drop_id, _ = registry.add_channel([LIFECYCLE], 1, DROP)
+    block_id, _ = registry.add_channel([LIFECYCLE], 1, BLOCK)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        # The event is in both channels; raising Cancelled now would tell
+        # the caller it was not.
+        await registry.emit(ev(1))
+        reached = True
+    assert reached
+    assert status(registry, drop_id) == ObserverSinkStatus(0, 1, False)
+    assert status(registry, block_id) == ObserverSinkStatus(0, 1, False)
+
+
+async def test_emit_to_drop_oldest_sinks_only_never_yields() -> None:
+    registry = ObserverRegistry()
+    sink_id, _ = registry.add_channel([LIFECYCLE], 1, DROP)
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        for pid in range(3):
+            await registry.emit(ev(pid))
+        # No other task ran in between: emit never reached a schedule point.
+        assert ran == []
+    assert ran == ["other"]
+    assert status(registry, sink_id) == ObserverSinkStatus(2, 1, False)
+
+
+async def test_report_missed_subscription_in_a_task_ends_with_its_marker() -> None:
+    registry = ObserverRegistry()
+    received: list[ObserverEvent | MissedEvents] = []
+
+    async def consume(sub: Subscription[ObserverEvent | MissedEvents]) -> None:
+        async for item in sub:
+            received.append(item)
+
+    with trio.fail_after(1):
+        async with (
+            trio.open_nursery() as nursery,
+            registry.subscribe([LIFECYCLE], capacity=1, report_missed=True) as sub,
+        ):
+            await registry.emit(ev(1))
+            await registry.emit(ev(2))  # missed
+            nursery.start_soon(consume, sub)
+    assert received == [ev(1), MissedEvents(1)]
