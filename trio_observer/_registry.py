@@ -158,6 +158,14 @@ class _Sink:
         self.sequence += 1
         self.missed += 1
 
+    @property
+    def plain(self) -> bool:
+        return (
+            self.backpressure is ObserverBackpressure.DROP_OLDEST
+            and not self.tagged
+            and not self.disconnected
+        )
+
     def mark_disconnected(self) -> None:
         self.disconnected = True
         self.send_channel.close()
@@ -283,6 +291,11 @@ class ObserverRegistry:
         self._by_category: dict[EventCategory, tuple[_Sink, ...]] = dict.fromkeys(
             _ALL_CATEGORIES, ()
         )
+        # The same split in two: plain connected DROP_OLDEST sinks, which
+        # emit() serves in a tight loop, and the rest (BLOCK, tagged, or
+        # disconnected), which need the general path.
+        self._plain: dict[EventCategory, tuple[_Sink, ...]] = dict.fromkeys(_ALL_CATEGORIES, ())
+        self._general: dict[EventCategory, tuple[_Sink, ...]] = dict.fromkeys(_ALL_CATEGORIES, ())
         self._interest_callbacks: list[Callable[[], None]] = []
         # The session refuses categories this machine cannot observe here,
         # before anything is registered.
@@ -482,10 +495,16 @@ class ObserverRegistry:
         # PROCESS/FILE/NETWORK sink arrives and stop it when the last goes.
         self._interest_callbacks.append(callback)
 
-    def _interest_changed(self) -> None:
+    def _rebuild_routes(self) -> None:
         sinks = tuple(self._sinks.values())
         for category in _ALL_CATEGORIES:
-            self._by_category[category] = tuple(s for s in sinks if category in s.categories)
+            wanting = tuple(s for s in sinks if category in s.categories)
+            self._by_category[category] = wanting
+            self._plain[category] = tuple(s for s in wanting if s.plain)
+            self._general[category] = tuple(s for s in wanting if not s.plain)
+
+    def _interest_changed(self) -> None:
+        self._rebuild_routes()
         for callback in self._interest_callbacks:
             callback()
 
@@ -521,9 +540,29 @@ class ObserverRegistry:
         ``BLOCK`` sink that had not received it yet, then raises
         ``trio.Cancelled``.
         """
-        sinks = self._by_category[event.category]
-        if not sinks:
+        if not self._sinks:
             return
+        category = event.category
+        # Both routes are read before delivering: a sink that disconnects
+        # now moves to the general route, and must not be counted twice.
+        general = self._general[category]
+        for sink in self._plain[category]:
+            try:
+                sink.send_channel.send_nowait(event)
+            except trio.WouldBlock:
+                sink.missed += 1
+                continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                sink.missed += 1
+                if isinstance(exc, trio.BrokenResourceError):
+                    sink.mark_disconnected()
+                    # It leaves the fast path; this loop holds the old tuple.
+                    self._rebuild_routes()
+                continue
+            sink.delivered += 1
+        if not general:
+            return
+        sinks = general
         waiting: list[_Sink] | None = None
         delivered_to_block = False
         for sink in sinks:
