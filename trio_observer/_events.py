@@ -23,6 +23,11 @@ class EventCategory(enum.Enum):
     NETWORK = "network"
     """A process of the tree listened on, connected or closed a socket."""
 
+    # Members are singletons, so identity hashing is exact; Enum's own
+    # __hash__ is a Python-level call, and emit() looks a category up in a
+    # dict for every event.
+    __hash__ = object.__hash__
+
 
 class ObserverEventKind(enum.Enum):
     """What happened. The string values are stable: they are the JSON form."""

@@ -113,6 +113,7 @@ class _Sink:
         "disconnected",
         "missed",
         "send_channel",
+        "send_nowait",
         "sequence",
         "tagged",
     )
@@ -126,6 +127,8 @@ class _Sink:
     ) -> None:
         self.categories = categories
         self.send_channel = send_channel
+        # Bound once: emit()'s plain route calls it for every event.
+        self.send_nowait = send_channel.send_nowait
         self.backpressure = backpressure
         # A tagged sink sends (sequence, event) pairs, which is how a
         # subscription knows exactly where a loss happened in its stream.
@@ -294,8 +297,9 @@ class ObserverRegistry:
         # The same split in two: plain connected DROP_OLDEST sinks, which
         # emit() serves in a tight loop, and the rest (BLOCK, tagged, or
         # disconnected), which need the general path.
-        self._plain: dict[EventCategory, tuple[_Sink, ...]] = dict.fromkeys(_ALL_CATEGORIES, ())
-        self._general: dict[EventCategory, tuple[_Sink, ...]] = dict.fromkeys(_ALL_CATEGORIES, ())
+        self._routes: dict[EventCategory, tuple[tuple[_Sink, ...], tuple[_Sink, ...]]] = (
+            dict.fromkeys(_ALL_CATEGORIES, ((), ()))
+        )
         self._interest_callbacks: list[Callable[[], None]] = []
         # The session refuses categories this machine cannot observe here,
         # before anything is registered.
@@ -500,8 +504,10 @@ class ObserverRegistry:
         for category in _ALL_CATEGORIES:
             wanting = tuple(s for s in sinks if category in s.categories)
             self._by_category[category] = wanting
-            self._plain[category] = tuple(s for s in wanting if s.plain)
-            self._general[category] = tuple(s for s in wanting if not s.plain)
+            self._routes[category] = (
+                tuple(s for s in wanting if s.plain),
+                tuple(s for s in wanting if not s.plain),
+            )
 
     def _interest_changed(self) -> None:
         self._rebuild_routes()
@@ -542,13 +548,12 @@ class ObserverRegistry:
         """
         if not self._sinks:
             return
-        category = event.category
         # Both routes are read before delivering: a sink that disconnects
         # now moves to the general route, and must not be counted twice.
-        general = self._general[category]
-        for sink in self._plain[category]:
+        plain, general = self._routes[event.category]
+        for sink in plain:
             try:
-                sink.send_channel.send_nowait(event)
+                sink.send_nowait(event)
             except trio.WouldBlock:
                 sink.missed += 1
                 continue
@@ -560,40 +565,43 @@ class ObserverRegistry:
                     self._rebuild_routes()
                 continue
             sink.delivered += 1
-        if not general:
-            return
-        sinks = general
-        waiting: list[_Sink] | None = None
-        delivered_to_block = False
-        for sink in sinks:
-            if sink.disconnected:
-                sink.count_missed()
-                continue
-            try:
-                sink.send_channel.send_nowait(sink.item(event))
-            except trio.WouldBlock:
-                if sink.backpressure is ObserverBackpressure.BLOCK:
-                    if waiting is None:
-                        waiting = []
-                    waiting.append(sink)
-                else:
-                    sink.count_missed()
-                continue
-            except trio.BrokenResourceError:
-                sink.mark_disconnected()
-                sink.count_missed()
-                continue
-            except trio.ClosedResourceError:
-                # Removed, or the registry closed: nothing can be delivered.
-                sink.count_missed()
-                continue
-            sink.count_delivered()
+        if general:
+            await _emit_general(general, event)
+
+
+async def _emit_general(sinks: tuple[_Sink, ...], event: ObserverEvent) -> None:
+    """Deliver to BLOCK, tagged and disconnected sinks (see emit)."""
+    waiting: list[_Sink] | None = None
+    delivered_to_block = False
+    for sink in sinks:
+        if sink.disconnected:
+            sink.count_missed()
+            continue
+        try:
+            sink.send_channel.send_nowait(sink.item(event))
+        except trio.WouldBlock:
             if sink.backpressure is ObserverBackpressure.BLOCK:
-                delivered_to_block = True
-        if waiting is not None:
-            await _send_waiting(waiting, event)
-        elif delivered_to_block:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+                if waiting is None:
+                    waiting = []
+                waiting.append(sink)
+            else:
+                sink.count_missed()
+            continue
+        except trio.BrokenResourceError:
+            sink.mark_disconnected()
+            sink.count_missed()
+            continue
+        except trio.ClosedResourceError:
+            # Removed, or the registry closed: nothing can be delivered.
+            sink.count_missed()
+            continue
+        sink.count_delivered()
+        if sink.backpressure is ObserverBackpressure.BLOCK:
+            delivered_to_block = True
+    if waiting is not None:
+        await _send_waiting(waiting, event)
+    elif delivered_to_block:
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 def _push_nowait(sink: _Sink, event: ObserverEvent) -> None:
