@@ -13,7 +13,8 @@ import trio
 
 from ._events import TerminationOutcome
 from ._output import OutputLog
-from ._pty import PtySize, PtyStream, open_pty, spawn_on_pty
+from ._pty import PtySize, PtyStream, open_pty
+from ._spawn import spawn_on_pty
 
 # Every child of a session carries this variable, so that a descendant the
 # session adopts (as child subreaper) after it left the process group can
