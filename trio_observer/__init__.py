@@ -14,9 +14,9 @@ from ._events import EventGrade as EventGrade
 from ._events import ObserverEvent as ObserverEvent
 from ._events import ObserverEventKind as ObserverEventKind
 from ._events import TerminationOutcome as TerminationOutcome
-from ._output import ExpectEOF as ExpectEOF
-from ._output import ExpectMatch as ExpectMatch
-from ._output import ExpectTimeout as ExpectTimeout
+from ._expect import ExpectEOF as ExpectEOF
+from ._expect import ExpectMatch as ExpectMatch
+from ._expect import ExpectTimeout as ExpectTimeout
 from ._output import OutputCursor as OutputCursor
 from ._output import OutputGap as OutputGap
 from ._output import OutputLog as OutputLog
