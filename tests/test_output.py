@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import re
 
 import pytest
@@ -23,10 +22,6 @@ def drain(cursor: OutputCursor) -> list[bytes | OutputGap]:
             items.append(cursor.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
             return items
-
-
-async def collect_lines(cursor: OutputCursor, **kwargs: bool | str) -> list[str | OutputGap]:
-    return [line async for line in cursor.lines(**kwargs)]  # type: ignore[arg-type]
 
 
 # -- backlog ---------------------------------------------------------------
@@ -191,71 +186,6 @@ async def test_slow_cursor_never_blocks_the_writer() -> None:
     assert log.closed
     assert log.total_bytes == 100_000
     assert drain(slow) == [OutputGap(99_900), b"x" * 100]
-
-
-# -- lines -----------------------------------------------------------------
-
-
-async def test_lines_join_a_character_split_across_chunks() -> None:
-    log = OutputLog()
-    cursor = log.cursor()
-    log.feed(b"caf\xc3")
-    log.feed(b"\xa9\nna\xc3")
-    log.feed(b"\xafve")
-    log.close()
-    assert await collect_lines(cursor) == ["café", "naïve"]
-
-
-async def test_lines_strip_crlf_even_when_split() -> None:
-    log = OutputLog()
-    plain, kept = log.cursor(), log.cursor()
-    for chunk in [b"one\r\ntwo\r", b"\nthree\rbar\n", b"four\n"]:
-        log.feed(chunk)
-    log.close()
-    assert await collect_lines(plain) == ["one", "two", "three\rbar", "four"]
-    assert await collect_lines(kept, keepends=True) == [
-        "one\r\n",
-        "two\r\n",
-        "three\rbar\n",
-        "four\n",
-    ]
-
-
-async def test_lines_yield_the_final_unterminated_line() -> None:
-    log = OutputLog()
-    cursor = log.cursor()
-    log.feed(b"a\nb")
-    log.feed(b"c")
-    log.close()
-    assert await collect_lines(cursor) == ["a", "bc"]
-
-
-async def test_lines_replace_bad_bytes_and_truncated_characters() -> None:
-    log = OutputLog()
-    cursor = log.cursor()
-    log.feed(b"\xff ok\n\xc3")
-    log.close()
-    assert await collect_lines(cursor) == ["\ufffd ok", "\ufffd"]
-
-
-async def test_lines_report_a_gap_in_band() -> None:
-    log = OutputLog(max_bytes=8)
-    cursor = log.cursor()
-    lines = cursor.lines()
-    log.feed(b"ab\ncd")
-    assert await lines.__anext__() == "ab"
-    log.feed(b"efghijklm\nz\n")  # 17 fed, 8 kept: "efgh" went unread
-    log.close()
-    rest = [item async for item in lines]
-    assert rest == ["cd", OutputGap(missed_bytes=4), "ijklm", "z"]
-
-
-async def test_lines_check_the_encoding_at_once() -> None:
-    log = OutputLog()
-    with pytest.raises(LookupError):
-        log.cursor().lines(encoding="no-such-codec")
-    with pytest.raises(LookupError):
-        log.cursor().lines(errors="no-such-handler")
 
 
 # -- expect ----------------------------------------------------------------
@@ -470,28 +400,3 @@ def test_backlog_invariants(chunks: list[bytes], max_bytes: int) -> None:
         assert data == snapshot
 
     trio.run(main)
-
-
-async def test_a_lines_iterator_can_be_left_and_resumed() -> None:
-    log = OutputLog()
-    cursor = log.cursor()
-    log.feed(b"first\nsecond\n")
-    lines = cursor.lines()
-    async for line in lines:
-        assert line == "first"
-        break
-    log.feed(b"third")
-    log.close()
-    # The same iterator holds the text it already decoded.
-    assert [line async for line in lines] == ["second", "third"]
-    assert cursor.position == log.total_bytes
-
-
-async def test_an_abandoned_lines_iterator_is_finalized_quietly() -> None:
-    log = OutputLog()
-    cursor = log.cursor()
-    log.feed(b"a\nb\n")
-    async for _ in cursor.lines():
-        break
-    gc.collect()
-    await trio.testing.wait_all_tasks_blocked()

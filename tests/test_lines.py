@@ -1,0 +1,246 @@
+"""Lines from a captured stream: ``cursor.lines()`` and ``cursor.line_batches()``."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_observer._output import OutputCursor, OutputGap, OutputLog
+
+
+async def collect_lines(cursor: OutputCursor, **kwargs: bool | str) -> list[str | OutputGap]:
+    return [line async for line in cursor.lines(**kwargs)]  # type: ignore[arg-type]
+
+
+async def collect_batches(
+    cursor: OutputCursor, **kwargs: bool | str
+) -> list[list[str] | OutputGap]:
+    return [batch async for batch in cursor.line_batches(**kwargs)]  # type: ignore[arg-type]
+
+
+# -- lines -----------------------------------------------------------------
+
+
+async def test_lines_join_a_character_split_across_chunks() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"caf\xc3")
+    log.feed(b"\xa9\nna\xc3")
+    log.feed(b"\xafve")
+    log.close()
+    assert await collect_lines(cursor) == ["café", "naïve"]
+
+
+async def test_lines_strip_crlf_even_when_split() -> None:
+    log = OutputLog()
+    plain, kept = log.cursor(), log.cursor()
+    for chunk in [b"one\r\ntwo\r", b"\nthree\rbar\n", b"four\n"]:
+        log.feed(chunk)
+    log.close()
+    assert await collect_lines(plain) == ["one", "two", "three\rbar", "four"]
+    assert await collect_lines(kept, keepends=True) == [
+        "one\r\n",
+        "two\r\n",
+        "three\rbar\n",
+        "four\n",
+    ]
+
+
+async def test_lines_yield_the_final_unterminated_line() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"a\nb")
+    log.feed(b"c")
+    log.close()
+    assert await collect_lines(cursor) == ["a", "bc"]
+
+
+async def test_lines_replace_bad_bytes_and_truncated_characters() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"\xff ok\n\xc3")
+    log.close()
+    assert await collect_lines(cursor) == ["\ufffd ok", "\ufffd"]
+
+
+async def test_lines_report_a_gap_in_band() -> None:
+    log = OutputLog(max_bytes=8)
+    cursor = log.cursor()
+    lines = cursor.lines()
+    log.feed(b"ab\ncd")
+    assert await lines.__anext__() == "ab"
+    log.feed(b"efghijklm\nz\n")  # 17 fed, 8 kept: "efgh" went unread
+    log.close()
+    rest = [item async for item in lines]
+    assert rest == ["cd", OutputGap(missed_bytes=4), "ijklm", "z"]
+
+
+async def test_lines_check_the_encoding_at_once() -> None:
+    log = OutputLog()
+    with pytest.raises(LookupError):
+        log.cursor().lines(encoding="no-such-codec")
+    with pytest.raises(LookupError):
+        log.cursor().lines(errors="no-such-handler")
+
+
+async def test_a_lines_iterator_can_be_left_and_resumed() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"first\nsecond\n")
+    lines = cursor.lines()
+    async for line in lines:
+        assert line == "first"
+        break
+    log.feed(b"third")
+    log.close()
+    # The same iterator holds the text it already decoded.
+    assert [line async for line in lines] == ["second", "third"]
+    assert cursor.position == log.total_bytes
+
+
+async def test_an_abandoned_lines_iterator_is_finalized_quietly() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"a\nb\n")
+    async for _ in cursor.lines():
+        break
+    gc.collect()
+    await trio.testing.wait_all_tasks_blocked()
+
+
+# -- line_batches ----------------------------------------------------------
+
+
+async def test_batches_hold_the_lines_each_chunk_completes() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    for chunk in [b"one\ntwo\nthr", b"ee", b"\r\nfour\nfive"]:
+        log.feed(chunk)
+    log.close()
+    # The chunk b"ee" completes no line, so it yields no (empty) batch.
+    assert await collect_batches(cursor) == [["one", "two"], ["three", "four"], ["five"]]
+
+
+async def test_batches_keep_ends_like_lines() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"a\r\nb\rc\n")
+    log.feed(b"d")
+    log.close()
+    assert await collect_batches(cursor, keepends=True) == [["a\r\n", "b\rc\n"], ["d"]]
+
+
+async def test_batches_report_a_gap_after_the_partial_line() -> None:
+    log = OutputLog(max_bytes=8)
+    cursor = log.cursor()
+    batches = cursor.line_batches()
+    log.feed(b"ab\ncd")
+    assert await batches.__anext__() == ["ab"]
+    log.feed(b"efghijklm\nz\n")  # 17 fed, 8 kept: "efgh" went unread
+    log.close()
+    rest = [item async for item in batches]
+    assert rest == [["cd"], OutputGap(missed_bytes=4), ["ijklm", "z"]]
+
+
+async def test_a_gap_with_no_partial_line_comes_alone() -> None:
+    log = OutputLog(max_bytes=4)
+    cursor = log.cursor()
+    log.feed(b"ab\n")
+    log.feed(b"cd\nef\n")  # 9 fed, 4 kept: "ab\ncd" (5 bytes) went unread
+    log.close()
+    assert await collect_batches(cursor) == [OutputGap(missed_bytes=5), ["", "ef"]]
+
+
+async def test_a_waiting_batch_reader_wakes_only_for_a_whole_line() -> None:
+    log = OutputLog()
+    batches = log.cursor().line_batches()
+    received: list[list[str] | OutputGap] = []
+
+    async def reader() -> None:
+        async for batch in batches:
+            received.append(batch)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        log.feed(b"no newline yet")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == []
+        log.feed(b"\nnext")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == [["no newline yet"]]
+        log.close()
+    assert received == [["no newline yet"], ["next"]]
+
+
+async def test_cancelling_a_waiting_batch_reader_loses_nothing() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    batches = cursor.line_batches()
+    log.feed(b"partial ")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batches.__anext__)
+        await trio.testing.wait_all_tasks_blocked()
+        # The reader took b"partial " from the cursor and is parked for more.
+        assert cursor.position == 8
+        nursery.cancel_scope.cancel()
+    log.feed(b"line\n")
+    log.close()
+    assert [item async for item in batches] == [["partial line"]]
+
+
+async def test_batches_check_the_encoding_at_once() -> None:
+    log = OutputLog()
+    with pytest.raises(LookupError):
+        log.cursor().line_batches(encoding="no-such-codec")
+    with pytest.raises(LookupError):
+        log.cursor().line_batches(errors="no-such-handler")
+
+
+async def test_an_abandoned_batch_iterator_is_finalized_quietly() -> None:
+    log = OutputLog()
+    cursor = log.cursor()
+    log.feed(b"a\nb\n")
+    async for _ in cursor.line_batches():
+        break
+    gc.collect()
+    await trio.testing.wait_all_tasks_blocked()
+
+
+_TEXT = st.lists(st.sampled_from(["a", "é", "\n", "\r", "\r\n", "€", "xyz"]), max_size=40).map(
+    "".join
+)
+
+
+@given(text=_TEXT, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+def test_lines_and_batches_agree_with_splitting_the_whole_text(text: str, cuts: list[int]) -> None:
+    data = text.encode("utf-8")
+    bounds = sorted({min(cut, len(data)) for cut in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    whole = text.replace("\r\n", "\n").split("\n")
+    expected = whole if whole[-1] else whole[:-1]
+    kept = [line + "\n" for line in text.split("\n")]
+    kept[-1] = kept[-1][:-1]
+    expected_kept = kept if kept[-1] else kept[:-1]
+
+    async def main() -> None:
+        log = OutputLog()
+        cursors = [log.cursor() for _ in range(3)]
+        for chunk in chunks:  # chunks split UTF-8 characters anywhere
+            log.feed(chunk)
+        log.close()
+        lines = await collect_lines(cursors[0])
+        batches = await collect_batches(cursors[1])
+        kept_batches = await collect_batches(cursors[2], keepends=True)
+        assert lines == expected
+        assert all(isinstance(b, list) and b for b in batches)
+        assert [line for b in batches for line in b] == expected  # type: ignore[union-attr]
+        assert [line for b in kept_batches for line in b] == expected_kept  # type: ignore[union-attr]
+
+    trio.run(main)
