@@ -10,7 +10,9 @@ blocking ``subprocess.run(capture_output=True)``. The child is
 ``head -c N /dev/zero`` for all three, so the child costs the same.
 
 ``lines`` times one million short lines from a Python child, read as
-``str`` lines: ours through ``log.cursor().lines()`` on a captured stdout,
+``str`` lines: ours through ``log.cursor().lines()`` (one ``async for``
+step per line) and ``log.cursor().line_batches()`` (one per chunk, then a
+plain ``for`` over the chunk's lines) on a captured stdout,
 the alternative by iterating the stdout file object of
 ``subprocess.Popen(..., stdout=PIPE, text=True)``, line by line. Same child
 for both. Each side checks that it saw every line.
@@ -204,7 +206,7 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
         "python": [sys.executable, "-c", _LINES_CHILD, str(count)],
     }
 
-    async def ours(argv: list[str]) -> float:
+    async def ours(argv: list[str], batches: bool) -> float:
         seen = gaps = 0
         start = time.perf_counter()
         async with trio_observer.open_session() as session:
@@ -215,14 +217,23 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
             )
             log = process.stdout_log
             assert log is not None
-            async for line in log.cursor().lines():
-                if isinstance(line, str):
-                    seen += 1
-                else:
-                    gaps += 1
+            if batches:
+                async for batch in log.cursor().line_batches():
+                    if isinstance(batch, list):
+                        # Touch every line, as the Popen loop does.
+                        for _line in batch:
+                            seen += 1
+                    else:
+                        gaps += 1
+            else:
+                async for line in log.cursor().lines():
+                    if isinstance(line, str):
+                        seen += 1
+                    else:
+                        gaps += 1
             await process.wait()
         elapsed = time.perf_counter() - start
-        _check(seen == count and gaps == 0, f"lines(): {seen} lines, {gaps} gaps")
+        _check(seen == count and gaps == 0, f"{batches=}: {seen} lines, {gaps} gaps")
         return elapsed
 
     async def popen(argv: list[str]) -> float:
@@ -246,7 +257,8 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
 
     trials: dict[str, Callable[[], Awaitable[float]]] = {"async-for floor": floor}
     for child, argv in children.items():
-        trials[f"lines() {child}"] = functools.partial(ours, argv)
+        trials[f"lines() {child}"] = functools.partial(ours, argv, False)
+        trials[f"line_batches() {child}"] = functools.partial(ours, argv, True)
         trials[f"Popen {child}"] = functools.partial(popen, argv)
     await interleave_async(trials, 1)
     samples = await interleave_async(trials, rounds)
@@ -259,6 +271,12 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
                 Target("<=", 0.6),
             ),
             time_row(
+                f"{count} lines from cat: cursor.line_batches() vs Popen iteration",
+                best(samples["line_batches() cat"]),
+                best(samples["Popen cat"]),
+                Target("<=", 0.6),
+            ),
+            time_row(
                 "ref: async-for over split lines vs Popen iteration (cat)",
                 best(samples["async-for floor"]),
                 best(samples["Popen cat"]),
@@ -266,6 +284,11 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
             time_row(
                 f"{count} lines from python: cursor.lines() vs Popen iteration",
                 best(samples["lines() python"]),
+                best(samples["Popen python"]),
+            ),
+            time_row(
+                f"{count} lines from python: cursor.line_batches() vs Popen iteration",
+                best(samples["line_batches() python"]),
                 best(samples["Popen python"]),
             ),
         ],
