@@ -10,7 +10,7 @@ opened and closed between two scans is never seen: these events are
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -55,7 +55,7 @@ class TrackedProcess:
     """Its start time, to tell a reused pid from the same process."""
     ppid: int | None
     """Its parent, copied into the events."""
-    root_pid: int
+    root_pid: int | None
     """The session process whose tree it belongs to (itself for a root)."""
 
     @property
@@ -109,6 +109,9 @@ class DescriptorTracker:
         self._files: dict[tuple[int, int], dict[int, str]] = {}
         self._sockets: dict[tuple[int, int], dict[int, SocketEntry]] = {}
         self._procs: dict[tuple[int, int], TrackedProcess] = {}
+        # Processes whose descriptors were read and diffed since the last
+        # reset: only those may be passed over while quiet (see ._activity).
+        self._read: set[tuple[int, int]] = set()
 
     def reset(self, *, files: bool, network: bool) -> None:
         """Forget what was reported for the categories no longer wanted.
@@ -120,6 +123,8 @@ class DescriptorTracker:
             files: Whether FILE is still wanted.
             network: Whether NETWORK is still wanted.
         """
+        # What was read may not have been diffed for a category wanted now.
+        self._read.clear()
         if not files:
             self._files.clear()
         if not network:
@@ -138,6 +143,7 @@ class DescriptorTracker:
         """
         key = proc.identity
         self._procs.pop(key, None)
+        self._read.discard(key)
         events = [
             _file_event(proc, ObserverEventKind.FILE_CLOSE, fd, path)
             for fd, path in sorted(self._files.pop(key, {}).items())
@@ -149,7 +155,12 @@ class DescriptorTracker:
         return events
 
     def scan(
-        self, processes: Iterable[TrackedProcess], *, files: bool, network: bool
+        self,
+        processes: Iterable[TrackedProcess],
+        *,
+        files: bool,
+        network: bool,
+        quiet: Container[int] = frozenset(),
     ) -> list[ObserverEvent]:
         """Scan the descriptors of ``processes`` and return what changed.
 
@@ -162,6 +173,10 @@ class DescriptorTracker:
             processes: The live processes of the tree, roots included.
             files: Whether FILE is wanted.
             network: Whether NETWORK is wanted.
+            quiet: Pids that provably have not run since their descriptors
+                were last read here (:class:`._activity.ActivityWatch`);
+                those already read since the last :meth:`reset` are passed
+                over.
 
         Returns:
             The events, grouped per process, closes before opens.
@@ -175,9 +190,12 @@ class DescriptorTracker:
             key = proc.identity
             seen.add(key)
             self._procs[key] = proc
+            if proc.pid in quiet and key in self._read:
+                continue
             fds = read_fds(self._proc_root, proc.pid)
             if fds is None:
                 continue
+            self._read.add(key)
             if files:
                 events.extend(self._diff_files(proc, fds))
             if network:

@@ -21,6 +21,8 @@ _RACES: Final = (FileNotFoundError, ProcessLookupError, PermissionError, NotADir
 # Field numbers as in proc(5), 1-based; they count from the pid (field 1).
 _FIELD_STATE: Final = 3
 _FIELD_PPID: Final = 4
+_FIELD_PGRP: Final = 5
+_FIELD_SESSION: Final = 6
 _FIELD_STARTTIME: Final = 22
 _FIELD_EXIT_CODE: Final = 52
 
@@ -48,6 +50,10 @@ class ProcStat:
     exit_code: int | None
     """For a zombie: its wait status (field 52, Linux >= 3.5). ``None`` when
     the kernel does not show the field."""
+    pgid: int = 0
+    """The process group."""
+    sid: int = 0
+    """The session id."""
 
     @property
     def identity(self) -> tuple[int, int]:
@@ -98,6 +104,8 @@ def parse_stat(text: str) -> ProcStat:
         ppid=int(field(_FIELD_PPID)),
         starttime=int(field(_FIELD_STARTTIME)),
         exit_code=exit_code,
+        pgid=int(field(_FIELD_PGRP)),
+        sid=int(field(_FIELD_SESSION)),
     )
 
 
@@ -293,6 +301,26 @@ def read_net_namespace(proc_root: str, pid: int) -> str | None:
         return None
 
 
+def environ_has(proc_root: str, pid: int, entry: bytes) -> bool:
+    """Tell whether the initial environment of ``pid`` holds ``entry`` exactly.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+        entry: A whole ``NAME=value`` entry.
+
+    Returns:
+        ``False`` also when the environment is unreadable, or empty (a
+        zombie's memory is gone).
+    """
+    try:
+        with open(f"{proc_root}/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return entry in data.split(b"\0")
+
+
 def read_proc_file(path: str) -> str | None:
     """Read a text file under ``/proc``, ``None`` if it is gone or unreadable.
 
@@ -303,3 +331,67 @@ def read_proc_file(path: str) -> str | None:
         Its content.
     """
     return _read_text(path)
+
+
+def read_thread_ids(proc_root: str, pid: int) -> list[int] | None:
+    """List the threads of ``pid`` (``/proc/<pid>/task``).
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+
+    Returns:
+        The thread ids, or ``None`` when the process is gone or unreadable.
+    """
+    try:
+        names = os.listdir(f"{proc_root}/{pid}/task")
+    except OSError:
+        return None
+    return [int(name) for name in names if name.isdigit()]
+
+
+def read_run_counters(proc_root: str, pid: int, tid: int) -> tuple[int, int] | None:
+    """Read how long and how often thread ``tid`` of ``pid`` has run.
+
+    From ``/proc/<pid>/task/<tid>/schedstat`` (``CONFIG_SCHED_INFO``): the
+    nanoseconds spent on a CPU (``se.sum_exec_runtime``, brought up to date
+    whenever the thread leaves the CPU and at every scheduler tick while it
+    runs) and the number of times it was put on a CPU (``pcount``, counted
+    at every switch-in). A thread whose pair is unchanged between two reads
+    was not switched in between them.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+        tid: One of its threads (``pid`` itself for the main thread).
+
+    Returns:
+        ``(runtime_ns, times_scheduled)``, or ``None`` when the thread is
+        gone or the kernel does not keep the counters (it then shows zeros,
+        which would make every thread look idle forever).
+    """
+    path = (
+        f"{proc_root}/{pid}/schedstat" if tid == pid else f"{proc_root}/{pid}/task/{tid}/schedstat"
+    )
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 128)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = data.split()
+    if len(fields) < 3:
+        return None
+    try:
+        runtime, scheduled = int(fields[0]), int(fields[2])
+    except ValueError:
+        return None
+    if scheduled == 0:
+        # Zeros: no CONFIG_SCHED_INFO accounting, or a thread that has never
+        # run yet. Neither proves anything.
+        return None
+    return runtime, scheduled

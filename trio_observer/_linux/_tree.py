@@ -18,6 +18,7 @@ Files and sockets are always snapshots (see :mod:`._descriptors`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Final, Literal, NoReturn, final
 import trio
 
 from .._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind, trio_time_ms
+from ._activity import ActivityWatch
 from ._connector import (
     ConnectorBatch,
     ConnectorSocket,
@@ -39,6 +41,7 @@ from ._connector import (
 from ._descriptors import DescriptorTracker, TrackedProcess
 from ._procfs import (
     ProcStat,
+    environ_has,
     has_children_files,
     read_children,
     read_cmdline,
@@ -90,7 +93,7 @@ class _Node:
     pid: int
     starttime: int | None
     ppid: int | None
-    root_pid: int
+    root_pid: int | None
 
     def tracked(self) -> TrackedProcess:
         return TrackedProcess(self.pid, self.starttime, self.ppid, self.root_pid)
@@ -119,6 +122,18 @@ class TreeObserver:
             reports the real system's pids.
         connector_factory: Opens the connector socket; tests pass a fake.
             Defaults to a real subscribed netlink socket.
+        adopt_marker: An environment entry (``b"NAME=value"``) that marks
+            the processes of this tree. A child of *this* process that is not
+            a root and not known, and whose initial environment holds this
+            exact entry, is adopted into the tree and reported with
+            ``DESCENDANT_STARTED``: an orphan re-parented to this process (a
+            child subreaper) before a scan saw it under its own parent.
+            ``None`` (the default) adopts nothing.
+        reap_adopted: Reap (``waitpid``) a descendant that exits as a zombie
+            child of this process, after its ``DESCENDANT_EXITED`` (and its
+            exit code) is taken. Roots are never reaped here: they are the
+            caller's. Off by default because reaping someone else's child
+            would steal its exit status.
 
     Raises:
         ValueError: If ``poll_interval`` is not positive or ``backend`` is
@@ -134,6 +149,8 @@ class TreeObserver:
         proc_root: str = "/proc",
         backend: Backend = "auto",
         connector_factory: Callable[[], ConnectorSocket] | None = None,
+        adopt_marker: bytes | None = None,
+        reap_adopted: bool = False,
     ) -> None:
         if not poll_interval > 0 or math.isinf(poll_interval):
             raise ValueError(f"poll_interval must be a positive number, not {poll_interval!r}")
@@ -154,6 +171,15 @@ class TreeObserver:
         self._roots_dirty = False
         self._children_files: bool | None = None
         self._descriptors = DescriptorTracker(proc_root)
+        self._activity = ActivityWatch(proc_root)
+        self._adopt_marker = adopt_marker
+        self._reap_adopted = reap_adopted
+        self._self_pid = os.getpid()
+        # Children of this process whose environment lacked the marker, by
+        # identity, so it is read once per process and not once per scan.
+        self._not_ours: set[tuple[int, int]] = set()
+        # Exited members that may still be zombie children of this process.
+        self._to_reap: dict[int, int | None] = {}
         self._running = False
         self._active_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
@@ -199,6 +225,7 @@ class TreeObserver:
         self._descriptors.reset(
             files=EventCategory.FILE in wanted, network=EventCategory.NETWORK in wanted
         )
+        self._activity.forget_all()
         if not wanted:
             if self._active_scope is not None:
                 self._active_scope.cancel()
@@ -308,6 +335,8 @@ class TreeObserver:
                     with trio.move_on_at(next_poll):
                         await connector.wait_readable()
                     await self._handle_batch(connector.receive_nowait())
+                if self._to_reap:
+                    self._reap()
                 if trio.current_time() < next_poll:
                     continue
                 if connector is None:
@@ -328,19 +357,31 @@ class TreeObserver:
     async def _pass(self, *, scan_tree: bool) -> None:
         self._polls += 1
         events: list[ObserverEvent] = []
-        if scan_tree:
-            events.extend(self._scan_tree())
         files = EventCategory.FILE in self._categories
         network = EventCategory.NETWORK in self._categories
+        # Before anything is read: a process that runs after this is active
+        # in the next pass (see ._activity).
+        quiet = self._activity.update([*self._roots, *self._members])
+        if scan_tree:
+            # Only the poll backend looks at the tree every pass, which is
+            # what makes "quiet since the last pass" mean "no fork since the
+            # children were last read". A connector rescan walks everything.
+            events.extend(self._scan_tree(set() if self._backend_in_use == "connector" else quiet))
         if files or network:
             procs = [n.tracked() for n in (*self._roots.values(), *self._members.values())]
-            events.extend(self._descriptors.scan(procs, files=files, network=network))
+            events.extend(self._descriptors.scan(procs, files=files, network=network, quiet=quiet))
         await self._emit_all(events)
+        if self._to_reap:
+            self._reap()
 
     # ---------------------------------------------------- the process table
 
-    def _scan_tree(self) -> list[ObserverEvent]:
-        """Rebuild the tree from /proc; return exits, then starts."""
+    def _scan_tree(self, quiet: set[int]) -> list[ObserverEvent]:
+        """Update the tree from /proc; return exits, then starts.
+
+        ``quiet`` processes have not run since the previous scan, so they
+        have neither exited nor forked: their stat and children are not read.
+        """
         self._roots_dirty = False
         if not self._roots and not self._members:
             self._seen_dead = set()
@@ -374,34 +415,57 @@ class TreeObserver:
             return read_children(self._proc_root, pid) or []
 
         exits: list[ObserverEvent] = []
-        parents: dict[int, int] = {}
+        parents: dict[int, int | None] = {}
+        # Whose children to read: those that ran, and their parents, since
+        # clone(CLONE_PARENT) makes a child of the caller's parent.
+        walk: set[int] = set()
         seen_dead: set[tuple[int, int]] = set()
+        lost = False
         for pid, root in list(self._roots.items()):
+            if pid in quiet:
+                parents[pid] = pid
+                continue
             stat = stat_of(pid)
             if stat is None or stat.is_dead or not _same(root, stat):
                 # An exited root has no children left (they were reparented
                 # and, if known, stay members); its pid may be reused.
                 del self._roots[pid]
                 exits.extend(self._descriptors.forget(root.tracked()))
+                lost = True
                 continue
             root.starttime = stat.starttime
             parents[pid] = pid
+            walk.add(pid)
         for pid, node in list(self._members.items()):
+            if pid in quiet:
+                parents[pid] = node.root_pid
+                continue
             stat = stat_of(pid)
             if stat is not None and not stat.is_dead and _same(node, stat):
                 node.starttime = stat.starttime
                 parents[pid] = node.root_pid
+                walk.update((pid, stat.ppid))
                 continue
             del self._members[pid]
+            lost = True
             code = None
             if stat is not None and stat.is_dead and _same(node, stat):
                 seen_dead.add(stat.identity)
                 if stat.exit_code is not None:
                     code = wait_status_to_exit_code(stat.exit_code)
+                if self._reap_adopted and stat.ppid == self._self_pid:
+                    self._to_reap[pid] = stat.starttime
             exits.extend(self._descriptors.forget(node.tracked()))
             exits.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
         starts: list[ObserverEvent] = []
-        queue = list(parents)
+        if lost or table is not None or not quiet:
+            # An exit re-parents the exited process's children, possibly to a
+            # member that is a subreaper itself: look everywhere once.
+            queue = list(parents)
+        else:
+            queue = [pid for pid in parents if pid in walk]
+        if self._adopt_marker is not None and (queue or lost):
+            starts.extend(self._adopt(children_of(self._self_pid), stat_of, parents, queue))
         while queue:
             parent = queue.pop()
             for child in children_of(parent):
@@ -430,6 +494,66 @@ class TreeObserver:
                 starts.append(self._started_event(node, None))
         self._seen_dead = seen_dead
         return exits + starts
+
+    def _adopt(
+        self,
+        candidates: list[int],
+        stat_of: Callable[[int], ProcStat | None],
+        parents: dict[int, int | None],
+        queue: list[int],
+    ) -> list[ObserverEvent]:
+        """Take in the marked, unknown children of this process (orphans)."""
+        assert self._adopt_marker is not None
+        events: list[ObserverEvent] = []
+        for pid in candidates:
+            if pid in self._members or pid in self._roots:
+                continue
+            stat = stat_of(pid)
+            if stat is None or stat.is_dead or stat.ppid != self._self_pid:
+                # A zombie's environment is gone: it cannot be recognised.
+                continue
+            if stat.identity in self._not_ours:
+                continue
+            if not environ_has(self._proc_root, pid, self._adopt_marker):
+                self._not_ours.add(stat.identity)
+                continue
+            root_pid: int | None = None
+            for root in self._roots:
+                root_stat = stat_of(root)
+                if root_stat is not None and (
+                    root_stat.pgid == stat.pgid or root_stat.sid == stat.sid
+                ):
+                    root_pid = root
+                    break
+            node = _Node(pid, stat.starttime, stat.ppid, root_pid)
+            self._members[pid] = node
+            parents[pid] = root_pid
+            queue.append(pid)
+            events.append(self._started_event(node, None))
+        if len(self._not_ours) > _RECENT_EXITS:
+            self._not_ours.clear()
+        return events
+
+    def _reap(self) -> None:
+        """Reap exited members that are zombie children of this process."""
+        for pid, starttime in list(self._to_reap.items()):
+            stat = read_stat(self._proc_root, pid)
+            if (
+                stat is None
+                or stat.ppid != self._self_pid
+                or (starttime is not None and stat.starttime != starttime)
+            ):
+                del self._to_reap[pid]  # reaped by someone else, or not ours
+                continue
+            if not stat.is_dead:
+                continue  # still exiting (the connector reports exits early)
+            del self._to_reap[pid]
+            if pid in self._roots:
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
     def _process_event(
         self,
@@ -534,6 +658,9 @@ class TreeObserver:
             if len(self._recent_exits) > _RECENT_EXITS:
                 del self._recent_exits[next(iter(self._recent_exits))]
             return []
+        if self._reap_adopted:
+            # Reaped once it is a zombie: the record comes before that.
+            self._to_reap[pid] = node.starttime
         events = self._descriptors.forget(node.tracked())
         events.append(
             self._process_event(
