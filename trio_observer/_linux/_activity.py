@@ -26,11 +26,12 @@ What the counters cannot see, and why a periodic full look remains (every
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, final
 
-from ._procfs import read_run_counters, read_thread_ids
+from ._procfs import read_run_counters, read_thread_ids, run_counters_path
 
 VERIFY_EVERY: Final = 25
 """After this many quiet passes in a row a process is looked at in full
@@ -41,8 +42,27 @@ cannot see."""
 @dataclass(slots=True)
 class _Record:
     threads: tuple[int, ...]
+    paths: tuple[str, ...]
     counters: tuple[tuple[int, int], ...]
     quiet_passes: int
+
+
+def _read_counters(path: str) -> tuple[int, int] | None:
+    # The hot loop: one open, read and close per thread per pass, so without
+    # the helpers of ._procfs.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fields = os.read(fd, 128).split()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(fields) < 3 or fields[2] == b"0":
+        return None
+    return int(fields[0]), int(fields[2])
 
 
 @final
@@ -86,12 +106,14 @@ class ActivityWatch:
         """
         quiet: set[int] = set()
         records: dict[int, _Record] = {}
-        root = self._proc_root
         for pid in pids:
             record = self._records.get(pid)
             if record is not None and record.quiet_passes < self._verify_every:
-                counters = tuple(read_run_counters(root, pid, tid) for tid in record.threads)
-                if counters == record.counters:
+                if len(record.paths) == 1:
+                    same = _read_counters(record.paths[0]) == record.counters[0]
+                else:
+                    same = tuple(map(_read_counters, record.paths)) == record.counters
+                if same:
                     record.quiet_passes += 1
                     records[pid] = record
                     quiet.add(pid)
@@ -116,4 +138,5 @@ class ActivityWatch:
         # read later would be unwatched: list again and give up if it moved.
         if read_thread_ids(self._proc_root, pid) != threads:
             return None
-        return _Record(tuple(threads), tuple(counters), 0)
+        paths = tuple(run_counters_path(self._proc_root, pid, tid) for tid in threads)
+        return _Record(tuple(threads), paths, tuple(counters), 0)

@@ -350,6 +350,23 @@ def read_thread_ids(proc_root: str, pid: int) -> list[int] | None:
     return [int(name) for name in names if name.isdigit()]
 
 
+def run_counters_path(proc_root: str, pid: int, tid: int) -> str:
+    """Return the path :func:`read_run_counters` reads for thread ``tid`` of ``pid``.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+        tid: One of its threads.
+
+    Returns:
+        ``<proc_root>/<pid>/schedstat`` for the main thread (the shorter
+        path, the same file), else ``<proc_root>/<pid>/task/<tid>/schedstat``.
+    """
+    if tid == pid:
+        return f"{proc_root}/{pid}/schedstat"
+    return f"{proc_root}/{pid}/task/{tid}/schedstat"
+
+
 def read_run_counters(proc_root: str, pid: int, tid: int) -> tuple[int, int] | None:
     """Read how long and how often thread ``tid`` of ``pid`` has run.
 
@@ -370,11 +387,8 @@ def read_run_counters(proc_root: str, pid: int, tid: int) -> tuple[int, int] | N
         gone or the kernel does not keep the counters (it then shows zeros,
         which would make every thread look idle forever).
     """
-    path = (
-        f"{proc_root}/{pid}/schedstat" if tid == pid else f"{proc_root}/{pid}/task/{tid}/schedstat"
-    )
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(run_counters_path(proc_root, pid, tid), os.O_RDONLY)
     except OSError:
         return None
     try:

@@ -94,9 +94,17 @@ class _Node:
     starttime: int | None
     ppid: int | None
     root_pid: int | None
+    cached: TrackedProcess | None = None
 
     def tracked(self) -> TrackedProcess:
-        return TrackedProcess(self.pid, self.starttime, self.ppid, self.root_pid)
+        # Asked for every process on every pass: built again only when the
+        # start time (the one field that is filled in later) changed.
+        cached = self.cached
+        if cached is None or cached.starttime != self.starttime:
+            cached = self.cached = TrackedProcess(
+                self.pid, self.starttime, self.ppid, self.root_pid
+            )
+        return cached
 
 
 @final
