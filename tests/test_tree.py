@@ -15,6 +15,8 @@ import trio.testing
 
 from tests.test_procfs import TCP_HEADER, FakeProc, inet_hex, tcp_line
 from trio_observer._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind
+from trio_observer._linux._activity import VERIFY_EVERY, ActivityWatch
+from trio_observer._linux._procfs import read_stat
 from trio_observer._linux._tree import TreeObserver
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
@@ -624,3 +626,251 @@ async def test_run_twice_is_busy(tmp_path: Path) -> None:
         await settle()
         with pytest.raises(trio.BusyResourceError):
             await observer.run()
+
+
+# ------------------------------------------------------- skipping quiet ones
+
+
+def set_schedstat(fake: FakeProc, pid: int, runtime: int, scheduled: int) -> None:
+    """Write the run counters the kernel keeps in ``<pid>/schedstat``."""
+    (fake.root / str(pid) / "schedstat").write_text(f"{runtime} 0 {scheduled}\n")
+
+
+async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_verified(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    for pid in (100, 101):
+        set_schedstat(fake, pid, 1000, 1)
+    fake.set_fd(101, 3, "/data/a")
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=frozenset({EventCategory.FILE}),
+        proc_root=fake.path,
+        poll_interval=1.0,
+    )
+    observer.add_root(100)
+
+    def files() -> list[tuple[ObserverEventKind, int | None, str | None]]:
+        out = [(e.kind, e.fd, e.path) for e in collector.events]
+        collector.events.clear()
+        return out
+
+    async with observing(observer):
+        await settle()
+        assert files() == [(K.FILE_OPEN, 3, "/data/a")]
+        # 101 was found by that scan, after the counters were read: the next
+        # pass takes its baseline (and reads it once more).
+        mock_clock.jump(1.0)
+        await settle()
+        assert files() == []
+        # Counters unchanged: in this fake, 101 "did not run", so it is not
+        # read again (a real process cannot open a file without running).
+        fake.set_fd(101, 4, "/data/b")
+        mock_clock.jump(1.0)
+        await settle()
+        assert files() == []
+        set_schedstat(fake, 101, 1500, 2)
+        mock_clock.jump(1.0)
+        await settle()
+        assert files() == [(K.FILE_OPEN, 4, "/data/b")]
+
+        # What the counters cannot see is found by the periodic full look:
+        # after VERIFY_EVERY quiet passes in a row, the next one reads all.
+        fake.set_fd(101, 5, "/data/c")
+        for _ in range(VERIFY_EVERY):
+            mock_clock.jump(1.0)
+            await settle()
+        assert files() == []
+        mock_clock.jump(1.0)
+        await settle()
+        assert files() == [(K.FILE_OPEN, 5, "/data/c")]
+
+
+async def test_fake_zero_counters_prove_nothing(tmp_path: Path) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    set_schedstat(fake, 100, 0, 0)  # a kernel without CONFIG_SCHED_INFO
+    watch = ActivityWatch(fake.path)
+    assert watch.update([100]) == set()
+    assert watch.update([100]) == set()
+    set_schedstat(fake, 100, 1000, 3)
+    assert watch.update([100]) == set()  # first baseline
+    assert watch.update([100]) == {100}
+    assert watch.update([]) == set()  # forgotten
+    assert watch.update([100]) == set()
+
+
+async def test_a_real_sleeping_process_is_quiet_until_it_runs() -> None:
+    script = "import sys\nfor line in sys.stdin:\n    print('ack', flush=True)\n"
+    watch = ActivityWatch("/proc", verify_every=1000)
+    async with child(script) as proc:
+        await proc.send("hello")
+        with trio.fail_after(10):
+            assert await proc.receive_line() == "ack"
+            # It goes back to sleep in read() after printing; wait until the
+            # counters stop moving (a real process, the real clock).
+            while not watch.update([proc.pid]):  # noqa: ASYNC110  # a real process's state has no trio event
+                await trio.sleep(0.01)  # a real process: no event
+        assert watch.update([proc.pid]) == {proc.pid}
+        await proc.send("again")
+        with trio.fail_after(10):
+            assert await proc.receive_line() == "ack"
+        # It ran after the last look: active, whatever state it is in now.
+        assert watch.update([proc.pid]) == set()
+
+
+# ------------------------------------------------------- orphans we adopt
+
+MARKER = b"TRIO_OBSERVER_SESSION=test-tree2"
+
+ORPHAN_PARENT_SCRIPT = f"""
+import subprocess, sys
+# A new session: the grandchild leaves the root's process group, so only the
+# marker in its environment ties it to the tree once its parent is gone.
+orphan = subprocess.Popen(
+    [{PY!r}, "-c", "import sys; sys.stdin.readline(); sys.exit(5)"],
+    start_new_session=True,
+)
+print(orphan.pid, flush=True)
+# Exit at once, without waiting: the orphan is re-parented to the test
+# process (a child subreaper) and keeps the pipe to its stdin.
+"""
+
+
+def pid_exists(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def kill_and_reap(pid: int) -> None:
+    """Clean up an orphan a failed test left behind (it is our child)."""
+    if pid and pid_exists(pid):
+        os.kill(pid, 9)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def zombie_children_of(pid: int) -> set[int]:
+    out = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = read_stat("/proc", int(name))
+            if stat is not None and stat.ppid == pid and stat.is_dead:
+                out.add(stat.pid)
+    return out
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_poll_adopts_a_marked_orphan_and_reaps_it() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_child_subreaper, pr_get_child_subreaper = 36, 37
+    was = ctypes.c_int(0)
+    assert libc.prctl(pr_get_child_subreaper, ctypes.byref(was), 0, 0, 0) == 0
+    assert libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=PROCESS,
+        backend="poll",
+        adopt_marker=MARKER,
+        reap_adopted=True,
+    )
+    env = {**os.environ, MARKER.decode().partition("=")[0]: MARKER.decode().partition("=")[2]}
+    process = await trio.lowlevel.open_process(
+        [PY, "-c", ORPHAN_PARENT_SCRIPT], stdin=PIPE, stdout=PIPE, env=env
+    )
+    observer.add_root(process.pid)
+    orphan = 0
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(10):
+            data = b""
+            while not data.endswith(b"\n"):
+                data += await process.stdout.receive_some()
+            orphan = int(data)
+            await process.wait()  # the root is the caller's to reap
+        assert read_stat("/proc", orphan) is not None
+        assert read_stat("/proc", orphan).ppid == os.getpid()  # type: ignore[union-attr]
+        async with observing(observer):
+            with trio.fail_after(10):
+                started = await collector.wait_for(
+                    lambda e: e.kind is K.DESCENDANT_STARTED and e.pid == orphan
+                )
+            assert started.grade is EventGrade.INFERRED
+            assert started.ppid == os.getpid()
+            # Its own session and group: no root shares them.
+            assert started.root_pid is None
+            assert observer.known_descendants() == {orphan}
+            # Let it go: it reads the root's old stdin pipe, which we hold.
+            assert process.stdin is not None
+            await process.stdin.send_all(b"go\n")
+            with trio.fail_after(10):
+                exited = await collector.wait_for(
+                    lambda e: e.kind is K.DESCENDANT_EXITED and e.pid == orphan
+                )
+                assert exited.exit_code == 5
+                # Reaped right after the event: no zombie of ours is left.
+                while orphan in zombie_children_of(os.getpid()) or pid_exists(orphan):  # noqa: ASYNC110  # a real process's state has no trio event
+                    await trio.sleep(0.01)  # a real process: no event
+        assert collector.kinds(orphan) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+    finally:
+        with trio.CancelScope(shield=True):
+            kill_and_reap(orphan)
+            process.kill()
+            await process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    await stream.aclose()
+            libc.prctl(pr_set_child_subreaper, was.value, 0, 0, 0)
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_unmarked_orphans_are_not_adopted() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    was = ctypes.c_int(0)
+    assert libc.prctl(37, ctypes.byref(was), 0, 0, 0) == 0
+    assert libc.prctl(36, 1, 0, 0, 0) == 0
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=PROCESS, backend="poll", adopt_marker=MARKER
+    )
+    process = await trio.lowlevel.open_process(
+        [PY, "-c", ORPHAN_PARENT_SCRIPT], stdin=PIPE, stdout=PIPE
+    )
+    observer.add_root(process.pid)
+    orphan = 0
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(10):
+            data = b""
+            while not data.endswith(b"\n"):
+                data += await process.stdout.receive_some()
+            orphan = int(data)
+            await process.wait()
+        async with observing(observer):
+            # Two full scans after the first one: the orphan was looked at.
+            for _ in range(2):
+                polls = observer.statistics().polls
+                with trio.fail_after(10):
+                    while observer.statistics().polls == polls:  # noqa: ASYNC110  # a real process's state has no trio event
+                        await trio.sleep(0.01)  # real-clock scans
+            assert orphan not in observer.known_descendants()
+            assert orphan not in {e.pid for e in collector.events}
+    finally:
+        with trio.CancelScope(shield=True):
+            kill_and_reap(orphan)
+            process.kill()
+            await process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    await stream.aclose()
+            libc.prctl(36, was.value, 0, 0, 0)
