@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 
 from trio_observer import (
     CAPTURE,
@@ -21,7 +22,7 @@ from trio_observer import (
     open_session,
 )
 
-from .conftest import PY
+from .conftest import PY, children_of
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -187,3 +188,41 @@ async def test_tree_observer_idle_without_a_sink() -> None:
 
 def test_no_stray_imports() -> None:
     assert "trio_observer" in sys.modules
+
+
+async def test_orphans_are_observed_and_reaped_while_the_session_runs() -> None:
+    # The grandchild moves to its own session and outlives its parent; it is
+    # re-parented to this process (child subreaper), and when it exits the
+    # tree observer reaps it at once instead of leaving a zombie until the
+    # session ends.
+    script = (
+        "import subprocess, sys\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],"
+        " start_new_session=True)\n"
+        "print(g.pid, flush=True)\n"
+    )
+    async with (
+        open_session() as session,
+        session.observers.subscribe(
+            [EventCategory.PROCESS], backpressure=ObserverBackpressure.BLOCK
+        ) as sub,
+    ):
+        process = await session.start_process(
+            [PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await process.stdout.receive_some(1)
+        grandchild = int(line)
+        assert await process.wait() == 0
+        assert grandchild in children_of(os.getpid())  # adopted
+        await process.stdin.aclose()  # the grandchild reads EOF and exits
+        with trio.fail_after(20):
+            async for event in sub:
+                if event.kind is ObserverEventKind.DESCENDANT_EXITED and event.pid == grandchild:
+                    break
+        assert event.exit_code == 0
+        await trio.testing.wait_all_tasks_blocked()
+        assert grandchild not in children_of(os.getpid())  # reaped, no zombie

@@ -45,6 +45,10 @@ class Session:
             emit=self._observers.emit,
             categories=self._tree_categories(),
             poll_interval=poll_interval,
+            # Orphans of the tree come to this process (child subreaper):
+            # recognise them by the session id, and reap them as they exit.
+            adopt_marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
+            reap_adopted=True,
         )
         self._tree_scope = trio.CancelScope()
         self._observers._on_interest_changed(
@@ -56,6 +60,15 @@ class Session:
 
     def _tree_categories(self) -> frozenset[EventCategory]:
         return frozenset(c for c in OBSERVABLE_CATEGORIES if self._observers.wants(c))
+
+    @property
+    def _tree_wanted(self) -> bool:
+        wants = self._observers.wants
+        return (
+            wants(EventCategory.PROCESS)
+            or wants(EventCategory.FILE)
+            or wants(EventCategory.NETWORK)
+        )
 
     async def _run_tree_observer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -145,6 +158,10 @@ class Session:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise trio.ClosedResourceError("this session has ended; open a new one")
+        if self._tree_wanted:
+            # A sink that just asked for PROCESS/FILE/NETWORK must see this
+            # process's first fork: wait for the observer to be subscribed.
+            await self._tree.wait_active()
         if isinstance(backlog_bytes, bool) or not isinstance(backlog_bytes, int):
             raise TypeError(f"backlog_bytes must be an int, not {type(backlog_bytes).__name__}")
         if backlog_bytes < 1:

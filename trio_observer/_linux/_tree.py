@@ -191,6 +191,9 @@ class TreeObserver:
         self._running = False
         self._active_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
+        # Set while the active loop runs and has done its first pass: from
+        # then on every fork is seen (see wait_active).
+        self._ready = trio.Event()
         self._backend_in_use: str | None = None
         self._fallback_reason: str | None = None
         self._polls = 0
@@ -239,6 +242,20 @@ class TreeObserver:
                 self._active_scope.cancel()
         else:
             self._wake.set()
+
+    async def wait_active(self) -> None:
+        """Wait until the wanted categories are being observed.
+
+        Returns at once (with a checkpoint) when nothing is wanted, or when
+        the backend is already subscribed and has scanned the tree once. The
+        session awaits this before it spawns, so that the first sink of a
+        category does not miss the forks of a process started right after it
+        subscribed.
+        """
+        if self._categories:
+            await self._ready.wait()
+        else:
+            await trio.lowlevel.checkpoint()
 
     def known_descendants(self) -> set[int]:
         """Return the pids of the descendants currently believed alive.
@@ -302,10 +319,12 @@ class TreeObserver:
                     await self._run_active(started)
                 started = None
                 self._active_scope = None
+                self._ready = trio.Event()
                 # Going idle: nobody wants closes or exits reported while we
                 # do not look; on resume the next scan reports the difference.
         finally:
             self._active_scope = None
+            self._ready = trio.Event()
             self._running = False
 
     # ------------------------------------------------------------ the loops
@@ -333,6 +352,7 @@ class TreeObserver:
             # Subscribe first, then scan: a fork between the two is seen by
             # both, never by neither.
             await self._pass(scan_tree=True)
+            self._ready.set()
             if task_status is not None:
                 task_status.started()
             next_poll = trio.current_time() + self._poll_interval
