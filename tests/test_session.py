@@ -368,3 +368,15 @@ async def test_children_carry_the_session_id() -> None:
         assert process.stdout is not None
         assert (await read_line(process.stdout)).strip().decode() == session.id
         await process.wait()
+
+
+async def test_subreaper_only_while_a_session_is_open() -> None:
+    from trio_observer._linux._process_tree import is_subreaper
+
+    assert not is_subreaper()
+    async with open_session():
+        assert is_subreaper()
+        async with open_session():
+            assert is_subreaper()
+        assert is_subreaper()  # the outer session still holds it
+    assert not is_subreaper()

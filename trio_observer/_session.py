@@ -367,7 +367,16 @@ async def open_session(
       ValueError: ``grace_period`` is negative or NaN.
     """
     _check_grace("grace_period", grace_period)
-    _process_tree.become_subreaper()
+    _process_tree.subreaper.acquire()
+    try:
+        async with _session_scope(grace_period, poll_interval) as session:
+            yield session
+    finally:
+        _process_tree.subreaper.release()
+
+
+@asynccontextmanager
+async def _session_scope(grace_period: float, poll_interval: float) -> AsyncIterator[Session]:
     async with trio.open_nursery() as nursery:
         session = Session(nursery, grace_period=grace_period, poll_interval=poll_interval)
         nursery.start_soon(session._run_tree_observer)

@@ -21,6 +21,7 @@ import trio
 
 PROC: Final = "/proc"
 _PR_SET_CHILD_SUBREAPER: Final = 36
+_PR_GET_CHILD_SUBREAPER: Final = 37
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,17 +91,53 @@ def proc_available(proc_root: str = PROC) -> bool:
     return os.path.exists(f"{proc_root}/self/stat")
 
 
-def become_subreaper() -> bool:
-    """Make this process a child subreaper; return False where unsupported.
+def _prctl(option: int, arg: object) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(option, arg, 0, 0, 0))
 
-    Orphaned descendants are then re-parented to this process rather than
-    to init, so the session can still find, stop and reap them.
-    """
+
+def is_subreaper() -> bool:
+    """True if this process is a child subreaper now (False off Linux)."""
+    current = ctypes.c_int(0)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        if _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(current)) != 0:
+            return False
     except (OSError, AttributeError):
         return False
+    return bool(current.value)
+
+
+class _Subreaper:
+    """Holds PR_SET_CHILD_SUBREAPER while at least one session is open.
+
+    The attribute is process-wide: while it is set, orphans of *any* child
+    of this process come here instead of to init. So it is set when the
+    first session opens and cleared when the last one closes, unless this
+    process was a subreaper already (then it is left as it was).
+    """
+
+    def __init__(self) -> None:
+        self._holders = 0
+        self._set_by_us = False
+
+    def acquire(self) -> None:
+        self._holders += 1
+        if self._holders == 1 and not is_subreaper():
+            try:
+                self._set_by_us = _prctl(_PR_SET_CHILD_SUBREAPER, 1) == 0
+            except (OSError, AttributeError):
+                # Not Linux: orphans go to init, and teardown relies on
+                # process groups alone.
+                self._set_by_us = False
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0 and self._set_by_us:
+            self._set_by_us = False
+            _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+
+
+subreaper = _Subreaper()
 
 
 def find_leftovers(
