@@ -11,7 +11,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_observer._output import OutputCursor, OutputGap, OutputLog
+from trio_observer._cursor import OutputCursor, OutputGap
+from trio_observer._output import OutputLog
 
 
 async def collect_lines(cursor: OutputCursor, **kwargs: bool | str) -> list[str | OutputGap]:

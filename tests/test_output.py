@@ -10,8 +10,9 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_observer._cursor import OutputCursor, OutputGap
 from trio_observer._expect import ExpectEOF, ExpectTimeout
-from trio_observer._output import OutputCursor, OutputGap, OutputLog, pump_stream
+from trio_observer._output import OutputLog, pump_stream
 
 
 def drain(cursor: OutputCursor) -> list[bytes | OutputGap]:

@@ -9,6 +9,8 @@ from ._capabilities import CategoryCapability as CategoryCapability
 from ._capabilities import TraceScope as TraceScope
 from ._capabilities import UnsupportedCategoryError as UnsupportedCategoryError
 from ._capabilities import negotiate_capabilities as negotiate_capabilities
+from ._cursor import OutputCursor as OutputCursor
+from ._cursor import OutputGap as OutputGap
 from ._events import EventCategory as EventCategory
 from ._events import EventGrade as EventGrade
 from ._events import ObserverEvent as ObserverEvent
@@ -17,8 +19,6 @@ from ._events import TerminationOutcome as TerminationOutcome
 from ._expect import ExpectEOF as ExpectEOF
 from ._expect import ExpectMatch as ExpectMatch
 from ._expect import ExpectTimeout as ExpectTimeout
-from ._output import OutputCursor as OutputCursor
-from ._output import OutputGap as OutputGap
 from ._output import OutputLog as OutputLog
 from ._process import CAPTURE as CAPTURE
 from ._process import Process as Process

@@ -6,7 +6,7 @@ slower than reading a file object). :class:`LineBatches` awaits once per
 chunk and hands out the chunk's lines as one list; :class:`LineReader`
 hands them out one by one on top of it, paying one ``async for`` step per
 line. This module reads the stream only through a cursor's ``receive()``;
-it imports ``_output`` for type checking only, so ``_output`` can import it.
+it imports ``_cursor`` for type checking only, so ``_cursor`` can import it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 if TYPE_CHECKING:
-    from ._output import OutputCursor, OutputGap
+    from ._cursor import OutputCursor, OutputGap
 
 
 @final

@@ -1,43 +1,29 @@
-"""Captured byte streams: a bounded backlog, its cursors, and the pump that feeds it.
+"""Captured byte streams: a bounded backlog and the pump that feeds it.
 
 One :class:`OutputLog` holds the newest bytes of one stream (a pipe or a
 PTY). Every position is an absolute byte offset since the start of the
 stream, so readers never share state: a cursor, an ``expect`` call and a
 tee each keep their own offset, and the writer never waits for any of them
 (except ``BLOCK`` tees, and only through :meth:`OutputLog.feed_async`).
-The search behind ``expect`` lives in ``_expect.py``, the line iterators
-in ``_lines.py``, the tees in ``_tee.py``.
+The cursors live in ``_cursor.py``, the search behind ``expect`` in
+``_expect.py``, the line iterators in ``_lines.py``, the tees in
+``_tee.py``.
 """
 
 from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Literal, final
 
 import trio
 
+from ._cursor import OutputCursor
 from ._expect import ExpectMatch, compile_pattern, deadline, search
-from ._lines import LineBatches, LineReader, LineSplitter
 from ._registry import ObserverBackpressure
 from ._tee import ByteTee
 
 _READ_SIZE = 65536
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class OutputGap:
-    """In-band notice that a cursor fell behind and bytes were evicted unread.
-
-    The cursor continues with the oldest byte still retained, so the bytes
-    it yields plus every gap's ``missed_bytes`` add up to the stream.
-    """
-
-    missed_bytes: int
-    """How many bytes were evicted from the backlog before this cursor read them."""
 
 
 @final
@@ -463,150 +449,6 @@ class OutputLog:
         if tee in self._tees:
             self._tees.remove(tee)
             self._blocking_tees -= tee._blocking
-
-
-@final
-class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
-    """An independent reader of an :class:`OutputLog`, from :meth:`OutputLog.cursor`.
-
-    ``async for item in cursor`` yields the stream's chunks in order, as
-    ``bytes``; if the cursor fell behind and bytes were evicted before it
-    read them, one :class:`OutputGap` comes first and the cursor goes on
-    with the oldest retained byte. The loop ends at the end of the stream.
-    Reading never affects other readers, and a slow cursor never slows the
-    writer. Not constructed by users.
-    """
-
-    def __init__(self, log: OutputLog, position: int) -> None:
-        self._log = log
-        self._position = position
-        self._closed = False
-
-    @property
-    def position(self) -> int:
-        """Absolute offset of the next byte this cursor will read."""
-        return self._position
-
-    def receive_nowait(self) -> bytes | OutputGap:
-        """Return the next chunk or gap if there is one already.
-
-        Raises:
-          trio.WouldBlock: the cursor is at the end of the data fed so far.
-          trio.EndOfChannel: the stream ended and everything was read.
-          trio.ClosedResourceError: this cursor was closed.
-        """
-        if self._closed:
-            raise trio.ClosedResourceError("this cursor was closed")
-        log = self._log
-        position = self._position
-        if position < log._start:
-            self._position = log._start
-            return OutputGap(log._start - position)
-        if position < log._total:
-            data = log._read_at(position)
-            self._position = position + len(data)
-            return data
-        if log._closed:
-            raise trio.EndOfChannel
-        raise trio.WouldBlock
-
-    async def receive(self) -> bytes | OutputGap:
-        """Wait for the next chunk (or gap) and return it.
-
-        Raises:
-          trio.EndOfChannel: the stream ended and everything was read.
-          trio.ClosedResourceError: this cursor was closed, before or
-            during the call.
-        """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            item = self.receive_nowait()
-        except trio.WouldBlock:
-            pass
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return item
-        lot = self._log._data_lot
-        while True:
-            await lot.park()
-            try:
-                return self.receive_nowait()
-            except trio.WouldBlock:
-                continue
-
-    def lines(
-        self, *, encoding: str = "utf-8", errors: str = "replace", keepends: bool = False
-    ) -> AsyncIterator[str | OutputGap]:
-        """Read the rest of the stream as decoded text lines.
-
-        Lines end at ``"\\n"``. With ``keepends=False`` the ``"\\n"`` and a
-        ``"\\r"`` right before it are removed (a lone ``"\\r"``, as in a
-        progress bar, stays in the line). A multi-byte character split
-        across chunks comes out whole. A final line without ``"\\n"`` is
-        yielded at the end of the stream. If the cursor falls behind, the
-        partial line before the gap is yielded, then the
-        :class:`OutputGap`, and decoding restarts after it (so the first
-        line after a gap may start mid-line). The iterator reads the cursor
-        a chunk at a time, so to stop and resume reading lines, keep using
-        the same iterator: the text it decoded but has not yielded yet is
-        held there, not in the cursor.
-
-        Each line costs one ``async for`` step (a coroutine, about 0.1 us
-        on CPython 3.11), more than iterating a file object costs per line;
-        when throughput matters, use :meth:`line_batches`, which awaits
-        once per chunk.
-
-        Args:
-          encoding: A codec name known to :mod:`codecs`.
-          errors: How to handle undecodable bytes (``"replace"`` by default,
-            so a binary burst never ends the loop).
-          keepends: Keep the line endings as they were.
-
-        Raises:
-          LookupError: ``encoding`` or ``errors`` is unknown (raised at
-            once, not at the first iteration).
-        """
-        return LineReader(LineBatches(self, LineSplitter(encoding, errors, keepends)))
-
-    def line_batches(
-        self, *, encoding: str = "utf-8", errors: str = "replace", keepends: bool = False
-    ) -> AsyncIterator[list[str] | OutputGap]:
-        """Read the rest of the stream as lists of decoded text lines, one list per chunk.
-
-        The fast way to read many lines: ``async for batch in
-        cursor.line_batches(): for line in batch: ...`` awaits once per
-        chunk read from the stream (up to 64 KiB), not once per line. The
-        lines are exactly those of :meth:`lines`, in the same order and
-        with the same options; each list holds the lines a chunk completed
-        and is never empty (a chunk that completes no line yields nothing).
-        An :class:`OutputGap` comes as an item of its own, right after the
-        list holding the partial line before it. The lists are the
-        caller's to keep or change.
-
-        Args:
-          encoding: A codec name known to :mod:`codecs`.
-          errors: How to handle undecodable bytes (``"replace"`` by default).
-          keepends: Keep the line endings as they were.
-
-        Raises:
-          LookupError: ``encoding`` or ``errors`` is unknown (raised at
-            once, not at the first iteration).
-        """
-        return LineBatches(self, LineSplitter(encoding, errors, keepends))
-
-    def close(self) -> None:
-        """Detach the cursor: later reads raise ``ClosedResourceError``. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        # Wake a task blocked in receive() so it sees the close; other
-        # sleepers wake spuriously and go back to sleep.
-        self._log._data_lot.unpark_all()
-
-    async def aclose(self) -> None:
-        """Close the cursor (see :meth:`close`), then checkpoint."""
-        self.close()
-        await trio.lowlevel.checkpoint()
 
 
 async def pump_stream(
