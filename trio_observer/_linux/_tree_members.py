@@ -1,0 +1,439 @@
+"""Which processes belong to a tree, kept up to date from ``/proc`` or from the connector.
+
+A :class:`TreeMembers` holds the roots a session spawned and the
+descendants believed alive, and turns what it learns about them into
+``DESCENDANT_STARTED`` / ``DESCENDANT_EXITED`` events. It learns in one of
+two ways: a scan of ``/proc`` diffed against what it knew
+(:meth:`TreeMembers.scan`, grade ``INFERRED``), or the fork and exit records
+of the process connector (:meth:`TreeMembers.on_fork`,
+:meth:`TreeMembers.on_exit`, grade ``EXACT``).
+It also adopts marked orphans and reaps the zombies it may reap. When and
+how often to look, and where the events go, is :mod:`._tree`'s business.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, final
+
+from .._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind, trio_time_ms
+from ._connector import ExitRecord, ForkRecord, wait_status_to_exit_code
+from ._descriptors import DescriptorTracker, TrackedProcess
+from ._procfs import (
+    ProcStat,
+    environ_has,
+    has_children_files,
+    read_children,
+    read_cmdline,
+    read_stat,
+    scan_all,
+)
+
+# An exit can be queued before the fork that created the task: the fork
+# message is sent after the child is woken, and the child may run and exit
+# on another CPU first. Exits of unknown pids are remembered this long (in
+# records) so a late fork can be matched with its exit.
+_RECENT_EXITS: Final = 1024
+
+
+@dataclass(slots=True)
+class TreeNode:
+    """One process of a tree: a root, or a descendant believed alive."""
+
+    pid: int
+    starttime: int | None
+    ppid: int | None
+    root_pid: int | None
+    cached: TrackedProcess | None = None
+
+    def tracked(self) -> TrackedProcess:
+        """Return this process as the descriptor and activity scans want it."""
+        # Asked for every process on every pass: built again only when the
+        # start time (the one field that is filled in later) changed.
+        cached = self.cached
+        if cached is None or cached.starttime != self.starttime:
+            cached = self.cached = TrackedProcess(
+                self.pid, self.starttime, self.ppid, self.root_pid
+            )
+        return cached
+
+
+@final
+class TreeMembers:
+    """The roots of one tree and the descendants believed alive.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted.
+        descriptors: Told to forget the files and sockets of every process
+            that leaves the tree; the closes it reports come before the
+            process's exit.
+        adopt_marker: See :class:`~._tree.TreeObserver`.
+        reap_adopted: See :class:`~._tree.TreeObserver`.
+    """
+
+    def __init__(
+        self,
+        *,
+        proc_root: str,
+        descriptors: DescriptorTracker,
+        adopt_marker: bytes | None,
+        reap_adopted: bool,
+    ) -> None:
+        self._proc_root = proc_root
+        self._descriptors = descriptors
+        self._roots: dict[int, TreeNode] = {}
+        self._members: dict[int, TreeNode] = {}
+        self._seen_dead: set[tuple[int, int]] = set()
+        self._recent_exits: dict[int, ExitRecord] = {}
+        # Read by the observer: a root added since the last scan gets its
+        # children read at the next pass, whatever the backend.
+        self.roots_dirty = False
+        self._children_files: bool | None = None
+        self._adopt_marker = adopt_marker
+        self._reap_adopted = reap_adopted
+        self._self_pid = os.getpid()
+        # Children of this process whose environment lacked the marker, by
+        # identity, so it is read once per process and not once per scan.
+        self._not_ours: set[tuple[int, int]] = set()
+        # Exited members that may still be zombie children of this process.
+        self._to_reap: dict[int, int | None] = {}
+
+    def add_root(self, pid: int) -> None:
+        """Take in a process the session spawned (see ``TreeObserver.add_root``)."""
+        if pid in self._roots:
+            return
+        stat = read_stat(self._proc_root, pid)
+        self._roots[pid] = TreeNode(
+            pid,
+            stat.starttime if stat is not None else None,
+            stat.ppid if stat is not None else None,
+            pid,
+        )
+        self.roots_dirty = True
+
+    def descendants(self) -> set[int]:
+        """Return the pids of the descendants believed alive, roots excluded."""
+        return set(self._members)
+
+    def descendant_count(self) -> int:
+        """Return how many descendants are believed alive."""
+        return len(self._members)
+
+    def pids(self) -> list[int]:
+        """Return the pids of the roots, then of the descendants."""
+        return [*self._roots, *self._members]
+
+    def tracked(self) -> list[TrackedProcess]:
+        """Return every process of the tree, roots first, as the descriptor scan wants it."""
+        return [n.tracked() for n in (*self._roots.values(), *self._members.values())]
+
+    @property
+    def reap_pending(self) -> bool:
+        """True while some exited member may still have to be reaped."""
+        return bool(self._to_reap)
+
+    def scan(self, quiet: set[int]) -> list[ObserverEvent]:
+        """Update the tree from ``/proc``; return the exits, then the starts.
+
+        Args:
+            quiet: Processes that have not run since the previous scan, so
+                they have neither exited nor forked: their stat and children
+                are not read.
+
+        Returns:
+            The closes and ``DESCENDANT_EXITED`` of the processes gone, then
+            the ``DESCENDANT_STARTED`` of the new ones (with the exit of a
+            zombie never seen alive right after its start).
+        """
+        self.roots_dirty = False
+        if not self._roots and not self._members:
+            self._seen_dead = set()
+            return []
+        table: dict[int, ProcStat] | None = None
+        for probe in (*self._roots, *self._members):
+            # Decided once, by the first process still there to look at: the
+            # kernel either has children files or not.
+            if self._children_files is not None:
+                break
+            self._children_files = has_children_files(self._proc_root, probe)
+        if not self._children_files:
+            table = scan_all(self._proc_root)
+        stats: dict[int, ProcStat | None] = dict(table) if table is not None else {}
+
+        def stat_of(pid: int) -> ProcStat | None:
+            if table is not None:
+                return table.get(pid)
+            if pid not in stats:
+                stats[pid] = read_stat(self._proc_root, pid)
+            return stats[pid]
+
+        by_parent: dict[int, list[int]] = {}
+        if table is not None:
+            for entry in table.values():
+                by_parent.setdefault(entry.ppid, []).append(entry.pid)
+
+        def children_of(pid: int) -> list[int]:
+            if table is not None:
+                return by_parent.get(pid, [])
+            return read_children(self._proc_root, pid) or []
+
+        exits: list[ObserverEvent] = []
+        parents: dict[int, int | None] = {}
+        # Whose children to read: those that ran, and their parents, since
+        # clone(CLONE_PARENT) makes a child of the caller's parent.
+        walk: set[int] = set()
+        seen_dead: set[tuple[int, int]] = set()
+        lost = False
+        for pid, root in list(self._roots.items()):
+            if pid in quiet:
+                parents[pid] = pid
+                continue
+            stat = stat_of(pid)
+            if stat is None or stat.is_dead or not _same(root, stat):
+                # An exited root has no children left (they were reparented
+                # and, if known, stay members); its pid may be reused.
+                del self._roots[pid]
+                exits.extend(self._descriptors.forget(root.tracked()))
+                lost = True
+                continue
+            root.starttime = stat.starttime
+            parents[pid] = pid
+            walk.add(pid)
+        for pid, node in list(self._members.items()):
+            if pid in quiet:
+                parents[pid] = node.root_pid
+                continue
+            stat = stat_of(pid)
+            if stat is not None and not stat.is_dead and _same(node, stat):
+                node.starttime = stat.starttime
+                parents[pid] = node.root_pid
+                walk.update((pid, stat.ppid))
+                continue
+            del self._members[pid]
+            lost = True
+            code = None
+            if stat is not None and stat.is_dead and _same(node, stat):
+                seen_dead.add(stat.identity)
+                if stat.exit_code is not None:
+                    code = wait_status_to_exit_code(stat.exit_code)
+                if self._reap_adopted and stat.ppid == self._self_pid:
+                    self._to_reap[pid] = stat.starttime
+            exits.extend(self._descriptors.forget(node.tracked()))
+            exits.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
+        starts: list[ObserverEvent] = []
+        if lost or table is not None or not quiet:
+            # An exit re-parents the exited process's children, possibly to a
+            # member that is a subreaper itself: look everywhere once.
+            queue = list(parents)
+        else:
+            queue = [pid for pid in parents if pid in walk]
+        if self._adopt_marker is not None and (queue or lost):
+            starts.extend(self._adopt(children_of(self._self_pid), stat_of, parents, queue))
+        while queue:
+            parent = queue.pop()
+            for child in children_of(parent):
+                if child in self._members or child in self._roots:
+                    continue
+                stat = stat_of(child)
+                if stat is None or stat.ppid != parent:
+                    continue
+                node = TreeNode(child, stat.starttime, parent, parents[parent])
+                if stat.is_dead:
+                    # A zombie we never saw alive: it lived and died between
+                    # two scans, but its parent has not reaped it yet, so
+                    # both its existence and its exit status are known.
+                    if stat.identity not in self._seen_dead and stat.identity not in seen_dead:
+                        status = stat.exit_code
+                        code = None if status is None else wait_status_to_exit_code(status)
+                        starts.append(self._started_event(node, None))
+                        starts.append(
+                            self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code)
+                        )
+                    seen_dead.add(stat.identity)
+                    continue
+                self._members[child] = node
+                parents[child] = node.root_pid
+                queue.append(child)
+                starts.append(self._started_event(node, None))
+        self._seen_dead = seen_dead
+        return exits + starts
+
+    def _adopt(
+        self,
+        candidates: list[int],
+        stat_of: Callable[[int], ProcStat | None],
+        parents: dict[int, int | None],
+        queue: list[int],
+    ) -> list[ObserverEvent]:
+        """Take in the marked, unknown children of this process (orphans)."""
+        assert self._adopt_marker is not None
+        events: list[ObserverEvent] = []
+        for pid in candidates:
+            if pid in self._members or pid in self._roots:
+                continue
+            stat = stat_of(pid)
+            if stat is None or stat.is_dead or stat.ppid != self._self_pid:
+                # A zombie's environment is gone: it cannot be recognised.
+                continue
+            if stat.identity in self._not_ours:
+                continue
+            if not environ_has(self._proc_root, pid, self._adopt_marker):
+                self._not_ours.add(stat.identity)
+                continue
+            root_pid: int | None = None
+            for root in self._roots:
+                root_stat = stat_of(root)
+                if root_stat is not None and (
+                    root_stat.pgid == stat.pgid or root_stat.sid == stat.sid
+                ):
+                    root_pid = root
+                    break
+            node = TreeNode(pid, stat.starttime, stat.ppid, root_pid)
+            self._members[pid] = node
+            parents[pid] = root_pid
+            queue.append(pid)
+            events.append(self._started_event(node, None))
+        if len(self._not_ours) > _RECENT_EXITS:
+            self._not_ours.clear()
+        return events
+
+    def reap(self) -> None:
+        """Reap exited members that are zombie children of this process."""
+        for pid, starttime in list(self._to_reap.items()):
+            stat = read_stat(self._proc_root, pid)
+            if (
+                stat is None
+                or stat.ppid != self._self_pid
+                or (starttime is not None and stat.starttime != starttime)
+            ):
+                del self._to_reap[pid]  # reaped by someone else, or not ours
+                continue
+            if not stat.is_dead:
+                continue  # still exiting (the connector reports exits early)
+            del self._to_reap[pid]
+            if pid in self._roots:
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+    def _process_event(
+        self,
+        node: TreeNode,
+        kind: ObserverEventKind,
+        exit_code: int | None,
+        *,
+        grade: EventGrade = EventGrade.INFERRED,
+        timestamp_ms: float | None = None,
+    ) -> ObserverEvent:
+        return ObserverEvent(
+            category=EventCategory.PROCESS,
+            kind=kind,
+            pid=node.pid,
+            ppid=node.ppid,
+            root_pid=node.root_pid,
+            exit_code=exit_code,
+            grade=grade,
+            timestamp_ms=trio_time_ms() if timestamp_ms is None else timestamp_ms,
+        )
+
+    def _started_event(
+        self,
+        node: TreeNode,
+        timestamp_ms: float | None,
+        *,
+        grade: EventGrade = EventGrade.INFERRED,
+    ) -> ObserverEvent:
+        return ObserverEvent(
+            category=EventCategory.PROCESS,
+            kind=ObserverEventKind.DESCENDANT_STARTED,
+            pid=node.pid,
+            ppid=node.ppid,
+            root_pid=node.root_pid,
+            argv=read_cmdline(self._proc_root, node.pid),
+            grade=grade,
+            timestamp_ms=trio_time_ms() if timestamp_ms is None else timestamp_ms,
+        )
+
+    def _root_of(self, pid: int) -> int | None:
+        if pid in self._roots:
+            return pid
+        node = self._members.get(pid)
+        return None if node is None else node.root_pid
+
+    def on_fork(self, record: ForkRecord) -> list[ObserverEvent]:
+        """Take in the child of a fork inside the tree.
+
+        Returns:
+            Its ``DESCENDANT_STARTED`` (exact, with the kernel's time), and
+            its exit if that came first; nothing for a thread or a fork
+            outside the tree.
+        """
+        if record.child_pid != record.child_tgid:
+            return []  # a new thread, not a new process
+        child = record.child_tgid
+        root = self._root_of(record.parent_tgid)
+        if root is None or child in self._members or child in self._roots:
+            return []
+        stat = read_stat(self._proc_root, child)
+        starttime = stat.starttime if stat is not None else None
+        node = TreeNode(child, starttime, record.parent_tgid, root)
+        self._members[child] = node
+        when = _kernel_time_ms(record.timestamp_ns)
+        events = [self._started_event(node, when, grade=EventGrade.EXACT)]
+        early_exit = self._recent_exits.pop(child, None)
+        if early_exit is not None:
+            events.extend(self.on_exit(early_exit))
+        return events
+
+    def on_exit(self, record: ExitRecord) -> list[ObserverEvent]:
+        """Drop a process of the tree that exited.
+
+        An exit of an unknown pid is remembered for a while, in case its
+        fork record is still to come.
+
+        Returns:
+            The closes of its files and sockets, then its
+            ``DESCENDANT_EXITED`` (exact); for a root, only the closes.
+        """
+        if record.pid != record.tgid:
+            return []  # a thread ended, the process goes on
+        pid = record.tgid
+        node = self._members.pop(pid, None)
+        if node is None:
+            root = self._roots.pop(pid, None)
+            if root is not None:
+                return self._descriptors.forget(root.tracked())
+            self._recent_exits[pid] = record
+            if len(self._recent_exits) > _RECENT_EXITS:
+                del self._recent_exits[next(iter(self._recent_exits))]
+            return []
+        if self._reap_adopted:
+            # Reaped once it is a zombie: the record comes before that.
+            self._to_reap[pid] = node.starttime
+        events = self._descriptors.forget(node.tracked())
+        events.append(
+            self._process_event(
+                node,
+                ObserverEventKind.DESCENDANT_EXITED,
+                record.exit_code,
+                grade=EventGrade.EXACT,
+                timestamp_ms=_kernel_time_ms(record.timestamp_ns),
+            )
+        )
+        return events
+
+
+def _same(node: TreeNode, stat: ProcStat) -> bool:
+    return node.starttime is None or node.starttime == stat.starttime
+
+
+def _kernel_time_ms(timestamp_ns: int) -> float:
+    # Connector timestamps are CLOCK_MONOTONIC; trio's clock is a different
+    # (possibly mock) clock, so carry over the event's age, not its value.
+    age_ns = max(0, time.monotonic_ns() - timestamp_ns)
+    return trio_time_ms() - age_ns / 1e6
