@@ -11,8 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_observer._events import EventCategory, ObserverEvent, ObserverEventKind
-from trio_observer._registry import (
+from trio_observer import (
     MissedEvents,
     ObserverBackpressure,
     ObserverRegistry,
@@ -20,6 +19,7 @@ from trio_observer._registry import (
     ObserverSubscriberId,
     Subscription,
 )
+from trio_observer._events import EventCategory, ObserverEvent, ObserverEventKind
 
 LIFECYCLE = EventCategory.LIFECYCLE
 FILE = EventCategory.FILE

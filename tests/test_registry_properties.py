@@ -28,8 +28,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_observer._events import EventCategory, ObserverEvent, ObserverEventKind
-from trio_observer._registry import (
+from trio_observer import (
     MissedEvents,
     ObserverBackpressure,
     ObserverRegistry,
@@ -37,6 +36,7 @@ from trio_observer._registry import (
     ObserverSubscriberId,
     Subscription,
 )
+from trio_observer._events import EventCategory, ObserverEvent, ObserverEventKind
 
 BLOCK = ObserverBackpressure.BLOCK
 

@@ -10,8 +10,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_observer import ObserverBackpressure
 from trio_observer._output import OutputLog, pump_stream
-from trio_observer._registry import ObserverBackpressure
 from trio_observer._tee import ByteTee, MissedBytes
 
 BLOCK = ObserverBackpressure.BLOCK

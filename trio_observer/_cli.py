@@ -16,8 +16,8 @@ from ._capabilities import TraceScope, UnsupportedCategoryError, negotiate_capab
 from ._events import EventCategory, TerminationOutcome
 from ._process import Process
 from ._pty import PtySize
-from ._registry import ObserverBackpressure
 from ._session import Session, open_session
+from ._sink import ObserverBackpressure
 from ._terminal import copy_input, forward_resizes, raw_terminal, terminal_size, write_all
 
 _PROG: Final = "trio-observer"

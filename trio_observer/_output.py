@@ -20,7 +20,7 @@ import trio
 
 from ._cursor import OutputCursor
 from ._expect import ExpectMatch, compile_pattern, deadline, search
-from ._registry import ObserverBackpressure
+from ._sink import ObserverBackpressure
 from ._tee import ByteTee
 
 _READ_SIZE = 65536

@@ -24,7 +24,8 @@ from ._process import (
     spawn_with_pty,
 )
 from ._pty import PtySize
-from ._registry import ObserverRegistry, ObserverSubscriberId
+from ._registry import ObserverRegistry
+from ._sink import ObserverSubscriberId
 
 
 @final

@@ -16,7 +16,7 @@ from typing import final
 
 import trio
 
-from ._registry import ObserverBackpressure
+from ._sink import ObserverBackpressure
 
 
 @final

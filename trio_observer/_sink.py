@@ -1,0 +1,165 @@
+"""One sink: its policy, its id, and the counters behind its status."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from typing import final
+
+import trio
+
+from ._events import EventCategory, ObserverEvent
+
+
+class ObserverBackpressure(enum.Enum):
+    """What an emitter does when a sink's channel is full."""
+
+    DROP_OLDEST = "drop-oldest"
+    """Never wait. The event that does not fit is dropped and counted in
+    ``missed_events``. (The name is the reference's: the channel keeps the
+    *oldest* events it already holds and drops the newcomer, so a consumer
+    that falls behind sees the start of a burst, then a gap.)"""
+    BLOCK = "block"
+    """The emitter waits until the sink's channel has room."""
+
+
+@final
+class ObserverSubscriberId:
+    """The id of a registered sink: a UUID version 4 string, 36 characters.
+
+    Ids are equal by value and hashable, so a consumer can keep the string
+    (``str(id)``) and look the sink up again with :meth:`from_string`.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"subscriber id must be a str, not {type(value).__name__}")
+        self._value = value
+
+    @classmethod
+    def new(cls) -> ObserverSubscriberId:
+        """Return a fresh id from the operating system's random source."""
+        # uuid4() draws from os.urandom, a CSPRNG; ids derived from clock
+        # bits (as the reference did) can collide across processes.
+        return cls(str(uuid.uuid4()))
+
+    @classmethod
+    def from_string(cls, value: str) -> ObserverSubscriberId:
+        """Wrap an id previously obtained with ``str(id)`` or :meth:`as_str`."""
+        return cls(value)
+
+    def as_str(self) -> str:
+        """Return the id as a string."""
+        return self._value
+
+    def __str__(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"ObserverSubscriberId({self._value!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ObserverSubscriberId):
+            return self._value == other._value
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ObserverSinkStatus:
+    """A snapshot of one sink's counters."""
+
+    missed_events: int
+    """Matching events that were not delivered: the channel was full
+    (``DROP_OLDEST``), the receiver had gone away, the sink was removed while
+    an emitter waited on it, or the emitter was cancelled while it waited."""
+    delivered_events: int
+    """Matching events whose ``send`` completed: they are in the channel or
+    already received."""
+    disconnected: bool
+    """True once the receiving side was closed; every later matching event
+    counts as missed."""
+
+
+class _Sink:
+    """One registered sink. Counters only go up; the session's tasks are the
+    only writers, and trio runs them one at a time, so no lock is needed."""
+
+    __slots__ = (
+        "backpressure",
+        "categories",
+        "delivered",
+        "disconnected",
+        "missed",
+        "send_channel",
+        "send_nowait",
+        "sequence",
+        "tagged",
+    )
+
+    def __init__(
+        self,
+        categories: frozenset[EventCategory],
+        send_channel: trio.MemorySendChannel[object],
+        backpressure: ObserverBackpressure,
+        tagged: bool,
+    ) -> None:
+        self.categories = categories
+        self.send_channel = send_channel
+        # Bound once: emit()'s plain route calls it for every event.
+        self.send_nowait = send_channel.send_nowait
+        self.backpressure = backpressure
+        # A tagged sink sends (sequence, event) pairs, which is how a
+        # subscription knows exactly where a loss happened in its stream.
+        self.tagged = tagged
+        self.delivered = 0
+        self.missed = 0
+        self.disconnected = False
+        # Every matching event takes the next number when its fate is decided
+        # or its blocking send begins, which is channel order. A snapshot of
+        # `missed` would not do: an emitter queued behind one that is then
+        # cancelled carries the count from before that loss, and the marker
+        # would land after its event instead of before.
+        self.sequence = 0
+
+    def item(self, event: ObserverEvent) -> object:
+        """What to put in the channel for ``event``, numbered but unclaimed."""
+        return (self.sequence, event) if self.tagged else event
+
+    def claim(self, event: ObserverEvent) -> object:
+        """Number ``event`` for a blocking send; its outcome is counted later."""
+        item = self.item(event)
+        self.sequence += 1
+        return item
+
+    def count_delivered(self) -> None:
+        self.sequence += 1
+        self.delivered += 1
+
+    def count_missed(self) -> None:
+        self.sequence += 1
+        self.missed += 1
+
+    @property
+    def plain(self) -> bool:
+        return (
+            self.backpressure is ObserverBackpressure.DROP_OLDEST
+            and not self.tagged
+            and not self.disconnected
+        )
+
+    def mark_disconnected(self) -> None:
+        self.disconnected = True
+        self.send_channel.close()
+
+    def status(self) -> ObserverSinkStatus:
+        # The receiver may have been closed since an emit last looked; the
+        # status says so at once, not only after the next matching event.
+        receiver_gone = self.send_channel.statistics().open_receive_channels == 0
+        return ObserverSinkStatus(self.missed, self.delivered, self.disconnected or receiver_gone)
