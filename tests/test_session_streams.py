@@ -226,3 +226,17 @@ async def test_orphans_are_observed_and_reaped_while_the_session_runs() -> None:
         assert event.exit_code == 0
         await trio.testing.wait_all_tasks_blocked()
         assert grandchild not in children_of(os.getpid())  # reaped, no zombie
+
+
+async def test_pty_send_eof_ends_the_input() -> None:
+    script = "import sys; print('ready', flush=True); print(len(sys.stdin.read()))"
+    async with open_session() as session:
+        process = await session.start_process([PY, "-c", script], pty=True)
+        assert process.pty is not None
+        await process.pty.log.expect("ready", timeout=10)
+        await process.pty.write("abc\n")
+        await process.pty.send_eof()
+        assert await process.wait() == 0
+        with pytest.raises(trio.ClosedResourceError):
+            await process.pty.write("more")
+    assert process.pty.log.snapshot().endswith(b"4\r\n")

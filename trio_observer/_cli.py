@@ -185,8 +185,7 @@ async def _attach_terminal(process: Process, helpers: trio.Nursery) -> None:
     the log is closed when the session has ended, and the copier with it.
     """
     assert process.pty is not None
-    assert process._pty_stream is not None
-    stream = process._pty_stream
+    stream = process.pty._stream
     user_in, user_out = sys.stdin.fileno(), sys.stdout.fileno()
     raw = contextlib.ExitStack()
     raw.enter_context(raw_terminal(user_in))

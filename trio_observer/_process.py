@@ -84,6 +84,13 @@ class Pty:
         """Press Ctrl-C: the terminal sends SIGINT to its foreground group."""
         await self._stream.interrupt()
 
+    async def send_eof(self) -> None:
+        """Press Ctrl-D: a program reading lines sees the end of its input.
+
+        Later calls of :meth:`write` raise ``trio.ClosedResourceError``.
+        """
+        await self._stream.send_eof()
+
 
 @final
 class Process:
@@ -127,7 +134,7 @@ class Process:
         self._pidfd = _open_pidfd(pid)
         # Set once the session asked the process to stop, so that the exit
         # can be told apart from a natural one.
-        self._term_requested_at: float | None = None
+        self._stop_requested = False
         self._kill_sent = False
 
     def __repr__(self) -> str:
@@ -231,8 +238,7 @@ class Process:
     # -- used by the session ------------------------------------------
 
     def _request_stop(self, sig: int) -> None:
-        if self._term_requested_at is None:
-            self._term_requested_at = trio.current_time()
+        self._stop_requested = True
         if sig == signal.SIGKILL:
             self._kill_sent = True
         self.signal_tree(sig)
@@ -253,7 +259,7 @@ class Process:
             # Fd numbers are reused: forget it before anyone can trip on it.
             fd, self._pidfd = self._pidfd, None
             os.close(fd)
-        if self._term_requested_at is None:
+        if not self._stop_requested:
             self._termination = TerminationOutcome.NATURAL_EXIT
         elif self._kill_sent:
             self._termination = TerminationOutcome.HARD_KILLED
@@ -281,11 +287,13 @@ class Process:
             await self._wait_exit()
 
     def _close_streams(self) -> None:
-        for stream in (self.stdin, self.stdout, self.stderr, self._pty_stream):
+        for stream in (self.stdin, self.stdout, self.stderr):
             if stream is not None:
                 _close_stream(stream)
-
-    _pty_stream: PtyStream | None = None
+        if self.pty is not None:
+            # After the reap: closing the master earlier would hang up the
+            # child's terminal (SIGHUP to its session).
+            self.pty._stream.close()
 
 
 def _close_stream(stream: trio.abc.AsyncResource) -> None:
@@ -422,6 +430,4 @@ def spawn_with_pty(
         return os.waitstatus_to_exitcode(status)
 
     process = Process(pid=pid, argv=argv, reap=reap, pgid=pid, stdin=None, stdout=None, stderr=None)
-    stream = PtyStream(master_fd)
-    process._pty_stream = stream
-    return process, stream
+    return process, PtyStream(master_fd)
