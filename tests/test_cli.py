@@ -154,3 +154,21 @@ def test_pty_mode_with_piped_input() -> None:
     result = run_cli("run", "--pty", "--", PY, "-c", script, input=b"hello\n")
     assert result.returncode == 0
     assert b"True True olleh" in result.stdout
+
+
+def test_unavailable_category_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A machine without /proc, simulated by pointing the probe elsewhere.
+    from trio_observer import TraceScope, _capabilities, _cli
+
+    real = _capabilities.negotiate_capabilities
+
+    def without_proc(scope: TraceScope = TraceScope.LAUNCHED_PROCESS_TREE) -> object:
+        return real(scope, proc_root="/nonexistent")
+
+    monkeypatch.setattr(_cli, "negotiate_capabilities", without_proc)
+    assert _cli.main(["run", "--category", "lifecycle,file", "--", PY, "-c", "pass"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trio-observer: cannot observe 'file' events here:")
+    assert err.count("\n") == 1

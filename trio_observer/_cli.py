@@ -117,6 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             {c for group in (args.category or [[EventCategory.LIFECYCLE]]) for c in group},
             key=lambda c: c.value,
         )
+        # Refused here, in one line, rather than as an error from inside the
+        # session (probing opens a netlink socket, so only when needed).
+        tree_categories = [c for c in categories if c is not EventCategory.LIFECYCLE]
+        if tree_categories:
+            capabilities = negotiate_capabilities()
+            for category in tree_categories:
+                try:
+                    capabilities.require(category)
+                except UnsupportedCategoryError as exc:
+                    print(f"{_PROG}: {exc}", file=sys.stderr)
+                    return 2
         with contextlib.ExitStack() as stack:
             events_file: IO[str] = sys.stderr
             if args.events:
@@ -139,36 +150,28 @@ async def _run(
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
     async with trio.open_nursery() as helpers:
-        async with open_session(grace_period=grace_period) as session:
-            await helpers.start(_write_events, session, categories, events_file)
-            helpers.start_soon(_stop_on_signal, session, stopped_by, watch_signals)
-            try:
-                if use_pty:
-                    process = await session.start_process(
-                        cmd, pty=terminal_size(sys.stdin.fileno()) or PtySize()
-                    )
+        try:
+            async with open_session(grace_period=grace_period) as session:
+                await helpers.start(_write_events, session, categories, events_file)
+                helpers.start_soon(_stop_on_signal, session, stopped_by, watch_signals)
+                try:
+                    size = terminal_size(sys.stdin.fileno()) or PtySize()
+                    process = await session.start_process(cmd, pty=size if use_pty else False)
+                except FileNotFoundError:
+                    print(f"{_PROG}: command not found: {cmd[0]}", file=sys.stderr)
+                    return 127
+                except PermissionError:
+                    print(f"{_PROG}: permission denied: {cmd[0]}", file=sys.stderr)
+                    return 126
+                if process.pty is not None:
+                    await _attach_terminal(process, helpers)
                 else:
-                    process = await session.start_process(cmd)
-            except UnsupportedCategoryError as exc:
-                print(f"{_PROG}: {exc}", file=sys.stderr)
-                return 2
-            except FileNotFoundError:
-                print(f"{_PROG}: command not found: {cmd[0]}", file=sys.stderr)
-                return 127
-            except PermissionError:
-                print(f"{_PROG}: permission denied: {cmd[0]}", file=sys.stderr)
-                return 126
-            finally:
-                if session.processes == ():
-                    watch_signals.cancel()
-            if process.pty is not None:
-                await _attach_terminal(process, helpers)
-            else:
-                with _terminal_foreground(process.pid):
-                    await process.wait()
-        # The session has ended: CMD and all it left behind are reaped, and
-        # the event writer drains and stops by itself.
-        watch_signals.cancel()
+                    with _terminal_foreground(process.pid):
+                        await process.wait()
+            # The session has ended: CMD and all it left behind are reaped,
+            # and the event writer drains and stops by itself.
+        finally:
+            watch_signals.cancel()
     code = process.returncode
     assert code is not None
     if code < 0:
@@ -181,23 +184,23 @@ async def _run(
 async def _attach_terminal(process: Process, helpers: trio.Nursery) -> None:
     """Connect the user's terminal to CMD's until CMD exits.
 
-    Output is copied from the pty's log with a cursor, from its first byte;
-    the log is closed when the session has ended, and the copier with it.
+    The user's terminal is in raw mode from here until CMD's output has been
+    copied to the end, which is when the session has ended and closed the
+    pty's log; the copier reads the log with a cursor from its first byte.
     """
     assert process.pty is not None
     stream = process.pty._stream
     user_in, user_out = sys.stdin.fileno(), sys.stdout.fileno()
-    raw = contextlib.ExitStack()
-    raw.enter_context(raw_terminal(user_in))
     cursor = process.pty.log.cursor("oldest")
 
-    async def copy_out() -> None:
-        with raw:
+    async def copy_out(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with raw_terminal(user_in):
+            task_status.started()
             async for item in cursor:
                 if isinstance(item, bytes):
                     await write_all(user_out, item)
 
-    helpers.start_soon(copy_out)
+    await helpers.start(copy_out)
     async with trio.open_nursery() as nursery:
         await nursery.start(forward_resizes, user_in, stream)
         nursery.start_soon(copy_input, user_in, stream)
