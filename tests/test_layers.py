@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trio_observer"
 # Lower numbers are lower layers. Same-layer imports are allowed.
 LAYERS = {
     "_events": 0,
+    "_checks": 0,
     "_sink": 1,
     "_pty": 1,
     "_spawn": 1,

@@ -49,7 +49,7 @@ async def test_backlog_bytes_bounds_the_log() -> None:
     assert process.stdout_log.total_bytes == 1000
     assert process.stdout_log.dropped_bytes == 900
     assert process.stdout_log.snapshot() == b"a" * 99 + b"\n"
-    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="backlog_bytes must be at least 1")):
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="backlog_bytes must be >= 1")):
         async with open_session() as session:
             await session.start_process([PY, "-c", "pass"], stdout=CAPTURE, backlog_bytes=0)
 

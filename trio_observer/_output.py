@@ -18,9 +18,10 @@ from typing import Literal, final
 
 import trio
 
+from ._checks import check_int
 from ._cursor import OutputCursor
 from ._expect import ExpectMatch, compile_pattern, deadline, search
-from ._sink import ObserverBackpressure
+from ._sink import ObserverBackpressure, check_backpressure
 from ._tee import ByteTee
 
 _READ_SIZE = 65536
@@ -62,11 +63,7 @@ class OutputLog:
     )
 
     def __init__(self, *, max_bytes: int = 1 << 20) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
-            raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
-        self._max = max_bytes
+        self._max = check_int("max_bytes", max_bytes, minimum=1)
         # Chunks as fed, never copied or merged. _starts[i] is the absolute
         # offset of _chunks[i][0]; entries before _head are evicted and are
         # only deleted in bulk, so that eviction is O(1) amortised and
@@ -423,15 +420,8 @@ class OutputLog:
             an :class:`ObserverBackpressure`.
           ValueError: ``capacity`` is less than 1.
         """
-        if isinstance(capacity, bool) or not isinstance(capacity, int):
-            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, not {capacity}")
-        if not isinstance(backpressure, ObserverBackpressure):
-            raise TypeError(
-                "backpressure must be ObserverBackpressure.BLOCK or "
-                f"ObserverBackpressure.DROP_OLDEST, not {backpressure!r}"
-            )
+        check_int("capacity", capacity, minimum=1)
+        check_backpressure(backpressure)
         tee = ByteTee(
             capacity=capacity,
             backpressure=backpressure,

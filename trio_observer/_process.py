@@ -11,6 +11,7 @@ from typing import IO, Any, Final, final
 
 import trio
 
+from ._checks import check_seconds
 from ._events import TerminationOutcome
 from ._output import OutputLog
 from ._pty import PtySize, PtyStream, open_pty
@@ -226,7 +227,7 @@ class Process:
         Raises:
           ValueError: ``grace`` is negative or not a number.
         """
-        _check_grace("grace", grace)
+        check_seconds("grace", grace)
         if self._returncode is None:
             self._request_stop(signal.SIGTERM)
             with trio.move_on_after(grace):
@@ -314,13 +315,6 @@ def _wait_no_reap(pid: int) -> None:
     # WNOWAIT leaves the zombie in place, so the pid cannot be reused before
     # the session reaps it (the same trick trio uses).
     os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-
-
-def _check_grace(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
 
 
 def spawn_with_pipes(

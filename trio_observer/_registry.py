@@ -8,8 +8,15 @@ from typing import Any, Final, Literal, final, overload
 
 import trio
 
+from ._checks import check_int
 from ._events import EventCategory, ObserverEvent
-from ._sink import ObserverBackpressure, ObserverSinkStatus, ObserverSubscriberId, _Sink
+from ._sink import (
+    ObserverBackpressure,
+    ObserverSinkStatus,
+    ObserverSubscriberId,
+    _Sink,
+    check_backpressure,
+)
 from ._subscription import MissedEvents, Subscription
 
 _ALL_CATEGORIES: Final = tuple(EventCategory)
@@ -89,15 +96,8 @@ class ObserverRegistry:
         tagged: bool,
     ) -> tuple[ObserverSubscriberId, trio.MemoryReceiveChannel[object]]:
         wanted = _check_categories(categories)
-        if not isinstance(capacity, int) or isinstance(capacity, bool):
-            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
-        if not isinstance(backpressure, ObserverBackpressure):
-            raise TypeError(
-                "backpressure must be ObserverBackpressure.BLOCK or "
-                f"ObserverBackpressure.DROP_OLDEST, not {backpressure!r}"
-            )
+        check_int("capacity", capacity, minimum=0)
+        check_backpressure(backpressure)
         if self._closed:
             raise trio.ClosedResourceError("this observer registry's session has ended")
         for check in self._category_checks:

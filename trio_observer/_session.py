@@ -10,6 +10,7 @@ from typing import final
 import trio
 
 from ._capabilities import CapabilityReport, negotiate_capabilities
+from ._checks import check_int, check_seconds
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, trio_time_ms
 from ._linux import _process_tree
 from ._linux._tree import OBSERVABLE_CATEGORIES, TreeObserver
@@ -19,7 +20,6 @@ from ._process import (
     Process,
     Pty,
     StdioArg,
-    _check_grace,
     spawn_with_pipes,
     spawn_with_pty,
 )
@@ -156,6 +156,7 @@ class Session:
           trio.ClosedResourceError: the session has ended.
         """
         args = _check_argv(argv)
+        check_int("backlog_bytes", backlog_bytes, minimum=1)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise trio.ClosedResourceError("this session has ended; open a new one")
@@ -163,10 +164,6 @@ class Session:
             # A sink that just asked for PROCESS/FILE/NETWORK must see this
             # process's first fork: wait for the observer to be subscribed.
             await self._tree.wait_active()
-        if isinstance(backlog_bytes, bool) or not isinstance(backlog_bytes, int):
-            raise TypeError(f"backlog_bytes must be an int, not {type(backlog_bytes).__name__}")
-        if backlog_bytes < 1:
-            raise ValueError(f"backlog_bytes must be at least 1, got {backlog_bytes}")
         if pty is not False:
             if (stdin, stdout, stderr) != (None, None, None):
                 raise ValueError(
@@ -367,7 +364,9 @@ async def open_session(
     Raises:
       ValueError: ``grace_period`` is negative or NaN.
     """
-    _check_grace("grace_period", grace_period)
+    check_seconds("grace_period", grace_period)
+    if not poll_interval > 0:
+        raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
     _process_tree.subreaper.acquire()
     try:
         async with _session_scope(grace_period, poll_interval) as session:

@@ -163,3 +163,17 @@ class _Sink:
         # status says so at once, not only after the next matching event.
         receiver_gone = self.send_channel.statistics().open_receive_channels == 0
         return ObserverSinkStatus(self.missed, self.delivered, self.disconnected or receiver_gone)
+
+
+def check_backpressure(value: ObserverBackpressure) -> ObserverBackpressure:
+    """Return ``value`` if it is an :class:`ObserverBackpressure`.
+
+    Raises:
+      TypeError: it is anything else (a string such as ``"block"`` included).
+    """
+    if not isinstance(value, ObserverBackpressure):
+        raise TypeError(
+            "backpressure must be ObserverBackpressure.BLOCK or "
+            f"ObserverBackpressure.DROP_OLDEST, not {value!r}"
+        )
+    return value
