@@ -87,7 +87,8 @@ def test_help() -> None:
     assert b"JSON Lines" in result.stdout
 
 
-def test_sigterm_to_the_cli_stops_the_tree(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_to_the_cli_stops_the_tree(tmp_path: Path, sig: signal.Signals) -> None:
     events = tmp_path / "events.jsonl"
     script = (
         "import subprocess, sys, time\n"
@@ -103,8 +104,8 @@ def test_sigterm_to_the_cli_stops_the_tree(tmp_path: Path) -> None:
     try:
         assert cli.stdout is not None
         grandchild = int(cli.stdout.readline())
-        cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+        cli.send_signal(sig)
+        assert cli.wait(timeout=60) == 128 + sig
     finally:
         cli.kill()
         cli.wait()
