@@ -174,10 +174,12 @@ async def _run(
             watch_signals.cancel()
     code = process.returncode
     assert code is not None
+    if stopped_by and process.termination is not TerminationOutcome.NATURAL_EXIT:
+        # We stopped CMD because we were told to stop: report that signal,
+        # as a shell would (130 after Ctrl-C), not the SIGTERM we sent.
+        return 128 + stopped_by[0]
     if code < 0:
         return 128 - code
-    if stopped_by and process.termination is not TerminationOutcome.NATURAL_EXIT:
-        return 128 + stopped_by[0]
     return code
 
 
