@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Run CMD in a session. CMD's stdin, stdout and stderr are passed through; "
             "its events are written as JSON Lines, one object per line. The exit status "
-            "is CMD's (128 + N when signal N ended it). Ctrl-C or SIGTERM stops CMD and "
-            "everything it started."
+            "is CMD's (128 + N when signal N ended it). Signal N (Ctrl-C, SIGTERM, SIGHUP) "
+            "to trio-observer stops CMD and everything it started, and the exit status "
+            "is then 128 + N."
         ),
         epilog="example: trio-observer run --events events.jsonl -- make test",
     )
