@@ -173,3 +173,9 @@ def test_unavailable_category_is_one_clear_line(
     err = capsys.readouterr().err
     assert err.startswith("trio-observer: cannot observe 'file' events here:")
     assert err.count("\n") == 1
+
+
+def test_bad_grace_period() -> None:
+    result = run_cli("run", "--grace-period", "-1", "--", PY, "-c", "pass")
+    assert result.returncode == 2
+    assert b"'-1' is not a number of seconds >= 0" in result.stderr

@@ -13,6 +13,7 @@ from typing import IO, Final
 import trio
 
 from ._capabilities import TraceScope, UnsupportedCategoryError, negotiate_capabilities
+from ._checks import check_seconds
 from ._events import EventCategory, TerminationOutcome
 from ._process import Process
 from ._pty import PtySize
@@ -36,6 +37,13 @@ def _categories(text: str) -> list[EventCategory]:
                 f"unknown category {name!r} (choose from: {allowed})"
             ) from None
     return chosen
+
+
+def _seconds(text: str) -> float:
+    try:
+        return check_seconds("--grace-period", float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0") from exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--grace-period",
-        type=float,
+        type=_seconds,
         default=5.0,
         metavar="SECONDS",
         help="time between SIGTERM and SIGKILL when stopping CMD's tree (default: 5)",
