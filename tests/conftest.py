@@ -40,3 +40,11 @@ def no_leaks() -> Iterator[None]:
     yield
     assert open_fds() <= fds_before, "fd leaked"
     assert children_of(os.getpid()) <= children_before, "child process left behind"
+
+
+def reap_zombie_child(pid: int) -> bool:
+    """Reap ``pid`` if it is a child of this process; say whether it was."""
+    if pid not in children_of(os.getpid()):
+        return False
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+    return True

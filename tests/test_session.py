@@ -21,7 +21,7 @@ from trio_observer import (
     open_session,
 )
 
-from .conftest import PY
+from .conftest import PY, reap_zombie_child
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -380,3 +380,33 @@ async def test_subreaper_only_while_a_session_is_open() -> None:
             assert is_subreaper()
         assert is_subreaper()  # the outer session still holds it
     assert not is_subreaper()
+
+
+# A grandchild that daemonizes (its own session) and exits at once, while
+# its parent prints its pid and exits too.
+DAEMONIZE_AND_EXIT = SPAWN_GRANDCHILD.replace("'import time; time.sleep(1000)'", "'pass'").format(
+    extra=", start_new_session=True", then=""
+)
+
+
+async def wait_for_exit(pid: int) -> None:
+    fd = os.pidfd_open(pid)
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("track", [True, False])
+async def test_track_descendants_reaps_daemons_that_exit(track: bool) -> None:
+    async with open_session(track_descendants=track) as session:
+        process = await session.start_process(
+            [PY, "-c", DAEMONIZE_AND_EXIT], stdout=subprocess.PIPE
+        )
+        assert process.stdout is not None
+        grandchild = int(await read_line(process.stdout))
+        await process.wait()
+        await wait_for_exit(grandchild)
+    zombie = reap_zombie_child(grandchild)  # and clean up for the leak check
+    # Documented: without tracking, the session cannot attribute the zombie.
+    assert zombie is not track

@@ -35,7 +35,15 @@ class Session:
     Obtained from :func:`open_session`; not constructed by users.
     """
 
-    def __init__(self, nursery: trio.Nursery, *, grace_period: float, poll_interval: float) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        grace_period: float,
+        poll_interval: float,
+        track_descendants: bool,
+    ) -> None:
+        self._track_descendants = track_descendants
         self._nursery = nursery
         self._readers: list[tuple[trio.CancelScope, trio.Event]] = []
         self._grace_period = grace_period
@@ -60,10 +68,15 @@ class Session:
         self._closed = False
 
     def _tree_categories(self) -> frozenset[EventCategory]:
-        return frozenset(c for c in OBSERVABLE_CATEGORIES if self._observers.wants(c))
+        wanted = frozenset(c for c in OBSERVABLE_CATEGORIES if self._observers.wants(c))
+        # Following the tree (PROCESS) is what lets the observer adopt and
+        # reap orphans; the events themselves go nowhere without a sink.
+        return wanted | {EventCategory.PROCESS} if self._track_descendants else wanted
 
     @property
     def _tree_wanted(self) -> bool:
+        if self._track_descendants:
+            return True
         wants = self._observers.wants
         return (
             wants(EventCategory.PROCESS)
@@ -332,7 +345,10 @@ class Session:
 
 @asynccontextmanager
 async def open_session(
-    *, grace_period: float = 5.0, poll_interval: float = 0.02
+    *,
+    grace_period: float = 5.0,
+    poll_interval: float = 0.02,
+    track_descendants: bool = False,
 ) -> AsyncIterator[Session]:
     """Open a session: a nursery-like scope for processes.
 
@@ -360,6 +376,15 @@ async def open_session(
         process tree, while a sink wants ``PROCESS``, ``FILE`` or
         ``NETWORK`` events (see ``docs/observation.md``). 20 ms notices a
         short compiler run without costing more than a few percent of a core.
+      track_descendants: Follow the process tree for the whole session, even
+        with no sink for ``PROCESS`` events. Off by default, because
+        observation should cost nothing unless asked for. Turn it on when
+        processes may daemonize (leave the session's process group *and*
+        session, then outlive their parent): the session then knows them,
+        stops them at the end, and reaps them as soon as they exit. Without
+        it, such an orphan that exits before the session ends stays a zombie
+        child of this process, because a zombie cannot be told apart from a
+        child that other code in the program started.
 
     Raises:
       ValueError: ``grace_period`` is negative or NaN.
@@ -369,16 +394,23 @@ async def open_session(
         raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
     _process_tree.subreaper.acquire()
     try:
-        async with _session_scope(grace_period, poll_interval) as session:
+        async with _session_scope(grace_period, poll_interval, track_descendants) as session:
             yield session
     finally:
         _process_tree.subreaper.release()
 
 
 @asynccontextmanager
-async def _session_scope(grace_period: float, poll_interval: float) -> AsyncIterator[Session]:
+async def _session_scope(
+    grace_period: float, poll_interval: float, track_descendants: bool
+) -> AsyncIterator[Session]:
     async with trio.open_nursery() as nursery:
-        session = Session(nursery, grace_period=grace_period, poll_interval=poll_interval)
+        session = Session(
+            nursery,
+            grace_period=grace_period,
+            poll_interval=poll_interval,
+            track_descendants=track_descendants,
+        )
         nursery.start_soon(session._run_tree_observer)
         try:
             yield session
