@@ -18,6 +18,7 @@ from trio_observer import (
     ObserverEventKind,
     Process,
     TerminationOutcome,
+    negotiate_capabilities,
     open_session,
 )
 
@@ -397,7 +398,23 @@ async def wait_for_exit(pid: int) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("track", [True, False])
+EXACT_PROCESS_EVENTS = negotiate_capabilities()[EventCategory.PROCESS].backend == "proc-connector"
+
+
+@pytest.mark.parametrize(
+    "track",
+    [
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not EXACT_PROCESS_EVENTS,
+                reason="a daemon that exits at once is seen only by the process connector "
+                "(polling is documented to miss it); the connector needs CAP_NET_ADMIN",
+            ),
+        ),
+        False,
+    ],
+)
 async def test_track_descendants_reaps_daemons_that_exit(track: bool) -> None:
     async with open_session(track_descendants=track) as session:
         process = await session.start_process(
