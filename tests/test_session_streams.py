@@ -240,3 +240,10 @@ async def test_pty_send_eof_ends_the_input() -> None:
         with pytest.raises(trio.ClosedResourceError):
             await process.pty.write("more")
     assert process.pty.log.snapshot().endswith(b"4\r\n")
+
+
+async def test_an_unobserved_session_keeps_no_record_of_reaped_processes() -> None:
+    async with open_session() as session:
+        for _ in range(3):
+            await session.run_process([PY, "-c", "pass"])
+        assert session._tree._tree.pids() == []

@@ -303,6 +303,8 @@ class Session:
                 cancelled = True
                 raise
             finally:
+                if process.returncode is not None:
+                    self._tree.discard_root(process.pid)
                 if self._observers.wants(EventCategory.LIFECYCLE):
                     event = ObserverEvent(
                         category=EventCategory.LIFECYCLE,

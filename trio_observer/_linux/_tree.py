@@ -173,7 +173,23 @@ class TreeObserver:
         Args:
             pid: The spawned process.
         """
-        self._tree.add_root(pid)
+        # While idle, nothing is read: the first scan fills in the details,
+        # so a spawn costs no /proc read unless someone observes the tree.
+        self._tree.add_root(pid, read_now=bool(self._categories))
+
+    def discard_root(self, pid: int) -> None:
+        """Say that the session has reaped ``pid``, one of the roots.
+
+        An idle observer forgets it at once, so that a long session that
+        nobody observes does not accumulate its dead processes. An active
+        observer keeps it until its next scan notices the exit and reports
+        the closing of the root's files and sockets.
+
+        Args:
+            pid: A root given to :meth:`add_root`.
+        """
+        if not self._categories:
+            self._tree.discard_root(pid)
 
     def set_categories(self, categories: frozenset[EventCategory]) -> None:
         """Change what is observed; an empty set stops all work.

@@ -101,11 +101,15 @@ class TreeMembers:
         # Exited members that may still be zombie children of this process.
         self._to_reap: dict[int, int | None] = {}
 
-    def add_root(self, pid: int) -> None:
-        """Take in a process the session spawned (see ``TreeObserver.add_root``)."""
+    def add_root(self, pid: int, *, read_now: bool = True) -> None:
+        """Take in a process the session spawned (see ``TreeObserver.add_root``).
+
+        With ``read_now=False`` its start time and parent are left for the
+        first scan to fill in (``_same`` accepts an unknown start time).
+        """
         if pid in self._roots:
             return
-        stat = read_stat(self._proc_root, pid)
+        stat = read_stat(self._proc_root, pid) if read_now else None
         self._roots[pid] = TreeNode(
             pid,
             stat.starttime if stat is not None else None,
@@ -113,6 +117,10 @@ class TreeMembers:
             pid,
         )
         self.roots_dirty = True
+
+    def discard_root(self, pid: int) -> None:
+        """Forget a root without reporting anything (see ``TreeObserver``)."""
+        self._roots.pop(pid, None)
 
     def descendants(self) -> set[int]:
         """Return the pids of the descendants believed alive, roots excluded."""
