@@ -242,8 +242,16 @@ async def test_pty_send_eof_ends_the_input() -> None:
     assert process.pty.log.snapshot().endswith(b"4\r\n")
 
 
-async def test_an_unobserved_session_keeps_no_record_of_reaped_processes() -> None:
+async def test_a_long_session_keeps_no_record_of_reaped_processes() -> None:
     async with open_session() as session:
-        for _ in range(3):
-            await session.run_process([PY, "-c", "pass"])
-        assert session._tree._tree.pids() == []
+        for stdout in (None, CAPTURE):
+            process = await session.start_process([PY, "-c", "print('hi')"], stdout=stdout)
+            assert session.processes == (process,)
+            await process.wait()
+            assert len(session.processes) == 0
+        assert process.stdout_log is not None
+        async for _ in process.stdout_log.cursor():
+            pass  # to the end of the stream: the reader has closed the log
+        await trio.testing.wait_all_tasks_blocked()
+        assert session._readers == {}
+        assert session._tree._tree.pids() == []  # nobody observes: nothing kept

@@ -49,8 +49,11 @@ class Pty:
     """The pseudo-terminal of a process started with ``pty=``.
 
     Everything the process writes to its terminal is captured in :attr:`log`;
-    what you :meth:`write` is what it reads as typed input. Obtained from
-    :attr:`Process.pty`; not constructed by users.
+    what you :meth:`write` is what it reads as typed input. Once the process
+    has been reaped and its output has ended, the session closes the
+    terminal: :attr:`log` stays readable, and the other methods raise
+    ``trio.ClosedResourceError``. Obtained from :attr:`Process.pty`; not
+    constructed by users.
     """
 
     def __init__(self, stream: PtyStream, log: OutputLog) -> None:
@@ -292,8 +295,8 @@ class Process:
             if stream is not None:
                 _close_stream(stream)
         if self.pty is not None:
-            # After the reap: closing the master earlier would hang up the
-            # child's terminal (SIGHUP to its session).
+            # Normally closed already, by the session's reader after the
+            # reap; closing is idempotent.
             self.pty._stream.close()
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import final
 
@@ -45,7 +46,15 @@ class Session:
     ) -> None:
         self._track_descendants = track_descendants
         self._nursery = nursery
-        self._readers: list[tuple[trio.CancelScope, trio.Event]] = []
+        # Only what is needed is kept, so that a long session that starts
+        # many processes does not grow: the processes still running, the
+        # readers still reading, every process group (ints, for the final
+        # sweep), and weak references to the rest so that their pipes can be
+        # closed at the end if the user still holds them.
+        self._running: dict[Process, trio.Event] = {}
+        self._reaped: weakref.WeakSet[Process] = weakref.WeakSet()
+        self._groups: list[int] = []
+        self._readers: dict[trio.CancelScope, trio.Event] = {}
         self._grace_period = grace_period
         self._id = ObserverSubscriberId.new().as_str()
         self._observers = ObserverRegistry()
@@ -63,8 +72,6 @@ class Session:
         self._observers._on_interest_changed(
             lambda: self._tree.set_categories(self._tree_categories())
         )
-        self._processes: list[Process] = []
-        self._supervisors_done: list[trio.Event] = []
         self._closed = False
 
     def _tree_categories(self) -> frozenset[EventCategory]:
@@ -115,8 +122,13 @@ class Session:
 
     @property
     def processes(self) -> tuple[Process, ...]:
-        """Every process started in this session, in start order."""
-        return tuple(self._processes)
+        """The processes of this session that have not been reaped yet.
+
+        A reaped process is dropped from the session (hold on to the
+        :class:`Process` if you need it), so that a session that runs many
+        commands does not accumulate them.
+        """
+        return tuple(self._running)
 
     async def start_process(
         self,
@@ -191,7 +203,14 @@ class Session:
             )
             log = OutputLog(max_bytes=backlog_bytes)
             process.pty = Pty(pty_stream, log)
-            self._start_reader(pty_stream, log)
+
+            async def close_terminal() -> None:
+                # After the reap: closing the master earlier would hang up
+                # the terminal (SIGHUP) of a process still using it.
+                await process.wait()
+                pty_stream.close()
+
+            self._start_reader(pty_stream, log, then=close_terminal)
         else:
             process, out, err = spawn_with_pipes(
                 args,
@@ -204,18 +223,17 @@ class Session:
             )
             if out is not None:
                 process.stdout_log = OutputLog(max_bytes=backlog_bytes)
-                self._start_reader(out, process.stdout_log, close=True)
+                self._start_reader(out, process.stdout_log, then=out.aclose)
             if err is not None:
                 process.stderr_log = OutputLog(max_bytes=backlog_bytes)
-                self._start_reader(err, process.stderr_log, close=True)
+                self._start_reader(err, process.stderr_log, then=err.aclose)
         # Before any checkpoint: the tree observer must know the root before
         # it handles the root's first fork.
         self._tree.add_root(process.pid)
-        self._processes.append(process)
+        self._groups.append(process.pid)
         started = trio.Event()
-        done = trio.Event()
-        self._supervisors_done.append(done)
-        self._nursery.start_soon(self._supervise, process, started, done)
+        self._running[process] = trio.Event()
+        self._nursery.start_soon(self._supervise, process, started)
         try:
             if self._observers.wants(EventCategory.LIFECYCLE):
                 await self._observers.emit(
@@ -233,22 +251,25 @@ class Session:
         return process
 
     def _start_reader(
-        self, stream: trio.abc.ReceiveStream, log: OutputLog, *, close: bool = False
+        self,
+        stream: trio.abc.ReceiveStream,
+        log: OutputLog,
+        *,
+        then: Callable[[], Awaitable[None]],
     ) -> None:
         # Shielded: the output's tail matters most when the session is being
         # cancelled. When the session ends, _drain_readers gives the shield a
         # deadline, so a writer outside the tree cannot hang the session.
         scope = trio.CancelScope(shield=True)
-        done = trio.Event()
-        self._readers.append((scope, done))
+        done = self._readers[scope] = trio.Event()
 
         async def read() -> None:
             try:
                 with scope:
                     await pump_stream(stream, log)
+                    await then()
             finally:
-                if close:
-                    stream.close()  # type: ignore[attr-defined]
+                del self._readers[scope]
                 done.set()
 
         self._nursery.start_soon(read)
@@ -258,7 +279,7 @@ class Session:
         # now, so the readers reach end-of-stream on their own; a writer
         # the session could not attribute gets one grace period.
         deadline = trio.current_time() + self._grace_period
-        for scope, done in self._readers:
+        for scope, done in list(self._readers.items()):
             scope.deadline = deadline
             await done.wait()
 
@@ -294,7 +315,7 @@ class Session:
         task_status.started(process)
         return await process.wait()
 
-    async def _supervise(self, process: Process, started: trio.Event, done: trio.Event) -> None:
+    async def _supervise(self, process: Process, started: trio.Event) -> None:
         try:
             cancelled = False
             try:
@@ -322,16 +343,16 @@ class Session:
                     else:
                         await self._observers.emit(event)
         finally:
-            done.set()
+            self._running.pop(process).set()
+            self._reaped.add(process)
 
     async def _wait_for_processes(self) -> None:
-        for done in self._supervisors_done:
-            await done.wait()
+        while self._running:
+            await next(iter(self._running.values())).wait()
 
     async def _stop_leftovers(self) -> None:
-        groups = [p.pid for p in self._processes]
         await _process_tree.stop_leftovers(
-            groups=groups,
+            groups=self._groups,
             known=self._tree.known_descendants(),
             marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
             grace=self._grace_period,
@@ -341,7 +362,7 @@ class Session:
         self._closed = True
         self._tree_scope.cancel()
         self._observers.close()
-        for process in self._processes:
+        for process in (*self._running, *self._reaped):
             process._close_streams()
 
 
