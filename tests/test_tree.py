@@ -816,9 +816,11 @@ async def test_poll_adopts_a_marked_orphan_and_reaps_it() -> None:
                     lambda e: e.kind is K.DESCENDANT_EXITED and e.pid == orphan
                 )
                 assert exited.exit_code == 5
-                # Reaped right after the event: no zombie of ours is left.
-                while orphan in zombie_children_of(os.getpid()) or pid_exists(orphan):  # noqa: ASYNC110  # a real process's state has no trio event
-                    await trio.sleep(0.01)  # a real process: no event
+                # Reaped right after the event was emitted, in the same pass:
+                # once every task is blocked, no zombie of ours is left.
+                await trio.testing.wait_all_tasks_blocked()
+                assert orphan not in zombie_children_of(os.getpid())
+                assert not pid_exists(orphan)
         assert collector.kinds(orphan) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
     finally:
         with trio.CancelScope(shield=True):
@@ -832,7 +834,7 @@ async def test_poll_adopts_a_marked_orphan_and_reaps_it() -> None:
 
 
 @pytest.mark.usefixtures("no_leaks")
-async def test_unmarked_orphans_are_not_adopted() -> None:
+async def test_unmarked_orphans_are_not_adopted(mock_clock: trio.testing.MockClock) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -857,12 +859,13 @@ async def test_unmarked_orphans_are_not_adopted() -> None:
             orphan = int(data)
             await process.wait()
         async with observing(observer):
-            # Two full scans after the first one: the orphan was looked at.
+            # Two full scans after the first one, each driven by the clock:
+            # the orphan was looked at.
             for _ in range(2):
                 polls = observer.statistics().polls
-                with trio.fail_after(10):
-                    while observer.statistics().polls == polls:  # noqa: ASYNC110  # a real process's state has no trio event
-                        await trio.sleep(0.01)  # real-clock scans
+                mock_clock.jump(0.02)
+                await trio.testing.wait_all_tasks_blocked()
+                assert observer.statistics().polls == polls + 1
             assert orphan not in observer.known_descendants()
             assert orphan not in {e.pid for e in collector.events}
     finally:
