@@ -427,3 +427,76 @@ async def test_track_descendants_reaps_daemons_that_exit(track: bool) -> None:
     zombie = reap_zombie_child(grandchild)  # and clean up for the leak check
     # Documented: without tracking, the session cannot attribute the zombie.
     assert zombie is not track
+
+
+async def test_block_sinks_get_every_exit_after_its_start() -> None:
+    # A BLOCK sink of capacity 1 whose consumer starts late: STARTED of the
+    # second process waits for room while both processes exit. Nothing may
+    # be lost and no EXITED may overtake its STARTED.
+    async with open_session() as session:
+        sink_id, events = session.observers.add_channel(LIFECYCLE, 1, ObserverBackpressure.BLOCK)
+        received: list[tuple[ObserverEventKind, int]] = []
+        may_read = trio.Event()
+        started: list[Process] = []
+        both_started = trio.Event()
+
+        async def consume() -> None:
+            await may_read.wait()
+            async for event in events:
+                received.append((event.kind, event.pid))
+
+        async def start(argv: list[str]) -> None:
+            started.append(await session.start_process(argv))
+            if len(started) == 2:
+                both_started.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await start([PY, "-c", "pass"])  # its STARTED fills the channel
+            nursery.start_soon(start, [PY, "-c", "pass"])
+            await started[0].wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(started) == 1  # the second STARTED waits for room...
+            may_read.set()  # ...until the consumer reads
+            await both_started.wait()
+            await started[1].wait()
+            await trio.testing.wait_all_tasks_blocked()
+            status = session.observers.status(sink_id)
+            session.observers.remove(sink_id)
+    assert status is not None
+    assert (status.delivered_events, status.missed_events) == (4, 0)
+    for process in started:
+        mine = [kind for kind, pid in received if pid == process.pid]
+        assert mine == [ObserverEventKind.STARTED, ObserverEventKind.EXITED]
+
+
+async def test_no_process_can_join_a_session_that_is_winding_down() -> None:
+    outcome: list[BaseException] = []
+    async with trio.open_nursery() as outer, open_session() as session:
+        keeper = await session.start_process(
+            [PY, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+        )
+
+        async def late_start() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            # The block has ended; the session waits for `keeper`.
+            try:
+                await session.start_process([PY, "-c", "pass"])
+            except trio.ClosedResourceError as exc:
+                outcome.append(exc)
+            assert keeper.stdin is not None
+            await keeper.stdin.aclose()
+
+        outer.start_soon(late_start)
+    assert len(outcome) == 1
+    assert "session has ended" in str(outcome[0])
+
+
+async def test_signal_tree_does_nothing_after_the_reap(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with open_session() as session:
+        process = await session.start_process([PY, "-c", "pass"])
+        await process.wait()
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: sent.append((pgid, sig)))
+    process.signal_tree(signal.SIGKILL)
+    assert sent == []  # the group id may belong to someone else by now

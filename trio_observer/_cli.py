@@ -158,6 +158,7 @@ async def _run(
 ) -> int:
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
+    process: Process | None = None
     async with trio.open_nursery() as helpers:
         try:
             async with open_session(grace_period=grace_period) as session:
@@ -181,6 +182,9 @@ async def _run(
             # and the event writer drains and stops by itself.
         finally:
             watch_signals.cancel()
+    if process is None:
+        # Stopped before CMD could start (the observer was being set up).
+        return 128 + stopped_by[0] if stopped_by else 1
     code = process.returncode
     assert code is not None
     if stopped_by and process.termination is not TerminationOutcome.NATURAL_EXIT:

@@ -210,13 +210,30 @@ class Process:
 
         Each process a session starts leads its own process group (with a
         PTY, its own session), so this reaches every descendant that did not
-        move itself elsewhere. Does nothing once the group is empty.
+        move itself elsewhere. Does nothing once the process has been
+        reaped: from then on its group id may be reused by an unrelated
+        process (what the group left behind is stopped by the session when
+        its block ends).
         """
+        if self._returncode is not None:
+            return
         try:
             os.killpg(self._pgid, sig)
         except (ProcessLookupError, PermissionError):
-            # Empty group (or, after pid reuse, no longer ours to signal).
+            # Empty group: nothing to signal.
             pass
+
+    def _group_has_members(self) -> bool:
+        # Signal 0 checks without sending. Right after the reap, a group
+        # that still has members keeps its id reserved, so the answer is
+        # about our group, not a reused one.
+        try:
+            os.killpg(self._pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     async def terminate_gracefully(self, *, grace: float = 5.0) -> int:
         """Stop the process tree: SIGTERM, then SIGKILL after ``grace`` seconds.

@@ -53,7 +53,7 @@ class Session:
         # closed at the end if the user still holds them.
         self._running: dict[Process, trio.Event] = {}
         self._reaped: weakref.WeakSet[Process] = weakref.WeakSet()
-        self._groups: list[int] = []
+        self._groups: set[int] = set()
         self._readers: dict[trio.CancelScope, trio.Event] = {}
         self._grace_period = grace_period
         self._id = ObserverSubscriberId.new().as_str()
@@ -72,7 +72,14 @@ class Session:
         self._observers._on_interest_changed(
             lambda: self._tree.set_categories(self._tree_categories())
         )
-        self._closed = False
+        # Set when the block ends: from then on the session only winds down.
+        self._closing = False
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise trio.ClosedResourceError(
+                "this session has ended (its async with block exited); no new process can join it"
+            )
 
     def _tree_categories(self) -> frozenset[EventCategory]:
         wanted = frozenset(c for c in OBSERVABLE_CATEGORIES if self._observers.wants(c))
@@ -183,12 +190,12 @@ class Session:
         args = _check_argv(argv)
         check_int("backlog_bytes", backlog_bytes, minimum=1)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closed:
-            raise trio.ClosedResourceError("this session has ended; open a new one")
+        self._check_open()
         if self._tree_wanted:
             # A sink that just asked for PROCESS/FILE/NETWORK must see this
             # process's first fork: wait for the observer to be subscribed.
             await self._tree.wait_active()
+            self._check_open()
         if pty is not False:
             if (stdin, stdout, stderr) != (None, None, None):
                 raise ValueError(
@@ -230,7 +237,7 @@ class Session:
         # Before any checkpoint: the tree observer must know the root before
         # it handles the root's first fork.
         self._tree.add_root(process.pid)
-        self._groups.append(process.pid)
+        self._groups.add(process.pid)
         started = trio.Event()
         self._running[process] = trio.Event()
         self._nursery.start_soon(self._supervise, process, started)
@@ -326,6 +333,10 @@ class Session:
             finally:
                 if process.returncode is not None:
                     self._tree.discard_root(process.pid)
+                    if not process._group_has_members():
+                        # An empty group's id is free for reuse by any new
+                        # process: the final sweep must not take it for ours.
+                        self._groups.discard(process.pid)
                 if self._observers.wants(EventCategory.LIFECYCLE):
                     event = ObserverEvent(
                         category=EventCategory.LIFECYCLE,
@@ -336,15 +347,31 @@ class Session:
                         exit_code=process.returncode,
                         termination=process.termination,
                     )
-                    if cancelled or not started.is_set():
+                    if cancelled:
                         # Tearing down: a BLOCK consumer may be cancelled
                         # too, so waiting on it could hang the session.
                         self._observers.emit_nowait(event)
                     else:
-                        await self._observers.emit(event)
+                        await self._emit_exited(event, started)
         finally:
             self._running.pop(process).set()
             self._reaped.add(process)
+
+    async def _emit_exited(self, event: ObserverEvent, started: trio.Event) -> None:
+        # A BLOCK sink gets EXITED only after STARTED: if STARTED is still
+        # waiting for room, EXITED queues behind it rather than overtaking
+        # it (or being dropped) through a non-waiting send.
+        try:
+            # Only when STARTED is still on its way: otherwise no checkpoint,
+            # so that EXITED is out before a task woken by wait() runs.
+            if not started.is_set():
+                await started.wait()
+        except trio.Cancelled:
+            # Cancelled before STARTED went out: no sink can take EXITED in
+            # order any more, and the session is winding down.
+            self._observers.emit_nowait(event)
+            raise
+        await self._observers.emit(event)
 
     async def _wait_for_processes(self) -> None:
         while self._running:
@@ -359,7 +386,6 @@ class Session:
         )
 
     def _close(self) -> None:
-        self._closed = True
         self._tree_scope.cancel()
         self._observers.close()
         for process in (*self._running, *self._reaped):
@@ -441,6 +467,7 @@ async def _session_scope(
             nursery.cancel_scope.cancel()
             raise
         finally:
+            session._closing = True
             with trio.CancelScope(shield=True):
                 try:
                     await session._wait_for_processes()

@@ -150,10 +150,17 @@ def find_leftovers(
 ) -> dict[int, ProcStat]:
     """Return the processes that belong to a session's tree.
 
-    A process belongs when it is in one of ``groups`` (as process group or
-    session id), when it is a child of this process carrying ``marker`` in
-    its environment, when the tree observer ``known`` it as a descendant,
-    or when its parent belongs. ``exclude`` are left out.
+    A process belongs when it carries ``marker`` in its environment and is
+    in one of ``groups`` (as process group or session id) or is a child of
+    this process; when it is a zombie child of this process in one of
+    ``groups``; when the tree observer ``known`` it as a descendant; or when
+    its parent belongs. ``exclude`` are left out.
+
+    Group membership alone is never enough for a live process: a group id
+    whose members are all gone may be reused by an unrelated process, which
+    would then be killed. (A zombie's environment is empty, so a zombie is
+    matched by group when it is this process's child: its original parent
+    was in the tree, or it was adopted as a child subreaper.)
     """
     table = scan(proc_root)
     own = os.getpid()
@@ -169,8 +176,13 @@ def find_leftovers(
         stat.pid
         for stat in table.values()
         if stat.pid in known_set
-        or stat.pgid in group_set
-        or stat.sid in group_set
+        or (
+            (stat.pgid in group_set or stat.sid in group_set)
+            and (
+                (stat.state in ("Z", "X") and stat.ppid == own)
+                or has_marker(stat.pid, marker, proc_root)
+            )
+        )
         or (stat.ppid == own and has_marker(stat.pid, marker, proc_root))
     ]
     while todo:
