@@ -262,6 +262,24 @@ async def test_cwd_is_set_in_the_child_only(tmp_path: Path) -> None:
     assert os.getcwd() == here
 
 
+@pytest.mark.parametrize("argv0", ["./py", "py"])
+async def test_relative_cwd_and_relative_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv0: str
+) -> None:
+    # The child changes directory before it execs, so the program must have
+    # been resolved to an absolute path: "./py" against cwd, "py" on a
+    # relative PATH entry (".", the child's cwd).
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "py").symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PATH": "."}
+    code = "import os; print('CWD=' + os.getcwd())"
+    async with child_on_pty(code, cwd="sub", argv0=argv0, env=env) as child:
+        out = await child.read_to_eof()
+        assert await child.wait() == 0
+    assert f"CWD={tmp_path / 'sub'}".encode() in out
+
+
 async def test_missing_program_raises_and_leaks_nothing() -> None:
     before = open_fds()
     master, slave_path = open_pty()

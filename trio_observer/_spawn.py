@@ -59,7 +59,9 @@ def _resolve_executable(program: str, env: Mapping[str, str], cwd: str | None) -
             return False
         return stat.S_ISREG(st.st_mode) and os.access(candidate, os.X_OK)
 
-    base = cwd if cwd is not None else os.getcwd()
+    # Absolute, because the child changes directory before it execs: a
+    # relative candidate would then be looked up from the wrong place.
+    base = os.path.abspath(cwd) if cwd is not None else os.getcwd()
     if "/" in program:
         # Like subprocess: a relative path is relative to the child's cwd.
         # An explicit path is not checked further: if it exists, exec
