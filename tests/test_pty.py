@@ -415,6 +415,15 @@ async def test_send_eof_ends_the_childs_input() -> None:
         assert await child.wait() == 0
 
 
+async def test_send_eof_after_a_partial_line_still_ends_the_input() -> None:
+    code = "import sys; data = sys.stdin.read(); print('GOT', repr(data), flush=True)"
+    async with child_on_pty(code) as child:
+        await child.stream.send_all(b"ab\ncd")  # no final newline
+        await child.stream.send_eof()
+        await child.read_until(b"GOT 'ab\\ncd'")
+        assert await child.wait() == 0
+
+
 # CPython's input() writes its prompt and then enters read() without
 # checking for signals in between: a SIGINT landing there only sets a flag
 # and the read blocks forever. With SIGINT at SIG_DFL the outcome does not

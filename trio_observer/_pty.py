@@ -202,6 +202,9 @@ class PtyStream(trio.abc.HalfCloseableStream):
         os.set_blocking(master_fd, False)
         self._fd = master_fd
         self._eof_sent = False
+        # Whether what was typed so far ends a line: VEOF after a partial
+        # line only submits the line, so send_eof() must type it twice.
+        self._at_line_start = True
         self._send_busy = _Busy("another task is using this PtyStream for send")
         self._receive_busy = _Busy("another task is using this PtyStream for receive")
 
@@ -292,6 +295,8 @@ class PtyStream(trio.abc.HalfCloseableStream):
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was already called on this PtyStream")
             await self._write(data)
+            if data:
+                self._at_line_start = bytes(data[-1:]) in (b"\n", b"\r")
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the terminal's input buffer has room.
@@ -312,8 +317,10 @@ class PtyStream(trio.abc.HalfCloseableStream):
 
         A terminal has no half-close; this is what a user does instead. In
         canonical mode, at the start of a line, the child's ``read`` then
-        returns 0 bytes; after a partial line it only submits that line, and
-        a child that turned canonical mode off just receives the byte. After
+        returns 0 bytes. After a partial line one ``VEOF`` only submits that
+        line, so it is typed twice then: the child reads the partial line,
+        then end of file. A child that turned canonical mode off just
+        receives the byte(s). After
         this call :meth:`send_all` raises ``ClosedResourceError``, as for any
         half-closed stream; :meth:`interrupt` and receiving still work. A
         second call does nothing.
@@ -329,7 +336,8 @@ class PtyStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return
             self._eof_sent = True
-            await self._write(_control_char(fd, termios.VEOF, b"\x04"))
+            eof = _control_char(fd, termios.VEOF, b"\x04")
+            await self._write(eof if self._at_line_start else eof + eof)
 
     async def interrupt(self) -> None:
         """Type the terminal's interrupt character (``VINTR``, usually Ctrl-C).
