@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from trio_observer._cursor import OutputCursor, OutputGap
 from trio_observer._expect import ExpectEOF, ExpectTimeout
 from trio_observer._output import OutputLog, pump_stream
+from trio_observer._sink import ObserverBackpressure
 
 
 def drain(cursor: OutputCursor) -> list[bytes | OutputGap]:
@@ -187,6 +188,42 @@ async def test_slow_cursor_never_blocks_the_writer() -> None:
     assert log.closed
     assert log.total_bytes == 100_000
     assert drain(slow) == [OutputGap(99_900), b"x" * 100]
+
+
+async def test_closing_a_pumped_log_discards_the_rest_of_the_stream() -> None:
+    # A reader may close the log to stop waiting; the pump must neither
+    # crash on the closed log nor stop reading (the writer would block).
+    log = OutputLog()
+    send, receive = trio.testing.lockstep_stream_one_way_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump_stream, receive, log)
+            await send.send_all(b"kept")
+            await trio.testing.wait_all_tasks_blocked()
+            log.close()
+            # Lockstep: each send_all returns only once the pump took the bytes.
+            for _ in range(3):
+                await send.send_all(b"discarded")
+            await send.aclose()
+    assert log.snapshot() == b"kept"
+    assert log.total_bytes == 4
+
+
+async def test_closing_a_log_releases_a_pump_waiting_for_a_block_tee() -> None:
+    log = OutputLog()
+    tee = log.open_tee(capacity=1, backpressure=ObserverBackpressure.BLOCK)
+    send, receive = trio.testing.lockstep_stream_one_way_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump_stream, receive, log)
+            await send.send_all(b"one")  # fills the tee
+            await send.send_all(b"two")  # the pump now waits for room
+            await trio.testing.wait_all_tasks_blocked()
+            log.close()
+            await send.send_all(b"three")  # read and discarded
+            await send.aclose()
+    assert log.snapshot() == b"one"
+    assert [item async for item in tee] == [b"one"]
 
 
 # -- expect ----------------------------------------------------------------

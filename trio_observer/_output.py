@@ -199,13 +199,15 @@ class OutputLog:
         may then hold one chunk over its capacity), so no byte is lost.
 
         Raises:
-          trio.ClosedResourceError: :meth:`close` was called.
+          trio.ClosedResourceError: :meth:`close` was called, before or
+            during the wait (``data`` is then not fed).
         """
         if self._closed:
             raise trio.ClosedResourceError("this OutputLog was closed (end of stream)")
         try:
             await trio.lowlevel.checkpoint()
-            while self._must_wait():
+            # close() wakes us; a full tee must not keep us parked after it.
+            while not self._closed and self._must_wait():
                 await self._room_lot.park()
         except BaseException:
             if not self._closed:
@@ -225,7 +227,9 @@ class OutputLog:
 
         Readers finish with the data already fed, then see the end: cursors
         stop, ``expect`` raises :class:`ExpectEOF`, ``wait_for_idle``
-        returns, tees end after their queue.
+        returns, tees end after their queue. Closing a session's captured
+        log is allowed: its :func:`pump_stream` reads on and discards the
+        rest of the stream, so the process is not blocked.
         """
         if self._closed:
             return
@@ -449,7 +453,9 @@ async def pump_stream(
     This is the session's reader task for a pipe or a PTY. It waits for
     ``BLOCK`` tees (see :meth:`OutputLog.feed_async`) and for nothing else.
     The log is closed however the loop ends (EOF, error or cancellation),
-    so readers always see an end. The stream itself is left open: it
+    so readers always see an end. If someone closes ``log`` first, the pump
+    keeps reading to end of file and discards the rest, so the process
+    never blocks on a full pipe. The stream itself is left open: it
     belongs to the caller.
 
     Args:
@@ -464,10 +470,20 @@ async def pump_stream(
             data = await receive_some(chunk_size)
             if not data:
                 break
+            if log._closed:
+                # A reader closed the log to stop waiting on it. Stopping
+                # here would leave the pipe unread and the process stuck in
+                # write(); reading on and discarding lets it run to its end.
+                continue
             # receive_some() already checkpoints each round; only pay for
             # feed_async() when a BLOCK tee actually has to be waited for.
             if log._blocking_tees and log._must_wait():
-                await log.feed_async(data)
+                try:
+                    await log.feed_async(data)
+                except trio.ClosedResourceError:
+                    # Only the log raises this (it was closed while we
+                    # waited for room); the next round discards.
+                    pass
             elif type(data) is bytes:
                 append(data)
             else:
