@@ -690,6 +690,38 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
         assert files() == [(K.FILE_OPEN, 5, "/data/c")]
 
 
+@pytest.mark.parametrize("seen_alive", [True, False], ids=["seen-alive", "never-seen-alive"])
+async def test_fake_zombie_of_a_quiet_parent_is_reported_once(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, seen_alive: bool
+) -> None:
+    # The parent neither reaps its zombie nor runs: its children are read
+    # again only by the periodic full look, which must know the zombie.
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    set_schedstat(fake, 100, 1000, 1)
+    if seen_alive:
+        fake.add(101, 100)
+        set_schedstat(fake, 101, 1000, 1)
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        await settle()
+        mock_clock.jump(1.0)
+        await settle()
+        fake.add(101, 100, state="Z", exit_status=7 << 8)
+        set_schedstat(fake, 101 if seen_alive else 100, 2000, 2)
+        for _ in range(2 * VERIFY_EVERY + 3):
+            mock_clock.jump(1.0)
+            await settle()
+    assert [(e.kind, e.pid, e.exit_code) for e in collector.events] == [
+        (K.DESCENDANT_STARTED, 101, None),
+        (K.DESCENDANT_EXITED, 101, 7),
+    ]
+
+
 async def test_fake_zero_counters_prove_nothing(tmp_path: Path) -> None:
     fake = FakeProc(tmp_path)
     fake.add(100, 1)

@@ -86,7 +86,9 @@ class TreeMembers:
         self._descriptors = descriptors
         self._roots: dict[int, TreeNode] = {}
         self._members: dict[int, TreeNode] = {}
-        self._seen_dead: set[tuple[int, int]] = set()
+        # Zombies already reported, by identity, with the parent whose
+        # children file lists them: kept while that parent is not read again.
+        self._seen_dead: dict[tuple[int, int], int] = {}
         self._recent_exits: dict[int, ExitRecord] = {}
         # Read by the observer: a root added since the last scan gets its
         # children read at the next pass, whatever the backend.
@@ -158,7 +160,7 @@ class TreeMembers:
         """
         self.roots_dirty = False
         if not self._roots and not self._members:
-            self._seen_dead = set()
+            self._seen_dead = {}
             return []
         table: dict[int, ProcStat] | None = None
         for probe in (*self._roots, *self._members):
@@ -193,7 +195,10 @@ class TreeMembers:
         # Whose children to read: those that ran, and their parents, since
         # clone(CLONE_PARENT) makes a child of the caller's parent.
         walk: set[int] = set()
-        seen_dead: set[tuple[int, int]] = set()
+        seen_dead: dict[tuple[int, int], int] = {}
+        # Whose children were read this scan: the zombies of the others were
+        # not looked at, so what is known about them is carried over.
+        read: set[int] = set()
         lost = False
         for pid, root in list(self._roots.items()):
             if pid in quiet:
@@ -224,7 +229,7 @@ class TreeMembers:
             lost = True
             code = None
             if stat is not None and stat.is_dead and _same(node, stat):
-                seen_dead.add(stat.identity)
+                seen_dead[stat.identity] = stat.ppid
                 if stat.exit_code is not None:
                     code = wait_status_to_exit_code(stat.exit_code)
                 if self._reap_adopted and stat.ppid == self._self_pid:
@@ -242,6 +247,7 @@ class TreeMembers:
             starts.extend(self._adopt(children_of(self._self_pid), stat_of, parents, queue))
         while queue:
             parent = queue.pop()
+            read.add(parent)
             for child in children_of(parent):
                 if child in self._members or child in self._roots:
                     continue
@@ -260,12 +266,18 @@ class TreeMembers:
                         starts.append(
                             self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code)
                         )
-                    seen_dead.add(stat.identity)
+                    seen_dead[stat.identity] = parent
                     continue
                 self._members[child] = node
                 parents[child] = node.root_pid
                 queue.append(child)
                 starts.append(self._started_event(node, None))
+        for identity, parent in self._seen_dead.items():
+            # A zombie of a quiet parent is still there, unreaped: forgetting
+            # it would report it again, as new, when the parent is next read.
+            # Once the parent leaves the tree its zombies are init's.
+            if parent not in read and parent in parents:
+                seen_dead.setdefault(identity, parent)
         self._seen_dead = seen_dead
         return exits + starts
 
