@@ -424,6 +424,48 @@ async def test_send_eof_after_a_partial_line_still_ends_the_input() -> None:
         assert await child.wait() == 0
 
 
+async def test_interrupt_while_send_all_waits_for_room() -> None:
+    # ISIG off, and the child reads nothing until SIGUSR1: the terminal's
+    # input buffer fills and send_all() waits for room; interrupt() must
+    # then wait too (not fail with BusyResourceError), and both complete.
+    code = (
+        "import os, signal, sys, tty\n"
+        "tty.setraw(0)\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+        "print('READY', flush=True)\n"
+        "signal.sigwait({signal.SIGUSR1})\n"
+        "seen = b''\n"
+        "while len(seen) < 100_001:\n"
+        "    seen += os.read(0, 65536)\n"
+        "print('\\r\\nREAD', len(seen), seen.count(3), flush=True)\n"
+    )
+    async with child_on_pty(code) as child:
+        await child.read_until(b"READY")
+        done: list[str] = []
+
+        async def flood() -> None:
+            await child.stream.send_all(b"x" * 100_000)
+            done.append("send_all")
+
+        async def interrupt() -> None:
+            await child.stream.interrupt()
+            done.append("interrupt")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(interrupt)
+            await trio.testing.wait_all_tasks_blocked()
+            # send_all still waits; interrupt() either found a byte of room
+            # (the kernel moves typed input along on its own schedule) or
+            # waits with it, which used to fail with BusyResourceError.
+            assert "send_all" not in done
+            os.kill(child.pid, signal.SIGUSR1)
+        assert sorted(done) == ["interrupt", "send_all"]
+        await child.read_until(b"READ 100001 1")
+        assert await child.wait() == 0
+
+
 # CPython's input() writes its prompt and then enters read() without
 # checking for signals in between: a SIGINT landing there only sets a flag
 # and the read blocks forever. With SIGINT at SIG_DFL the outcome does not

@@ -202,6 +202,7 @@ class PtyStream(trio.abc.HalfCloseableStream):
         os.set_blocking(master_fd, False)
         self._fd = master_fd
         self._eof_sent = False
+        self._writable: trio.Event | None = None
         # Whether what was typed so far ends a line: VEOF after a partial
         # line only submits the line, so send_eof() must type it twice.
         self._at_line_start = True
@@ -253,6 +254,21 @@ class PtyStream(trio.abc.HalfCloseableStream):
                         raise trio.ClosedResourceError("the PtyStream was closed") from None
                     raise trio.BrokenResourceError(f"reading the pty master failed: {exc}") from exc
 
+    async def _wait_writable(self, fd: int) -> None:
+        # interrupt() may write while send_all() waits for room, and trio
+        # allows one waiter per fd and direction: the first task waits on
+        # the fd, the others on it, and all retry their write once it wakes.
+        waiter = self._writable
+        if waiter is not None:
+            await waiter.wait()
+            return
+        waiter = self._writable = trio.Event()
+        try:
+            await trio.lowlevel.wait_writable(fd)
+        finally:
+            self._writable = None
+            waiter.set()
+
     async def _write(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint()
         _raise_if_hung_up(self._check_open())
@@ -267,7 +283,7 @@ class PtyStream(trio.abc.HalfCloseableStream):
                     # writable (POLLHUP) while writes still fail with EAGAIN:
                     # without this check the loop would spin.
                     _raise_if_hung_up(fd)
-                    await trio.lowlevel.wait_writable(fd)
+                    await self._wait_writable(fd)
                 except OSError as exc:
                     if exc.errno == errno.EBADF:
                         raise trio.ClosedResourceError("the PtyStream was closed") from None
