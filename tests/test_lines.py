@@ -15,12 +15,12 @@ from trio_observer._cursor import OutputCursor, OutputGap
 from trio_observer._output import OutputLog
 
 
-async def collect_lines(cursor: OutputCursor, **kwargs: bool | str) -> list[str | OutputGap]:
+async def collect_lines(cursor: OutputCursor, **kwargs: bool | str | int) -> list[str | OutputGap]:
     return [line async for line in cursor.lines(**kwargs)]  # type: ignore[arg-type]
 
 
 async def collect_batches(
-    cursor: OutputCursor, **kwargs: bool | str
+    cursor: OutputCursor, **kwargs: bool | str | int
 ) -> list[list[str] | OutputGap]:
     return [batch async for batch in cursor.line_batches(**kwargs)]  # type: ignore[arg-type]
 
@@ -51,6 +51,63 @@ async def test_lines_strip_crlf_even_when_split() -> None:
         "three\rbar\n",
         "four\n",
     ]
+
+
+async def test_text_without_a_newline_comes_out_in_bounded_pieces() -> None:
+    # A progress bar redrawn with "\r" never ends a line; the text held for
+    # it must stay bounded (by max_bytes by default), not grow with the stream.
+    log = OutputLog(max_bytes=64)
+    batches = log.cursor().line_batches()
+    splitter = batches._splitter  # type: ignore[attr-defined]
+    bar = b"progress 42%\r" * 4  # 52 bytes, no "\n"
+    got: list[list[str] | OutputGap] = []
+
+    async def read() -> None:
+        async for batch in batches:
+            got.append(batch)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        for _ in range(20):
+            log.feed(bar)
+            await trio.testing.wait_all_tasks_blocked()
+            assert splitter._size <= 64
+        log.close()
+    lines = [line for batch in got for line in batch]  # type: ignore[union-attr]
+    assert "".join(lines) == (bar * 20).decode()
+    assert [len(line) for line in lines] == [64] * 16 + [16]
+
+
+async def test_max_line_chars_cuts_long_lines_the_same_however_chunked() -> None:
+    log = OutputLog()
+    cursors = [log.cursor() for _ in range(3)]
+    for chunk in [b"abcdefg\nab", b"c\r", b"\nabcd\r\n", b"abcdefgh"]:
+        log.feed(chunk)
+    log.close()
+    expected = ["abc", "def", "g", "abc", "abc", "d", "abc", "def", "gh"]
+    assert await collect_lines(cursors[0], max_line_chars=3) == expected
+    assert await collect_lines(cursors[1], max_line_chars=3, keepends=True) == [
+        "abc",
+        "def",
+        "g\n",
+        "abc",
+        "\r\n",
+        "abc",
+        "d\r\n",
+        "abc",
+        "def",
+        "gh",
+    ]
+    batches = await collect_batches(cursors[2], max_line_chars=3)
+    assert [line for batch in batches for line in batch] == expected  # type: ignore[union-attr]
+
+
+async def test_max_line_chars_is_checked() -> None:
+    cursor = OutputLog().cursor()
+    with pytest.raises(ValueError, match="max_line_chars"):
+        cursor.lines(max_line_chars=0)
+    with pytest.raises(TypeError, match="max_line_chars"):
+        cursor.line_batches(max_line_chars=2.5)  # type: ignore[arg-type]
 
 
 async def test_lines_yield_the_final_unterminated_line() -> None:
@@ -219,16 +276,33 @@ _TEXT = st.lists(st.sampled_from(["a", "é", "\n", "\r", "\r\n", "€", "xyz"]),
 )
 
 
-@given(text=_TEXT, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8))
-def test_lines_and_batches_agree_with_splitting_the_whole_text(text: str, cuts: list[int]) -> None:
+def cut_whole_text(text: str, keepends: bool, limit: int) -> list[str]:
+    """The lines of ``text`` split at once, each cut into pieces of ``limit``."""
+    if not keepends:
+        text = text.replace("\r\n", "\n")
+    out: list[str] = []
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        ending = "\n" if keepends and index < len(lines) - 1 else ""
+        pieces = [line[i : i + limit] for i in range(0, len(line), limit)] or [""]
+        pieces[-1] += ending
+        out += pieces
+    return out if out[-1] else out[:-1]
+
+
+@given(
+    text=_TEXT,
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+    limit=st.integers(min_value=1, max_value=300),
+)
+def test_lines_and_batches_agree_with_splitting_the_whole_text(
+    text: str, cuts: list[int], limit: int
+) -> None:
     data = text.encode("utf-8")
     bounds = sorted({min(cut, len(data)) for cut in cuts} | {0, len(data)})
     chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
-    whole = text.replace("\r\n", "\n").split("\n")
-    expected = whole if whole[-1] else whole[:-1]
-    kept = [line + "\n" for line in text.split("\n")]
-    kept[-1] = kept[-1][:-1]
-    expected_kept = kept if kept[-1] else kept[:-1]
+    expected = cut_whole_text(text, False, limit)
+    expected_kept = cut_whole_text(text, True, limit)
 
     async def main() -> None:
         log = OutputLog()
@@ -236,9 +310,9 @@ def test_lines_and_batches_agree_with_splitting_the_whole_text(text: str, cuts: 
         for chunk in chunks:  # chunks split UTF-8 characters anywhere
             log.feed(chunk)
         log.close()
-        lines = await collect_lines(cursors[0])
-        batches = await collect_batches(cursors[1])
-        kept_batches = await collect_batches(cursors[2], keepends=True)
+        lines = await collect_lines(cursors[0], max_line_chars=limit)
+        batches = await collect_batches(cursors[1], max_line_chars=limit)
+        kept_batches = await collect_batches(cursors[2], keepends=True, max_line_chars=limit)
         assert lines == expected
         assert all(isinstance(b, list) and b for b in batches)
         assert [line for b in batches for line in b] == expected  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
+from ._checks import check_int
 from ._lines import LineBatches, LineReader, LineSplitter
 
 if TYPE_CHECKING:
@@ -107,7 +108,12 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
                 continue
 
     def lines(
-        self, *, encoding: str = "utf-8", errors: str = "replace", keepends: bool = False
+        self,
+        *,
+        encoding: str = "utf-8",
+        errors: str = "replace",
+        keepends: bool = False,
+        max_line_chars: int | None = None,
     ) -> AsyncIterator[str | OutputGap]:
         """Read the rest of the stream as decoded text lines.
 
@@ -121,7 +127,11 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
         line after a gap may start mid-line). The iterator reads the cursor
         a chunk at a time, so to stop and resume reading lines, keep using
         the same iterator: the text it decoded but has not yielded yet is
-        held there, not in the cursor.
+        held there, not in the cursor. A line longer than
+        ``max_line_chars`` is cut into pieces of that many characters
+        (a forced break: only the last piece has the line ending), so
+        output that never sends a ``"\\n"``, such as a progress bar
+        redrawn with ``"\\r"``, cannot pile up unbounded.
 
         Each line costs one ``async for`` step (a coroutine, about 0.1 us
         on CPython 3.11), more than iterating a file object costs per line;
@@ -133,15 +143,27 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
           errors: How to handle undecodable bytes (``"replace"`` by default,
             so a binary burst never ends the loop).
           keepends: Keep the line endings as they were.
+          max_line_chars: The longest line handed out whole, in characters
+            not counting its ``"\\n"`` (nor, without ``keepends``, a
+            ``"\\r"`` before it). None (the default) uses the log's
+            ``max_bytes``: a line the backlog can hold is never cut.
 
         Raises:
           LookupError: ``encoding`` or ``errors`` is unknown (raised at
             once, not at the first iteration).
+          TypeError: ``max_line_chars`` is neither an int nor None.
+          ValueError: ``max_line_chars`` is less than 1.
         """
-        return LineReader(LineBatches(self, LineSplitter(encoding, errors, keepends)))
+        splitter = self._splitter(encoding, errors, keepends, max_line_chars)
+        return LineReader(LineBatches(self, splitter))
 
     def line_batches(
-        self, *, encoding: str = "utf-8", errors: str = "replace", keepends: bool = False
+        self,
+        *,
+        encoding: str = "utf-8",
+        errors: str = "replace",
+        keepends: bool = False,
+        max_line_chars: int | None = None,
     ) -> AsyncIterator[list[str] | OutputGap]:
         """Read the rest of the stream as lists of decoded text lines, one list per chunk.
 
@@ -159,12 +181,24 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
           encoding: A codec name known to :mod:`codecs`.
           errors: How to handle undecodable bytes (``"replace"`` by default).
           keepends: Keep the line endings as they were.
+          max_line_chars: As for :meth:`lines`: longer lines come in
+            pieces; None (the default) uses the log's ``max_bytes``.
 
         Raises:
           LookupError: ``encoding`` or ``errors`` is unknown (raised at
             once, not at the first iteration).
+          TypeError: ``max_line_chars`` is neither an int nor None.
+          ValueError: ``max_line_chars`` is less than 1.
         """
-        return LineBatches(self, LineSplitter(encoding, errors, keepends))
+        return LineBatches(self, self._splitter(encoding, errors, keepends, max_line_chars))
+
+    def _splitter(
+        self, encoding: str, errors: str, keepends: bool, max_line_chars: int | None
+    ) -> LineSplitter:
+        if max_line_chars is None:
+            max_line_chars = self._log.max_bytes
+        check_int("max_line_chars", max_line_chars, minimum=1)
+        return LineSplitter(encoding, errors, keepends, max_line_chars)
 
     def close(self) -> None:
         """Detach the cursor: later reads raise ``ClosedResourceError``. Idempotent."""

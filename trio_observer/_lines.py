@@ -24,52 +24,106 @@ if TYPE_CHECKING:
 class LineSplitter:
     """Incremental decoder and ``"\\n"`` splitter shared by both line iterators.
 
+    A line longer than ``max_chars`` characters (not counting its ending)
+    is cut into pieces of ``max_chars``, the last piece carrying the
+    ending, however the stream was chunked; so the text held for a line
+    still waiting for its ``"\\n"`` stays bounded.
+
     Raises:
       LookupError: ``encoding`` or ``errors`` is unknown (at construction,
         not at the first chunk).
     """
 
-    __slots__ = ("_decode", "_decoder", "_keepends", "_pending")
+    __slots__ = ("_decode", "_decoder", "_keepends", "_max", "_parts", "_size")
 
-    def __init__(self, encoding: str, errors: str, keepends: bool) -> None:
+    def __init__(self, encoding: str, errors: str, keepends: bool, max_chars: int) -> None:
         factory = codecs.getincrementaldecoder(encoding)
         codecs.lookup_error(errors)
         self._decoder = factory(errors)
         self._decode = self._decoder.decode
         self._keepends = keepends
-        # Decoded text after the last "\n" seen: the start of a line.
-        self._pending = ""
+        self._max = max_chars
+        # Decoded text after the last "\n" seen (the start of a line), as
+        # the pieces decoded: appending to one str would copy it each time.
+        self._parts: list[str] = []
+        self._size = 0  # total length of _parts
 
     def feed(self, data: bytes) -> list[str]:
         """Decode ``data`` and return the lines it completes, in order (maybe none)."""
         text = self._decode(data)
+        parts = self._parts
         if "\n" not in text:
-            self._pending += text
+            if text:
+                parts.append(text)
+                self._size += len(text)
+                if self._size > self._max:
+                    return self._cut_pending()
             return []
-        if self._pending:
-            text = self._pending + text
+        if parts:
+            parts.append(text)
+            text = "".join(parts)
+            parts.clear()
         keepends = self._keepends
         # After the join, so that a "\r" ending one chunk and the "\n"
         # starting the next are seen together.
         if not keepends and "\r" in text:
             text = text.replace("\r\n", "\n")
         lines = text.split("\n")
-        self._pending = lines.pop()
-        if keepends:
+        pending = lines.pop()
+        if len(text) > self._max:
+            # Only then can a line be too long: the common case pays one
+            # comparison per chunk.
+            lines = self._cut_lines(lines)
+        elif keepends:
             lines = [line + "\n" for line in lines]
+        self._size = len(pending)
+        if pending:
+            parts.append(pending)
+            if self._size > self._max:
+                lines += self._cut_pending()
         return lines
+
+    def _cut_lines(self, lines: list[str]) -> list[str]:
+        limit = self._max
+        ending = "\n" if self._keepends else ""
+        out: list[str] = []
+        for line in lines:
+            if len(line) > limit:
+                cut = (len(line) - 1) // limit * limit
+                out += [line[i : i + limit] for i in range(0, cut, limit)]
+                line = line[cut:]
+            out.append(line + ending)
+        return out
+
+    def _cut_pending(self) -> list[str]:
+        # Hand out the pending text in pieces of _max, keeping the last
+        # 1.._max characters: they may still be followed by a "\n" and must
+        # then end the same line as if the text had come in one chunk.
+        text = "".join(self._parts)
+        size = len(text)
+        if not self._keepends and text.endswith("\r"):
+            # Maybe the first half of a "\r\n" ending, which is not counted.
+            size -= 1
+        limit = self._max
+        cut = (size - 1) // limit * limit
+        self._parts = [text[cut:]]
+        self._size = len(text) - cut
+        return [text[i : i + limit] for i in range(0, cut, limit)]
 
     def flush(self) -> list[str]:
         """End the text here (a gap or the end of the stream): return the partial line.
 
         The decoder is reset, so decoding starts afresh after a gap; a
         character cut short by the gap or the end is replaced according to
-        ``errors``.
+        ``errors``. A partial line longer than ``max_chars`` comes in pieces.
         """
-        tail = self._pending + self._decode(b"", True)
+        self._parts.append(self._decode(b"", True))
+        tail = "".join(self._parts)
         self._decoder.reset()
-        self._pending = ""
-        return [tail] if tail else []
+        self._parts = []
+        self._size = 0
+        limit = self._max
+        return [tail[i : i + limit] for i in range(0, len(tail), limit)]
 
 
 @final
