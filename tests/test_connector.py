@@ -258,6 +258,55 @@ async def test_threads_strangers_and_an_exit_before_its_fork(tmp_path: Path) -> 
     assert observer.statistics().connector_records == 7
 
 
+async def test_a_main_thread_exit_is_not_the_process_exit(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    proc.add(101, 100)
+    proc.add(102, 100)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=PROCESS,
+        proc_root=proc.path,
+        backend="connector",
+        connector_factory=lambda: sock,
+    )
+    observer.add_root(100)
+    with trio.fail_after(10):
+        async with observing(observer):
+            sock.push(fork(100, 101), fork(100, 102))
+            await collector.wait_for(lambda e: e.pid == 102)
+            # pthread_exit in main: the main thread is a zombie, one other
+            # thread runs on, and then another one ends.
+            proc.add(101, 100, state="Z", threads=2)
+            sock.push(exit_(101, 0), exit_(151, 0, tgid=101), fork(100, 103))
+            await collector.wait_for(lambda e: e.pid == 103)
+            assert collector.kinds(101) == [K.DESCENDANT_STARTED]
+            assert 101 in observer.known_descendants()
+            # The last thread's exit ends the process, with its status.
+            proc.add(101, 100, state="Z", threads=1)
+            sock.push(exit_(150, 3 << 8, tgid=101))
+            exited = await collector.wait_for(lambda e: e.kind is K.DESCENDANT_EXITED)
+            assert (exited.pid, exited.exit_code) == (101, 3)
+
+            # execve in another thread: the main thread is killed and the
+            # caller takes over its pid, so /proc shows the process running.
+            sock.push(exit_(102, 9), exit_(160, 9, tgid=102), exec_(102), fork(100, 104))
+            await collector.wait_for(lambda e: e.pid == 104)
+            assert collector.kinds(102) == [K.DESCENDANT_STARTED]
+            # Its threads' exits are threads' exits again.
+            proc.add(102, 100, state="Z", threads=1)
+            sock.push(exit_(161, 0, tgid=102), fork(100, 105))
+            await collector.wait_for(lambda e: e.pid == 105)
+            assert collector.kinds(102) == [K.DESCENDANT_STARTED]
+            proc.remove(102)
+            sock.push(exit_(102, 5 << 8))
+            exited = await collector.wait_for(lambda e: e.pid == 102 and e.exit_code == 5)
+            assert exited.kind is K.DESCENDANT_EXITED
+    assert observer.known_descendants() == {103, 104, 105}
+
+
 def refuse() -> FakeConnectorSocket:
     raise ConnectorUnavailableError("refused for the test")
 

@@ -61,6 +61,7 @@ class FakeProc:
         comm: str = "fake",
         exit_status: int = 0,
         argv: tuple[str, ...] = ("fake",),
+        threads: int = 1,
     ) -> None:
         """Create or replace process ``pid``."""
         directory = self.root / str(pid)
@@ -70,6 +71,7 @@ class FakeProc:
         fields = ["0"] * 50
         fields[0] = state
         fields[1] = str(ppid)
+        fields[20 - 3] = str(threads)
         fields[22 - 3] = str(starttime)
         fields[52 - 3] = str(exit_status)
         (directory / "stat").write_text(f"{pid} ({comm}) {' '.join(fields)}\n")
@@ -153,7 +155,17 @@ def test_parse_stat_comm_with_spaces_and_parens() -> None:
     assert stat.starttime == 777
     assert stat.exit_code == 768
     assert stat.is_dead
+    assert not stat.main_thread_exited
     assert stat.identity == (123, 777)
+
+
+def test_a_zombie_main_thread_with_other_threads_is_not_a_dead_process() -> None:
+    fields = ["0"] * 50
+    fields[0], fields[17], fields[19] = "Z", "2", "777"
+    stat = parse_stat(f"123 (a) {' '.join(fields)}")
+    assert stat.threads == 2
+    assert stat.main_thread_exited
+    assert not stat.is_dead
 
 
 def test_parse_stat_rejects_garbage() -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from subprocess import PIPE
+from typing import Literal
 
 import pytest
 import trio
@@ -237,6 +238,58 @@ async def test_connector_sees_short_lived_grandchildren_with_exit_codes() -> Non
                     assert event.root_pid == root.pid
         assert observer.statistics().backend == "connector"
         assert observer.statistics().connector_records > 0
+
+
+# The grandchild's main thread exits (pthread_exit) while a worker thread
+# runs on: once the main thread is a zombie, the worker forks a marker (so the
+# test knows the observer has looked since), then waits for a line and ends
+# the process with status 3. It shares the root's stdin and stdout.
+MAIN_THREAD_EXIT_GRANDCHILD = """
+import ctypes, os, subprocess, sys, threading, time
+def worker():
+    while open("/proc/self/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    marker = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                              stdin=subprocess.PIPE)
+    print(os.getpid(), marker.pid, flush=True)
+    sys.stdin.readline()
+    marker.stdin.close(); marker.wait()
+    os._exit(3)
+threading.Thread(target=worker).start()
+ctypes.CDLL(None).pthread_exit(None)
+"""
+MAIN_THREAD_EXIT_SCRIPT = f"""
+import subprocess, sys
+sys.exit(subprocess.call([{PY!r}, "-c", {MAIN_THREAD_EXIT_GRANDCHILD!r}]))
+"""
+
+
+@pytest.mark.parametrize("backend", ["poll", "connector"])
+@pytest.mark.usefixtures("no_leaks")
+async def test_a_process_whose_main_thread_exited_lives_until_its_last_thread(
+    backend: Literal["poll", "connector"],
+) -> None:
+    if backend == "connector" and os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    collector = Collector()
+    observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend=backend)
+    async with child(MAIN_THREAD_EXIT_SCRIPT) as root, observing(observer):
+        observer.add_root(root.pid)
+        with trio.fail_after(10):
+            grandchild, marker = map(int, (await root.receive_line()).split())
+            await collector.wait_for(lambda e: e.kind is K.DESCENDANT_STARTED and e.pid == marker)
+        # Seen after the main thread's exit: the process is still there.
+        assert collector.kinds(grandchild) == [K.DESCENDANT_STARTED]
+        assert grandchild in observer.known_descendants()
+        await root.send("go")
+        with trio.fail_after(10):
+            exited = await collector.wait_for(
+                lambda e: e.kind is K.DESCENDANT_EXITED and e.pid == grandchild
+            )
+            await root.process.wait()
+    assert collector.kinds(grandchild) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+    # The connector has the last thread's status; stat only the main thread's.
+    assert exited.exit_code == (3 if backend == "connector" else None)
 
 
 FILE_SCRIPT = """

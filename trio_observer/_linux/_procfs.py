@@ -23,6 +23,7 @@ _FIELD_STATE: Final = 3
 _FIELD_PPID: Final = 4
 _FIELD_PGRP: Final = 5
 _FIELD_SESSION: Final = 6
+_FIELD_THREADS: Final = 20
 _FIELD_STARTTIME: Final = 22
 _FIELD_EXIT_CODE: Final = 52
 
@@ -54,6 +55,9 @@ class ProcStat:
     """The process group."""
     sid: int = 0
     """The session id."""
+    threads: int = 1
+    """How many threads the process has, counting an exited main thread
+    until the whole process is reaped."""
 
     @property
     def identity(self) -> tuple[int, int]:
@@ -62,8 +66,21 @@ class ProcStat:
 
     @property
     def is_dead(self) -> bool:
-        """Whether the process has exited and only waits to be reaped."""
-        return self.state in DEAD_STATES
+        """Whether the process has exited and only waits to be reaped.
+
+        ``state`` is that of the main thread: after ``pthread_exit`` in
+        ``main`` (or while another thread's ``execve`` replaces it) the main
+        thread is a zombie while the process runs on in its other threads.
+        Exited threads other than the main one leave the count before their
+        exit is announced, so a dead main thread alone in the count means
+        the whole process has ended.
+        """
+        return self.state in DEAD_STATES and self.threads <= 1
+
+    @property
+    def main_thread_exited(self) -> bool:
+        """Whether the main thread has exited while other threads run on."""
+        return self.state in DEAD_STATES and self.threads > 1
 
 
 def parse_stat(text: str) -> ProcStat:
@@ -106,6 +123,7 @@ def parse_stat(text: str) -> ProcStat:
         exit_code=exit_code,
         pgid=int(field(_FIELD_PGRP)),
         sid=int(field(_FIELD_SESSION)),
+        threads=int(field(_FIELD_THREADS)),
     )
 
 

@@ -379,6 +379,8 @@ class TreeObserver:
                 events.extend(self._tree.on_fork(record))
             elif isinstance(record, ExitRecord):
                 events.extend(self._tree.on_exit(record))
+            else:
+                self._tree.on_exec(record)
         if batch.overruns:
             self._lost_overruns += batch.overruns
             events.append(

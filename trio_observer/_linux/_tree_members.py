@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final, final
 
 from .._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind, trio_time_ms
-from ._connector import ExitRecord, ForkRecord, wait_status_to_exit_code
+from ._connector import ExecRecord, ExitRecord, ForkRecord, wait_status_to_exit_code
 from ._descriptors import DescriptorTracker, TrackedProcess
 from ._procfs import (
     ProcStat,
@@ -102,6 +102,10 @@ class TreeMembers:
         self._not_ours: set[tuple[int, int]] = set()
         # Exited members that may still be zombie children of this process.
         self._to_reap: dict[int, int | None] = {}
+        # Processes of the tree whose main thread exited (pthread_exit in
+        # main, or another thread's execve) while other threads run on: the
+        # exit of the last one ends the process.
+        self._main_thread_gone: set[int] = set()
 
     def add_root(self, pid: int, *, read_now: bool = True) -> None:
         """Take in a process the session spawned (see ``TreeObserver.add_root``).
@@ -123,6 +127,7 @@ class TreeMembers:
     def discard_root(self, pid: int) -> None:
         """Forget a root without reporting anything (see ``TreeObserver``)."""
         self._roots.pop(pid, None)
+        self._main_thread_gone.discard(pid)
 
     def descendants(self) -> set[int]:
         """Return the pids of the descendants believed alive, roots excluded."""
@@ -209,6 +214,7 @@ class TreeMembers:
                 # An exited root has no children left (they were reparented
                 # and, if known, stay members); its pid may be reused.
                 del self._roots[pid]
+                self._main_thread_gone.discard(pid)
                 exits.extend(self._descriptors.forget(root.tracked()))
                 lost = True
                 continue
@@ -222,15 +228,19 @@ class TreeMembers:
             stat = stat_of(pid)
             if stat is not None and not stat.is_dead and _same(node, stat):
                 node.starttime = stat.starttime
+                self._note_main_thread(stat)
                 parents[pid] = node.root_pid
                 walk.update((pid, stat.ppid))
                 continue
             del self._members[pid]
             lost = True
             code = None
+            self._main_thread_gone.discard(pid)
             if stat is not None and stat.is_dead and _same(node, stat):
                 seen_dead[stat.identity] = stat.ppid
-                if stat.exit_code is not None:
+                # After the main thread, stat shows the main thread's own
+                # status, not the one the last thread's exit_group() set.
+                if stat.exit_code is not None and pid not in self._main_thread_gone:
                     code = wait_status_to_exit_code(stat.exit_code)
                 if self._reap_adopted and stat.ppid == self._self_pid:
                     self._to_reap[pid] = stat.starttime
@@ -269,6 +279,7 @@ class TreeMembers:
                     seen_dead[stat.identity] = parent
                     continue
                 self._members[child] = node
+                self._note_main_thread(stat)
                 parents[child] = node.root_pid
                 queue.append(child)
                 starts.append(self._started_event(node, None))
@@ -280,6 +291,20 @@ class TreeMembers:
                 seen_dead.setdefault(identity, parent)
         self._seen_dead = seen_dead
         return exits + starts
+
+    def _note_main_thread(self, stat: ProcStat) -> None:
+        if stat.main_thread_exited:
+            self._main_thread_gone.add(stat.pid)
+        else:
+            self._main_thread_gone.discard(stat.pid)
+
+    def _lives_on(self, node: TreeNode) -> bool:
+        """Tell whether a process whose main thread exited still has threads."""
+        if node.starttime is None:
+            # A reused pid could not be told apart: believe the exit.
+            return False
+        stat = read_stat(self._proc_root, node.pid)
+        return stat is not None and stat.starttime == node.starttime and not stat.is_dead
 
     def _adopt(
         self,
@@ -410,28 +435,46 @@ class TreeMembers:
             events.extend(self.on_exit(early_exit))
         return events
 
+    def on_exec(self, record: ExecRecord) -> None:
+        """Note that a process called ``execve()``.
+
+        An ``execve()`` by a thread other than the main one ends the main
+        thread (with an exit record for the process's pid) and gives its pid
+        to the calling thread: the process has a main thread again.
+        """
+        self._main_thread_gone.discard(record.tgid)
+
     def on_exit(self, record: ExitRecord) -> list[ObserverEvent]:
         """Drop a process of the tree that exited.
 
         An exit of an unknown pid is remembered for a while, in case its
-        fork record is still to come.
+        fork record is still to come. The exit of a main thread whose
+        process still has other threads (``/proc`` is read to know) is not
+        the process's: that ends with its last thread's exit record.
 
         Returns:
             The closes of its files and sockets, then its
             ``DESCENDANT_EXITED`` (exact); for a root, only the closes.
         """
-        if record.pid != record.tgid:
-            return []  # a thread ended, the process goes on
         pid = record.tgid
-        node = self._members.pop(pid, None)
-        if node is None:
-            root = self._roots.pop(pid, None)
-            if root is not None:
-                return self._descriptors.forget(root.tracked())
-            self._recent_exits[pid] = record
-            if len(self._recent_exits) > _RECENT_EXITS:
-                del self._recent_exits[next(iter(self._recent_exits))]
+        if record.pid != pid and pid not in self._main_thread_gone:
+            return []  # a thread ended, the process goes on
+        node = self._members.get(pid)
+        known = node if node is not None else self._roots.get(pid)
+        if known is None:
+            if record.pid == pid:
+                self._recent_exits[pid] = record
+                if len(self._recent_exits) > _RECENT_EXITS:
+                    del self._recent_exits[next(iter(self._recent_exits))]
             return []
+        if self._lives_on(known):
+            self._main_thread_gone.add(pid)
+            return []
+        self._main_thread_gone.discard(pid)
+        if node is None:
+            del self._roots[pid]
+            return self._descriptors.forget(known.tracked())
+        del self._members[pid]
         if self._reap_adopted:
             # Reaped once it is a zombie: the record comes before that.
             self._to_reap[pid] = node.starttime
