@@ -328,6 +328,30 @@ async def test_expect_after_eviction_reports_missed_bytes() -> None:
     assert (match.start, match.missed_bytes, match.before) == (6, 4, b"ef")
 
 
+async def test_expect_counts_only_unsearched_bytes_as_missed() -> None:
+    # The search trims its own history to max_bytes; bytes it searched and
+    # then let go are not missed, only bytes evicted before it looked.
+    async def feed(log: OutputLog, *chunks: bytes) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        for chunk in chunks:
+            log.feed(chunk)
+            await trio.testing.wait_all_tasks_blocked()  # the search keeps up
+        log.close()
+
+    log = OutputLog(max_bytes=10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed, log, b"0123456789", b"abcdef", b"END")
+        match = await log.expect(b"END")
+    assert (match.start, match.missed_bytes, match.before) == (16, 0, b"6789abcdef")
+
+    log = OutputLog(max_bytes=10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed, log, b"0123456789", b"abcdef")
+        with pytest.raises(ExpectEOF) as caught:
+            await log.expect(b"never")
+    assert (caught.value.missed_bytes, caught.value.seen) == (0, b"6789abcdef")
+
+
 async def test_expect_rejects_bad_arguments() -> None:
     log = OutputLog()
     other = OutputLog()

@@ -36,8 +36,9 @@ class ExpectMatch:
     data: bytes
     """The matched bytes."""
     before: bytes
-    """The bytes between the search start and the match (after the last gap,
-    if the search lost bytes; see ``missed_bytes``)."""
+    """The bytes between the search start and the match: only the newest
+    ``max_bytes`` searched are kept, and none from before a gap (if the
+    search lost bytes; see ``missed_bytes``)."""
     match: re.Match[bytes] | None
     """The regex match (over ``before + data + ...``), or None for a literal."""
     missed_bytes: int = 0
@@ -169,9 +170,9 @@ async def search(
             excess = len(buffer) - max_bytes
             if excess > 0:
                 # The search keeps no more history than the backlog does.
+                # These bytes were searched, so they are not missed_bytes.
                 del buffer[:excess]
                 base += excess
-                missed += excess
                 scan = max(0, scan - excess)
             await lot.park()
     raise ExpectTimeout(
