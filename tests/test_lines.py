@@ -177,12 +177,24 @@ async def test_an_abandoned_lines_iterator_is_finalized_quietly() -> None:
 
 async def test_batches_hold_the_lines_each_chunk_completes() -> None:
     log = OutputLog()
-    cursor = log.cursor()
-    for chunk in [b"one\ntwo\nthr", b"ee", b"\r\nfour\nfive"]:
-        log.feed(chunk)
-    log.close()
+    batches = log.cursor().line_batches()
+    got: list[list[str] | OutputGap] = []
+
+    async def read() -> None:
+        async for batch in batches:
+            got.append(batch)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        # Fed one at a time, so that each is read as a chunk of its own
+        # (small reads not yet read are gathered into one).
+        for chunk in [b"one\ntwo\nthr", b"ee", b"\r\nfour\nfive"]:
+            await trio.testing.wait_all_tasks_blocked()
+            log.feed(chunk)
+        await trio.testing.wait_all_tasks_blocked()
+        log.close()
     # The chunk b"ee" completes no line, so it yields no (empty) batch.
-    assert await collect_batches(cursor) == [["one", "two"], ["three", "four"], ["five"]]
+    assert got == [["one", "two"], ["three", "four"], ["five"]]
 
 
 async def test_batches_keep_ends_like_lines() -> None:

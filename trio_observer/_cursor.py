@@ -43,7 +43,8 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
     """An independent reader of an :class:`OutputLog`, from :meth:`OutputLog.cursor`.
 
     ``async for item in cursor`` yields the stream's chunks in order, as
-    ``bytes``; if the cursor fell behind and bytes were evicted before it
+    ``bytes`` (reads under 4 KiB that the cursor had not taken yet may come
+    gathered into one); if the cursor fell behind and bytes were evicted before it
     read them, one :class:`OutputGap` comes first and the cursor goes on
     with the oldest retained byte. The loop ends at the end of the stream.
     Reading never affects other readers, and a slow cursor never slows the
