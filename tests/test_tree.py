@@ -565,6 +565,52 @@ async def test_no_work_while_no_category_is_wanted(
         assert collector.kinds() == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
 
 
+@pytest.mark.parametrize("resubscribe", [True, False], ids=["resubscribed", "left-idle"])
+async def test_wait_active_survives_a_run_stopped_during_its_first_pass(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, resubscribe: bool
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    gate = trio.Event()
+    emitted: list[ObserverEvent] = []
+
+    async def emit(event: ObserverEvent) -> None:
+        # A BLOCK sink that is full until the gate opens.
+        await gate.wait()
+        emitted.append(event)
+
+    observer = TreeObserver(
+        emit=emit, categories=frozenset(), proc_root=fake.path, poll_interval=1.0
+    )
+    observer.add_root(100)
+    returned = trio.Event()
+
+    async def waiter() -> None:
+        await observer.wait_active()
+        returned.set()
+
+    async with observing(observer), trio.open_nursery() as nursery:
+        observer.set_categories(PROCESS)
+        nursery.start_soon(waiter)
+        await settle()
+        assert not returned.is_set()  # the first pass waits to emit 101
+        observer.set_categories(frozenset())  # that sink leaves
+        if resubscribe:
+            # Another sink comes before the run has noticed: the waiter is
+            # for the next run, whose first pass is held up the same way
+            # (emitting 102: 101 was taken in by the pass that was stopped).
+            observer.set_categories(PROCESS)
+            fake.add(102, 100)
+            await settle()
+            assert not returned.is_set()
+            gate.set()
+        await settle()
+        assert returned.is_set()
+        assert [e.pid for e in emitted] == ([102] if resubscribe else [])
+        gate.set()
+
+
 async def test_fake_files_open_reopen_close_and_exit(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

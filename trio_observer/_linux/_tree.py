@@ -152,7 +152,8 @@ class TreeObserver:
         self._active_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
         # Set while the active loop runs and has done its first pass: from
-        # then on every fork is seen (see wait_active).
+        # then on every fork is seen (see wait_active). Replaced by a fresh
+        # one when the loop stops; the old one is set then, to wake waiters.
         self._ready = trio.Event()
         self._backend_in_use: str | None = None
         self._fallback_reason: str | None = None
@@ -217,12 +218,18 @@ class TreeObserver:
         the backend is already subscribed and has scanned the tree once. The
         session awaits this before it spawns, so that the first sink of a
         category does not miss the forks of a process started right after it
-        subscribed.
+        subscribed. If everything is unsubscribed while it waits, it returns
+        once the observer has gone idle; if something is subscribed again
+        meanwhile, it waits for that new run's first scan.
         """
-        if self._categories:
-            await self._ready.wait()
-        else:
-            await trio.lowlevel.checkpoint()
+        while self._categories:
+            ready = self._ready
+            await ready.wait()
+            if ready is self._ready:
+                return
+            # The run it waited for stopped (nothing was wanted for a moment)
+            # before its first pass was done: wait for the next run, if any.
+        await trio.lowlevel.checkpoint()
 
     def known_descendants(self) -> set[int]:
         """Return the pids of the descendants currently believed alive.
@@ -286,13 +293,18 @@ class TreeObserver:
                     await self._run_active(started)
                 started = None
                 self._active_scope = None
-                self._ready = trio.Event()
+                self._replace_ready()
                 # Going idle: nobody wants closes or exits reported while we
                 # do not look; on resume the next scan reports the difference.
         finally:
             self._active_scope = None
-            self._ready = trio.Event()
+            self._replace_ready()
             self._running = False
+
+    def _replace_ready(self) -> None:
+        # Set, not dropped: a wait_active() caller may be waiting on it.
+        ready, self._ready = self._ready, trio.Event()
+        ready.set()
 
     # ------------------------------------------------------------ the loops
 
