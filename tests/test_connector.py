@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from trio_observer._linux._connector import (
     parse_messages,
     wait_status_to_exit_code,
 )
+from trio_observer._linux._descriptors import DescriptorTracker
 from trio_observer._linux._tree import LOSS_PID, TreeObserver
+from trio_observer._linux._tree_members import TreeMembers
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -305,6 +308,39 @@ async def test_a_main_thread_exit_is_not_the_process_exit(tmp_path: Path) -> Non
             exited = await collector.wait_for(lambda e: e.pid == 102 and e.exit_code == 5)
             assert exited.kind is K.DESCENDANT_EXITED
     assert observer.known_descendants() == {103, 104, 105}
+
+
+async def test_a_remembered_exit_is_not_paired_with_a_later_process_of_its_pid(
+    tmp_path: Path,
+) -> None:
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    members = TreeMembers(
+        proc_root=proc.path,
+        descriptors=DescriptorTracker(proc.path),
+        adopt_marker=None,
+        reap_adopted=False,
+    )
+    members.add_root(100)
+    now = time.monotonic_ns()
+
+    def fork_of(child: int) -> list[tuple[ObserverEventKind, int | None]]:
+        events = members.on_fork(ForkRecord(now, 100, 100, child, child))
+        return [(e.kind, e.exit_code) for e in events]
+
+    # A stranger with pid 101 exited ten minutes ago; the pids came round and
+    # the root's new child got 101 (and is gone by now): not its exit.
+    assert members.on_exit(ExitRecord(now - 600 * 10**9, 101, 101, 1)) == []
+    assert fork_of(101) == [(K.DESCENDANT_STARTED, None)]
+    # Recent, but the child is running: not its exit either.
+    assert members.on_exit(ExitRecord(now, 102, 102, 1)) == []
+    proc.add(102, 100)
+    assert fork_of(102) == [(K.DESCENDANT_STARTED, None)]
+    assert members.descendants() == {101, 102}
+    # The child ran and exited just before the fork message was sent.
+    assert members.on_exit(ExitRecord(now - 1000, 103, 103, 2)) == []
+    assert fork_of(103) == [(K.DESCENDANT_STARTED, None), (K.DESCENDANT_EXITED, 2)]
+    assert members.descendants() == {101, 102}
 
 
 def refuse() -> FakeConnectorSocket:

@@ -37,6 +37,11 @@ from ._procfs import (
 # on another CPU first. Exits of unknown pids are remembered this long (in
 # records) so a late fork can be matched with its exit.
 _RECENT_EXITS: Final = 1024
+# How much earlier than its fork record a child's exit may have been stamped
+# (the parent can be preempted between waking the child and sending the fork
+# message). A remembered exit older than that is of an earlier process that
+# had the same pid.
+_EARLY_EXIT_SLACK_NS: Final = 1_000_000_000
 
 
 @dataclass(slots=True)
@@ -416,7 +421,10 @@ class TreeMembers:
         Returns:
             Its ``DESCENDANT_STARTED`` (exact, with the kernel's time), and
             its exit if that came first; nothing for a thread or a fork
-            outside the tree.
+            outside the tree. A remembered exit of the child's pid is the
+            child's only if the child is not running and the exit is not
+            older than the fork by more than a second: else it was an
+            earlier process's with the same pid.
         """
         if record.child_pid != record.child_tgid:
             return []  # a new thread, not a new process
@@ -431,7 +439,11 @@ class TreeMembers:
         when = _kernel_time_ms(record.timestamp_ns)
         events = [self._started_event(node, when, grade=EventGrade.EXACT)]
         early_exit = self._recent_exits.pop(child, None)
-        if early_exit is not None:
+        if (
+            early_exit is not None
+            and early_exit.timestamp_ns >= record.timestamp_ns - _EARLY_EXIT_SLACK_NS
+            and (stat is None or stat.is_dead)
+        ):
             events.extend(self.on_exit(early_exit))
         return events
 
