@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import struct
@@ -250,9 +249,24 @@ def test_decode_address_little_endian_literals() -> None:
     assert decode_address("0100007F:1F90") == ("127.0.0.1", 8080)
     assert decode_address("00000000000000000000000001000000:0016") == ("::1", 22)
     # ::ffff:10.0.0.1 as the kernel prints it on x86.
-    host, port = decode_address("0000000000000000FFFF00000100000A:01BB")
-    # Compared as addresses: Python 3.13 changed how mapped addresses print.
-    assert (ipaddress.ip_address(host), port) == (ipaddress.ip_address("::ffff:10.0.0.1"), 443)
+    # Written as getsockname() writes it, whatever the Python version.
+    assert decode_address("0000000000000000FFFF00000100000A:01BB") == ("::ffff:10.0.0.1", 443)
+
+
+def test_an_ipv4_mapped_address_reads_as_getsockname_writes_it() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind(("::ffff:127.0.0.1", 0))
+        except OSError as exc:
+            pytest.skip(f"no dual-stack loopback: {exc}")
+        sock.listen()
+        host, port = sock.getsockname()[:2]
+        entry = read_socket_tables("/proc", os.getpid()).get(os.fstat(sock.fileno()).st_ino)
+    assert entry is not None
+    assert entry.local_address == f"[{host}]:{port}" == f"[::ffff:127.0.0.1]:{port}"
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,8 @@ def decode_address(text: str) -> tuple[str, int]:
         text: ``"HEXADDR:HEXPORT"``, 8 hex digits for IPv4, 32 for IPv6.
 
     Returns:
-        ``(host, port)`` with the host in its usual text form.
+        ``(host, port)`` with the host in its usual text form; an
+        IPv4-mapped IPv6 address as ``::ffff:127.0.0.1``.
 
     Raises:
         ValueError: If ``text`` is not in that form.
@@ -74,8 +75,15 @@ def decode_address(text: str) -> tuple[str, int]:
     raw = b"".join(
         struct.pack("=I", int(hex_host[i : i + 8], 16)) for i in range(0, len(hex_host), 8)
     )
-    host = ipaddress.IPv4Address(raw) if len(raw) == 4 else ipaddress.IPv6Address(raw)
-    return str(host), int(hex_port, 16)
+    port = int(hex_port, 16)
+    if len(raw) == 4:
+        return str(ipaddress.IPv4Address(raw)), port
+    host = ipaddress.IPv6Address(raw)
+    if host.ipv4_mapped is not None:
+        # An IPv4 peer of a dual-stack socket: written as getsockname() and
+        # Python >= 3.13 write it, not as two hex groups (::ffff:7f00:1).
+        return f"::ffff:{host.ipv4_mapped}", port
+    return str(host), port
 
 
 def format_address(host: str, port: int) -> str:
