@@ -24,8 +24,11 @@ def add_process(
     # pid (comm) state ppid pgrp session tty tpgid flags ... starttime (22nd)
     fields = [state, str(ppid), str(pgid), str(pgid)] + ["0"] * 15 + [str(1000 + pid)]
     (directory / "stat").write_text(f"{pid} (sleep) {' '.join(fields)} 0 0\n")
-    environ = [b"PATH=/bin"] + ([MARKER] if marked else [])
-    (directory / "environ").write_bytes(b"\0".join(environ) + b"\0")
+    if state == "Z":
+        environ = b""  # what a zombie's environ reads as
+    else:
+        environ = b"\0".join([b"PATH=/bin"] + ([MARKER] if marked else [])) + b"\0"
+    (directory / "environ").write_bytes(environ)
 
 
 def test_parse_stat_survives_parentheses_in_the_name() -> None:
@@ -41,8 +44,10 @@ def test_group_membership_alone_is_not_enough(tmp_path: Path) -> None:
     add_process(tmp_path, 1004, ppid=OWN, pgid=1004, marked=True)  # adopted daemon
     add_process(tmp_path, 1005, ppid=OWN, pgid=1005)  # someone else's child
     add_process(tmp_path, 1006, ppid=1, pgid=1006)  # the tree observer knows it
+    add_process(tmp_path, 1007, ppid=1, pgid=GROUP, state="R")  # exiting: empty
+    (tmp_path / "1007" / "environ").write_bytes(b"")
     found = find_leftovers(groups=[GROUP], marker=MARKER, known=[1006], proc_root=str(tmp_path))
-    assert sorted(found) == [1001, 1002, 1003, 1004, 1006]
+    assert sorted(found) == [1001, 1002, 1003, 1004, 1006, 1007]
 
 
 def test_exclude(tmp_path: Path) -> None:

@@ -383,15 +383,20 @@ async def test_subreaper_only_while_a_session_is_open() -> None:
     assert not is_subreaper()
 
 
-# A grandchild that daemonizes (its own session) and exits at once, while
-# its parent prints its pid and exits too.
-DAEMONIZE_AND_EXIT = SPAWN_GRANDCHILD.replace("'import time; time.sleep(1000)'", "'pass'").format(
-    extra=", start_new_session=True", then=""
-)
+# A grandchild that daemonizes (its own session) and waits for the end of
+# its stdin, while its parent prints its pid and exits at once: the test
+# makes it exit only once it is an orphan of this process (a child
+# subreaper), by closing the pipe.
+DAEMONIZE = SPAWN_GRANDCHILD.replace(
+    "'import time; time.sleep(1000)'", "'import sys; sys.stdin.read()'"
+).format(extra=", start_new_session=True", then="")
 
 
 async def wait_for_exit(pid: int) -> None:
-    fd = os.pidfd_open(pid)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # exited and already reaped
     try:
         await trio.lowlevel.wait_readable(fd)
     finally:
@@ -418,11 +423,13 @@ EXACT_PROCESS_EVENTS = negotiate_capabilities()[EventCategory.PROCESS].backend =
 async def test_track_descendants_reaps_daemons_that_exit(track: bool) -> None:
     async with open_session(track_descendants=track) as session:
         process = await session.start_process(
-            [PY, "-c", DAEMONIZE_AND_EXIT], stdout=subprocess.PIPE
+            [PY, "-c", DAEMONIZE], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
+        assert process.stdin is not None
         assert process.stdout is not None
         grandchild = int(await read_line(process.stdout))
         await process.wait()
+        await process.stdin.aclose()  # the orphaned daemon reads EOF and exits
         await wait_for_exit(grandchild)
     zombie = reap_zombie_child(grandchild)  # and clean up for the leak check
     # Documented: without tracking, the session cannot attribute the zombie.

@@ -149,8 +149,10 @@ async def test_poll_reports_descendants_with_their_parents() -> None:
             assert event.root_pid == root.pid
             assert event.grade is EventGrade.INFERRED
             assert event.category is EventCategory.PROCESS
-            assert event.argv is not None
-            assert event.argv[:2] == (PY, "-c")
+            # Read when the scan saw the process: before and after its exec
+            # it is Python's; in the middle of the exec the kernel shows an
+            # empty command line, and argv is None ("where readable").
+            assert event.argv is None or event.argv[:2] == (PY, "-c")
         assert observer.known_descendants() == {middle, leaf}
         assert observer.statistics().backend == "poll"
 

@@ -79,11 +79,24 @@ def scan(proc_root: str = PROC) -> dict[int, ProcStat]:
 
 def has_marker(pid: int, marker: bytes, proc_root: str = PROC) -> bool:
     """True if the process's initial environment holds ``marker`` exactly."""
+    return marker_state(pid, marker, proc_root) is True
+
+
+def marker_state(pid: int, marker: bytes, proc_root: str = PROC) -> bool | None:
+    """Whether the process's environment holds ``marker``; None if it is empty.
+
+    An empty or unreadable environment says nothing: a zombie's, or that
+    of a process in the middle of exiting, reads as empty, and so does one
+    started with no environment at all (``env -i``).
+    """
     try:
         with open(f"{proc_root}/{pid}/environ", "rb") as f:
-            return marker in f.read().split(b"\0")
+            environ = f.read()
     except OSError:
-        return False
+        return None
+    if not environ:
+        return None
+    return marker in environ.split(b"\0")
 
 
 def proc_available(proc_root: str = PROC) -> bool:
@@ -150,17 +163,18 @@ def find_leftovers(
 ) -> dict[int, ProcStat]:
     """Return the processes that belong to a session's tree.
 
-    A process belongs when it carries ``marker`` in its environment and is
-    in one of ``groups`` (as process group or session id) or is a child of
-    this process; when it is a zombie child of this process in one of
-    ``groups``; when the tree observer ``known`` it as a descendant; or when
-    its parent belongs. ``exclude`` are left out.
+    A process belongs when it is in one of ``groups`` (as process group or
+    session id) and its environment holds ``marker`` or is empty; when it
+    is a child of this process carrying ``marker``; when the tree observer
+    ``known`` it as a descendant; or when its parent belongs. ``exclude``
+    are left out.
 
-    Group membership alone is never enough for a live process: a group id
-    whose members are all gone may be reused by an unrelated process, which
-    would then be killed. (A zombie's environment is empty, so a zombie is
-    matched by group when it is this process's child: its original parent
-    was in the tree, or it was adopted as a child subreaper.)
+    Group membership alone is not enough: a group id whose members are all
+    gone may be reused by an unrelated process, which would then be killed.
+    An empty environment is accepted for group members because zombies and
+    processes in the middle of exiting read as empty (and a member started
+    with ``env -i`` is the session's too); an unrelated process would have
+    to reuse the group id *and* have no environment to be mistaken.
     """
     table = scan(proc_root)
     own = os.getpid()
@@ -178,10 +192,7 @@ def find_leftovers(
         if stat.pid in known_set
         or (
             (stat.pgid in group_set or stat.sid in group_set)
-            and (
-                (stat.state in ("Z", "X") and stat.ppid == own)
-                or has_marker(stat.pid, marker, proc_root)
-            )
+            and marker_state(stat.pid, marker, proc_root) is not False
         )
         or (stat.ppid == own and has_marker(stat.pid, marker, proc_root))
     ]

@@ -232,16 +232,18 @@ class TreeObserver:
         await trio.lowlevel.checkpoint()
 
     def known_descendants(self) -> set[int]:
-        """Return the pids of the descendants currently believed alive.
+        """Return the pids of the descendants not known to be gone.
 
-        The roots themselves are not included. Only meaningful while
-        :meth:`run` is running (or just after it): an idle observer does not
-        follow the tree.
+        That is those believed alive, and those whose exit was seen but
+        that still wait to be reaped (``reap_adopted``): the session's final
+        sweep reaps what the observer had no time to. The roots themselves
+        are not included. Only meaningful while :meth:`run` is running (or
+        just after it): an idle observer does not follow the tree.
 
         Returns:
             A new set the caller may keep.
         """
-        return self._tree.descendants()
+        return self._tree.descendants() | self._tree.awaiting_reap()
 
     def statistics(self) -> TreeObserverStatistics:
         """Return counters describing the observer's work so far.

@@ -138,6 +138,10 @@ class TreeMembers:
         """Return the pids of the descendants believed alive, roots excluded."""
         return set(self._members)
 
+    def awaiting_reap(self) -> set[int]:
+        """Return the pids of exited members not reaped yet."""
+        return set(self._to_reap)
+
     def descendant_count(self) -> int:
         """Return how many descendants are believed alive."""
         return len(self._members)
