@@ -51,6 +51,12 @@ class Collector:
     def kinds(self, pid: int | None = None) -> list[ObserverEventKind]:
         return [e.kind for e in self.events if pid is None or e.pid == pid]
 
+    def take_files(self) -> list[tuple[ObserverEventKind, int | None, str | None]]:
+        """The (kind, fd, path) of the events so far, which are then forgotten."""
+        out = [(e.kind, e.fd, e.path) for e in self.events]
+        self.events.clear()
+        return out
+
 
 # ---------------------------------------------------------------- real trees
 
@@ -634,19 +640,14 @@ async def test_fake_files_open_reopen_close_and_exit(
     )
     observer.add_root(100)
 
-    def files() -> list[tuple[ObserverEventKind, int | None, str | None]]:
-        out = [(e.kind, e.fd, e.path) for e in collector.events]
-        collector.events.clear()
-        return out
-
     async with observing(observer):
         await settle()
-        assert files() == [(K.FILE_OPEN, 3, "/data/a")]
+        assert collector.take_files() == [(K.FILE_OPEN, 3, "/data/a")]
         fake.set_fd(101, 3, "/data/b")  # dup2 over it, or close and reopen
         fake.set_fd(101, 6, "/data/c (deleted)")
         mock_clock.jump(1.0)
         await settle()
-        assert files() == [
+        assert collector.take_files() == [
             (K.FILE_CLOSE, 3, "/data/a"),
             (K.FILE_OPEN, 3, "/data/b"),
             (K.FILE_OPEN, 6, "/data/c (deleted)"),
@@ -654,12 +655,12 @@ async def test_fake_files_open_reopen_close_and_exit(
         fake.close_fd(101, 6)
         mock_clock.jump(1.0)
         await settle()
-        assert files() == [(K.FILE_CLOSE, 6, "/data/c (deleted)")]
+        assert collector.take_files() == [(K.FILE_CLOSE, 6, "/data/c (deleted)")]
         # The process exits holding /data/b: that closes it.
         fake.remove(101)
         mock_clock.jump(1.0)
         await settle()
-        assert files() == [(K.FILE_CLOSE, 3, "/data/b")]
+        assert collector.take_files() == [(K.FILE_CLOSE, 3, "/data/b")]
 
 
 async def test_fake_sockets_are_joined_with_the_net_tables(
@@ -755,29 +756,24 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
     )
     observer.add_root(100)
 
-    def files() -> list[tuple[ObserverEventKind, int | None, str | None]]:
-        out = [(e.kind, e.fd, e.path) for e in collector.events]
-        collector.events.clear()
-        return out
-
     async with observing(observer):
         await settle()
-        assert files() == [(K.FILE_OPEN, 3, "/data/a")]
+        assert collector.take_files() == [(K.FILE_OPEN, 3, "/data/a")]
         # 101 was found by that scan, after the counters were read: the next
         # pass takes its baseline (and reads it once more).
         mock_clock.jump(1.0)
         await settle()
-        assert files() == []
+        assert collector.take_files() == []
         # Counters unchanged: in this fake, 101 "did not run", so it is not
         # read again (a real process cannot open a file without running).
         fake.set_fd(101, 4, "/data/b")
         mock_clock.jump(1.0)
         await settle()
-        assert files() == []
+        assert collector.take_files() == []
         set_schedstat(fake, 101, 1500, 2)
         mock_clock.jump(1.0)
         await settle()
-        assert files() == [(K.FILE_OPEN, 4, "/data/b")]
+        assert collector.take_files() == [(K.FILE_OPEN, 4, "/data/b")]
 
         # What the counters cannot see is found by the periodic full look:
         # after VERIFY_EVERY quiet passes in a row, the next one reads all.
@@ -785,10 +781,10 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
         for _ in range(VERIFY_EVERY):
             mock_clock.jump(1.0)
             await settle()
-        assert files() == []
+        assert collector.take_files() == []
         mock_clock.jump(1.0)
         await settle()
-        assert files() == [(K.FILE_OPEN, 5, "/data/c")]
+        assert collector.take_files() == [(K.FILE_OPEN, 5, "/data/c")]
 
 
 @pytest.mark.parametrize("seen_alive", [True, False], ids=["seen-alive", "never-seen-alive"])
