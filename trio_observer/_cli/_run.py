@@ -1,4 +1,4 @@
-"""The command line: ``trio-observer run -- CMD`` writes CMD's events as JSON Lines."""
+"""``trio-observer run -- CMD``: run CMD in a session and write its events as JSON Lines."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import IO, Final
 
 import trio
 
-from ._capabilities import TraceScope, UnsupportedCategoryError, negotiate_capabilities
-from ._checks import check_seconds
-from ._events import EventCategory, TerminationOutcome
-from ._process import Process
-from ._pty import PtySize
-from ._session import Session, open_session
-from ._sink import ObserverBackpressure
-from ._terminal import copy_input, forward_resizes, raw_terminal, terminal_size, write_all
+from .._capabilities import UnsupportedCategoryError, negotiate_capabilities
+from .._checks import check_seconds
+from .._events import EventCategory, TerminationOutcome
+from .._process import Process
+from .._pty import PtySize
+from .._session import Session, open_session
+from .._sink import ObserverBackpressure
+from .._terminal import copy_input, forward_resizes, raw_terminal, terminal_size, write_all
+from ._prog import PROG
 
-_PROG: Final = "trio-observer"
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -46,12 +46,8 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0") from exc
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=_PROG,
-        description="Run programs under a trio_observer session and report what they do.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``run`` with the top-level parser."""
     run = commands.add_parser(
         "run",
         help="run a command and write its events as JSON Lines",
@@ -64,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog="example: trio-observer run --events events.jsonl -- make test",
     )
+    run.set_defaults(handler=command)
     run.add_argument(
         "--events",
         metavar="FILE",
@@ -95,58 +92,39 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-    caps = commands.add_parser(
-        "capabilities",
-        help="show what this machine can observe",
-        description="Show, per event category, whether this machine can observe it and how.",
-    )
-    caps.add_argument(
-        "--scope",
-        choices=[scope.value for scope in TraceScope],
-        default=TraceScope.LAUNCHED_PROCESS_TREE.value,
-        help="what to observe: the launched tree (default) or the whole system",
-    )
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``trio-observer``; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "capabilities":
-        print(negotiate_capabilities(TraceScope(args.scope)).render_summary())
-        return 0
-    if args.command == "run":
-        cmd = list(args.cmd)
-        if cmd[:1] == ["--"]:
-            cmd = cmd[1:]
-        if not cmd:
-            parser.error("run: no command given (usage: trio-observer run -- CMD [ARGS...])")
-        categories = sorted(
-            {c for group in (args.category or [[EventCategory.LIFECYCLE]]) for c in group},
-            key=lambda c: c.value,
-        )
-        # Refused here, in one line, rather than as an error from inside the
-        # session (probing opens a netlink socket, so only when needed).
-        tree_categories = [c for c in categories if c is not EventCategory.LIFECYCLE]
-        if tree_categories:
-            capabilities = negotiate_capabilities()
-            for category in tree_categories:
-                try:
-                    capabilities.require(category)
-                except UnsupportedCategoryError as exc:
-                    print(f"{_PROG}: {exc}", file=sys.stderr)
-                    return 2
-        with contextlib.ExitStack() as stack:
-            events_file: IO[str] = sys.stderr
-            if args.events:
-                try:
-                    events_file = stack.enter_context(open(args.events, "a", encoding="utf-8"))
-                except OSError as exc:
-                    print(f"{_PROG}: cannot open --events {args.events!r}: {exc}", file=sys.stderr)
-                    return 2
-            return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty)
-    raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
+def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``trio-observer run``; returns the exit status."""
+    cmd = list(args.cmd)
+    if cmd[:1] == ["--"]:
+        cmd = cmd[1:]
+    if not cmd:
+        parser.error("run: no command given (usage: trio-observer run -- CMD [ARGS...])")
+    categories = sorted(
+        {c for group in (args.category or [[EventCategory.LIFECYCLE]]) for c in group},
+        key=lambda c: c.value,
+    )
+    # Refused here, in one line, rather than as an error from inside the
+    # session (probing opens a netlink socket, so only when needed).
+    tree_categories = [c for c in categories if c is not EventCategory.LIFECYCLE]
+    if tree_categories:
+        capabilities = negotiate_capabilities()
+        for category in tree_categories:
+            try:
+                capabilities.require(category)
+            except UnsupportedCategoryError as exc:
+                print(f"{PROG}: {exc}", file=sys.stderr)
+                return 2
+    with contextlib.ExitStack() as stack:
+        events_file: IO[str] = sys.stderr
+        if args.events:
+            try:
+                events_file = stack.enter_context(open(args.events, "a", encoding="utf-8"))
+            except OSError as exc:
+                print(f"{PROG}: cannot open --events {args.events!r}: {exc}", file=sys.stderr)
+                return 2
+        return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty)
 
 
 async def _run(
@@ -168,10 +146,10 @@ async def _run(
                     size = terminal_size(sys.stdin.fileno()) or PtySize()
                     process = await session.start_process(cmd, pty=size if use_pty else False)
                 except FileNotFoundError:
-                    print(f"{_PROG}: command not found: {cmd[0]}", file=sys.stderr)
+                    print(f"{PROG}: command not found: {cmd[0]}", file=sys.stderr)
                     return 127
                 except PermissionError:
-                    print(f"{_PROG}: permission denied: {cmd[0]}", file=sys.stderr)
+                    print(f"{PROG}: permission denied: {cmd[0]}", file=sys.stderr)
                     return 126
                 if process.pty is not None:
                     await _attach_terminal(process, helpers)

@@ -1,0 +1,45 @@
+"""The top-level parser: one subcommand a module, each registering itself."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .._capabilities import TraceScope, negotiate_capabilities
+from . import _run
+from ._prog import PROG
+
+
+def _capabilities(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    print(negotiate_capabilities(TraceScope(args.scope)).render_summary())
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run programs under a trio_observer session and report what they do.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _run.add_parser(commands)
+    caps = commands.add_parser(
+        "capabilities",
+        help="show what this machine can observe",
+        description="Show, per event category, whether this machine can observe it and how.",
+    )
+    caps.set_defaults(handler=_capabilities)
+    caps.add_argument(
+        "--scope",
+        choices=[scope.value for scope in TraceScope],
+        default=TraceScope.LAUNCHED_PROCESS_TREE.value,
+        help="what to observe: the launched tree (default) or the whole system",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``trio-observer``; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    status: int = args.handler(args, parser)
+    return status
