@@ -287,3 +287,108 @@ async def test_report_missed_subscription_in_a_task_ends_with_its_marker() -> No
             await registry.emit(ev(2))  # missed
             nursery.start_soon(consume, sub)
     assert received == [ev(1), MissedEvents(1)]
+
+
+# -- Subscription as a trio.abc.ReceiveChannel ----------------------------------
+
+
+@pytest.mark.parametrize("report_missed", [False, True])
+async def test_subscription_is_a_receive_channel_with_receive_nowait(
+    report_missed: bool,
+) -> None:
+    registry = ObserverRegistry()
+    async with registry.subscribe([LIFECYCLE], capacity=2, report_missed=report_missed) as sub:
+        assert isinstance(sub, trio.abc.ReceiveChannel)
+        with pytest.raises(trio.WouldBlock):
+            sub.receive_nowait()
+        for pid in range(1, 4):
+            await registry.emit(ev(pid))
+        first = sub.receive_nowait()
+        assert isinstance(first, ObserverEvent)
+        assert first.pid == 1
+        second = sub.receive_nowait()
+        assert isinstance(second, ObserverEvent)
+        assert second.pid == 2
+        with pytest.raises(trio.WouldBlock):
+            sub.receive_nowait()
+    # Event 3 did not fit: with report_missed it is told at the end.
+    if report_missed:
+        assert sub.receive_nowait() == MissedEvents(1)
+    with pytest.raises(trio.EndOfChannel):
+        sub.receive_nowait()
+
+
+async def test_report_missed_receive_nowait_puts_the_marker_before_the_event() -> None:
+    registry = ObserverRegistry()
+    async with registry.subscribe([LIFECYCLE], capacity=1, report_missed=True) as sub:
+        await registry.emit(ev(1))
+        await registry.emit(ev(2))  # missed: the channel holds 1
+        assert [getattr(sub.receive_nowait(), "pid", None)] == [1]
+        await registry.emit(ev(3))
+        assert sub.receive_nowait() == MissedEvents(1)
+        third = sub.receive_nowait()
+        assert isinstance(third, ObserverEvent)
+        assert third.pid == 3
+
+
+@pytest.mark.parametrize("report_missed", [False, True])
+async def test_closing_a_subscription_disconnects_its_sink(report_missed: bool) -> None:
+    registry = ObserverRegistry()
+    async with registry.subscribe(
+        [LIFECYCLE], capacity=4, backpressure=BLOCK, report_missed=report_missed
+    ) as sub:
+        await registry.emit(ev(1))
+        async with trio.open_nursery() as nursery:
+
+            async def blocked_receiver() -> None:
+                # Takes event 1, then waits for more and is woken by close.
+                await sub.receive()
+                with pytest.raises(trio.ClosedResourceError):
+                    await sub.receive()
+
+            nursery.start_soon(blocked_receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            await sub.aclose()
+        sub.close()  # idempotent
+        with trio.fail_after(1):
+            await registry.emit(ev(2))
+        assert sub.status() == ObserverSinkStatus(1, 1, True)
+        with pytest.raises(trio.ClosedResourceError):
+            sub.receive_nowait()
+        # Still registered until the block exits.
+        assert len(registry) == 1
+    assert len(registry) == 0
+
+
+async def test_closing_a_subscription_that_holds_an_event_refuses_it() -> None:
+    registry = ObserverRegistry()
+    async with registry.subscribe([LIFECYCLE], capacity=1, report_missed=True) as sub:
+        await registry.emit(ev(1))
+        await registry.emit(ev(2))
+        sub.receive_nowait()
+        await registry.emit(ev(3))
+        assert sub.receive_nowait() == MissedEvents(1)
+        sub.close()
+        with pytest.raises(trio.ClosedResourceError):
+            sub.receive_nowait()
+        with pytest.raises(trio.ClosedResourceError):
+            await sub.receive()
+
+
+async def test_subscription_clone_is_refused_with_the_alternative_named() -> None:
+    registry = ObserverRegistry()
+    async with registry.subscribe([LIFECYCLE]) as sub:
+        with pytest.raises(NotImplementedError, match=r"open another subscription"):
+            sub.clone()
+
+
+async def test_async_with_a_subscription_closes_it() -> None:
+    registry = ObserverRegistry()
+    async with registry.subscribe([LIFECYCLE]) as sub:
+        async with sub:
+            await registry.emit(ev(1))
+            first = await sub.receive()
+            assert isinstance(first, ObserverEvent)
+            assert first.pid == 1
+        await registry.emit(ev(2))
+        assert sub.status() == ObserverSinkStatus(1, 1, True)

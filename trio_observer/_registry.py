@@ -163,6 +163,15 @@ class ObserverRegistry:
         backpressure: ObserverBackpressure = ...,
         report_missed: Literal[True],
     ) -> AbstractAsyncContextManager[Subscription[ObserverEvent | MissedEvents]]: ...
+    @overload
+    def subscribe(
+        self,
+        categories: Iterable[EventCategory],
+        *,
+        capacity: int = ...,
+        backpressure: ObserverBackpressure = ...,
+        report_missed: bool,
+    ) -> AbstractAsyncContextManager[Subscription[ObserverEvent | MissedEvents]]: ...
     def subscribe(
         self,
         categories: Iterable[EventCategory],
