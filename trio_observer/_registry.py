@@ -68,6 +68,9 @@ class ObserverRegistry:
         self._routes: dict[EventCategory, tuple[tuple[_Sink, ...], tuple[_Sink, ...]]] = (
             dict.fromkeys(_ALL_CATEGORIES, ((), ()))
         )
+        # One bound method for every sink to call when it finds its receiver
+        # gone, rather than one per sink: a sink's size is a documented figure.
+        self._on_sink_disconnect = self._rebuild_routes
         self._category_check = category_check
         self._on_interest_changed = on_interest_changed
         self._closed = False
@@ -122,7 +125,7 @@ class ObserverRegistry:
         send_channel, receive_channel = trio.open_memory_channel[object](max(capacity, 1))
         sink_id = ObserverSubscriberId.new()
         self._sinks[sink_id] = _Sink(
-            wanted, send_channel, backpressure, tagged, self._rebuild_routes
+            wanted, send_channel, backpressure, tagged, self._on_sink_disconnect
         )
         self._interest_changed()
         return sink_id, receive_channel
