@@ -5,8 +5,10 @@ and its alternatives *in the same run, interleaved*: the machine this runs on
 is shared and has two cores, so a figure taken a minute after another one
 says more about the neighbours than about the code. Each trial runs a block
 of many operations and returns seconds per operation; trials take turns in
-a rotating order, and the best round of each is what the table shows (noise
-only ever adds time, so the minimum is the figure least polluted by it).
+a rotating order. The verdict is on the median round of each (what a user
+will typically see, where the best round only says what the machine can do
+when nothing disturbs it), and the spread of the per-round ratios is
+printed beside it, so a MET that holds only in a lucky round shows.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class Row:
     alternative: str
     ratio: float | None
     target: Target | None = None
+    spread: tuple[float, float] | None = None
+    """The lowest and highest per-round ratio, when both sides are
+    :class:`Figure` values of the same rounds."""
 
     @property
     def verdict(self) -> str:
@@ -131,31 +136,84 @@ async def interleave_async(
     return samples
 
 
-def best(samples: Sequence[float]) -> float:
-    """The fastest round: seconds per operation."""
-    return min(samples)
+class Figure(float):
+    """A per-operation figure: the median of the rounds, carrying the rounds.
+
+    It is a float (sections compute with it as before); :func:`time_row`
+    and :func:`rate_row` use the rounds to print the spread of the ratio.
+    """
+
+    rounds: tuple[float, ...]
+
+    def __new__(cls, samples: Sequence[float]) -> Figure:
+        if not samples:
+            raise ValueError("samples must hold at least one round")
+        figure = super().__new__(cls, statistics.median(samples))
+        figure.rounds = tuple(samples)
+        return figure
+
+
+def median(samples: Sequence[float]) -> Figure:
+    """The verdict figure of a trial: the median of its rounds."""
+    return Figure(samples)
+
+
+# The sections' old name: the verdict figure was the fastest round. It is
+# the median for every section now, whichever name a section calls.
+best = median
+
+
+def ratio_spread(
+    ours: float, alternative: float, *, invert: bool = False
+) -> tuple[float, float] | None:
+    """The lowest and highest per-round ratio of two :class:`Figure` values.
+
+    ``invert=True`` for throughput rows (alternative / ours). None when
+    either side is a plain float or the rounds do not pair up.
+    """
+    # Rounds are interleaved, so round i of both sides ran side by side:
+    # their ratio is a fair sample of the ratio, and its range is the noise.
+    if not (isinstance(ours, Figure) and isinstance(alternative, Figure)):
+        return None
+    if len(ours.rounds) != len(alternative.rounds):
+        return None
+    ratios = [
+        (a / o if invert else o / a)
+        for o, a in zip(ours.rounds, alternative.rounds, strict=True)
+        if o > 0 and a > 0
+    ]
+    return (min(ratios), max(ratios)) if ratios else None
 
 
 def spread_note(
     samples: Mapping[str, Sequence[float]], baseline: str, *, throughput: bool = False
 ) -> str:
-    """A note with each trial's median ratio to ``baseline``, to show the noise.
+    """A note with each trial's best-round ratio to ``baseline``.
 
-    With ``throughput=True`` the ratios are of operations per second (as in
+    The table's verdict is on the medians; this says what the fastest
+    rounds give, i.e. how far the machine's noise moved the median. With
+    ``throughput=True`` the ratios are of operations per second (as in
     :func:`rate_row`), otherwise of seconds per operation.
     """
-    base = statistics.median(samples[baseline])
+    base = min(samples[baseline])
     parts = []
     for name, values in samples.items():
         if name != baseline:
-            ratio = statistics.median(values) / base
+            ratio = min(values) / base
             parts.append(f"{name} {1 / ratio if throughput else ratio:.2f}x")
-    return f"median-of-rounds ratios vs {baseline}: " + ", ".join(parts)
+    return f"best-round ratios vs {baseline}: " + ", ".join(parts)
 
 
 def time_row(name: str, ours: float, alternative: float, target: Target | None = None) -> Row:
     """A row comparing seconds per operation (ratio = ours / alternative)."""
-    return Row(name, fmt_seconds(ours), fmt_seconds(alternative), ours / alternative, target)
+    return Row(
+        name,
+        fmt_seconds(ours),
+        fmt_seconds(alternative),
+        ours / alternative,
+        target,
+        ratio_spread(ours, alternative),
+    )
 
 
 def rate_row(name: str, ours: float, alternative: float, target: Target | None = None) -> Row:
@@ -164,7 +222,14 @@ def rate_row(name: str, ours: float, alternative: float, target: Target | None =
     The ratio is ours / alternative in operations per second, so higher is
     better.
     """
-    return Row(name, fmt_rate(1 / ours), fmt_rate(1 / alternative), alternative / ours, target)
+    return Row(
+        name,
+        fmt_rate(1 / ours),
+        fmt_rate(1 / alternative),
+        alternative / ours,
+        target,
+        ratio_spread(ours, alternative, invert=True),
+    )
 
 
 def bytes_row(name: str, ours: float, alternative: float, target: Target | None = None) -> Row:
@@ -208,7 +273,12 @@ def fmt_ratio(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.3f}x"
 
 
-HEADER = ("name", "ours", "alternative", "ratio", "target", "verdict")
+HEADER = ("name", "ours", "alternative", "ratio", "spread", "target", "verdict")
+
+
+def fmt_spread(spread: tuple[float, float] | None) -> str:
+    """``1.21-1.40x``: the range of the per-round ratios, or ``-``."""
+    return "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}x"
 
 
 def format_table(title: str, report: Report) -> str:
@@ -219,6 +289,7 @@ def format_table(title: str, report: Report) -> str:
             row.ours,
             row.alternative,
             fmt_ratio(row.ratio),
+            fmt_spread(row.spread),
             "-" if row.target is None else str(row.target),
             row.verdict,
         )
@@ -229,7 +300,7 @@ def format_table(title: str, report: Report) -> str:
     lines = [f"## {title}", ""]
     for index, line in enumerate(cells):
         parts = [
-            cell.ljust(width) if col in (0, 5) else cell.rjust(width)
+            cell.ljust(width) if col in (0, 6) else cell.rjust(width)
             for col, (cell, width) in enumerate(zip(line, widths, strict=True))
         ]
         lines.append(" | ".join(parts).rstrip())

@@ -34,7 +34,17 @@ import trio
 
 import trio_observer
 
-from ._core import Config, Report, Row, Target, best, interleave_async, spread_note, time_row
+from ._core import (
+    Config,
+    Report,
+    Row,
+    Target,
+    interleave_async,
+    median,
+    ratio_spread,
+    spread_note,
+    time_row,
+)
 
 HEAD = shutil.which("head") or "/usr/bin/head"
 CAT = shutil.which("cat") or "/usr/bin/cat"
@@ -50,6 +60,7 @@ def _mb_row(name: str, size: int, ours: float, alternative: float, target: Targe
         f"{size / alternative / _MB:.0f} MB/s",
         alternative / ours,
         target,
+        ratio_spread(ours, alternative, invert=True),
     )
 
 
@@ -157,22 +168,22 @@ async def _measure_capture(config: Config) -> Report:
             _mb_row(
                 f"capture {label}: CAPTURE vs trio receive_some(65536)",
                 size,
-                best(samples["CAPTURE"]),
-                best(samples["receive_some loop"]),
+                median(samples["CAPTURE"]),
+                median(samples["receive_some loop"]),
                 Target(">=", 0.9),
             ),
             _mb_row(
                 f"capture {label}: CAPTURE vs subprocess.run",
                 size,
-                best(samples["CAPTURE"]),
-                best(samples["subprocess.run"]),
+                median(samples["CAPTURE"]),
+                median(samples["subprocess.run"]),
                 None,
             ),
         ],
         notes=[
             f"child `head -c {size} /dev/zero` on all sides; timed from spawn until every "
             f"byte is held (ours: until the session block ends, the log closed); "
-            f"best of {rounds} rounds",
+            f"median of {rounds} rounds",
             spread_note(samples, "receive_some loop", throughput=True),
         ],
     )
@@ -294,42 +305,42 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
         rows=[
             time_row(
                 f"{count} lines from cat: cursor.lines() vs Popen iteration",
-                best(samples["lines() cat"]),
-                best(samples["Popen cat"]),
-                Target("<=", 0.6),
+                median(samples["lines() cat"]),
+                median(samples["Popen cat"]),
+                Target("<=", 1.5),
             ),
             time_row(
                 f"{count} lines from cat: cursor.line_batches() vs Popen iteration",
-                best(samples["line_batches() cat"]),
-                best(samples["Popen cat"]),
-                Target("<=", 0.6),
+                median(samples["line_batches() cat"]),
+                median(samples["Popen cat"]),
+                Target("<=", 1.0),
             ),
             time_row(
                 "ref: bare trio receive_some + decode + split vs Popen (cat)",
-                best(samples["chunk split cat"]),
-                best(samples["Popen cat"]),
+                median(samples["chunk split cat"]),
+                median(samples["Popen cat"]),
             ),
             time_row(
                 "ref: async-for over split lines vs Popen iteration (cat)",
-                best(samples["async-for floor"]),
-                best(samples["Popen cat"]),
+                median(samples["async-for floor"]),
+                median(samples["Popen cat"]),
             ),
             time_row(
                 f"{count} lines from python: cursor.lines() vs Popen iteration",
-                best(samples["lines() python"]),
-                best(samples["Popen python"]),
+                median(samples["lines() python"]),
+                median(samples["Popen python"]),
             ),
             time_row(
                 f"{count} lines from python: cursor.line_batches() vs Popen iteration",
-                best(samples["line_batches() python"]),
-                best(samples["Popen python"]),
+                median(samples["line_batches() python"]),
+                median(samples["Popen python"]),
             ),
         ],
         notes=[
             f"`line <i> ok` lines (about {size / _MB:.1f} MB); child `cat` of a "
             "prepared file (so the reader dominates), or a Python child printing them in "
             "10000-line writes (the child dominates); timed from spawn to the last line read; "
-            f"Popen with text=True so both sides yield str; best of {rounds} rounds",
+            f"Popen with text=True so both sides yield str; median of {rounds} rounds",
             spread_note({k: v for k, v in samples.items() if k.endswith("cat")}, "Popen cat"),
             spread_note({k: v for k, v in samples.items() if k.endswith("python")}, "Popen python"),
         ],

@@ -1,7 +1,8 @@
 """Property tests for the observer registry: every matching event is accounted for.
 
-Random sequences of operations (add a sink or a subscription, emit, receive,
-close a receiver, remove a sink, close the registry) run against a real
+Random sequences of operations (add a sink or a subscription, emit, emit a
+batch with ``emit_many``, receive, close a receiver, remove a sink, close the
+registry) run against a real
 registry and against a plain model of bounded channels. After every step each
 sink's counters must equal the model's, and ``delivered + missed`` must equal
 the number of matching events emitted while the sink was registered. At the
@@ -61,6 +62,13 @@ class Emit:
 
 
 @dataclass(frozen=True)
+class EmitMany:
+    categories: tuple[EventCategory, ...]
+    """One event per entry, through ``emit_many`` (in a task, cancelled if
+    it blocks)."""
+
+
+@dataclass(frozen=True)
 class Receive:
     sink: int
     count: int
@@ -81,7 +89,7 @@ class CloseRegistry:
     pass
 
 
-Operation = Add | Emit | Receive | CloseReceiver | Remove | CloseRegistry
+Operation = Add | Emit | EmitMany | Receive | CloseReceiver | Remove | CloseRegistry
 
 _SINK_INDEX = st.integers(0, 7)
 _ADD = st.builds(
@@ -92,6 +100,9 @@ _ADD = st.builds(
     st.booleans(),
 )
 _EMIT = st.builds(Emit, st.sampled_from(EventCategory), st.booleans())
+_EMIT_MANY = st.builds(
+    EmitMany, st.lists(st.sampled_from(EventCategory), min_size=0, max_size=6).map(tuple)
+)
 _RECEIVE = st.builds(Receive, _SINK_INDEX, st.integers(1, 4))
 _CLOSE_RECEIVER = st.builds(CloseReceiver, _SINK_INDEX)
 _REMOVE = st.builds(Remove, _SINK_INDEX)
@@ -101,6 +112,7 @@ _CLOSE_REGISTRY = st.just(CloseRegistry())
 _OPERATION = st.sampled_from(
     [_ADD] * 4
     + [_EMIT] * 8
+    + [_EMIT_MANY] * 3
     + [_RECEIVE] * 4
     + [_CLOSE_RECEIVER, _REMOVE, _REMOVE]
     + [_CLOSE_REGISTRY]
@@ -174,6 +186,11 @@ class SinkModel:
         self.missed += 1
         return may_wait and self.backpressure is BLOCK
 
+    def lose(self, pid: int) -> None:
+        """A matching event never offered (an ``emit_many`` cancelled before it)."""
+        self.matching.append(pid)
+        self.missed += 1
+
     def expected_status(self) -> ObserverSinkStatus:
         return ObserverSinkStatus(self.missed, self.delivered, self.receiver_closed)
 
@@ -218,6 +235,8 @@ class Harness:
                 await self.add(operation)
             case Emit():
                 await self.emit(operation)
+            case EmitMany():
+                await self.emit_many(operation)
             case Receive():
                 sink = self.pick(operation.sink)
                 if sink is not None:
@@ -317,6 +336,72 @@ class Harness:
         assert scope.cancelled_caught == would_block
         if would_block:
             hypothesis.event("a BLOCK emit waited and was cancelled")
+
+    async def emit_many(self, operation: EmitMany) -> None:
+        pids = list(range(self.next_pid, self.next_pid + len(operation.categories)))
+        self.next_pid += len(pids)
+        events = [
+            ObserverEvent(category=category, kind=_KIND[category], pid=pid, timestamp_ms=0.0)
+            for category, pid in zip(operation.categories, pids, strict=True)
+        ]
+        would_block = self.model_emit_many(events)
+        finished = False
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            nonlocal finished
+            with scope:
+                await self.registry.emit_many(events)
+                finished = True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert finished != would_block, "emit_many waited iff a BLOCK sink was full"
+            scope.cancel()
+        assert scope.cancelled_caught == would_block
+        if would_block:
+            hypothesis.event("an emit_many waited and was cancelled")
+
+    def model_emit_many(self, events: list[ObserverEvent]) -> bool:
+        """Apply ``emit_many`` to the model; True if the real one would wait.
+
+        Run by run of one category: untagged DROP_OLDEST sinks take the whole
+        run first, then the others event by event. At the first event a full
+        BLOCK sink would wait on (the harness cancels it), every event not
+        yet offered to a sink counts as missed on it.
+        """
+        start = 0
+        while start < len(events):
+            category = events[start].category
+            stop = start + 1
+            while stop < len(events) and events[stop].category is category:
+                stop += 1
+            wanting = [s for s in self.sinks if s.registered and category in s.categories]
+            plain = [
+                s
+                for s in wanting
+                if s.backpressure is ObserverBackpressure.DROP_OLDEST and s.subscription is None
+            ]
+            general = [s for s in wanting if s not in plain]
+            for sink in plain:
+                for event in events[start:stop]:
+                    sink.offer(event.pid, may_wait=True)
+            for index in range(start, stop):
+                blocked = False
+                for sink in general:
+                    blocked |= sink.offer(events[index].pid, may_wait=True)
+                if blocked:
+                    for event in events[index + 1 : stop]:
+                        for sink in general:
+                            sink.lose(event.pid)
+                    for event in events[stop:]:
+                        for sink in self.sinks:
+                            if sink.registered and event.category in sink.categories:
+                                sink.lose(event.pid)
+                    return True
+            start = stop
+        return False
 
     async def receive_one(self, sink: SinkModel) -> bool:
         """Receive one item from ``sink`` and check it; False when none came."""

@@ -182,3 +182,47 @@ def _plain(value: object) -> object:
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+_LIFECYCLE_KINDS: Final = {
+    ObserverEventKind.STARTED: EventCategory.LIFECYCLE,
+    ObserverEventKind.EXITED: EventCategory.LIFECYCLE,
+    ObserverEventKind.DESCENDANT_STARTED: EventCategory.PROCESS,
+    ObserverEventKind.DESCENDANT_EXITED: EventCategory.PROCESS,
+}
+
+
+def lifecycle_event(
+    kind: ObserverEventKind,
+    pid: int,
+    *,
+    ppid: int | None,
+    timestamp_ms: float | None = None,
+    grade: EventGrade = EventGrade.EXACT,
+    root_pid: int | None = None,
+    argv: tuple[str, ...] | None = None,
+    exit_code: int | None = None,
+    termination: TerminationOutcome | None = None,
+) -> ObserverEvent:
+    """Build the start or exit event of a process: the one place that does.
+
+    The category follows from ``kind`` (``STARTED``/``EXITED`` are
+    LIFECYCLE, the descendant kinds PROCESS); ``timestamp_ms`` defaults to
+    the trio clock now.
+    """
+    category = _LIFECYCLE_KINDS.get(kind)
+    if category is None:
+        allowed = ", ".join(f"ObserverEventKind.{k.name}" for k in _LIFECYCLE_KINDS)
+        raise ValueError(f"kind must be one of {allowed}, not {kind!r}")
+    return ObserverEvent(
+        category=category,
+        kind=kind,
+        pid=pid,
+        ppid=ppid,
+        timestamp_ms=trio_time_ms() if timestamp_ms is None else timestamp_ms,
+        grade=grade,
+        root_pid=root_pid,
+        argv=argv,
+        exit_code=exit_code,
+        termination=termination,
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Literal, final, overload
 
@@ -11,6 +11,8 @@ import trio
 from ._checks import check_int
 from ._events import EventCategory, ObserverEvent
 from ._sink import (
+    DELIVERED,
+    FULL,
     ObserverBackpressure,
     ObserverSinkStatus,
     ObserverSubscriberId,
@@ -35,11 +37,28 @@ class ObserverRegistry:
     useful in tests.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        category_check: Callable[[frozenset[EventCategory]], None] | None = None,
+        on_interest_changed: Callable[[], None] | None = None,
+    ) -> None:
+        """Make an empty registry.
+
+        Args:
+          category_check: Called with the categories of every new sink
+            before it is registered; it raises to refuse them (a session
+            refuses categories this machine cannot observe).
+          on_interest_changed: Called after a sink was added or removed, so
+            that its owner can follow what is wanted (a session starts the
+            tree observer when the first PROCESS/FILE/NETWORK sink arrives
+            and stops it when the last goes).
+        """
         self._sinks: dict[ObserverSubscriberId, _Sink] = {}
         # The sinks of each category, in registration order, rebuilt whenever
-        # a sink comes or goes. Emitting walks one tuple with no filtering,
-        # and wants() is a truth test: nobody pays for unwanted events.
+        # a sink comes, goes or disconnects. Emitting walks one tuple with no
+        # filtering, and wants() is a truth test: nobody pays for unwanted
+        # events.
         self._by_category: dict[EventCategory, tuple[_Sink, ...]] = dict.fromkeys(
             _ALL_CATEGORIES, ()
         )
@@ -49,10 +68,11 @@ class ObserverRegistry:
         self._routes: dict[EventCategory, tuple[tuple[_Sink, ...], tuple[_Sink, ...]]] = (
             dict.fromkeys(_ALL_CATEGORIES, ((), ()))
         )
-        self._interest_callbacks: list[Callable[[], None]] = []
-        # The session refuses categories this machine cannot observe here,
-        # before anything is registered.
-        self._category_checks: list[Callable[[frozenset[EventCategory]], None]] = []
+        # One bound method for every sink to call when it finds its receiver
+        # gone, rather than one per sink: a sink's size is a documented figure.
+        self._on_sink_disconnect = self._rebuild_routes
+        self._category_check = category_check
+        self._on_interest_changed = on_interest_changed
         self._closed = False
 
     # -- registration ---------------------------------------------------
@@ -100,11 +120,13 @@ class ObserverRegistry:
         check_backpressure(backpressure)
         if self._closed:
             raise trio.ClosedResourceError("this observer registry's session has ended")
-        for check in self._category_checks:
-            check(wanted)
+        if self._category_check is not None:
+            self._category_check(wanted)
         send_channel, receive_channel = trio.open_memory_channel[object](max(capacity, 1))
         sink_id = ObserverSubscriberId.new()
-        self._sinks[sink_id] = _Sink(wanted, send_channel, backpressure, tagged)
+        self._sinks[sink_id] = _Sink(
+            wanted, send_channel, backpressure, tagged, self._on_sink_disconnect
+        )
         self._interest_changed()
         return sink_id, receive_channel
 
@@ -143,6 +165,15 @@ class ObserverRegistry:
         capacity: int = ...,
         backpressure: ObserverBackpressure = ...,
         report_missed: Literal[True],
+    ) -> AbstractAsyncContextManager[Subscription[ObserverEvent | MissedEvents]]: ...
+    @overload
+    def subscribe(
+        self,
+        categories: Iterable[EventCategory],
+        *,
+        capacity: int = ...,
+        backpressure: ObserverBackpressure = ...,
+        report_missed: bool,
     ) -> AbstractAsyncContextManager[Subscription[ObserverEvent | MissedEvents]]: ...
     def subscribe(
         self,
@@ -236,11 +267,6 @@ class ObserverRegistry:
         for sink in self._sinks.values():
             sink.send_channel.close()
 
-    def _on_interest_changed(self, callback: Callable[[], None]) -> None:
-        # The session uses this to start the tree poller when the first
-        # PROCESS/FILE/NETWORK sink arrives and stop it when the last goes.
-        self._interest_callbacks.append(callback)
-
     def _rebuild_routes(self) -> None:
         sinks = tuple(self._sinks.values())
         for category in _ALL_CATEGORIES:
@@ -253,8 +279,8 @@ class ObserverRegistry:
 
     def _interest_changed(self) -> None:
         self._rebuild_routes()
-        for callback in self._interest_callbacks:
-            callback()
+        if self._on_interest_changed is not None:
+            self._on_interest_changed()
 
     # -- emitting -------------------------------------------------------
 
@@ -263,10 +289,15 @@ class ObserverRegistry:
 
         A full channel counts the event as missed, whatever the sink's
         policy. The session uses this where it must not wait (while it tears
-        a process tree down after a cancellation).
+        a process tree down after a cancellation). It is also the cheapest
+        way to emit to ``DROP_OLDEST`` sinks: no coroutine is made.
         """
-        for sink in self._by_category[event.category]:
-            _push_nowait(sink, event)
+        if not self._sinks:
+            return
+        plain, general = self._routes[event.category]
+        _offer_plain(plain, event)
+        for sink in general:
+            sink.offer(event, may_wait=False)
 
     async def emit(self, event: ObserverEvent) -> None:
         """Deliver ``event`` to every sink whose categories include it.
@@ -293,22 +324,101 @@ class ObserverRegistry:
         # Both routes are read before delivering: a sink that disconnects
         # now moves to the general route, and must not be counted twice.
         plain, general = self._routes[event.category]
+        # _offer_plain() written out: emit() runs once per event, and the
+        # extra call was a measurable part of its cost.
         for sink in plain:
             try:
                 sink.send_nowait(event)
             except trio.WouldBlock:
                 sink.missed += 1
-                continue
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                sink.missed += 1
-                if isinstance(exc, trio.BrokenResourceError):
-                    sink.mark_disconnected()
-                    # It leaves the fast path; this loop holds the old tuple.
-                    self._rebuild_routes()
-                continue
-            sink.delivered += 1
+                sink.count_failure(exc)
+            else:
+                sink.delivered += 1
         if general:
             await _emit_general(general, event)
+
+    async def emit_many(self, events: Iterable[ObserverEvent]) -> None:
+        """Deliver several events, in order, as :meth:`emit` delivers each.
+
+        For a caller that has a batch at hand (a pass of the tree
+        observer): with only ``DROP_OLDEST`` sinks it costs one coroutine
+        for the whole batch instead of one per event, and each sink takes a
+        run of same-category events in one loop. Every sink sees the events
+        in the batch's order and counts each once, as with ``for event in
+        events: await registry.emit(event)``; the one difference is that a
+        ``DROP_OLDEST`` sink may get the rest of a run before a full
+        ``BLOCK`` sink is waited on for its first event.
+
+        Cancellation while waiting on a ``BLOCK`` sink counts that event as
+        :meth:`emit` does, and every event of the batch not yet offered to a
+        sink as missed on that sink, then raises ``trio.Cancelled``: no
+        event of the batch goes uncounted.
+        """
+        if not self._sinks:
+            return
+        batch = events if isinstance(events, (list, tuple)) else tuple(events)
+        end = len(batch)
+        start = 0
+        while start < end:
+            # A run of events of one category shares its routes, and each
+            # plain sink takes the whole run in one loop of its own (a
+            # DROP_OLDEST sink never waits, so it may run ahead of the
+            # BLOCK sinks; each sink still sees the events in order).
+            category = batch[start].category
+            stop = start + 1
+            while stop < end and batch[stop].category is category:
+                stop += 1
+            run = batch[start:stop] if start or stop < end else batch
+            plain, general = self._routes[category]
+            for sink in plain:
+                _offer_run(sink, run)
+            if general:
+                for index, event in enumerate(run):
+                    try:
+                        await _emit_general(general, event)
+                    except BaseException:
+                        # The plain sinks have this run already.
+                        for _ in run[index + 1 :]:
+                            for sink in general:
+                                sink.count_missed()
+                        for unsent in batch[stop:]:
+                            for sink in self._by_category[unsent.category]:
+                                sink.count_missed()
+                        raise
+            start = stop
+
+
+def _offer_run(sink: _Sink, run: Sequence[ObserverEvent]) -> None:
+    # _offer_plain turned inside out for emit_many: one sink, many events.
+    send_nowait = sink.send_nowait
+    delivered = 0
+    for event in run:
+        try:
+            send_nowait(event)
+        except trio.WouldBlock:
+            sink.missed += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            sink.count_failure(exc)
+        else:
+            delivered += 1
+    sink.delivered += delivered
+
+
+def _offer_plain(sinks: tuple[_Sink, ...], event: ObserverEvent) -> None:
+    # The one hot loop: _Sink.offer() inlined for connected, untagged
+    # DROP_OLDEST sinks (no numbering, no policy to look at), with every
+    # failure counted by the sink's own routine.
+    for sink in sinks:
+        try:
+            sink.send_nowait(event)
+        except trio.WouldBlock:
+            sink.missed += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # A disconnect rebuilds the routes; this loop holds the old tuple.
+            sink.count_failure(exc)
+        else:
+            sink.delivered += 1
 
 
 async def _emit_general(sinks: tuple[_Sink, ...], event: ObserverEvent) -> None:
@@ -316,73 +426,25 @@ async def _emit_general(sinks: tuple[_Sink, ...], event: ObserverEvent) -> None:
     waiting: list[_Sink] | None = None
     delivered_to_block = False
     for sink in sinks:
-        if sink.disconnected:
-            sink.count_missed()
-            continue
-        try:
-            sink.send_channel.send_nowait(sink.item(event))
-        except trio.WouldBlock:
-            if sink.backpressure is ObserverBackpressure.BLOCK:
-                if waiting is None:
-                    waiting = []
-                waiting.append(sink)
-            else:
-                sink.count_missed()
-            continue
-        except trio.BrokenResourceError:
-            sink.mark_disconnected()
-            sink.count_missed()
-            continue
-        except trio.ClosedResourceError:
-            # Removed, or the registry closed: nothing can be delivered.
-            sink.count_missed()
-            continue
-        sink.count_delivered()
-        if sink.backpressure is ObserverBackpressure.BLOCK:
+        outcome = sink.offer(event, may_wait=True)
+        if outcome == FULL:
+            if waiting is None:
+                waiting = []
+            waiting.append(sink)
+        elif outcome == DELIVERED and sink.backpressure is ObserverBackpressure.BLOCK:
             delivered_to_block = True
     if waiting is not None:
-        await _send_waiting(waiting, event)
+        for index, sink in enumerate(waiting):
+            try:
+                await sink.send(event)
+            except BaseException:
+                # Cancelled (or worse) while waiting: the sinks after this
+                # one never got the event. Account for it, then go.
+                for unsent in waiting[index + 1 :]:
+                    unsent.count_missed()
+                raise
     elif delivered_to_block:
         await trio.lowlevel.cancel_shielded_checkpoint()
-
-
-def _push_nowait(sink: _Sink, event: ObserverEvent) -> None:
-    if sink.disconnected:
-        sink.count_missed()
-        return
-    try:
-        sink.send_channel.send_nowait(sink.item(event))
-    except (trio.WouldBlock, trio.ClosedResourceError):
-        sink.count_missed()
-        return
-    except trio.BrokenResourceError:
-        sink.mark_disconnected()
-        sink.count_missed()
-        return
-    sink.count_delivered()
-
-
-async def _send_waiting(waiting: list[_Sink], event: ObserverEvent) -> None:
-    for index, sink in enumerate(waiting):
-        # Numbered now, not when the sink was found full: other emitters may
-        # have queued on it since, and numbers must follow channel order.
-        item = sink.claim(event)
-        try:
-            await sink.send_channel.send(item)
-        except trio.BrokenResourceError:
-            sink.mark_disconnected()
-            sink.missed += 1
-        except trio.ClosedResourceError:
-            sink.missed += 1
-        except BaseException:
-            # Cancelled (or worse) while waiting: this sink and the ones
-            # after it never got the event. Account for it, then go.
-            sink.missed += 1
-            for unsent in waiting[index + 1 :]:
-                unsent.count_missed()
-            raise
-        else:
-            sink.delivered += 1
 
 
 def _check_categories(categories: Iterable[EventCategory]) -> frozenset[EventCategory]:

@@ -12,7 +12,7 @@ import trio
 
 from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_int, check_seconds
-from ._events import EventCategory, ObserverEvent, ObserverEventKind, trio_time_ms
+from ._events import EventCategory, ObserverEvent, ObserverEventKind, lifecycle_event
 from ._linux import _process_tree
 from ._linux._tree import OBSERVABLE_CATEGORIES, TreeObserver
 from ._output import OutputLog, pump_stream
@@ -57,8 +57,10 @@ class Session:
         self._readers: dict[trio.CancelScope, trio.Event] = {}
         self._grace_period = grace_period
         self._id = ObserverSubscriberId.new().as_str()
-        self._observers = ObserverRegistry()
-        self._observers._category_checks.append(_refuse_unavailable)
+        self._observers = ObserverRegistry(
+            category_check=_refuse_unavailable,
+            on_interest_changed=lambda: self._tree.set_categories(self._tree_categories()),
+        )
         self._tree = TreeObserver(
             emit=self._observers.emit,
             categories=self._tree_categories(),
@@ -69,9 +71,6 @@ class Session:
             reap_adopted=True,
         )
         self._tree_scope = trio.CancelScope()
-        self._observers._on_interest_changed(
-            lambda: self._tree.set_categories(self._tree_categories())
-        )
         # Set when the block ends: from then on the session only winds down.
         self._closing = False
 
@@ -244,13 +243,8 @@ class Session:
         try:
             if self._observers.wants(EventCategory.LIFECYCLE):
                 await self._observers.emit(
-                    ObserverEvent(
-                        category=EventCategory.LIFECYCLE,
-                        kind=ObserverEventKind.STARTED,
-                        pid=process.pid,
-                        ppid=os.getpid(),
-                        timestamp_ms=trio_time_ms(),
-                        argv=args,
+                    lifecycle_event(
+                        ObserverEventKind.STARTED, process.pid, ppid=os.getpid(), argv=args
                     )
                 )
         finally:
@@ -338,12 +332,10 @@ class Session:
                         # process: the final sweep must not take it for ours.
                         self._groups.discard(process.pid)
                 if self._observers.wants(EventCategory.LIFECYCLE):
-                    event = ObserverEvent(
-                        category=EventCategory.LIFECYCLE,
-                        kind=ObserverEventKind.EXITED,
-                        pid=process.pid,
+                    event = lifecycle_event(
+                        ObserverEventKind.EXITED,
+                        process.pid,
                         ppid=os.getpid(),
-                        timestamp_ms=trio_time_ms(),
                         exit_code=process.returncode,
                         termination=process.termination,
                     )

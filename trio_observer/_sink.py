@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import final
+from typing import Final, final
 
 import trio
 
@@ -87,9 +88,26 @@ class ObserverSinkStatus:
     counts as missed."""
 
 
+# What _Sink.offer() did with an event.
+DELIVERED: Final = 0
+"""In the channel, counted delivered."""
+MISSED: Final = 1
+"""Counted missed (full ``DROP_OLDEST`` channel, receiver gone, sink removed)."""
+FULL: Final = 2
+"""A ``BLOCK`` sink is full: nothing counted yet; the caller waits with
+:meth:`_Sink.send`, or counts it missed if it must not wait."""
+
+
 class _Sink:
-    """One registered sink. Counters only go up; the session's tasks are the
-    only writers, and trio runs them one at a time, so no lock is needed."""
+    """One registered sink and the one routine that delivers to it.
+
+    Every path that hands an event to a sink (``emit``, ``emit_nowait``,
+    ``emit_many``, the blocking send) goes through :meth:`offer`,
+    :meth:`send` and :meth:`count_failure`, so the answer to "what does this
+    exception mean for the counters" is written once. Counters only go up;
+    the session's tasks are the only writers, and trio runs them one at a
+    time, so no lock is needed.
+    """
 
     __slots__ = (
         "backpressure",
@@ -97,6 +115,7 @@ class _Sink:
         "delivered",
         "disconnected",
         "missed",
+        "on_disconnect",
         "send_channel",
         "send_nowait",
         "sequence",
@@ -109,6 +128,7 @@ class _Sink:
         send_channel: trio.MemorySendChannel[object],
         backpressure: ObserverBackpressure,
         tagged: bool,
+        on_disconnect: Callable[[], None],
     ) -> None:
         self.categories = categories
         self.send_channel = send_channel
@@ -118,6 +138,9 @@ class _Sink:
         # A tagged sink sends (sequence, event) pairs, which is how a
         # subscription knows exactly where a loss happened in its stream.
         self.tagged = tagged
+        # The registry rebuilds its routes: a disconnected sink must leave
+        # the plain route whichever path found the receiver gone.
+        self.on_disconnect = on_disconnect
         self.delivered = 0
         self.missed = 0
         self.disconnected = False
@@ -125,18 +148,13 @@ class _Sink:
         # or its blocking send begins, which is channel order. A snapshot of
         # `missed` would not do: an emitter queued behind one that is then
         # cancelled carries the count from before that loss, and the marker
-        # would land after its event instead of before.
+        # would land after its event instead of before. (Untagged sinks on
+        # the plain route skip the numbering: nothing reads it.)
         self.sequence = 0
 
     def item(self, event: ObserverEvent) -> object:
         """What to put in the channel for ``event``, numbered but unclaimed."""
         return (self.sequence, event) if self.tagged else event
-
-    def claim(self, event: ObserverEvent) -> object:
-        """Number ``event`` for a blocking send; its outcome is counted later."""
-        item = self.item(event)
-        self.sequence += 1
-        return item
 
     def count_delivered(self) -> None:
         self.sequence += 1
@@ -145,6 +163,62 @@ class _Sink:
     def count_missed(self) -> None:
         self.sequence += 1
         self.missed += 1
+
+    def count_failure(self, exc: trio.BrokenResourceError | trio.ClosedResourceError) -> None:
+        """Count an event whose ``send_nowait`` raised ``exc`` as missed.
+
+        Broken means the receiver went away: the sink is disconnected for
+        good. Closed means the sink was removed or the registry closed.
+        """
+        self.count_missed()
+        if isinstance(exc, trio.BrokenResourceError):
+            self.mark_disconnected()
+
+    def offer(self, event: ObserverEvent, *, may_wait: bool) -> int:
+        """Deliver ``event`` without waiting, or count it as missed.
+
+        Returns:
+          :data:`DELIVERED`, :data:`MISSED`, or :data:`FULL` when this is a
+          full ``BLOCK`` sink and ``may_wait`` is true (then nothing is
+          counted: the caller's :meth:`send` decides).
+        """
+        if self.disconnected:
+            self.count_missed()
+            return MISSED
+        try:
+            self.send_nowait(self.item(event))
+        except trio.WouldBlock:
+            if may_wait and self.backpressure is ObserverBackpressure.BLOCK:
+                return FULL
+            self.count_missed()
+            return MISSED
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.count_failure(exc)
+            return MISSED
+        self.count_delivered()
+        return DELIVERED
+
+    async def send(self, event: ObserverEvent) -> None:
+        """Wait for room and deliver ``event`` (a ``BLOCK`` sink found full).
+
+        Cancellation (or any other exception) while waiting counts the event
+        as missed, then propagates.
+        """
+        # Numbered now, not when the sink was found full: other emitters may
+        # have queued on it since, and numbers must follow channel order.
+        item = self.item(event)
+        self.sequence += 1
+        try:
+            await self.send_channel.send(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.missed += 1
+            if isinstance(exc, trio.BrokenResourceError):
+                self.mark_disconnected()
+        except BaseException:
+            self.missed += 1
+            raise
+        else:
+            self.delivered += 1
 
     @property
     def plain(self) -> bool:
@@ -157,6 +231,7 @@ class _Sink:
     def mark_disconnected(self) -> None:
         self.disconnected = True
         self.send_channel.close()
+        self.on_disconnect()
 
     def status(self) -> ObserverSinkStatus:
         # The receiver may have been closed since an emit last looked; the

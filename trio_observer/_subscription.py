@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar, cast, final
+from typing import TypeVar, cast, final
 
 import trio
 
@@ -28,12 +28,21 @@ ItemT = TypeVar("ItemT", ObserverEvent, "ObserverEvent | MissedEvents")
 
 
 @final
-class Subscription(Generic[ItemT]):
-    """A registered sink together with its receiving end.
+class Subscription(trio.abc.ReceiveChannel[ItemT]):
+    """A registered sink's receiving end: a ``trio.abc.ReceiveChannel``.
 
-    Iterate it with ``async for``; the loop ends when the sink is removed
-    (the ``async with`` block that opened it exits) or when the session ends.
-    Obtained from :meth:`ObserverRegistry.subscribe`; not constructed by users.
+    Iterate it with ``async for``, or call :meth:`receive` /
+    :meth:`receive_nowait`; the stream ends (``trio.EndOfChannel``) when
+    the sink is removed (the ``async with`` block that opened it exits) or
+    when the session ends. Obtained from :meth:`ObserverRegistry.subscribe`;
+    not constructed by users.
+
+    Closing it (:meth:`close`, :meth:`aclose`, or ``async with sub:``) is
+    the consumer saying it wants no more: the sink is marked disconnected
+    and every later matching event counts as missed, exactly as when the
+    receiving end of :meth:`ObserverRegistry.add_channel` is closed. The
+    sink stays registered, its :meth:`status` readable, until the block
+    that opened it exits.
     """
 
     def __init__(
@@ -50,6 +59,7 @@ class Subscription(Generic[ItemT]):
         # out first.
         self._next = 0
         self._held: ObserverEvent | None = None
+        self._closed = False
 
     @property
     def id(self) -> ObserverSubscriberId:
@@ -70,6 +80,7 @@ class Subscription(Generic[ItemT]):
         Raises:
           trio.EndOfChannel: the sink was removed or the session ended, and
             everything buffered has been received.
+          trio.ClosedResourceError: this subscription was closed.
         """
         if not self._sink.tagged:
             return cast(ItemT, await self._receive_channel.receive())
@@ -77,17 +88,43 @@ class Subscription(Generic[ItemT]):
             # Checkpoint before taking the event: a receive cancelled here
             # must leave it for the next call.
             await trio.lowlevel.checkpoint()
-            if self._held is not None:
-                event, self._held = self._held, None
-                return event
+            held = self._take_held()
+            if held is not None:
+                return held
         try:
             item = await self._receive_channel.receive()
         except trio.EndOfChannel:
-            # Numbers handed out after the last event received belong to
-            # events that were never delivered.
-            if self._sink.sequence > self._next:
-                return cast(ItemT, self._marker(self._sink.sequence))
-            raise
+            return self._end()
+        return self._number(item)
+
+    def receive_nowait(self) -> ItemT:
+        """Return the next item if one is ready, without waiting.
+
+        Raises:
+          trio.WouldBlock: nothing is buffered yet.
+          trio.EndOfChannel: as :meth:`receive`.
+          trio.ClosedResourceError: this subscription was closed.
+        """
+        if not self._sink.tagged:
+            return cast(ItemT, self._receive_channel.receive_nowait())
+        held = self._take_held()
+        if held is not None:
+            return held
+        try:
+            item = self._receive_channel.receive_nowait()
+        except trio.EndOfChannel:
+            return self._end()
+        return self._number(item)
+
+    def _take_held(self) -> ItemT | None:
+        if self._held is None:
+            return None
+        if self._closed:
+            raise trio.ClosedResourceError("this subscription was closed")
+        event, self._held = self._held, None
+        return event
+
+    def _number(self, item: object) -> ItemT:
         sequence, event = cast("tuple[int, ObserverEvent]", item)
         if sequence > self._next:
             marker = self._marker(sequence)
@@ -97,18 +134,45 @@ class Subscription(Generic[ItemT]):
         self._next = sequence + 1
         return event
 
+    def _end(self) -> ItemT:
+        # Numbers handed out after the last event received belong to
+        # events that were never delivered.
+        if self._sink.sequence > self._next:
+            return cast(ItemT, self._marker(self._sink.sequence))
+        raise trio.EndOfChannel
+
     def _marker(self, sequence: int) -> MissedEvents:
         lost, self._next = sequence - self._next, sequence
         return MissedEvents(lost)
 
-    # __anext__ on the class rather than an async generator, as trio's own
-    # channels do: a consumer that breaks out of its loop leaves no
-    # unfinished generator behind for the garbage collector to warn about.
-    def __aiter__(self) -> Subscription[ItemT]:
-        return self
+    def clone(self) -> Subscription[ItemT]:
+        """Not supported: open another subscription instead.
 
-    async def __anext__(self) -> ItemT:
-        try:
-            return await self.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
+        A trio memory channel's clone shares one queue among readers (each
+        item goes to one of them). A subscription's counters and
+        :class:`MissedEvents` markers describe one reader's stream, which a
+        shared queue would split; a second :meth:`ObserverRegistry.subscribe`
+        gives a second reader every event, with its own counters.
+
+        Raises:
+          NotImplementedError: always.
+        """
+        raise NotImplementedError(
+            "Subscription.clone() is not supported: its counters and MissedEvents "
+            "markers describe one reader's stream; open another subscription with "
+            "ObserverRegistry.subscribe() to give another task every event"
+        )
+
+    def close(self) -> None:
+        """Stop receiving: the sink is disconnected, later events count as missed.
+
+        Later :meth:`receive` calls raise ``trio.ClosedResourceError``, and a
+        task blocked in one is woken with it. Idempotent.
+        """
+        self._closed = True
+        self._receive_channel.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then a checkpoint."""
+        self.close()
+        await trio.lowlevel.checkpoint()

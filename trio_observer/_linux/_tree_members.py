@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, final
 
-from .._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind, trio_time_ms
+from .._events import (
+    EventGrade,
+    ObserverEvent,
+    ObserverEventKind,
+    lifecycle_event,
+    trio_time_ms,
+)
 from ._connector import ExecRecord, ExitRecord, ForkRecord, wait_status_to_exit_code
 from ._descriptors import DescriptorTracker, TrackedProcess
 from ._procfs import (
@@ -384,15 +390,14 @@ class TreeMembers:
         grade: EventGrade = EventGrade.INFERRED,
         timestamp_ms: float | None = None,
     ) -> ObserverEvent:
-        return ObserverEvent(
-            category=EventCategory.PROCESS,
-            kind=kind,
-            pid=node.pid,
+        return lifecycle_event(
+            kind,
+            node.pid,
             ppid=node.ppid,
             root_pid=node.root_pid,
             exit_code=exit_code,
             grade=grade,
-            timestamp_ms=trio_time_ms() if timestamp_ms is None else timestamp_ms,
+            timestamp_ms=timestamp_ms,
         )
 
     def _started_event(
@@ -402,15 +407,14 @@ class TreeMembers:
         *,
         grade: EventGrade = EventGrade.INFERRED,
     ) -> ObserverEvent:
-        return ObserverEvent(
-            category=EventCategory.PROCESS,
-            kind=ObserverEventKind.DESCENDANT_STARTED,
-            pid=node.pid,
+        return lifecycle_event(
+            ObserverEventKind.DESCENDANT_STARTED,
+            node.pid,
             ppid=node.ppid,
             root_pid=node.root_pid,
             argv=read_cmdline(self._proc_root, node.pid),
             grade=grade,
-            timestamp_ms=trio_time_ms() if timestamp_ms is None else timestamp_ms,
+            timestamp_ms=timestamp_ms,
         )
 
     def _root_of(self, pid: int) -> int | None:
