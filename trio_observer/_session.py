@@ -28,6 +28,10 @@ from ._pty import PtySize
 from ._registry import ObserverRegistry
 from ._sink import ObserverSubscriberId
 
+_MIN_DRAIN_SECONDS = 1.0
+"""How long, at least, the tree observer may wait on a full BLOCK sink for
+the last events of a session before counting them missed."""
+
 
 @final
 class Session:
@@ -61,6 +65,7 @@ class Session:
         self._observers._category_checks.append(_refuse_unavailable)
         self._tree = TreeObserver(
             emit=self._observers.emit,
+            emit_nowait=self._observers.emit_nowait,
             categories=self._tree_categories(),
             poll_interval=poll_interval,
             # Orphans of the tree come to this process (child subreaper):
@@ -68,7 +73,10 @@ class Session:
             adopt_marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
             reap_adopted=True,
         )
-        self._tree_scope = trio.CancelScope()
+        # Shielded: a cancelled session still has its teardown to report
+        # (the exits of the tree it stops). The observer stops when the
+        # session calls finish(), with a deadline (see _finish_observing).
+        self._tree_scope = trio.CancelScope(shield=True)
         self._observers._on_interest_changed(
             lambda: self._tree.set_categories(self._tree_categories())
         )
@@ -377,13 +385,30 @@ class Session:
         while self._running:
             await next(iter(self._running.values())).wait()
 
-    async def _stop_leftovers(self) -> None:
+    async def _stop_leftovers(self, exit_codes: dict[int, int]) -> None:
+        # Brought up to date first, so that what the sweep stops is known,
+        # with its argv, and reported. Not waited for without end: an
+        # observer stuck on a full BLOCK sink catches up in finish().
+        with trio.move_on_after(self._drain_patience()):
+            await self._tree.settle(exit_codes=exit_codes)
         await _process_tree.stop_leftovers(
             groups=self._groups,
             known=self._tree.known_descendants(),
             marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
             grace=self._grace_period,
+            exit_codes=exit_codes,
         )
+
+    async def _finish_observing(self) -> None:
+        # The tree is dead: the observer reports what is left and stops,
+        # before any sink closes. A BLOCK sink nobody reads must not hold
+        # the session forever: past the deadline the events it could not
+        # take are counted as missed.
+        self._tree_scope.deadline = trio.current_time() + self._drain_patience()
+        await self._tree.finish()
+
+    def _drain_patience(self) -> float:
+        return max(self._grace_period, _MIN_DRAIN_SECONDS)
 
     def _close(self) -> None:
         self._tree_scope.cancel()
@@ -471,8 +496,10 @@ async def _session_scope(
             with trio.CancelScope(shield=True):
                 try:
                     await session._wait_for_processes()
-                    await session._stop_leftovers()
+                    exit_codes: dict[int, int] = {}
+                    await session._stop_leftovers(exit_codes)
                     await session._drain_readers()
+                    await session._finish_observing()
                 finally:
                     # Before the sinks close: nothing may emit into them after.
                     session._close()
