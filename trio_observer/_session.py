@@ -439,8 +439,11 @@ async def open_session(
     SIGKILL after ``grace_period`` seconds. Either way, before the block
     returns, whatever the processes left behind (members of their process
     groups, orphans adopted by this process as child subreaper) is stopped
-    the same way and reaped, every observer sink is closed, so consumers'
-    ``async for`` loops end, and the session's pipes are closed.
+    the same way and reaped; the tree observer reports the teardown (every
+    exit and close it saw, see ``docs/observation.md``); then every observer
+    sink is closed, so consumers' ``async for`` loops end, and the session's
+    pipes are closed. A consumer that must see the teardown of a cancelled
+    session opens its sink outside the block (see ``docs/guide.md``).
 
     Args:
       grace_period: Seconds a process tree gets between SIGTERM and
