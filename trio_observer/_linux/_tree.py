@@ -444,8 +444,14 @@ class TreeObserver:
                     continue
                 if connector is None:
                     await self._pass(scan_tree=True)
-                elif self._tree.roots_dirty or self._categories - {EventCategory.PROCESS}:
-                    await self._pass(scan_tree=self._tree.roots_dirty)
+                elif self._categories - {EventCategory.PROCESS}:
+                    # No rescan of the tree for a new root: add_root comes
+                    # before the next checkpoint and records are handled only
+                    # here, so its forks are all seen. A rescan would race
+                    # with the records still queued: it took a child reaped
+                    # since for an exit without a code, and a zombie already
+                    # reported for a new one (a second, inferred pair).
+                    await self._pass(scan_tree=False)
                 next_poll = trio.current_time() + self._poll_interval
         finally:
             self._nap = None
@@ -466,7 +472,7 @@ class TreeObserver:
             await self._pass(scan_tree=True)
             return
         await self._handle_batch(connector.receive_nowait())
-        await self._pass(scan_tree=self._tree.roots_dirty)
+        await self._pass(scan_tree=False)
 
     def _final_events(self, connector: ProcConnector | None) -> list[ObserverEvent]:
         events: list[ObserverEvent] = []

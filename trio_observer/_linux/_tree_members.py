@@ -95,8 +95,9 @@ class TreeMembers:
         # children file lists them: kept while that parent is not read again.
         self._seen_dead: dict[tuple[int, int], int] = {}
         self._recent_exits: dict[int, ExitRecord] = {}
-        # Read by the observer: a root added since the last scan gets its
-        # children read at the next pass, whatever the backend.
+        # Set by add_root, cleared by scan: a root added since the last scan
+        # (the poll backend reads its children at the next pass; the
+        # connector sees its forks and does not rescan).
         self.roots_dirty = False
         self._children_files: bool | None = None
         self._adopt_marker = adopt_marker
