@@ -20,8 +20,10 @@ from typing import Literal
 
 import pytest
 import trio
+import trio.testing
 
 import trio_observer
+from tests.test_procfs import FakeProc
 from trio_observer import (
     EventCategory,
     EventGrade,
@@ -347,3 +349,40 @@ async def test_a_block_sink_nobody_reads_does_not_hold_the_teardown() -> None:
     assert status.delivered_events == 1
     # Three starts and three exits at least, one of them delivered.
     assert status.missed_events >= 5
+
+
+async def test_finish_accounts_for_every_member(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # A fake /proc: at the end one member is gone (reaped by the sweep,
+    # which knows its code), one was never seen (reaped by the sweep too),
+    # and one is still running, so its end can never be reported.
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1, starttime=10)
+    fake.add(101, 100, starttime=20)
+    fake.add(102, 100, starttime=21)
+    events: list[ObserverEvent] = []
+
+    async def emit(event: ObserverEvent) -> None:
+        events.append(event)
+
+    observer = _tree.TreeObserver(
+        emit=emit, categories=frozenset({EventCategory.PROCESS}), proc_root=fake.path
+    )
+    observer.add_root(100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(observer.run)
+        assert sorted(e.pid for e in events) == [101, 102]
+        fake.remove(100)
+        fake.remove(101)
+        codes = {101: -signal.SIGKILL, 103: -signal.SIGTERM}
+        await observer.settle(exit_codes=codes)
+        await observer.finish()
+    ends = [(e.kind, e.pid, e.exit_code, e.count) for e in events[2:]]
+    assert ends == [
+        (ObserverEventKind.DESCENDANT_EXITED, 101, -signal.SIGKILL, None),
+        (ObserverEventKind.DESCENDANT_STARTED, 103, None, None),
+        (ObserverEventKind.DESCENDANT_EXITED, 103, -signal.SIGTERM, None),
+        (ObserverEventKind.OBSERVATION_LOST, _tree.LOSS_PID, None, 1),
+    ]
+    assert all(e.grade is EventGrade.INFERRED for e in events[2:5])
