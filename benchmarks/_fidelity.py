@@ -20,8 +20,9 @@ Workloads:
   exit 3, holds them as zombies for 10 intervals, then reaps them;
 * ``long``: 20 children, each living 3 poll intervals (what polling
   promises to see, with its exit);
-* ``files``: a Python root holds 10 files each for 0.5, 2 and 5 intervals
-  (the FILE row says how many were seen, per holding time).
+* ``files``: a Python root holds 10 files, then 10 listening sockets, each
+  for 0.5, 2 and 5 intervals (how many were seen opened and closed, per
+  holding time).
 
 Rows, per workload and backend: recall (recorded processes reported
 started), exits (reported exited, with the recorded code where the backend
@@ -108,12 +109,17 @@ for pid in pids:
 """
 
 _FILES = """
-import sys, time
+import socket, sys, time
 where, interval = sys.argv[1], float(sys.argv[2])
-for factor in (0.5, 2, 5):
-    for i in range(10):
-        with open(f"{where}/held-{factor}-{i}", "w"):
-            time.sleep(factor * interval)
+with open(f"{where}/ports", "w") as ports:
+    for factor in (0.5, 2, 5):
+        for i in range(10):
+            with open(f"{where}/held-{factor}-{i}", "w"):
+                time.sleep(factor * interval)
+            with socket.create_server(("127.0.0.1", 0)) as server:
+                ports.write(f"{factor} {server.getsockname()[1]}\\n")
+                ports.flush()
+                time.sleep(factor * interval)
 """
 
 
@@ -123,6 +129,8 @@ class _Outcome:
     events: list[ObserverEvent]
     missed: int
     where: Path
+    ports: list[tuple[str, int]]
+    """(hold factor, port) of each listening socket of the files workload."""
 
 
 async def _consume(
@@ -206,7 +214,17 @@ async def _workload(name: str, quick: bool, where: Path) -> _Outcome:
     else:
         argv = [sys.executable, "-c", _FILES, str(where), str(INTERVAL)]
     events, missed = await _observe(argv, where)
-    return _Outcome(_read_truth(gt), events, missed, where)
+    ports_file = where / "ports"
+    ports = []
+    if ports_file.exists():
+        for line in ports_file.read_text().splitlines():
+            factor, port = line.split()
+            ports.append((factor, int(port)))
+    return _Outcome(_read_truth(gt), events, missed, where, ports)
+
+
+SOCKET_LISTEN = ObserverEventKind.SOCKET_LISTEN
+SOCKET_CLOSE = ObserverEventKind.SOCKET_CLOSE
 
 
 def _pct(part: int, whole: int) -> str:
@@ -237,6 +255,18 @@ def _rows(name: str, backend: str, outcome: _Outcome) -> list[Row]:
                     f"{len(opened)} / {len(closed)}",
                     "10 / 10",
                     min(len(opened), len(closed)) / 10,
+                    target,
+                )
+            )
+            held = {f"127.0.0.1:{port}" for f, port in outcome.ports if f == factor}
+            listened = {e.local_address for e in events if e.kind is SOCKET_LISTEN} & held
+            closed = {e.local_address for e in events if e.kind is SOCKET_CLOSE} & held
+            rows.append(
+                Row(
+                    f"{label} sockets held {factor} intervals: listen / closed",
+                    f"{len(listened)} / {len(closed)}",
+                    f"{len(held)} / {len(held)}",
+                    min(len(listened), len(closed)) / len(held) if held else None,
                     target,
                 )
             )
