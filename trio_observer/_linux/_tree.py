@@ -2,7 +2,10 @@
 
 One :class:`TreeObserver` per session. The session feeds it the pids it
 spawns (:meth:`TreeObserver.add_root`) and runs :meth:`TreeObserver.run` in
-its nursery while a sink wants PROCESS, FILE or NETWORK events.
+its nursery while a sink wants PROCESS, FILE or NETWORK events. At the end
+the session stops it with :meth:`TreeObserver.settle` (before its final
+sweep) and :meth:`TreeObserver.finish` (after it), which report what the
+teardown did before any sink closes.
 
 Descendants are tracked by one of two backends:
 
