@@ -28,6 +28,10 @@ from ._pty import PtySize
 from ._registry import ObserverRegistry
 from ._sink import ObserverSubscriberId
 
+_MIN_DRAIN_SECONDS = 1.0
+"""How long, at least, the tree observer may wait on a full BLOCK sink for
+the last events of a session before counting them missed."""
+
 
 @final
 class Session:
@@ -63,6 +67,7 @@ class Session:
         )
         self._tree = TreeObserver(
             emit=self._observers.emit,
+            emit_nowait=self._observers.emit_nowait,
             categories=self._tree_categories(),
             poll_interval=poll_interval,
             # Orphans of the tree come to this process (child subreaper):
@@ -70,7 +75,10 @@ class Session:
             adopt_marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
             reap_adopted=True,
         )
-        self._tree_scope = trio.CancelScope()
+        # Shielded: a cancelled session still has its teardown to report
+        # (the exits of the tree it stops). The observer stops when the
+        # session calls finish(), with a deadline (see _finish_observing).
+        self._tree_scope = trio.CancelScope(shield=True)
         # Set when the block ends: from then on the session only winds down.
         self._closing = False
 
@@ -369,13 +377,30 @@ class Session:
         while self._running:
             await next(iter(self._running.values())).wait()
 
-    async def _stop_leftovers(self) -> None:
+    async def _stop_leftovers(self, exit_codes: dict[int, int]) -> None:
+        # Brought up to date first, so that what the sweep stops is known,
+        # with its argv, and reported. Not waited for without end: an
+        # observer stuck on a full BLOCK sink catches up in finish().
+        with trio.move_on_after(self._drain_patience()):
+            await self._tree.settle(exit_codes=exit_codes)
         await _process_tree.stop_leftovers(
             groups=self._groups,
             known=self._tree.known_descendants(),
             marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
             grace=self._grace_period,
+            exit_codes=exit_codes,
         )
+
+    async def _finish_observing(self) -> None:
+        # The tree is dead: the observer reports what is left and stops,
+        # before any sink closes. A BLOCK sink nobody reads must not hold
+        # the session forever: past the deadline the events it could not
+        # take are counted as missed.
+        self._tree_scope.deadline = trio.current_time() + self._drain_patience()
+        await self._tree.finish()
+
+    def _drain_patience(self) -> float:
+        return max(self._grace_period, _MIN_DRAIN_SECONDS)
 
     def _close(self) -> None:
         self._tree_scope.cancel()
@@ -406,8 +431,11 @@ async def open_session(
     SIGKILL after ``grace_period`` seconds. Either way, before the block
     returns, whatever the processes left behind (members of their process
     groups, orphans adopted by this process as child subreaper) is stopped
-    the same way and reaped, every observer sink is closed, so consumers'
-    ``async for`` loops end, and the session's pipes are closed.
+    the same way and reaped; the tree observer reports the teardown (every
+    exit and close it saw, see ``docs/observation.md``); then every observer
+    sink is closed, so consumers' ``async for`` loops end, and the session's
+    pipes are closed. A consumer that must see the teardown of a cancelled
+    session opens its sink outside the block (see ``docs/guide.md``).
 
     Args:
       grace_period: Seconds a process tree gets between SIGTERM and
@@ -463,8 +491,10 @@ async def _session_scope(
             with trio.CancelScope(shield=True):
                 try:
                     await session._wait_for_processes()
-                    await session._stop_leftovers()
+                    exit_codes: dict[int, int] = {}
+                    await session._stop_leftovers(exit_codes)
                     await session._drain_readers()
+                    await session._finish_observing()
                 finally:
                     # Before the sinks close: nothing may emit into them after.
                     session._close()

@@ -231,14 +231,20 @@ async def _wait_gone(pids: Iterable[int]) -> None:
             os.close(fd)
 
 
-def reap_zombie_children(pids: Iterable[int]) -> None:
-    """Reap those of ``pids`` that are exited children of this process."""
+def reap_zombie_children(pids: Iterable[int], exit_codes: dict[int, int] | None = None) -> None:
+    """Reap those of ``pids`` that are exited children of this process.
+
+    The exit code (``-signal`` if killed) of each one reaped goes into
+    ``exit_codes``, if given: once reaped, nobody else can learn it.
+    """
     for pid in pids:
         try:
-            os.waitpid(pid, os.WNOHANG)
+            reaped, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             # Not our child (its parent in the tree reaped it) or gone.
-            pass
+            continue
+        if reaped and exit_codes is not None:
+            exit_codes[reaped] = os.waitstatus_to_exitcode(status)
 
 
 async def stop_leftovers(
@@ -249,13 +255,16 @@ async def stop_leftovers(
     known: Iterable[int] = (),
     exclude: Iterable[int] = (),
     proc_root: str = PROC,
+    exit_codes: dict[int, int] | None = None,
 ) -> int:
     """SIGTERM the session's leftover processes, SIGKILL them after ``grace``.
 
     Repeats until a scan finds nothing (a dying tree may still fork), reaps
     the ones that became this process's children, and returns how many
     processes it stopped. Needs procfs and pidfd; elsewhere it returns 0 and
-    the caller's process-group signals are all there is.
+    the caller's process-group signals are all there is. The exit codes of
+    those it reaped go into ``exit_codes`` if given (the tree observer
+    reports them).
     """
     if not proc_available(proc_root) or not hasattr(os, "pidfd_open"):
         return 0
@@ -269,7 +278,9 @@ async def stop_leftovers(
             groups=groups, marker=marker, known=known, exclude=exclude, proc_root=proc_root
         )
         alive = [pid for pid, stat in leftovers.items() if stat.state not in ("Z", "X")]
-        reap_zombie_children(pid for pid, s in leftovers.items() if s.state in ("Z", "X"))
+        reap_zombie_children(
+            (pid for pid, s in leftovers.items() if s.state in ("Z", "X")), exit_codes
+        )
         if not alive:
             break
         stopped.update(alive)
@@ -280,7 +291,7 @@ async def stop_leftovers(
                 await _wait_gone(alive)
         else:
             await _wait_gone(alive)
-        reap_zombie_children(alive)
+        reap_zombie_children(alive, exit_codes)
         # Whatever is still there after the first round gets no more grace.
         sig = signal.SIGKILL
     return len(stopped)

@@ -2,7 +2,10 @@
 
 One :class:`TreeObserver` per session. The session feeds it the pids it
 spawns (:meth:`TreeObserver.add_root`) and runs :meth:`TreeObserver.run` in
-its nursery while a sink wants PROCESS, FILE or NETWORK events.
+its nursery while a sink wants PROCESS, FILE or NETWORK events. At the end
+the session stops it with :meth:`TreeObserver.settle` (before its final
+sweep) and :meth:`TreeObserver.finish` (after it), which report what the
+teardown did before any sink closes.
 
 Descendants are tracked by one of two backends:
 
@@ -21,10 +24,11 @@ about them joining and leaving it, are :mod:`._tree_members`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, NoReturn, final
+from typing import Final, Literal, final
 
 import trio
 
@@ -48,6 +52,11 @@ OBSERVABLE_CATEGORIES: Final = frozenset(
     {EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK}
 )
 """The categories a tree observer produces; others passed to it are ignored."""
+
+# How many of the latest exits are remembered (see TreeObserver._ended): a
+# zombie that waits longer than that many exits for the final sweep is
+# reported again, as unseen, when the sweep reaps it.
+_REMEMBERED_ENDS: Final = 4096
 
 LOSS_PID: Final = 0
 """The ``pid`` of ``OBSERVATION_LOST`` events: the loss is not about one
@@ -86,6 +95,10 @@ class TreeObserver:
     Args:
         emit: Awaited with every event (the session passes its registry's
             ``emit``).
+        emit_nowait: Called with the events that ``emit`` had no time for
+            when :meth:`run` is cancelled while it reports the end of the
+            tree (see :meth:`finish`), so that a full sink counts them as
+            missed instead of never hearing of them. ``None`` drops them.
         categories: Which of PROCESS, FILE and NETWORK to observe now; other
             categories are ignored.
         poll_interval: Seconds of the trio clock between scans.
@@ -120,6 +133,7 @@ class TreeObserver:
         self,
         *,
         emit: Callable[[ObserverEvent], Awaitable[None]],
+        emit_nowait: Callable[[ObserverEvent], None] | None = None,
         categories: frozenset[EventCategory] = OBSERVABLE_CATEGORIES,
         poll_interval: float = 0.02,
         proc_root: str = "/proc",
@@ -133,6 +147,7 @@ class TreeObserver:
         if backend not in ("auto", "poll", "connector"):
             raise ValueError(f"backend must be 'auto', 'poll' or 'connector', not {backend!r}")
         self._emit = emit
+        self._emit_nowait = emit_nowait
         self._categories = frozenset(categories) & OBSERVABLE_CATEGORIES
         self._poll_interval = poll_interval
         self._proc_root = proc_root
@@ -160,6 +175,15 @@ class TreeObserver:
         self._polls = 0
         self._connector_records = 0
         self._lost_overruns = 0
+        # The end of the session (see settle and finish).
+        self._nap: trio.CancelScope | None = None
+        self._settle_requests: list[trio.Event] = []
+        self._finishing = False
+        self._stopped = trio.Event()
+        self._exit_codes: Mapping[int, int] = {}
+        # The pids of the latest exits reported, so that a zombie the final
+        # sweep reaps is reported once, and only if the tree never had it.
+        self._ended: dict[int, None] = {}
 
     # ----------------------------------------------------------- public API
 
@@ -245,6 +269,56 @@ class TreeObserver:
         """
         return self._tree.descendants() | self._tree.awaiting_reap()
 
+    async def settle(self, *, exit_codes: Mapping[int, int] | None = None) -> None:
+        """Catch up now with everything the kernel has queued and ``/proc`` shows.
+
+        The session awaits this once its own processes are reaped and
+        before its final sweep, so that what is still alive is known (and
+        its argv read) before the sweep stops it: a daemon that a poll had
+        not seen yet is reported as started. Returns at once when nothing
+        is observed.
+
+        Args:
+            exit_codes: A mapping of pid to exit code that the caller fills
+                in as it reaps processes of the tree (the final sweep): once
+                a process is reaped, a poll can learn its exit code from
+                nowhere else. Read until :meth:`finish` returns.
+        """
+        if exit_codes is not None:
+            self._exit_codes = exit_codes
+        if self._active_scope is None or self._finishing:
+            await trio.lowlevel.checkpoint()
+            return
+        done = trio.Event()
+        self._settle_requests.append(done)
+        self._interrupt()
+        await done.wait()
+
+    async def finish(self) -> None:
+        """Report the end of the tree, then stop :meth:`run`; the sinks may close after.
+
+        Call it when every process of the tree is gone (the session does,
+        after its final sweep). It reads whatever the kernel still queued:
+        the connector multicasts a record onto our socket as the kernel
+        sends it, and a process's exit record is sent before it becomes a
+        zombie, so once the tree is dead one read until the socket is empty
+        holds every record of it. With polling it scans once more. Then
+        every member still believed alive is looked at: a gone one gets its
+        ``DESCENDANT_EXITED`` (``INFERRED``: its record was lost, or no scan
+        saw it go), with its closes; processes the sweep reaped that the tree
+        never knew get a started/exited pair; the members still running
+        (they could not be stopped) are counted in one ``OBSERVATION_LOST``.
+
+        The processes the caller reaped are those in the ``exit_codes``
+        given to :meth:`settle`.
+        """
+        self._finishing = True
+        self._interrupt()
+        if self._running:
+            await self._stopped.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
     def statistics(self) -> TreeObserverStatistics:
         """Return counters describing the observer's work so far.
 
@@ -260,10 +334,8 @@ class TreeObserver:
             known_descendants=self._tree.descendant_count(),
         )
 
-    async def run(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> NoReturn:
-        """Observe until cancelled; use ``await nursery.start(observer.run)``.
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Observe until :meth:`finish` or cancelled; use ``await nursery.start(observer.run)``.
 
         Idle (no work, no socket) while no category is wanted.
 
@@ -283,13 +355,15 @@ class TreeObserver:
         self._running = True
         started: trio.TaskStatus[None] | None = task_status
         try:
-            while True:
+            while not self._finishing:
                 if not self._categories and started is not None:
                     started.started()
                     started = None
-                while not self._categories:
+                while not self._categories and not self._finishing:
                     self._wake = trio.Event()
                     await self._wake.wait()
+                if self._finishing:
+                    break
                 with trio.CancelScope() as scope:
                     self._active_scope = scope
                     await self._run_active(started)
@@ -298,15 +372,27 @@ class TreeObserver:
                 self._replace_ready()
                 # Going idle: nobody wants closes or exits reported while we
                 # do not look; on resume the next scan reports the difference.
+            if started is not None:
+                started.started()  # finished before it ever started
         finally:
             self._active_scope = None
             self._replace_ready()
             self._running = False
+            self._stopped.set()
 
     def _replace_ready(self) -> None:
         # Set, not dropped: a wait_active() caller may be waiting on it.
         ready, self._ready = self._ready, trio.Event()
         ready.set()
+        # Likewise for settle(): a loop that stopped has nothing to catch up.
+        self._answer_settle_requests()
+
+    def _interrupt(self) -> None:
+        # Wakes the active loop only where it waits for the kernel or the
+        # clock, never inside an emit (a BLOCK sink would count a miss).
+        if self._nap is not None:
+            self._nap.cancel()
+        self._wake.set()
 
     # ------------------------------------------------------------ the loops
 
@@ -329,6 +415,7 @@ class TreeObserver:
     async def _run_active(self, task_status: trio.TaskStatus[None] | None) -> None:
         connector = await self._open_connector()
         self._backend_in_use = "poll" if connector is None else "connector"
+        drained = False
         try:
             # Subscribe first, then scan: a fork between the two is seen by
             # both, never by neither.
@@ -338,11 +425,21 @@ class TreeObserver:
                 task_status.started()
             next_poll = trio.current_time() + self._poll_interval
             while True:
-                if connector is None:
-                    await trio.sleep_until(next_poll)
-                else:
-                    with trio.move_on_at(next_poll):
+                if self._finishing:
+                    drained = True
+                    await self._emit_all(self._final_events(connector))
+                    return
+                if self._settle_requests:
+                    await self._catch_up(connector)
+                    self._answer_settle_requests()
+                    continue
+                with trio.CancelScope(deadline=next_poll) as self._nap:
+                    if connector is None:
+                        await trio.sleep_forever()
+                    else:
                         await connector.wait_readable()
+                self._nap = None
+                if connector is not None:
                     await self._handle_batch(connector.receive_nowait())
                 if self._tree.reap_pending:
                     self._tree.reap()
@@ -350,20 +447,116 @@ class TreeObserver:
                     continue
                 if connector is None:
                     await self._pass(scan_tree=True)
-                elif self._tree.roots_dirty or self._categories - {EventCategory.PROCESS}:
-                    await self._pass(scan_tree=self._tree.roots_dirty)
+                elif self._categories - {EventCategory.PROCESS}:
+                    # No rescan of the tree for a new root: add_root comes
+                    # before the next checkpoint and records are handled only
+                    # here, so its forks are all seen. A rescan would race
+                    # with the records still queued: it took a child reaped
+                    # since for an exit without a code, and a zombie already
+                    # reported for a new one (a second, inferred pair).
+                    await self._pass(scan_tree=False)
                 next_poll = trio.current_time() + self._poll_interval
         finally:
+            self._nap = None
+            if self._finishing and not drained:
+                # Cancelled on the way (a BLOCK sink that never made room ran
+                # out the session's patience): what is left still counts.
+                self._push_nowait(self._final_events(connector))
             if connector is not None:
                 connector.close()
 
-    async def _emit_all(self, events: Iterable[ObserverEvent]) -> None:
+    def _answer_settle_requests(self) -> None:
+        requests, self._settle_requests = self._settle_requests, []
+        for request in requests:
+            request.set()
+
+    async def _catch_up(self, connector: ProcConnector | None) -> None:
+        if connector is None:
+            await self._pass(scan_tree=True)
+            return
+        await self._handle_batch(connector.receive_nowait())
+        await self._pass(scan_tree=False)
+
+    def _final_events(self, connector: ProcConnector | None) -> list[ObserverEvent]:
+        events: list[ObserverEvent] = []
+        if connector is not None:
+            events.extend(self._batch_events(connector.receive_nowait()))
+            # Files and sockets only: a rescan of the tree would take a
+            # zombie already reported for a new one.
+            events.extend(self._pass_events(scan_tree=False))
+        else:
+            events.extend(self._pass_events(scan_tree=True))
+        ends, still_running = self._tree.close_out(self._exit_codes)
+        events.extend(ends)
+        events = self._with_exit_codes(events)
+        codes = self._exit_codes
+        self._note_ends(events)
+        # Reaped by the sweep and never seen by the tree (it lived between
+        # two scans, or its fork record was lost).
+        unseen = set(codes) - self._ended.keys() - self._tree.known_pids()
+        events.extend(self._tree.unseen_exits({p: codes[p] for p in sorted(unseen)}))
+        if still_running:
+            events.append(self._loss_event(still_running))
+        if self._tree.reap_pending:
+            self._tree.reap()
+        return events
+
+    def _loss_event(self, count: int | None) -> ObserverEvent:
+        return ObserverEvent(
+            category=EventCategory.PROCESS,
+            kind=ObserverEventKind.OBSERVATION_LOST,
+            pid=LOSS_PID,
+            timestamp_ms=trio_time_ms(),
+            grade=EventGrade.EXACT,
+            count=count,
+        )
+
+    def _push_nowait(self, events: Iterable[ObserverEvent]) -> None:
+        if self._emit_nowait is None:
+            return
         for event in events:
+            if event.category in self._categories:
+                self._emit_nowait(event)
+
+    async def _emit_all(self, events: Iterable[ObserverEvent]) -> None:
+        pending = list(events)
+        self._note_ends(pending)
+        for index, event in enumerate(pending):
             # Re-read per event: a sink may go away while we emit.
             if event.category in self._categories:
-                await self._emit(event)
+                try:
+                    await self._emit(event)
+                except trio.Cancelled:
+                    # The one being sent is counted by the registry; the
+                    # rest must be too, not vanish with this task.
+                    self._push_nowait(pending[index + 1 :])
+                    raise
 
-    async def _pass(self, *, scan_tree: bool) -> None:
+    def _with_exit_codes(self, events: list[ObserverEvent]) -> list[ObserverEvent]:
+        codes = self._exit_codes
+        if not codes:
+            return events
+        return [
+            # Seen gone after the caller had reaped it: the caller knows.
+            dataclasses.replace(e, exit_code=codes[e.pid])
+            if e.kind is ObserverEventKind.DESCENDANT_EXITED
+            and e.exit_code is None
+            and e.pid in codes
+            else e
+            for e in events
+        ]
+
+    def _note_ends(self, events: list[ObserverEvent]) -> None:
+        ended = self._ended
+        for event in events:
+            if event.kind is ObserverEventKind.DESCENDANT_EXITED:
+                ended[event.pid] = None
+                if len(ended) > _REMEMBERED_ENDS:
+                    del ended[next(iter(ended))]
+            elif event.kind is ObserverEventKind.DESCENDANT_STARTED:
+                ended.pop(event.pid, None)
+
+    def _pass_events(self, *, scan_tree: bool) -> list[ObserverEvent]:
         self._polls += 1
         events: list[ObserverEvent] = []
         files = EventCategory.FILE in self._categories
@@ -379,13 +572,16 @@ class TreeObserver:
         if files or network:
             procs = self._tree.tracked()
             events.extend(self._descriptors.scan(procs, files=files, network=network, quiet=quiet))
-        await self._emit_all(events)
+        return self._with_exit_codes(events)
+
+    async def _pass(self, *, scan_tree: bool) -> None:
+        await self._emit_all(self._pass_events(scan_tree=scan_tree))
         if self._tree.reap_pending:
             self._tree.reap()
 
     # ------------------------------------------------------- the connector
 
-    async def _handle_batch(self, batch: ConnectorBatch) -> None:
+    def _batch_events(self, batch: ConnectorBatch) -> list[ObserverEvent]:
         self._connector_records += len(batch.records)
         events: list[ObserverEvent] = []
         for record in batch.records:
@@ -397,18 +593,10 @@ class TreeObserver:
                 self._tree.on_exec(record)
         if batch.overruns:
             self._lost_overruns += batch.overruns
-            events.append(
-                ObserverEvent(
-                    category=EventCategory.PROCESS,
-                    kind=ObserverEventKind.OBSERVATION_LOST,
-                    pid=LOSS_PID,
-                    timestamp_ms=trio_time_ms(),
-                    grade=EventGrade.EXACT,
-                    count=None,
-                )
-            )
-            await self._emit_all(events)
+            events.append(self._loss_event(None))
             # The lost records may have been forks or exits of the tree.
-            await self._pass(scan_tree=True)
-            return
-        await self._emit_all(events)
+            events.extend(self._pass_events(scan_tree=True))
+        return events
+
+    async def _handle_batch(self, batch: ConnectorBatch) -> None:
+        await self._emit_all(self._batch_events(batch))

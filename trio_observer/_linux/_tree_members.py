@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -101,8 +101,9 @@ class TreeMembers:
         # children file lists them: kept while that parent is not read again.
         self._seen_dead: dict[tuple[int, int], int] = {}
         self._recent_exits: dict[int, ExitRecord] = {}
-        # Read by the observer: a root added since the last scan gets its
-        # children read at the next pass, whatever the backend.
+        # Set by add_root, cleared by scan: a root added since the last scan
+        # (the poll backend reads its children at the next pass; the
+        # connector sees its forks and does not rescan).
         self.roots_dirty = False
         self._children_files: bool | None = None
         self._adopt_marker = adopt_marker
@@ -380,6 +381,53 @@ class TreeMembers:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
+
+    def known_pids(self) -> set[int]:
+        """Return the pids of the roots and of the members believed alive."""
+        return {*self._roots, *self._members}
+
+    def close_out(self, exit_codes: Mapping[int, int]) -> tuple[list[ObserverEvent], int]:
+        """Settle the tree at the end of a session, when it should be dead.
+
+        Every root or member that is gone or a zombie leaves the tree with
+        its closes (and, for a member, an ``INFERRED`` exit: the code a
+        zombie shows, else the one in ``exit_codes``, else unknown).
+
+        Returns:
+            Those events, and how many members are still running.
+        """
+        events: list[ObserverEvent] = []
+        for pid, root in list(self._roots.items()):
+            stat = read_stat(self._proc_root, pid)
+            if stat is None or stat.is_dead or not _same(root, stat):
+                del self._roots[pid]
+                events.extend(self._descriptors.forget(root.tracked()))
+        running = 0
+        for pid, node in list(self._members.items()):
+            stat = read_stat(self._proc_root, pid)
+            if stat is not None and not stat.is_dead and _same(node, stat):
+                running += 1
+                continue
+            del self._members[pid]
+            self._main_thread_gone.discard(pid)
+            code = exit_codes.get(pid)
+            if stat is not None and stat.is_dead and _same(node, stat):
+                if stat.exit_code is not None:
+                    code = wait_status_to_exit_code(stat.exit_code)
+                if self._reap_adopted and stat.ppid == self._self_pid:
+                    self._to_reap[pid] = stat.starttime
+            events.extend(self._descriptors.forget(node.tracked()))
+            events.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
+        return events, running
+
+    def unseen_exits(self, exit_codes: Mapping[int, int]) -> list[ObserverEvent]:
+        """Return a started/exited pair for each process reaped unseen, by pid."""
+        events: list[ObserverEvent] = []
+        for pid, code in exit_codes.items():
+            node = TreeNode(pid, None, None, None)
+            events.append(self._process_event(node, ObserverEventKind.DESCENDANT_STARTED, None))
+            events.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
+        return events
 
     def _process_event(
         self,
