@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import IO, Final
+from functools import partial
+from typing import IO, TYPE_CHECKING, Final
 
 import trio
 
@@ -21,6 +22,9 @@ from .._session import Session, open_session
 from .._sink import ObserverBackpressure
 from .._terminal import copy_input, forward_resizes, raw_terminal, terminal_size, write_all
 from ._prog import PROG
+
+if TYPE_CHECKING:
+    from .._otel import OTelExporter
 
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -44,6 +48,12 @@ def _seconds(text: str) -> float:
         return check_seconds("--grace-period", float(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0") from exc
+
+
+def _otlp_endpoint(text: str) -> str:
+    if text and not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,6 +101,23 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "window size follows yours), so interactive programs work"
         ),
     )
+    run.add_argument(
+        "--otlp",
+        nargs="?",
+        const="",
+        type=_otlp_endpoint,
+        metavar="ENDPOINT",
+        help=(
+            "also send events and metrics to an OpenTelemetry Collector over OTLP/HTTP at "
+            "ENDPOINT (default: OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318); "
+            "needs the otel-cli extra"
+        ),
+    )
+    run.add_argument(
+        "--otlp-command-args",
+        action="store_true",
+        help="with --otlp, include full command lines (process.command_args)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
 
@@ -124,7 +151,19 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             except OSError as exc:
                 print(f"{PROG}: cannot open --events {args.events!r}: {exc}", file=sys.stderr)
                 return 2
-        return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty)
+        exporter = None
+        if args.otlp is not None:
+            try:  # the SDK is imported only here, so plain runs start fast
+                from . import _otlp
+
+                otlp = stack.enter_context(
+                    _otlp.pipeline(args.otlp or None, command_args=args.otlp_command_args)
+                )
+            except ImportError as exc:
+                print(f"{PROG}: {exc}", file=sys.stderr)
+                return 2
+            exporter = otlp.exporter
+        return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty, exporter)
 
 
 async def _run(
@@ -133,6 +172,7 @@ async def _run(
     events_file: IO[str],
     grace_period: float,
     use_pty: bool,
+    exporter: OTelExporter | None = None,
 ) -> int:
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
@@ -141,6 +181,10 @@ async def _run(
         try:
             async with open_session(grace_period=grace_period) as session:
                 await helpers.start(_write_events, session, categories, events_file)
+                if exporter is not None:
+                    await helpers.start(
+                        partial(exporter.export_session, categories=categories), session
+                    )
                 helpers.start_soon(_stop_on_signal, session, stopped_by, watch_signals)
                 try:
                     size = terminal_size(sys.stdin.fileno()) or PtySize()
