@@ -3,6 +3,7 @@ a receiver on 127.0.0.1 that decodes each request with opentelemetry-proto."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import os
 import subprocess
@@ -441,6 +442,39 @@ def test_socket_and_loss_events_map_to_semantic_attributes() -> None:
     assert attributes["network.local.address"] == "/run/x.sock"
     assert "network.local.port" not in attributes
     assert "network.type" not in attributes
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    user_s: float
+    max_rss_kb: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EventWithUsage(ObserverEvent):  # type: ignore[misc]
+    """An event with a field this module was not written for (as rusage will be)."""
+
+    rusage: Usage | None = None
+    signals: tuple[str, ...] = ()
+
+
+def test_fields_added_to_events_later_are_mapped_without_code() -> None:
+    event = EventWithUsage(
+        category=EventCategory.LIFECYCLE,
+        kind=ObserverEventKind.EXITED,
+        pid=7,
+        timestamp_ms=0.0,
+        exit_code=-9,
+        rusage=Usage(0.5, 2048),
+        signals=("TERM", "KILL"),
+    )
+    attributes = event_attributes(event, session_id="s", command_args=False)
+    assert attributes["trio_observer.rusage.user_s"] == 0.5
+    assert attributes["trio_observer.rusage.max_rss_kb"] == 2048
+    assert attributes["trio_observer.signals"] == ["TERM", "KILL"]
+    assert attributes["trio_observer.signal"] == 9
+    assert attributes["trio_observer.exit.class"] == "signal"
+    assert "process.exit.code" not in attributes
 
 
 def test_a_missing_api_names_the_extra() -> None:

@@ -6,6 +6,8 @@ opentelemetry is imported when an :class:`OTelExporter` is made, never when
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import os
 import threading
@@ -55,6 +57,8 @@ _MAPPED: Final = frozenset(
         "count",
     }
 )
+# The fields to look at beyond the mapped ones, read once per event class.
+_extra_fields: dict[type, tuple[str, ...]] = {}
 _STARTS: Final = frozenset({ObserverEventKind.STARTED, ObserverEventKind.DESCENDANT_STARTED})
 _EXITS: Final = frozenset({ObserverEventKind.EXITED, ObserverEventKind.DESCENDANT_EXITED})
 
@@ -81,6 +85,12 @@ def _split_address(address: str) -> tuple[str, int | None]:
 
 
 def _flatten(prefix: str, value: object, out: dict[str, Any]) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, enum.Enum):
+        value = value.value
+    elif isinstance(value, tuple):
+        value = list(value)
     if isinstance(value, dict):
         for key, item in value.items():
             _flatten(f"{prefix}.{key}", item, out)
@@ -139,8 +149,13 @@ def event_attributes(
                 out[f"{key}.port"] = port
     if event.count is not None:
         out["trio_observer.lost.count"] = event.count
-    for key, value in event.to_dict().items():
-        if key not in _MAPPED:
+    extra = _extra_fields.get(type(event))
+    if extra is None:
+        extra = tuple(f.name for f in dataclasses.fields(event) if f.name not in _MAPPED)
+        _extra_fields[type(event)] = extra
+    for key in extra:
+        value = getattr(event, key)
+        if value is not None:
             _flatten(f"trio_observer.{key}", value, out)
     return out
 
