@@ -159,7 +159,8 @@ def receiver() -> Iterator[Receiver]:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state.append(Receiver(port=server.server_address[1]))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll, so that shutdown() at teardown returns at once.
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield state[0]
@@ -391,12 +392,16 @@ async def test_output_bytes_dropped_are_counted(receiver: Receiver) -> None:
     async with trio.open_nursery() as nursery, open_session() as session:
         await nursery.start(exporter.export_session, session)
         process = await session.start_process(
-            [PY, "-c", "import sys; sys.stdout.write('x' * 100_000)"], stdout=CAPTURE
+            [PY, "-c", "import sys; sys.stdout.write('x' * 100_000)"],
+            stdout=CAPTURE,
+            backlog_bytes=1000,
         )
         assert process.stdout_log is not None
         assert await process.wait() == 0
     await trio.to_thread.run_sync(pipeline.shutdown)
     dropped = process.stdout_log.dropped_bytes
+    # Nothing read the log, so all but the last 1000 bytes were evicted.
+    assert dropped == 99_000
     assert receiver.sum("trio_observer.output.dropped", trio_observer__stream="stdout") == dropped
 
 
@@ -601,7 +606,7 @@ def test_cli_otlp_receiver_down_does_not_change_the_run(tmp_path: Path) -> None:
         ],
         capture_output=True,
         timeout=120,
-        env=cli_env(OTEL_EXPORTER_OTLP_TIMEOUT="2"),
+        env=cli_env(OTEL_EXPORTER_OTLP_TIMEOUT="0.5"),
     )
     assert result.returncode == 0
     assert result.stdout == b"hi\n"
