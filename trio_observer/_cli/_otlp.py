@@ -1,20 +1,80 @@
 """``run --otlp``: the command line's own OpenTelemetry SDK pipeline, to OTLP/HTTP.
 
-Imported only when ``--otlp`` is given, so that the SDK's import time is not
-paid by every run.
+The SDK is imported only when ``--otlp`` is given, so that its import time
+is not paid by every run.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, final
+from typing import Any, Literal, final
 
-from .._otel import OTelExporter
+import trio
+
+from .._events import EventCategory
+from .._otel import OTelExporter as OTelExporter
+from .._session import Session
 from ._prog import PROG
+
+
+def _endpoint(text: str) -> str:
+    if text and not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
+def add_arguments(run: argparse.ArgumentParser) -> None:
+    """Add ``--otlp [ENDPOINT]`` and ``--otlp-command-args`` to ``run``."""
+    run.add_argument(
+        "--otlp",
+        nargs="?",
+        const="",
+        type=_endpoint,
+        metavar="ENDPOINT",
+        help=(
+            "also send events and metrics to an OpenTelemetry Collector over OTLP/HTTP at "
+            "ENDPOINT (default: OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318); "
+            "needs the otel-cli extra"
+        ),
+    )
+    run.add_argument(
+        "--otlp-command-args",
+        action="store_true",
+        help="with --otlp, include full command lines (process.command_args)",
+    )
+
+
+def open_from_args(
+    args: argparse.Namespace, stack: contextlib.ExitStack
+) -> OTelExporter | Literal[False] | None:
+    """The exporter for ``--otlp``, its pipeline shut down when ``stack`` closes.
+
+    None without ``--otlp``; False (after saying why) when the SDK is missing.
+    """
+    if args.otlp is None:
+        return None
+    try:
+        otlp = stack.enter_context(pipeline(args.otlp or None, command_args=args.otlp_command_args))
+    except ImportError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return False
+    return otlp.exporter
+
+
+async def export(
+    exporter: OTelExporter,
+    session: Session,
+    categories: list[EventCategory],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Export ``session``'s events of ``categories`` (what ``--category`` chose)."""
+    await exporter.export_session(session, categories=categories, task_status=task_status)
 
 
 def _import_sdk() -> Any:

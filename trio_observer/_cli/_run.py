@@ -8,8 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from functools import partial
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, Final
 
 import trio
 
@@ -21,10 +20,8 @@ from .._pty import PtySize
 from .._session import Session, open_session
 from .._sink import ObserverBackpressure
 from .._terminal import copy_input, forward_resizes, raw_terminal, terminal_size, write_all
+from . import _otlp
 from ._prog import PROG
-
-if TYPE_CHECKING:
-    from .._otel import OTelExporter
 
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -48,12 +45,6 @@ def _seconds(text: str) -> float:
         return check_seconds("--grace-period", float(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0") from exc
-
-
-def _otlp_endpoint(text: str) -> str:
-    if text and not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
-    return text
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -101,23 +92,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "window size follows yours), so interactive programs work"
         ),
     )
-    run.add_argument(
-        "--otlp",
-        nargs="?",
-        const="",
-        type=_otlp_endpoint,
-        metavar="ENDPOINT",
-        help=(
-            "also send events and metrics to an OpenTelemetry Collector over OTLP/HTTP at "
-            "ENDPOINT (default: OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318); "
-            "needs the otel-cli extra"
-        ),
-    )
-    run.add_argument(
-        "--otlp-command-args",
-        action="store_true",
-        help="with --otlp, include full command lines (process.command_args)",
-    )
+    _otlp.add_arguments(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
 
@@ -151,18 +126,9 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             except OSError as exc:
                 print(f"{PROG}: cannot open --events {args.events!r}: {exc}", file=sys.stderr)
                 return 2
-        exporter = None
-        if args.otlp is not None:
-            try:  # the SDK is imported only here, so plain runs start fast
-                from . import _otlp
-
-                otlp = stack.enter_context(
-                    _otlp.pipeline(args.otlp or None, command_args=args.otlp_command_args)
-                )
-            except ImportError as exc:
-                print(f"{PROG}: {exc}", file=sys.stderr)
-                return 2
-            exporter = otlp.exporter
+        exporter = _otlp.open_from_args(args, stack)
+        if exporter is False:
+            return 2
         return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty, exporter)
 
 
@@ -172,7 +138,7 @@ async def _run(
     events_file: IO[str],
     grace_period: float,
     use_pty: bool,
-    exporter: OTelExporter | None = None,
+    exporter: _otlp.OTelExporter | None = None,
 ) -> int:
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
@@ -182,9 +148,7 @@ async def _run(
             async with open_session(grace_period=grace_period) as session:
                 await helpers.start(_write_events, session, categories, events_file)
                 if exporter is not None:
-                    await helpers.start(
-                        partial(exporter.export_session, categories=categories), session
-                    )
+                    await helpers.start(_otlp.export, exporter, session, categories)
                 helpers.start_soon(_stop_on_signal, session, stopped_by, watch_signals)
                 try:
                     size = terminal_size(sys.stdin.fileno()) or PtySize()
