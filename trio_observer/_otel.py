@@ -127,6 +127,7 @@ def event_attributes(
             out["process.exit.code"] = event.exit_code
         else:
             out["trio_observer.signal"] = -event.exit_code
+    if event.kind in _EXITS:
         out["trio_observer.exit.class"] = exit_class(event.exit_code)
     if event.termination is not None:
         out["trio_observer.termination"] = event.termination.value
