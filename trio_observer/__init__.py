@@ -19,6 +19,8 @@ from ._events import TerminationOutcome as TerminationOutcome
 from ._expect import ExpectEOF as ExpectEOF
 from ._expect import ExpectMatch as ExpectMatch
 from ._expect import ExpectTimeout as ExpectTimeout
+from ._otel import OTelExporter as OTelExporter
+from ._otel import OTelExportStatus as OTelExportStatus
 from ._output import OutputLog as OutputLog
 from ._process import CAPTURE as CAPTURE
 from ._process import Process as Process
@@ -52,6 +54,8 @@ __all__ = [
     "ExpectTimeout",
     "MissedBytes",
     "MissedEvents",
+    "OTelExportStatus",
+    "OTelExporter",
     "ObserverBackpressure",
     "ObserverEvent",
     "ObserverEventKind",

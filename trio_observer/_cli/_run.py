@@ -20,6 +20,7 @@ from .._pty import PtySize
 from .._session import Session, open_session
 from .._sink import ObserverBackpressure
 from .._terminal import copy_input, forward_resizes, raw_terminal, terminal_size, write_all
+from . import _otlp
 from ._prog import PROG
 
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -91,6 +92,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "window size follows yours), so interactive programs work"
         ),
     )
+    _otlp.add_arguments(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
 
@@ -124,7 +126,10 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             except OSError as exc:
                 print(f"{PROG}: cannot open --events {args.events!r}: {exc}", file=sys.stderr)
                 return 2
-        return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty)
+        exporter = _otlp.open_from_args(args, stack)
+        if exporter is False:
+            return 2
+        return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty, exporter)
 
 
 async def _run(
@@ -133,6 +138,7 @@ async def _run(
     events_file: IO[str],
     grace_period: float,
     use_pty: bool,
+    exporter: _otlp.OTelExporter | None = None,
 ) -> int:
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
@@ -141,6 +147,8 @@ async def _run(
         try:
             async with open_session(grace_period=grace_period) as session:
                 await helpers.start(_write_events, session, categories, events_file)
+                if exporter is not None:
+                    await helpers.start(_otlp.export, exporter, session, categories)
                 helpers.start_soon(_stop_on_signal, session, stopped_by, watch_signals)
                 try:
                     size = terminal_size(sys.stdin.fileno()) or PtySize()

@@ -1,0 +1,229 @@
+"""Section ``otel``: the cost of OpenTelemetry export.
+
+Per event: one event through :meth:`OTelExporter.emit` (attributes
+built, a log record handed to the SDK's ``BatchLogRecordProcessor`` whose
+exporter does nothing, the metrics it moves recorded on an SDK
+``MeterProvider``) vs ``emit_nowait`` of the same event to one
+``DROP_OLDEST`` sink: what a consumer pays per event on top of receiving it.
+
+A build: the wall time of a 500-process "build" (``/bin/true``, 8 at
+a time) in a session exported by ``export_session`` vs the same build in a
+session without the exporter, rounds taken in turn.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from trio_observer import (
+    EventCategory,
+    ObserverBackpressure,
+    ObserverEvent,
+    ObserverEventKind,
+    ObserverRegistry,
+    OTelExporter,
+    Session,
+    TerminationOutcome,
+    open_session,
+)
+
+from ._core import Config, Report, Target, best, interleave, interleave_async, spread_note, time_row
+
+TRUE = shutil.which("true") or "/bin/true"
+
+
+def _events(count: int) -> list[ObserverEvent]:
+    # Started/exited pairs, as a build makes them: both paths of the exporter.
+    out = []
+    for i in range(count // 2):
+        for kind in (ObserverEventKind.STARTED, ObserverEventKind.EXITED):
+            out.append(
+                ObserverEvent(
+                    category=EventCategory.LIFECYCLE,
+                    kind=kind,
+                    pid=10_000 + i,
+                    ppid=1,
+                    timestamp_ms=float(i),
+                    argv=(TRUE, "--flag") if kind is ObserverEventKind.STARTED else None,
+                    exit_code=0 if kind is ObserverEventKind.EXITED else None,
+                    termination=TerminationOutcome.NATURAL_EXIT
+                    if kind is ObserverEventKind.EXITED
+                    else None,
+                )
+            )
+    return out
+
+
+def _sdk() -> tuple[Any, Any]:
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    class NoOpExporter(LogRecordExporter):
+        def export(self, batch: Sequence[Any]) -> Any:
+            from opentelemetry.sdk._logs.export import LogRecordExportResult
+
+            return LogRecordExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+        def force_flush(self, timeout_millis: int = 30_000) -> bool:
+            return True
+
+    logger_provider = LoggerProvider()
+    logger_provider.add_log_record_processor(BatchLogRecordProcessor(NoOpExporter()))
+    return logger_provider, MeterProvider(metric_readers=[InMemoryMetricReader()])
+
+
+def run_event(config: Config) -> Report:
+    """Per-event cost of ``OTelExporter.emit`` vs ``emit_nowait`` to one sink."""
+    count = config.pick(2048, 256)
+    rounds = config.pick(15, 2)
+    events = _events(count)
+    logger_provider, meter_provider = _sdk()
+    exporter = OTelExporter(logger_provider=logger_provider, meter_provider=meter_provider)
+    registry = ObserverRegistry()
+    _, receive = registry.add_channel(
+        [EventCategory.LIFECYCLE], count, ObserverBackpressure.DROP_OLDEST
+    )
+
+    def ours() -> float:
+        start = time.perf_counter()
+        for event in events:
+            exporter.emit(event, session_id="bench")
+        elapsed = time.perf_counter() - start
+        # Let the batch worker empty its queue outside the timed region, so
+        # that no round drops records (2048 is the SDK's queue size).
+        logger_provider.force_flush()
+        return elapsed / count
+
+    def alternative() -> float:
+        start = time.perf_counter()
+        for event in events:
+            registry.emit_nowait(event)
+        elapsed = time.perf_counter() - start
+        while True:
+            try:
+                receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+        return elapsed / count
+
+    trials = {"otel": ours, "sink": alternative}
+    interleave(trials, 1)
+    samples = interleave(trials, rounds)
+    logger_provider.shutdown()
+    meter_provider.shutdown()
+    return Report(
+        rows=[
+            time_row(
+                "OTelExporter.emit vs emit_nowait to a DROP_OLDEST sink, per event",
+                best(samples["otel"]),
+                best(samples["sink"]),
+            )
+        ],
+        notes=[
+            f"best of {rounds} rounds x {count} events (started/exited pairs); ours: "
+            "attributes, Logger.emit into a BatchLogRecordProcessor with a no-op "
+            "exporter, counters and histogram on an SDK MeterProvider",
+            spread_note(samples, "sink"),
+        ],
+    )
+
+
+def run(config: Config) -> Report:
+    """Both measurements, as one section."""
+    event, build = run_event(config), run_build(config)
+    return Report(rows=event.rows + build.rows, notes=event.notes + build.notes)
+
+
+def run_build(config: Config) -> Report:
+    """Wall time of a 500-process build, exported vs not exported."""
+    return trio.run(_measure_build, config)
+
+
+async def _discard(
+    session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    # What export_session does, less the export: the cost of having a
+    # consumer at all (events built and routed, a task woken per event).
+    async with session.observers.subscribe(
+        [EventCategory.LIFECYCLE], capacity=1024, report_missed=True
+    ) as subscription:
+        task_status.started()
+        async for _ in subscription:
+            pass
+
+
+async def _build(processes: int, exporter: OTelExporter | None, consume: bool = False) -> float:
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery, open_session() as session:
+        if exporter is not None:
+            await nursery.start(exporter.export_session, session)
+        elif consume:
+            await nursery.start(_discard, session)
+        limit = trio.CapacityLimiter(8)
+
+        async def one() -> None:
+            async with limit:
+                await session.run_process([TRUE])
+
+        async with trio.open_nursery() as build:
+            for _ in range(processes):
+                build.start_soon(one)
+    return time.perf_counter() - start
+
+
+async def _measure_build(config: Config) -> Report:
+    processes = config.pick(500, 50)
+    rounds = config.pick(7, 1)
+    logger_provider, meter_provider = _sdk()
+    exporter = OTelExporter(logger_provider=logger_provider, meter_provider=meter_provider)
+
+    async def exported() -> float:
+        return await _build(processes, exporter)
+
+    async def plain() -> float:
+        return await _build(processes, None)
+
+    async def consumed() -> float:
+        return await _build(processes, None, consume=True)
+
+    trials: dict[str, Callable[[], Awaitable[float]]] = {
+        "exported": exported,
+        "plain": plain,
+        "consumed": consumed,
+    }
+    samples = await interleave_async(trials, rounds)
+    status = exporter.status()
+    logger_provider.shutdown()
+    meter_provider.shutdown()
+    return Report(
+        rows=[
+            time_row(
+                f"{processes}-process build, exported vs not",
+                best(samples["exported"]),
+                best(samples["plain"]),
+                Target("<=", 1.1),
+            ),
+            time_row(
+                f"{processes}-process build, exported vs a consumer that discards",
+                best(samples["exported"]),
+                best(samples["consumed"]),
+            ),
+        ],
+        notes=[
+            f"best of {rounds} rounds; /bin/true, 8 at a time; exported: export_session "
+            "into a BatchLogRecordProcessor with a no-op exporter and an SDK MeterProvider; "
+            "consumer: a DROP_OLDEST subscription read and discarded, no export",
+            spread_note(samples, "plain"),
+            f"records emitted {status.records_emitted}, events missed {status.events_missed}",
+        ],
+    )

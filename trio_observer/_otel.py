@@ -1,0 +1,527 @@
+"""OpenTelemetry export: each event a log record, and metrics, through the API only.
+
+opentelemetry is imported when an :class:`OTelExporter` is made, never when
+``trio_observer`` is: the core keeps trio as its one runtime dependency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, final
+
+import trio
+
+from ._events import EventCategory, ObserverEvent, ObserverEventKind
+from ._output import OutputLog
+from ._session import Session
+from ._sink import ObserverBackpressure
+from ._subscription import MissedEvents, Subscription
+
+if TYPE_CHECKING:
+    from opentelemetry._logs import Logger, LoggerProvider
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.sdk._logs.export import LogRecordExporter
+
+_log = logging.getLogger("trio_observer.otel")
+
+SCOPE_NAME: Final = "trio_observer"
+EVENT_PREFIX: Final = "trio_observer.process."
+
+# Event fields that map to named attributes below; any other field an event
+# carries (one added after this module was written) becomes
+# trio_observer.<field>, so a new field needs no code here.
+_MAPPED: Final = frozenset(
+    {
+        "category",
+        "kind",
+        "pid",
+        "ppid",
+        "timestamp_ms",
+        "wall_time_ms",
+        "exit_code",
+        "grade",
+        "argv",
+        "termination",
+        "root_pid",
+        "path",
+        "fd",
+        "protocol",
+        "local_address",
+        "remote_address",
+        "count",
+    }
+)
+# The fields to look at beyond the mapped ones, read once per event class.
+_extra_fields: dict[type, tuple[str, ...]] = {}
+_STARTS: Final = frozenset({ObserverEventKind.STARTED, ObserverEventKind.DESCENDANT_STARTED})
+_EXITS: Final = frozenset({ObserverEventKind.EXITED, ObserverEventKind.DESCENDANT_EXITED})
+
+
+def event_name(kind: ObserverEventKind) -> str:
+    """The log record's event name for ``kind``: ``trio_observer.process.file_open``."""
+    return EVENT_PREFIX + kind.value.replace("-", "_")
+
+
+def exit_class(exit_code: int | None) -> str:
+    """``success``, ``failure`` (non-zero code), ``signal`` or ``unknown``."""
+    if exit_code is None:
+        return "unknown"
+    if exit_code < 0:
+        return "signal"
+    return "success" if exit_code == 0 else "failure"
+
+
+def _split_address(address: str) -> tuple[str, int | None]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return address, None  # a Unix socket path
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _flatten(prefix: str, value: object, out: dict[str, Any]) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, enum.Enum):
+        value = value.value
+    elif isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    elif isinstance(value, list):
+        if all(isinstance(item, str | bool | int | float) for item in value):
+            out[prefix] = value
+    elif isinstance(value, str | bool | int | float):
+        out[prefix] = value
+
+
+def event_attributes(
+    event: ObserverEvent, *, session_id: str | None, command_args: bool
+) -> dict[str, Any]:
+    """The log record's attributes for ``event`` (see ``docs/otel.md``)."""
+    out: dict[str, Any] = {
+        "process.pid": event.pid,
+        "trio_observer.category": event.category.value,
+        "trio_observer.grade": event.grade.value,
+    }
+    if session_id is not None:
+        out["trio_observer.session.id"] = session_id
+    if event.ppid is not None:
+        out["process.parent_pid"] = event.ppid
+    if event.root_pid is not None:
+        out["trio_observer.root_pid"] = event.root_pid
+    if event.argv:
+        out["process.executable.name"] = os.path.basename(event.argv[0])
+        # The process conventions: command_args SHOULD NOT be collected by
+        # default, since command lines often hold secrets.
+        if command_args:
+            out["process.command_args"] = list(event.argv)
+    if event.exit_code is not None:
+        if event.exit_code >= 0:
+            out["process.exit.code"] = event.exit_code
+        else:
+            out["trio_observer.signal"] = -event.exit_code
+    if event.kind in _EXITS:
+        out["trio_observer.exit.class"] = exit_class(event.exit_code)
+    if event.termination is not None:
+        out["trio_observer.termination"] = event.termination.value
+    if event.path is not None:
+        out["file.path"] = event.path
+    if event.fd is not None:
+        out["trio_observer.fd"] = event.fd
+    if event.protocol is not None:
+        out["network.transport"] = event.protocol.rstrip("6")
+        if event.protocol != "unix":
+            out["network.type"] = "ipv6" if event.protocol.endswith("6") else "ipv4"
+    for key, field in (
+        ("network.local", event.local_address),
+        ("network.peer", event.remote_address),
+    ):
+        if field is not None:
+            host, port = _split_address(field)
+            out[f"{key}.address"] = host
+            if port is not None:
+                out[f"{key}.port"] = port
+    if event.count is not None:
+        out["trio_observer.lost.count"] = event.count
+    extra = _extra_fields.get(type(event))
+    if extra is None:
+        extra = tuple(f.name for f in dataclasses.fields(event) if f.name not in _MAPPED)
+        _extra_fields[type(event)] = extra
+    for key in extra:
+        value = getattr(event, key)
+        if value is not None:
+            _flatten(f"trio_observer.{key}", value, out)
+    return out
+
+
+def _body(event: ObserverEvent) -> str:
+    what = event.kind.value.replace("-", " ")
+    if event.kind in _EXITS:
+        if event.exit_code is None:
+            return f"process {event.pid} {what}"
+        if event.exit_code < 0:
+            return f"process {event.pid} {what} by signal {-event.exit_code}"
+        return f"process {event.pid} {what} with code {event.exit_code}"
+    if event.kind is ObserverEventKind.OBSERVATION_LOST:
+        lost = "an unknown number of" if event.count is None else str(event.count)
+        return f"observation lost: {lost} records"
+    if event.path is not None:
+        return f"process {event.pid} {what} {event.path}"
+    return f"process {event.pid} {what}"
+
+
+def _warns(event: ObserverEvent) -> bool:
+    if event.kind is ObserverEventKind.OBSERVATION_LOST:
+        return True
+    return event.kind in _EXITS and event.exit_code is not None and event.exit_code != 0
+
+
+def _import_api() -> Any:
+    try:
+        from opentelemetry import _logs, metrics
+    except ImportError as exc:
+        raise ImportError(
+            "OpenTelemetry export needs the opentelemetry-api package: "
+            "pip install 'trio-observer[otel]'"
+        ) from exc
+    return _logs, metrics
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class OTelExportStatus:
+    """What an :class:`OTelExporter` has done so far."""
+
+    records_emitted: int
+    """Log records handed to the logger (one per event received)."""
+    events_missed: int
+    """Events the exporter's own subscription lost because the exporter
+    fell behind (its sink was full): never seen, so never exported."""
+    emit_errors: int
+    """Records the logger refused with an exception; counted, never raised."""
+    records_exported: int
+    """Records an exporter wrapped with :meth:`OTelExporter.count_exports`
+    sent successfully (0 if none was wrapped)."""
+    export_failures: int
+    """Records in batches that exporter failed to send (the receiver
+    refused them or could not be reached)."""
+    first_export_error: str | None
+    """What went wrong with the first failed batch, for the report."""
+
+
+@final
+class OTelExporter:
+    """Turn a session's events into OpenTelemetry log records and metrics.
+
+    Only the OpenTelemetry *API* is used: records and measurements go to the
+    providers you pass (or the global ones your application installed with
+    ``opentelemetry._logs.set_logger_provider`` and
+    ``opentelemetry.metrics.set_meter_provider``), and your SDK's processors
+    and exporters decide where they go. ``docs/otel.md`` lists each record's
+    attributes and each metric.
+
+    ::
+
+        exporter = OTelExporter()
+        async with trio.open_nursery() as nursery, open_session() as session:
+            await nursery.start(exporter.export_session, session)
+            await session.run_process(["make"])
+
+    Args:
+      logger_provider: Where log records go (default: the global provider).
+      meter_provider: Where metrics go (default: the global provider).
+      command_args: Also record ``process.command_args``, the full command
+        line. Off by default, as the process semantic conventions ask:
+        command lines often carry secrets.
+
+    Raises:
+      ImportError: opentelemetry-api is not installed; the message names the
+        ``otel`` extra.
+    """
+
+    def __init__(
+        self,
+        *,
+        logger_provider: LoggerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        command_args: bool = False,
+    ) -> None:
+        if not isinstance(command_args, bool):
+            raise TypeError(f"command_args must be a bool, not {command_args!r}")
+        logs_api, metrics_api = _import_api()
+        # Absolute, and here: the package is fully imported by now.
+        from trio_observer import __version__
+
+        self._logger: Logger = (
+            logger_provider.get_logger(SCOPE_NAME, __version__)
+            if logger_provider is not None
+            else logs_api.get_logger(SCOPE_NAME, __version__)
+        )
+        meter = (
+            meter_provider.get_meter(SCOPE_NAME, __version__)
+            if meter_provider is not None
+            else metrics_api.get_meter(SCOPE_NAME, __version__)
+        )
+        self._severity = logs_api.SeverityNumber
+        self._command_args = command_args
+        self._running = meter.create_up_down_counter(
+            "trio_observer.processes.running",
+            unit="{process}",
+            description="Processes started and not yet exited",
+        )
+        self._started = meter.create_counter(
+            "trio_observer.processes.started", unit="{process}", description="Processes started"
+        )
+        self._exited = meter.create_counter(
+            "trio_observer.processes.exited", unit="{process}", description="Processes exited"
+        )
+        self._duration = meter.create_histogram(
+            "trio_observer.process.duration",
+            unit="s",
+            description="Time from a process's start to its exit, as observed",
+        )
+        self._missed = meter.create_counter(
+            "trio_observer.events.missed",
+            unit="{event}",
+            description="Events a sink did not receive because it was full",
+        )
+        self._lost = meter.create_counter(
+            "trio_observer.observation.lost",
+            unit="{record}",
+            description="Records the observer itself lost (OBSERVATION_LOST events)",
+        )
+        self._dropped = meter.create_counter(
+            "trio_observer.output.dropped",
+            unit="By",
+            description="Captured output bytes evicted before any reader took them",
+        )
+        self.export_lost = meter.create_counter(
+            "trio_observer.export.lost",
+            unit="{record}",
+            description="Log records that could not be exported",
+        )
+        """Counter of records not exported, by ``reason``; the CLI's SDK
+        pipeline adds what its exporter and batch queue lost."""
+        self._emitted = 0
+        self._events_missed = 0
+        self._emit_errors = 0
+        # Written by the SDK's export thread, read by status().
+        self._export_lock = threading.Lock()
+        self._exported = 0
+        self._export_failures = 0
+        self._first_export_error: str | None = None
+        self._start_ms: dict[int, float] = {}
+        self._logs: dict[OutputLog, tuple[str, int]] = {}
+
+    def status(self) -> OTelExportStatus:
+        """The exporter's counters."""
+        with self._export_lock:
+            return OTelExportStatus(
+                self._emitted,
+                self._events_missed,
+                self._emit_errors,
+                self._exported,
+                self._export_failures,
+                self._first_export_error,
+            )
+
+    def count_exports(self, log_exporter: LogRecordExporter) -> LogRecordExporter:
+        """Wrap an SDK log exporter so that every record it fails to send is counted.
+
+        Hand the result to your ``BatchLogRecordProcessor``. Failed batches
+        (an error status from the receiver, a receiver that cannot be
+        reached, an exception) are added to ``export_failures`` and to the
+        ``trio_observer.export.lost`` metric with ``reason="export-failed"``,
+        and the first is logged once on the ``trio_observer.otel`` logger.
+        The batch processor drops records silently when its queue is full;
+        after the provider's ``shutdown()``, ``records_emitted -
+        records_exported - export_failures`` is that number.
+
+        Args:
+          log_exporter: An ``opentelemetry.sdk._logs.export.LogRecordExporter``
+            such as ``OTLPLogExporter()``.
+
+        Raises:
+          ImportError: the SDK is not installed (it is what calls exporters).
+        """
+        try:
+            from opentelemetry.sdk._logs.export import LogRecordExporter
+        except ImportError as exc:
+            raise ImportError(
+                "count_exports() wraps an OpenTelemetry SDK exporter: "
+                "pip install 'trio-observer[otel-cli]'"
+            ) from exc
+        owner = self
+
+        class CountingExporter(LogRecordExporter):
+            def export(self, batch: Any) -> Any:
+                result: Any = None
+                try:
+                    result = log_exporter.export(batch)
+                    error = None if result.name == "SUCCESS" else f"export returned {result.name}"
+                except Exception as exc:
+                    error = repr(exc)
+                owner._count_export(len(batch), error)
+                return result
+
+            def shutdown(self) -> None:
+                # Untyped in the SDK's stubs.
+                log_exporter.shutdown()  # type: ignore[no-untyped-call]
+
+            def force_flush(self, timeout_millis: int = 30_000) -> bool:
+                return bool(log_exporter.force_flush(timeout_millis))
+
+        return CountingExporter()
+
+    def _count_export(self, records: int, error: str | None) -> None:
+        with self._export_lock:
+            if error is None:
+                self._exported += records
+                return
+            self._export_failures += records
+            first = self._first_export_error is None
+            if first:
+                self._first_export_error = error
+        self.export_lost.add(records, {"reason": "export-failed"})
+        if first:
+            _log.warning("OpenTelemetry export failed (counted from now on): %s", error)
+
+    async def export_session(
+        self,
+        session: Session,
+        *,
+        categories: Iterable[EventCategory] = (EventCategory.LIFECYCLE,),
+        capacity: int = 1024,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Export ``session``'s events until the session ends.
+
+        Subscribes with ``DROP_OLDEST``, so that a slow exporter never slows
+        the session; what it misses is counted in ``events_missed`` and the
+        ``trio_observer.events.missed`` metric. Run it with
+        ``nursery.start``: the subscription is in place when that returns.
+        Also reports the captured output bytes the session's logs dropped.
+
+        Args:
+          session: The session to export.
+          categories: Which event categories to export (default lifecycle).
+          capacity: The subscription's channel size.
+        """
+        async with session.observers.subscribe(
+            categories,
+            capacity=capacity,
+            backpressure=ObserverBackpressure.DROP_OLDEST,
+            report_missed=True,
+        ) as subscription:
+            task_status.started()
+            await self._consume(subscription, session.id, session)
+        self._count_dropped_output()
+
+    async def export(
+        self,
+        subscription: Subscription[ObserverEvent] | Subscription[ObserverEvent | MissedEvents],
+        *,
+        session_id: str | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Export the events of a subscription you opened, until it ends.
+
+        Open it with ``report_missed=True`` so that its losses are counted.
+
+        Args:
+          subscription: From ``session.observers.subscribe(...)``.
+          session_id: Recorded as ``trio_observer.session.id`` when given.
+        """
+        task_status.started()
+        await self._consume(subscription, session_id, None)
+
+    async def _consume(
+        self,
+        subscription: Subscription[ObserverEvent] | Subscription[ObserverEvent | MissedEvents],
+        session_id: str | None,
+        session: Session | None,
+    ) -> None:
+        sink = {"trio_observer.sink.id": subscription.id.as_str()}
+        async for item in subscription:
+            if isinstance(item, MissedEvents):
+                self._events_missed += item.count
+                self._missed.add(item.count, sink)
+                continue
+            if session is not None and item.kind is ObserverEventKind.STARTED:
+                self._watch_output(session, item.pid)
+            self.emit(item, session_id=session_id)
+            if session is not None and item.kind is ObserverEventKind.EXITED:
+                self._count_dropped_output()
+
+    def emit(self, event: ObserverEvent, *, session_id: str | None = None) -> None:
+        """Export one event now: a log record, and the metrics it moves.
+
+        Never raises for the logger's sake: an exception from the SDK is
+        counted (``emit_errors``, ``trio_observer.export.lost`` with reason
+        ``emit-error``) and reported once in this module's ``logging``
+        logger, ``trio_observer.otel``.
+        """
+        attributes = event_attributes(event, session_id=session_id, command_args=self._command_args)
+        warn = _warns(event)
+        try:
+            self._logger.emit(
+                timestamp=int(event.wall_time_ms * 1_000_000),
+                severity_number=self._severity.WARN if warn else self._severity.INFO,
+                severity_text="WARN" if warn else "INFO",
+                body=_body(event),
+                attributes=attributes,
+                event_name=event_name(event.kind),
+            )
+            self._emitted += 1
+        except Exception as exc:
+            self._emit_errors += 1
+            self.export_lost.add(1, {"reason": "emit-error"})
+            if self._emit_errors == 1:
+                _log.warning("OpenTelemetry logger refused a record (counted from now on): %r", exc)
+        self._measure(event)
+
+    def _measure(self, event: ObserverEvent) -> None:
+        category = {"trio_observer.category": event.category.value}
+        if event.kind in _STARTS:
+            self._running.add(1, category)
+            self._started.add(1, category)
+            self._start_ms[event.pid] = event.timestamp_ms
+        elif event.kind in _EXITS:
+            attributes = {**category, "trio_observer.exit.class": exit_class(event.exit_code)}
+            if event.termination is not None:
+                attributes["trio_observer.termination"] = event.termination.value
+            self._exited.add(1, attributes)
+            started = self._start_ms.pop(event.pid, None)
+            if started is not None:
+                # Only a start this exporter saw: an exit whose start was
+                # missed would take the running count below zero.
+                self._running.add(-1, category)
+                self._duration.record(max(0.0, event.timestamp_ms - started) / 1000.0, category)
+        elif event.kind is ObserverEventKind.OBSERVATION_LOST and event.count:
+            self._lost.add(event.count, category)
+
+    def _watch_output(self, session: Session, pid: int) -> None:
+        for process in session.processes:
+            if process.pid == pid:
+                for stream, log in (("stdout", process.stdout_log), ("stderr", process.stderr_log)):
+                    if log is not None:
+                        self._logs[log] = (stream, 0)
+                if process.pty is not None:
+                    self._logs[process.pty.log] = ("pty", 0)
+
+    def _count_dropped_output(self) -> None:
+        for log, (stream, reported) in list(self._logs.items()):
+            dropped = log.dropped_bytes
+            if dropped > reported:
+                self._dropped.add(dropped - reported, {"trio_observer.stream": stream})
+            if log.closed:
+                del self._logs[log]
+            else:
+                self._logs[log] = (stream, dropped)
