@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tests.test_procfs import FakeProc
 from tests.test_tree import PROCESS, Collector, observing
@@ -400,3 +401,68 @@ async def test_real_connector_reports_fork_and_exit_code() -> None:
     assert forks[0].parent_tgid == os.getpid()
     assert exits[-1].exit_code == 3
     assert forks[0].timestamp_ns <= exits[-1].timestamp_ns
+
+
+# Forks five children that exit(3) at once, waits until all five are zombies
+# (without reaping them), reports their pids, and reaps them only when told.
+ZOMBIES_SCRIPT = """
+import os, sys
+sys.stdin.readline()
+pids = []
+for _ in range(5):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    pids.append(pid)
+for pid in pids:
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+print(*pids, flush=True)
+sys.stdin.readline()
+for pid in pids:
+    os.waitpid(pid, 0)
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+
+
+async def wait_for_a_pass(observer: TreeObserver) -> None:
+    """Wait until the observer has started one more pass, and finished it."""
+    polls = observer.statistics().polls
+    while observer.statistics().polls <= polls:
+        await trio.sleep(0.005)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_connector_reports_a_zombie_once_when_a_rescan_sees_it() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    from tests.test_tree import child
+
+    collector = Collector()
+    observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend="connector")
+    async with (
+        child(ZOMBIES_SCRIPT) as root,
+        child("import sys; sys.stdin.read()") as other,
+        observing(observer),
+    ):
+        observer.add_root(root.pid)
+        await root.send("go")
+        with trio.fail_after(20):
+            zombies = [int(pid) for pid in (await root.receive_line()).split()]
+            for pid in zombies:
+                await collector.wait_for(
+                    lambda e, pid=pid: e.kind is K.DESCENDANT_EXITED and e.pid == pid  # type: ignore[misc]
+                )
+            # A new root makes the next pass rescan the tree from /proc,
+            # where the five are still zombies of the root.
+            observer.add_root(other.pid)
+            await wait_for_a_pass(observer)
+            await root.send("reap")
+            assert await root.receive_line() == "reaped"
+        for pid in zombies:
+            assert collector.kinds(pid) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+            exited = [e for e in collector.events if e.pid == pid][-1]
+            assert exited.exit_code == 3
+            assert exited.grade is EventGrade.EXACT
+        assert len(collector.events) == 10

@@ -37,6 +37,8 @@ from ._procfs import (
 # on another CPU first. Exits of unknown pids are remembered this long (in
 # records) so a late fork can be matched with its exit.
 _RECENT_EXITS: Final = 1024
+# Exits reported by the connector whose zombies a rescan may still meet.
+_SEEN_DEAD: Final = 4096
 # How much earlier than its fork record a child's exit may have been stamped
 # (the parent can be preempted between waking the child and sending the fork
 # message). A remembered exit older than that is of an earlier process that
@@ -491,6 +493,14 @@ class TreeMembers:
             del self._roots[pid]
             return self._descriptors.forget(known.tracked())
         del self._members[pid]
+        if node.starttime is not None and node.ppid is not None:
+            # Reported now, but it may stay a zombie of its parent for a
+            # while: a rescan of /proc must not take it for one never seen.
+            self._seen_dead[(pid, node.starttime)] = node.ppid
+            if len(self._seen_dead) > _SEEN_DEAD:
+                # Only a rescan prunes it, and the connector rescans only for
+                # a new root: the oldest is the likeliest to be reaped.
+                del self._seen_dead[next(iter(self._seen_dead))]
         if self._reap_adopted:
             # Reaped once it is a zombie: the record comes before that.
             self._to_reap[pid] = node.starttime
