@@ -428,8 +428,9 @@ sys.stdin.readline()
 async def wait_for_a_pass(observer: TreeObserver) -> None:
     """Wait until the observer has started one more pass, and finished it."""
     polls = observer.statistics().polls
+    # The pass is due on the real clock; until then every task is blocked.
     while observer.statistics().polls <= polls:
-        await trio.sleep(0.005)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.005)
     await trio.testing.wait_all_tasks_blocked()
 
 
