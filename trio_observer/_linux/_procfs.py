@@ -319,6 +319,32 @@ def read_net_namespace(proc_root: str, pid: int) -> str | None:
         return None
 
 
+INITIAL_NAMESPACES: Final = {"pid": "pid:[4026531836]", "user": "user:[4026531837]"}
+"""The links of the initial pid and user namespaces: the kernel gives them
+fixed inode numbers (``PROC_PID_INIT_INO``, ``PROC_USER_INIT_INO``)."""
+
+
+def foreign_namespaces(proc_root: str = "/proc") -> list[str]:
+    """Return which of this process's pid and user namespaces are not the initial ones.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted.
+
+    Returns:
+        ``"pid"`` and/or ``"user"``, each with the link read (``"pid:[...]"``);
+        empty when both are the initial ones or cannot be read.
+    """
+    out = []
+    for kind, initial in INITIAL_NAMESPACES.items():
+        try:
+            link = os.readlink(f"{proc_root}/self/ns/{kind}")
+        except OSError:
+            continue
+        if link != initial:
+            out.append(link)
+    return out
+
+
 def environ_has(proc_root: str, pid: int, entry: bytes) -> bool:
     """Tell whether the initial environment of ``pid`` holds ``entry`` exactly.
 
