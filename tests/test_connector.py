@@ -300,12 +300,12 @@ async def test_a_main_thread_exit_is_not_the_process_exit(tmp_path: Path) -> Non
             # caller takes over its pid, so /proc shows the process running.
             sock.push(exit_(102, 9), exit_(160, 9, tgid=102), exec_(102), fork(100, 104))
             await collector.wait_for(lambda e: e.pid == 104)
-            assert collector.kinds(102) == [K.DESCENDANT_STARTED]
+            assert collector.kinds(102, execs=True) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXEC]
             # Its threads' exits are threads' exits again.
             proc.add(102, 100, state="Z", threads=1)
             sock.push(exit_(161, 0, tgid=102), fork(100, 105))
             await collector.wait_for(lambda e: e.pid == 105)
-            assert collector.kinds(102) == [K.DESCENDANT_STARTED]
+            assert collector.kinds(102, execs=True) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXEC]
             proc.remove(102)
             sock.push(exit_(102, 5 << 8))
             exited = await collector.wait_for(lambda e: e.pid == 102 and e.exit_code == 5)

@@ -394,7 +394,7 @@ class TreeObserver:
             elif isinstance(record, ExitRecord):
                 events.extend(self._tree.on_exit(record))
             else:
-                self._tree.on_exec(record)
+                events.extend(self._tree.on_exec(record))
         if batch.overruns:
             self._lost_overruns += batch.overruns
             events.append(
