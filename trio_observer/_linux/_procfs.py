@@ -436,11 +436,24 @@ def read_run_counters(proc_root: str, pid: int, tid: int) -> tuple[int, int] | N
     except OSError:
         return None
     try:
-        data = os.read(fd, 128)
+        return parse_run_counters(os.read(fd, 128))
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def parse_run_counters(data: bytes) -> tuple[int, int] | None:
+    """Parse what a ``schedstat`` file holds (see :func:`read_run_counters`).
+
+    Args:
+        data: The file's bytes; empty when read through a descriptor kept
+            open past the thread's end.
+
+    Returns:
+        ``(runtime_ns, times_scheduled)``, or ``None`` for zeros, an empty
+        read or anything malformed.
+    """
     fields = data.split()
     if len(fields) < 3:
         return None

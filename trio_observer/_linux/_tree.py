@@ -354,6 +354,8 @@ class TreeObserver:
                     await self._pass(scan_tree=self._tree.roots_dirty)
                 next_poll = trio.current_time() + self._poll_interval
         finally:
+            # Its schedstat descriptors are not kept while nobody looks.
+            self._activity.forget_all()
             if connector is not None:
                 connector.close()
 
