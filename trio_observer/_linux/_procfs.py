@@ -466,3 +466,53 @@ def parse_run_counters(data: bytes) -> tuple[int, int] | None:
         # run yet. Neither proves anything.
         return None
     return runtime, scheduled
+
+
+def unusable_reason(proc_root: str) -> str | None:
+    """Tell whether ``proc_root`` is a ``/proc`` the observer can use.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+
+    Returns:
+        ``None`` if it lists at least one process whose ``stat`` parses,
+        else why not, in a sentence for the capability report.
+    """
+    try:
+        names = os.listdir(proc_root)
+    except OSError as exc:
+        return f"no readable /proc at {proc_root!r} ({exc.strerror or exc})"
+    for name in names:
+        if name.isdigit() and read_stat(proc_root, int(name)) is not None:
+            return None
+    return f"{proc_root!r} lists no readable processes"
+
+
+def net_tables_readable(proc_root: str) -> bool:
+    """Tell whether some socket table under ``<proc_root>/net`` is readable.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+
+    Returns:
+        Whether ``tcp``, ``tcp6`` or ``unix`` can be read.
+    """
+    return any(os.access(f"{proc_root}/net/{t}", os.R_OK) for t in ("tcp", "tcp6", "unix"))
+
+
+def others_fds_readable(proc_root: str) -> bool:
+    """Tell whether the descriptors of another user's process can be listed.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+
+    Returns:
+        Whether ``<proc_root>/1/fd`` can be listed.
+    """
+    # It needs ptrace access (CAP_SYS_PTRACE); init is such a process for
+    # everyone but root, so try it rather than guess from the uid.
+    try:
+        os.listdir(f"{proc_root}/1/fd")
+    except OSError:
+        return False
+    return True
