@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import struct
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tests.test_procfs import FakeProc
 from tests.test_tree import PROCESS, Collector, observing
@@ -27,6 +29,7 @@ from trio_observer._linux._connector import (
     build_control_message,
     open_connector_socket,
     parse_messages,
+    subscription_ack_error,
     wait_status_to_exit_code,
 )
 from trio_observer._linux._descriptors import DescriptorTracker
@@ -297,12 +300,12 @@ async def test_a_main_thread_exit_is_not_the_process_exit(tmp_path: Path) -> Non
             # caller takes over its pid, so /proc shows the process running.
             sock.push(exit_(102, 9), exit_(160, 9, tgid=102), exec_(102), fork(100, 104))
             await collector.wait_for(lambda e: e.pid == 104)
-            assert collector.kinds(102) == [K.DESCENDANT_STARTED]
+            assert collector.kinds(102, execs=True) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXEC]
             # Its threads' exits are threads' exits again.
             proc.add(102, 100, state="Z", threads=1)
             sock.push(exit_(161, 0, tgid=102), fork(100, 105))
             await collector.wait_for(lambda e: e.pid == 105)
-            assert collector.kinds(102) == [K.DESCENDANT_STARTED]
+            assert collector.kinds(102, execs=True) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXEC]
             proc.remove(102)
             sock.push(exit_(102, 5 << 8))
             exited = await collector.wait_for(lambda e: e.pid == 102 and e.exit_code == 5)
@@ -400,3 +403,187 @@ async def test_real_connector_reports_fork_and_exit_code() -> None:
     assert forks[0].parent_tgid == os.getpid()
     assert exits[-1].exit_code == 3
     assert forks[0].timestamp_ns <= exits[-1].timestamp_ns
+
+
+# Forks five children that exit(3) at once, waits until all five are zombies
+# (without reaping them), reports their pids, and reaps them only when told.
+ZOMBIES_SCRIPT = """
+import os, sys
+sys.stdin.readline()
+pids = []
+for _ in range(5):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    pids.append(pid)
+for pid in pids:
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+print(*pids, flush=True)
+sys.stdin.readline()
+for pid in pids:
+    os.waitpid(pid, 0)
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+
+
+async def wait_for_a_pass(observer: TreeObserver) -> None:
+    """Wait until the observer has started one more pass, and finished it."""
+    polls = observer.statistics().polls
+    # The pass is due on the real clock; until then every task is blocked.
+    while observer.statistics().polls <= polls:
+        await trio.testing.wait_all_tasks_blocked(cushion=0.005)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_connector_reports_a_zombie_once_when_a_rescan_sees_it() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    from tests.test_tree import child
+
+    collector = Collector()
+    observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend="connector")
+    async with (
+        child(ZOMBIES_SCRIPT) as root,
+        child("import sys; sys.stdin.read()") as other,
+        observing(observer),
+    ):
+        observer.add_root(root.pid)
+        await root.send("go")
+        with trio.fail_after(20):
+            zombies = [int(pid) for pid in (await root.receive_line()).split()]
+            for pid in zombies:
+                await collector.wait_for(
+                    lambda e, pid=pid: e.kind is K.DESCENDANT_EXITED and e.pid == pid  # type: ignore[misc]
+                )
+            # A rescan of the tree from /proc (as after lost records), where
+            # the five are still zombies of the root, finds nothing new.
+            # (A new root no longer rescans on the connector: see
+            # TreeObserver._run_active.) The pass is synchronous, so no record
+            # is handled while it runs.
+            rescan = observer._pass_events(scan_tree=True)
+            assert [e for e in rescan if e.pid in zombies] == []
+            await root.send("reap")
+            assert await root.receive_line() == "reaped"
+        for pid in zombies:
+            assert collector.kinds(pid) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+            exited = [e for e in collector.events if e.pid == pid][-1]
+            assert exited.exit_code == 3
+            assert exited.grade is EventGrade.EXACT
+        assert len(collector.events) == 10
+
+
+def test_only_the_acknowledgement_of_our_request_is_taken() -> None:
+    def ack(their_ack: int, err: int = 0) -> bytes:
+        event = struct.pack("=IIQ", 0, 0, 5) + struct.pack("=I", err)
+        cn = struct.pack("=IIIIHH", 1, 1, 0, their_ack, len(event), 0) + event
+        return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+
+    assert subscription_ack_error(ack(42), 41) == 0
+    assert subscription_ack_error(ack(42, errno.EPERM), 41) == errno.EPERM
+    # Another process's subscription, multicast to us too.
+    assert subscription_ack_error(ack(7), 41) is None
+    assert subscription_ack_error(ack(0), 0xFFFFFFFF) == 0
+    assert subscription_ack_error(fork(1, 2), 41) is None
+    request = build_control_message(PROC_CN_MCAST_LISTEN, ack=41)
+    assert struct.unpack_from("=IIIIHH", request, 16)[3] == 41
+
+
+# Run inside a new pid namespace: a session with a PROCESS sink starts a root
+# that starts three children, each blocking on its stdin; the root prints
+# their pids (as this namespace numbers them) and ends them when told.
+NAMESPACE_ROOT = """
+import subprocess, sys
+kids = [subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                         stdin=subprocess.PIPE) for _ in range(3)]
+print(*[k.pid for k in kids], flush=True)
+sys.stdin.readline()
+for k in kids:
+    k.stdin.close(); k.wait()
+"""
+NAMESPACE_SESSION = f"""
+import json, subprocess, sys
+import trio
+from trio_observer import (
+    EventCategory, ObserverBackpressure, ObserverEventKind, negotiate_capabilities, open_session,
+)
+ROOT = {NAMESPACE_ROOT!r}
+
+async def main():
+    process = negotiate_capabilities()[EventCategory.PROCESS]
+    seen = set()
+    async with open_session() as session:
+        async with session.observers.subscribe(
+            [EventCategory.PROCESS], backpressure=ObserverBackpressure.BLOCK
+        ) as events:
+            root = await session.start_process(
+                [sys.executable, "-c", ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            line = b""
+            while not line.endswith(b"\\n"):
+                line += await root.stdout.receive_some()
+            kids = set(map(int, line.split()))
+            with trio.move_on_after(15):
+                async for event in events:
+                    if event.kind is ObserverEventKind.DESCENDANT_STARTED:
+                        seen.add(event.pid)
+                    if kids <= seen:
+                        break
+            await root.stdin.send_all(b"go\\n")
+            await root.wait()
+    print(json.dumps({{"backend": process.backend, "reason": process.reason,
+                      "kids": sorted(kids), "seen": sorted(seen)}}))
+
+trio.run(main)
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_in_a_pid_namespace_the_connector_is_not_used_and_descendants_are_polled() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("unshare --pid needs root")
+    probe = await trio.run_process(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"], check=False, capture_stderr=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --pid fails here: {probe.stderr.decode().strip()}")
+    # A listener outside: its subscription makes the kernel multicast records
+    # (with this namespace's pids) and its acknowledgements to the namespace's
+    # socket too, as another observer on the machine would.
+    host = ProcConnector(open_connector_socket())
+    sock = host._sock
+    assert isinstance(sock, socket.socket)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def keep_acknowledging() -> None:
+                while True:
+                    sock.send(build_control_message(PROC_CN_MCAST_LISTEN, ack=1))
+                    host.receive_nowait()
+                    await trio.sleep(0.002)
+
+            nursery.start_soon(keep_acknowledging)
+            with trio.fail_after(60):
+                result = await trio.run_process(
+                    [
+                        "unshare",
+                        "--pid",
+                        "--fork",
+                        "--mount-proc",
+                        sys.executable,
+                        "-c",
+                        NAMESPACE_SESSION,
+                    ],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+            nursery.cancel_scope.cancel()
+    finally:
+        host.close()
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert report["backend"] == "proc-poll"
+    assert "namespace" in report["reason"]
+    assert set(report["kids"]) <= set(report["seen"])

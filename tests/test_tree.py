@@ -48,8 +48,17 @@ class Collector:
                     return event
             await self._changed.wait()
 
-    def kinds(self, pid: int | None = None) -> list[ObserverEventKind]:
-        return [e.kind for e in self.events if pid is None or e.pid == pid]
+    def kinds(self, pid: int | None = None, *, execs: bool = False) -> list[ObserverEventKind]:
+        """The kinds of the events (of ``pid``), without the execs unless asked.
+
+        A poll sees an exec only if it happened to look before it, so most
+        tests leave them out.
+        """
+        return [
+            e.kind
+            for e in self.events
+            if (pid is None or e.pid == pid) and (execs or e.kind is not K.DESCENDANT_EXEC)
+        ]
 
     def take_files(self) -> list[tuple[ObserverEventKind, int | None, str | None]]:
         """The (kind, fd, path) of the events so far, which are then forgotten."""
@@ -238,7 +247,11 @@ async def test_connector_sees_short_lived_grandchildren_with_exit_codes() -> Non
         assert exits[ok].exit_code == 7
         assert exits[killed].exit_code == -9
         for pid in (ok, killed):
-            assert collector.kinds(pid) == [K.DESCENDANT_STARTED, K.DESCENDANT_EXITED]
+            assert collector.kinds(pid, execs=True) == [
+                K.DESCENDANT_STARTED,
+                K.DESCENDANT_EXEC,
+                K.DESCENDANT_EXITED,
+            ]
             for event in collector.events:
                 if event.pid == pid:
                     assert event.grade is EventGrade.EXACT
@@ -1006,3 +1019,58 @@ async def test_unmarked_orphans_are_not_adopted(mock_clock: trio.testing.MockClo
                 if stream is not None:
                     await stream.aclose()
             libc.prctl(36, was.value, 0, 0, 0)
+
+
+# The grandchild is forked (with the root's command line) and execs a new
+# program only when told; the root ends it when told again.
+EXEC_SCRIPT = """
+import os, sys
+r, w = os.pipe()
+os.set_inheritable(r, True)
+pid = os.fork()
+if pid == 0:
+    os.close(w)
+    os.read(r, 1)
+    os.execv(sys.executable, [sys.executable, "-c",
+             "import os, sys; os.read(int(sys.argv[1]), 1)", str(r), "exec-marker"])
+os.close(r)
+print(pid, flush=True)
+sys.stdin.readline()
+os.write(w, b"x")
+sys.stdin.readline()
+os.close(w)
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.parametrize("backend", ["poll", "connector"])
+@pytest.mark.usefixtures("no_leaks")
+async def test_an_exec_is_reported_with_the_new_command_line(
+    backend: Literal["poll", "connector"],
+) -> None:
+    if backend == "connector" and os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    collector = Collector()
+    observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend=backend)
+    async with child(EXEC_SCRIPT) as root, observing(observer):
+        observer.add_root(root.pid)
+        with trio.fail_after(10):
+            grandchild = int(await root.receive_line())
+            started = await collector.wait_for(
+                lambda e: e.kind is K.DESCENDANT_STARTED and e.pid == grandchild
+            )
+            await root.send("exec")
+            exec_event = await collector.wait_for(
+                lambda e: e.kind is K.DESCENDANT_EXEC and e.pid == grandchild
+            )
+            await root.send("stop")
+            await root.process.wait()
+    # Seen at the fork: the root's command line (or none, if unreadable).
+    assert started.argv is None or "exec-marker" not in started.argv
+    assert exec_event.argv is not None
+    assert exec_event.argv[-1] == "exec-marker"
+    assert exec_event.ppid == root.pid
+    assert exec_event.root_pid == root.pid
+    expected = EventGrade.EXACT if backend == "connector" else EventGrade.INFERRED
+    assert exec_event.grade is expected
+    assert collector.kinds(grandchild, execs=True).count(K.DESCENDANT_EXEC) == 1

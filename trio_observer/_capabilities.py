@@ -132,38 +132,6 @@ class CapabilityReport(Mapping[EventCategory, CategoryCapability]):
         return "\n".join(lines)
 
 
-def _proc_readable(proc_root: str) -> str | None:
-    """Return why ``proc_root`` is not a usable /proc, or ``None`` if it is."""
-    try:
-        names = os.listdir(proc_root)
-    except OSError as exc:
-        return f"no readable /proc at {proc_root!r} ({exc.strerror or exc})"
-    for name in names:
-        if name.isdigit():
-            try:
-                with open(f"{proc_root}/{name}/stat", "rb") as f:
-                    f.read()
-            except OSError:
-                continue
-            return None
-    return f"{proc_root!r} lists no readable processes"
-
-
-def _net_tables_readable(proc_root: str) -> bool:
-    return any(os.access(f"{proc_root}/net/{t}", os.R_OK) for t in ("tcp", "tcp6", "unix"))
-
-
-def _others_fds_readable(proc_root: str) -> bool:
-    # Reading the descriptors of a process of another user needs ptrace
-    # access (CAP_SYS_PTRACE); init is such a process for everyone but root,
-    # so try it rather than guess from the uid.
-    try:
-        os.listdir(f"{proc_root}/1/fd")
-    except OSError:
-        return False
-    return True
-
-
 def _connector_reason(proc_root: str) -> str | None:
     if not sys.platform.startswith("linux"):
         return "the process connector is Linux-only"
@@ -216,7 +184,10 @@ def negotiate_capabilities(
             "process supervision needs a POSIX system",
         )
 
-    no_proc = _proc_readable(proc_root)
+    # Pure Python, importable anywhere; /proc itself is read only there.
+    from ._linux import _procfs
+
+    no_proc = _procfs.unusable_reason(proc_root)
     if no_proc is not None:
         for category in (EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK):
             put(category, CapabilitySupport.UNAVAILABLE, None, no_proc)
@@ -239,7 +210,7 @@ def negotiate_capabilities(
             f"(connector: {refused})",
         )
 
-    others = scope is TraceScope.SYSTEM_WIDE and not _others_fds_readable(proc_root)
+    others = scope is TraceScope.SYSTEM_WIDE and not _procfs.others_fds_readable(proc_root)
     only_ours = (
         "; only this user's processes: other users' /proc/<pid>/fd needs CAP_SYS_PTRACE"
         if others
@@ -251,7 +222,7 @@ def negotiate_capabilities(
         "proc-fd-snapshot",
         "snapshots of /proc/<pid>/fd miss files opened and closed between two scans" + only_ours,
     )
-    if _net_tables_readable(proc_root):
+    if _procfs.net_tables_readable(proc_root):
         put(
             EventCategory.NETWORK,
             CapabilitySupport.PARTIAL,

@@ -36,6 +36,10 @@ class ObserverEventKind(enum.Enum):
     EXITED = "exited"
     DESCENDANT_STARTED = "descendant-started"
     DESCENDANT_EXITED = "descendant-exited"
+    DESCENDANT_EXEC = "descendant-exec"
+    """A descendant called ``execve()``: ``argv`` is its new command line
+    (``DESCENDANT_STARTED`` is seen at the fork, so it carries the parent's
+    command line, or none)."""
     FILE_OPEN = "file-open"
     FILE_CLOSE = "file-close"
     SOCKET_LISTEN = "socket-listen"
@@ -135,7 +139,8 @@ class ObserverEvent:
     root_pid: int | None = None
     """For tree events: the session process whose tree ``pid`` belongs to."""
     argv: tuple[str, ...] | None = None
-    """For ``STARTED``: the command line; for descendants, where readable."""
+    """For ``STARTED``: the command line; for ``DESCENDANT_EXEC``, the new one;
+    for ``DESCENDANT_STARTED``, the one it had when seen, where readable."""
     termination: TerminationOutcome | None = None
     """For ``EXITED``: whether the session had to stop the process."""
     path: str | None = None
@@ -189,6 +194,7 @@ _LIFECYCLE_KINDS: Final = {
     ObserverEventKind.EXITED: EventCategory.LIFECYCLE,
     ObserverEventKind.DESCENDANT_STARTED: EventCategory.PROCESS,
     ObserverEventKind.DESCENDANT_EXITED: EventCategory.PROCESS,
+    ObserverEventKind.DESCENDANT_EXEC: EventCategory.PROCESS,
 }
 
 
@@ -204,7 +210,7 @@ def lifecycle_event(
     exit_code: int | None = None,
     termination: TerminationOutcome | None = None,
 ) -> ObserverEvent:
-    """Build the start or exit event of a process: the one place that does.
+    """Build the start, exec or exit event of a process: the one place that does.
 
     The category follows from ``kind`` (``STARTED``/``EXITED`` are
     LIFECYCLE, the descendant kinds PROCESS); ``timestamp_ms`` defaults to

@@ -31,43 +31,61 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, final
 
-from ._procfs import read_run_counters, read_thread_ids, run_counters_path
+from ._procfs import parse_run_counters, read_thread_ids, run_counters_path
 
 VERIFY_EVERY: Final = 25
 """After this many quiet passes in a row a process is looked at in full
 anyway (0.5 s at the default 20 ms interval), for the changes the counters
 cannot see."""
 
+MAX_KEPT_FDS: Final = 1024
+"""At most this many ``schedstat`` files are kept open (one per thread
+watched). Threads past the bound are read by opening the file each pass, as
+before: correct, only dearer."""
+
 
 @dataclass(slots=True)
 class _Record:
-    threads: tuple[int, ...]
     paths: tuple[str, ...]
+    # One open schedstat per thread, or -1 where the bound was reached. The
+    # descriptor stays bound to the task it was opened for: once that task is
+    # reaped a read fails (ESRCH) or is empty, so it can never show the
+    # counters of a later process that reused the pid.
+    fds: list[int]
     counters: tuple[tuple[int, int], ...]
     quiet_passes: int
+    seen: int
 
 
 def _read_counters(path: str) -> tuple[int, int] | None:
-    # The hot loop: one open, read and close per thread per pass, so without
-    # the helpers of ._procfs.
+    # Threads past MAX_KEPT_FDS: one open, read and close per pass.
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        fields = os.read(fd, 128).split()
+        data = os.read(fd, 128)
     except OSError:
         return None
     finally:
         os.close(fd)
-    if len(fields) < 3 or fields[2] == b"0":
+    return parse_run_counters(data)
+
+
+def _pread_counters(fd: int) -> tuple[int, int] | None:
+    try:
+        return parse_run_counters(os.pread(fd, 128, 0))
+    except OSError:
         return None
-    return int(fields[0]), int(fields[2])
 
 
 @final
 class ActivityWatch:
     """Tell apart the processes that ran since the previous look from those that did not.
+
+    Keeps one ``schedstat`` descriptor open per watched thread (at most
+    :data:`MAX_KEPT_FDS`) and re-reads it with ``pread``; :meth:`forget_all`
+    closes them.
 
     Args:
         proc_root: Where ``/proc`` is mounted (or a fake tree).
@@ -80,9 +98,18 @@ class ActivityWatch:
         self._proc_root = proc_root
         self._verify_every = verify_every
         self._records: dict[int, _Record] = {}
+        self._kept_fds = 0
+        self._pass = 0
+
+    @property
+    def kept_fds(self) -> int:
+        """How many ``schedstat`` descriptors are open now."""
+        return self._kept_fds
 
     def forget_all(self) -> None:
-        """Drop every record: each process is active at the next :meth:`update`."""
+        """Drop every record and close its descriptors: each process is active at the next look."""
+        for record in self._records.values():
+            self._close(record)
         self._records.clear()
 
     def update(self, pids: Iterable[int]) -> set[int]:
@@ -104,39 +131,71 @@ class ActivityWatch:
         Returns:
             The quiet pids.
         """
+        self._pass += 1
+        this_pass = self._pass
+        records = self._records
         quiet: set[int] = set()
-        records: dict[int, _Record] = {}
+        looked = 0
         for pid in pids:
-            record = self._records.get(pid)
-            if record is not None and record.quiet_passes < self._verify_every:
-                if len(record.paths) == 1:
-                    same = _read_counters(record.paths[0]) == record.counters[0]
-                else:
-                    same = tuple(map(_read_counters, record.paths)) == record.counters
-                if same:
+            looked += 1
+            record = records.get(pid)
+            if record is not None:
+                record.seen = this_pass
+                if record.quiet_passes < self._verify_every and self._unchanged(record):
                     record.quiet_passes += 1
-                    records[pid] = record
                     quiet.add(pid)
                     continue
-            fresh = self._baseline(pid)
+                self._close(record)
+                del records[pid]
+            fresh = self._baseline(pid, this_pass)
             if fresh is not None:
                 records[pid] = fresh
-        self._records = records
+        if len(records) > looked:
+            for pid in [pid for pid, r in records.items() if r.seen != this_pass]:
+                self._close(records.pop(pid))
         return quiet
 
-    def _baseline(self, pid: int) -> _Record | None:
+    def _unchanged(self, record: _Record) -> bool:
+        counters = record.counters
+        for i, fd in enumerate(record.fds):
+            now = _pread_counters(fd) if fd >= 0 else _read_counters(record.paths[i])
+            if now is None or now != counters[i]:
+                return False
+        return True
+
+    def _close(self, record: _Record) -> None:
+        for fd in record.fds:
+            if fd >= 0:
+                os.close(fd)
+                self._kept_fds -= 1
+        record.fds = []
+
+    def _baseline(self, pid: int, this_pass: int) -> _Record | None:
         threads = read_thread_ids(self._proc_root, pid)
         if not threads:
             return None
+        paths = tuple(run_counters_path(self._proc_root, pid, tid) for tid in threads)
+        record = _Record(paths, [], (), 0, this_pass)
         counters: list[tuple[int, int]] = []
-        for tid in threads:
-            pair = read_run_counters(self._proc_root, pid, tid)
+        for path in paths:
+            fd = -1
+            if self._kept_fds < MAX_KEPT_FDS:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    self._close(record)
+                    return None
+                self._kept_fds += 1
+            record.fds.append(fd)
+            pair = _pread_counters(fd) if fd >= 0 else _read_counters(path)
             if pair is None:
+                self._close(record)
                 return None
             counters.append(pair)
         # A thread created after the listing by a thread whose counters were
         # read later would be unwatched: list again and give up if it moved.
         if read_thread_ids(self._proc_root, pid) != threads:
+            self._close(record)
             return None
-        paths = tuple(run_counters_path(self._proc_root, pid, tid) for tid in threads)
-        return _Record(tuple(threads), paths, tuple(counters), 0)
+        record.counters = tuple(counters)
+        return record

@@ -4,7 +4,12 @@ The kernel multicasts one message per fork, exec and exit of every task of
 the system to sockets subscribed to ``CN_IDX_PROC``. Subscribing needs
 ``CAP_NET_ADMIN`` in the initial user and pid namespaces; elsewhere the bind
 fails with ``EPERM`` or the subscription is silently ignored (no
-acknowledgement), and the observer falls back to polling ``/proc``.
+acknowledgement), and the observer falls back to polling ``/proc``. The
+records carry the pids of the initial pid namespace, which a process in
+another one cannot relate to its own: there the connector is not used at
+all, whatever the kernel answers. Acknowledgements are multicast to every
+listener, so ours is told from another process's by the ``ack`` number we
+chose.
 
 Messages are read from a non-blocking socket with
 ``trio.lowlevel.wait_readable``. When the process falls behind, the kernel
@@ -17,13 +22,17 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Final, Protocol, final
 
 import trio
+
+from ._procfs import foreign_namespaces
 
 NETLINK_CONNECTOR: Final = 11
 CN_IDX_PROC: Final = 1
@@ -168,33 +177,49 @@ def parse_messages(data: bytes) -> list[ConnectorRecord]:
     return records
 
 
-def build_control_message(op: int) -> bytes:
+def build_control_message(op: int, *, ack: int = 0) -> bytes:
     """Build the netlink message that subscribes to (or leaves) proc events.
 
     Args:
         op: :data:`PROC_CN_MCAST_LISTEN` or :data:`PROC_CN_MCAST_IGNORE`.
+        ack: The ``ack`` number of the request; the kernel's acknowledgement
+            carries ``ack + 1``.
 
     Returns:
         The bytes to send on the connector socket.
     """
     payload = struct.pack("=I", op)
-    cn_msg = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0) + payload
+    cn_msg = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, ack, len(payload), 0) + payload
     header = _NLMSGHDR.pack(_NLMSGHDR.size + len(cn_msg), _NLMSG_DONE, 0, 0, 0)
     return header + cn_msg
 
 
-def _is_subscription_ack(data: bytes) -> int | None:
-    """Return the error of a PROC_EVENT_NONE acknowledgement, else ``None``."""
+def subscription_ack_error(data: bytes, ack: int) -> int | None:
+    """Return the error of the acknowledgement of our request, else ``None``.
+
+    Args:
+        data: One datagram read from the connector socket.
+        ack: The ``ack`` number our request carried.
+
+    Returns:
+        ``0`` for a subscription accepted, an ``errno`` for one refused,
+        ``None`` for anything else: records, and the acknowledgements of
+        other processes' requests, which the kernel multicasts to every
+        listener (their ``ack`` is not ours plus one).
+    """
     if len(data) < _NLMSGHDR.size + _CN_MSG.size + _PROC_EVENT.size + _ACK.size:
         return None
     _length, msg_type, *_ = _NLMSGHDR.unpack_from(data, 0)
     if msg_type == _NLMSG_ERROR:
+        # Netlink's own errors are unicast to the sender: ours.
         (err,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
         return -err if err else 0
-    idx, val, *_ = _CN_MSG.unpack_from(data, _NLMSGHDR.size)
+    idx, val, _seq, their_ack, *_ = _CN_MSG.unpack_from(data, _NLMSGHDR.size)
     event = _NLMSGHDR.size + _CN_MSG.size
     what, _cpu, _ts = _PROC_EVENT.unpack_from(data, event)
     if idx != CN_IDX_PROC or val != CN_VAL_PROC or what != PROC_EVENT_NONE:
+        return None
+    if their_ack != (ack + 1) & 0xFFFFFFFF:
         return None
     (err,) = _ACK.unpack_from(data, event + _PROC_EVENT.size)
     return int(err)
@@ -238,6 +263,13 @@ def open_connector_socket(*, ack_timeout: float = 1.0) -> socket.socket:
     """
     if not hasattr(socket, "AF_NETLINK"):
         raise ConnectorUnavailableError("netlink sockets do not exist on this platform")
+    foreign = foreign_namespaces()
+    if foreign:
+        raise ConnectorUnavailableError(
+            f"this process is not in the initial namespaces ({', '.join(foreign)}): "
+            "the process connector reports the initial pid namespace's pids, "
+            "and the kernel ignores subscriptions from elsewhere"
+        )
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
     except OSError as exc:
@@ -254,9 +286,10 @@ def open_connector_socket(*, ack_timeout: float = 1.0) -> socket.socket:
         # Port id 0: the kernel picks a unique one, so several observers in
         # one process do not collide on the pid.
         sock.bind((0, CN_IDX_PROC))
-        sock.send(build_control_message(PROC_CN_MCAST_LISTEN))
+        ack = random.getrandbits(32)
+        sock.send(build_control_message(PROC_CN_MCAST_LISTEN, ack=ack))
         sock.setblocking(False)
-        _wait_for_ack(sock, ack_timeout)
+        _wait_for_ack(sock, ack_timeout, ack)
     except ConnectorUnavailableError:
         sock.close()
         raise
@@ -269,20 +302,22 @@ def open_connector_socket(*, ack_timeout: float = 1.0) -> socket.socket:
     return sock
 
 
-def _wait_for_ack(sock: socket.socket, timeout: float) -> None:
+def _wait_for_ack(sock: socket.socket, timeout: float, ack: int) -> None:
     # The ack is queued before send() returns; a select with a timeout covers
     # kernels that answer a moment later, and bounds the wait where the
     # request is silently ignored. Events queued before the ack are dropped:
-    # the observer resynchronises with a scan right after subscribing.
+    # the observer resynchronises with a scan right after subscribing. The
+    # deadline holds however many records and foreign acks arrive meanwhile.
+    deadline = time.monotonic() + timeout
     while True:
-        readable, _, _ = select.select([sock], [], [], timeout)
+        readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
         if not readable:
             raise ConnectorUnavailableError(
                 "the kernel did not acknowledge the subscription to process events "
                 "(not in the initial pid/user namespace?)"
             )
         data = sock.recv(_RECV_SIZE)
-        err = _is_subscription_ack(data)
+        err = subscription_ack_error(data, ack)
         if err is None:
             continue
         if err:

@@ -319,6 +319,32 @@ def read_net_namespace(proc_root: str, pid: int) -> str | None:
         return None
 
 
+INITIAL_NAMESPACES: Final = {"pid": "pid:[4026531836]", "user": "user:[4026531837]"}
+"""The links of the initial pid and user namespaces: the kernel gives them
+fixed inode numbers (``PROC_PID_INIT_INO``, ``PROC_USER_INIT_INO``)."""
+
+
+def foreign_namespaces(proc_root: str = "/proc") -> list[str]:
+    """Return which of this process's pid and user namespaces are not the initial ones.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted.
+
+    Returns:
+        ``"pid"`` and/or ``"user"``, each with the link read (``"pid:[...]"``);
+        empty when both are the initial ones or cannot be read.
+    """
+    out = []
+    for kind, initial in INITIAL_NAMESPACES.items():
+        try:
+            link = os.readlink(f"{proc_root}/self/ns/{kind}")
+        except OSError:
+            continue
+        if link != initial:
+            out.append(link)
+    return out
+
+
 def environ_has(proc_root: str, pid: int, entry: bytes) -> bool:
     """Tell whether the initial environment of ``pid`` holds ``entry`` exactly.
 
@@ -410,11 +436,24 @@ def read_run_counters(proc_root: str, pid: int, tid: int) -> tuple[int, int] | N
     except OSError:
         return None
     try:
-        data = os.read(fd, 128)
+        return parse_run_counters(os.read(fd, 128))
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def parse_run_counters(data: bytes) -> tuple[int, int] | None:
+    """Parse what a ``schedstat`` file holds (see :func:`read_run_counters`).
+
+    Args:
+        data: The file's bytes; empty when read through a descriptor kept
+            open past the thread's end.
+
+    Returns:
+        ``(runtime_ns, times_scheduled)``, or ``None`` for zeros, an empty
+        read or anything malformed.
+    """
     fields = data.split()
     if len(fields) < 3:
         return None
@@ -427,3 +466,53 @@ def read_run_counters(proc_root: str, pid: int, tid: int) -> tuple[int, int] | N
         # run yet. Neither proves anything.
         return None
     return runtime, scheduled
+
+
+def unusable_reason(proc_root: str) -> str | None:
+    """Tell whether ``proc_root`` is a ``/proc`` the observer can use.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+
+    Returns:
+        ``None`` if it lists at least one process whose ``stat`` parses,
+        else why not, in a sentence for the capability report.
+    """
+    try:
+        names = os.listdir(proc_root)
+    except OSError as exc:
+        return f"no readable /proc at {proc_root!r} ({exc.strerror or exc})"
+    for name in names:
+        if name.isdigit() and read_stat(proc_root, int(name)) is not None:
+            return None
+    return f"{proc_root!r} lists no readable processes"
+
+
+def net_tables_readable(proc_root: str) -> bool:
+    """Tell whether some socket table under ``<proc_root>/net`` is readable.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+
+    Returns:
+        Whether ``tcp``, ``tcp6`` or ``unix`` can be read.
+    """
+    return any(os.access(f"{proc_root}/net/{t}", os.R_OK) for t in ("tcp", "tcp6", "unix"))
+
+
+def others_fds_readable(proc_root: str) -> bool:
+    """Tell whether the descriptors of another user's process can be listed.
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+
+    Returns:
+        Whether ``<proc_root>/1/fd`` can be listed.
+    """
+    # It needs ptrace access (CAP_SYS_PTRACE); init is such a process for
+    # everyone but root, so try it rather than guess from the uid.
+    try:
+        os.listdir(f"{proc_root}/1/fd")
+    except OSError:
+        return False
+    return True

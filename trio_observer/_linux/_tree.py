@@ -462,6 +462,8 @@ class TreeObserver:
                 # Cancelled on the way (a BLOCK sink that never made room ran
                 # out the session's patience): what is left still counts.
                 self._push_nowait(self._final_events(connector))
+            # Its schedstat descriptors are not kept while nobody looks.
+            self._activity.forget_all()
             if connector is not None:
                 connector.close()
 
@@ -590,7 +592,7 @@ class TreeObserver:
             elif isinstance(record, ExitRecord):
                 events.extend(self._tree.on_exit(record))
             else:
-                self._tree.on_exec(record)
+                events.extend(self._tree.on_exec(record))
         if batch.overruns:
             self._lost_overruns += batch.overruns
             events.append(self._loss_event(None))

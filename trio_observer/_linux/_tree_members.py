@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, final
 
 from .._events import (
@@ -43,6 +43,8 @@ from ._procfs import (
 # on another CPU first. Exits of unknown pids are remembered this long (in
 # records) so a late fork can be matched with its exit.
 _RECENT_EXITS: Final = 1024
+# Exits reported by the connector whose zombies a rescan may still meet.
+_SEEN_DEAD: Final = 4096
 # How much earlier than its fork record a child's exit may have been stamped
 # (the parent can be preempted between waking the child and sending the fork
 # message). A remembered exit older than that is of an earlier process that
@@ -59,6 +61,9 @@ class TreeNode:
     ppid: int | None
     root_pid: int | None
     cached: TrackedProcess | None = None
+    # The command line last reported: a poll that reads another one has
+    # seen an exec.
+    argv: tuple[str, ...] | None = None
 
     def tracked(self) -> TrackedProcess:
         """Return this process as the descriptor and activity scans want it."""
@@ -171,142 +176,152 @@ class TreeMembers:
 
         Args:
             quiet: Processes that have not run since the previous scan, so
-                they have neither exited nor forked: their stat and children
-                are not read.
+                they have neither exited, forked nor exec'd: their stat,
+                children and command line are not read.
 
         Returns:
-            The closes and ``DESCENDANT_EXITED`` of the processes gone, then
-            the ``DESCENDANT_STARTED`` of the new ones (with the exit of a
-            zombie never seen alive right after its start).
+            The closes and ``DESCENDANT_EXITED`` of the processes gone and the
+            ``DESCENDANT_EXEC`` of those whose command line changed, then the
+            ``DESCENDANT_STARTED`` of the new ones (with the exit of a zombie
+            never seen alive right after its start).
         """
         self.roots_dirty = False
         if not self._roots and not self._members:
             self._seen_dead = {}
             return []
-        table: dict[int, ProcStat] | None = None
+        view = self._view()
+        scan = _Scan()
+        self._refresh_roots(view, quiet, scan)
+        self._refresh_members(view, quiet, scan)
+        starts = self._discover_children(view, quiet, scan)
+        self._carry_zombies_over(scan)
+        return scan.exits + starts
+
+    def _view(self) -> _ProcView:
         for probe in (*self._roots, *self._members):
             # Decided once, by the first process still there to look at: the
             # kernel either has children files or not.
             if self._children_files is not None:
                 break
             self._children_files = has_children_files(self._proc_root, probe)
-        if not self._children_files:
-            table = scan_all(self._proc_root)
-        stats: dict[int, ProcStat | None] = dict(table) if table is not None else {}
+        table = None if self._children_files else scan_all(self._proc_root)
+        return _ProcView(self._proc_root, table)
 
-        def stat_of(pid: int) -> ProcStat | None:
-            if table is not None:
-                return table.get(pid)
-            if pid not in stats:
-                stats[pid] = read_stat(self._proc_root, pid)
-            return stats[pid]
-
-        by_parent: dict[int, list[int]] = {}
-        if table is not None:
-            for entry in table.values():
-                by_parent.setdefault(entry.ppid, []).append(entry.pid)
-
-        def children_of(pid: int) -> list[int]:
-            if table is not None:
-                return by_parent.get(pid, [])
-            return read_children(self._proc_root, pid) or []
-
-        exits: list[ObserverEvent] = []
-        parents: dict[int, int | None] = {}
-        # Whose children to read: those that ran, and their parents, since
-        # clone(CLONE_PARENT) makes a child of the caller's parent.
-        walk: set[int] = set()
-        seen_dead: dict[tuple[int, int], int] = {}
-        # Whose children were read this scan: the zombies of the others were
-        # not looked at, so what is known about them is carried over.
-        read: set[int] = set()
-        lost = False
+    def _refresh_roots(self, view: _ProcView, quiet: set[int], scan: _Scan) -> None:
+        """Drop the roots that exited (their pid may be reused)."""
         for pid, root in list(self._roots.items()):
             if pid in quiet:
-                parents[pid] = pid
+                scan.parents[pid] = pid
                 continue
-            stat = stat_of(pid)
+            stat = view.stat_of(pid)
             if stat is None or stat.is_dead or not _same(root, stat):
                 # An exited root has no children left (they were reparented
-                # and, if known, stay members); its pid may be reused.
+                # and, if known, stay members).
                 del self._roots[pid]
                 self._main_thread_gone.discard(pid)
-                exits.extend(self._descriptors.forget(root.tracked()))
-                lost = True
+                scan.exits.extend(self._descriptors.forget(root.tracked()))
+                scan.lost = True
                 continue
             root.starttime = stat.starttime
-            parents[pid] = pid
-            walk.add(pid)
+            scan.parents[pid] = pid
+            scan.walk.add(pid)
+
+    def _refresh_members(self, view: _ProcView, quiet: set[int], scan: _Scan) -> None:
+        """Report the members that exited and the execs of those that ran."""
         for pid, node in list(self._members.items()):
             if pid in quiet:
-                parents[pid] = node.root_pid
+                scan.parents[pid] = node.root_pid
                 continue
-            stat = stat_of(pid)
+            stat = view.stat_of(pid)
             if stat is not None and not stat.is_dead and _same(node, stat):
                 node.starttime = stat.starttime
                 self._note_main_thread(stat)
-                parents[pid] = node.root_pid
-                walk.update((pid, stat.ppid))
+                scan.parents[pid] = node.root_pid
+                # Its parent too: clone(CLONE_PARENT) makes a child of the
+                # caller's parent.
+                scan.walk.update((pid, stat.ppid))
+                exec_event = self._exec_seen(node)
+                if exec_event is not None:
+                    scan.exits.append(exec_event)
                 continue
             del self._members[pid]
-            lost = True
-            code = None
+            scan.lost = True
             self._main_thread_gone.discard(pid)
-            if stat is not None and stat.is_dead and _same(node, stat):
-                seen_dead[stat.identity] = stat.ppid
-                # After the main thread, stat shows the main thread's own
-                # status, not the one the last thread's exit_group() set.
-                if stat.exit_code is not None and pid not in self._main_thread_gone:
-                    code = wait_status_to_exit_code(stat.exit_code)
-                if self._reap_adopted and stat.ppid == self._self_pid:
-                    self._to_reap[pid] = stat.starttime
-            exits.extend(self._descriptors.forget(node.tracked()))
-            exits.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
-        starts: list[ObserverEvent] = []
-        if lost or table is not None or not quiet:
+            code = self._zombie_exit(node, stat, scan)
+            scan.exits.extend(self._descriptors.forget(node.tracked()))
+            scan.exits.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
+
+    def _zombie_exit(self, node: TreeNode, stat: ProcStat | None, scan: _Scan) -> int | None:
+        """Return the exit code of a member gone, if it is still a zombie."""
+        if stat is None or not stat.is_dead or not _same(node, stat):
+            return None
+        scan.seen_dead[stat.identity] = stat.ppid
+        if self._reap_adopted and stat.ppid == self._self_pid:
+            self._to_reap[node.pid] = stat.starttime
+        # After the main thread, stat shows the main thread's own status,
+        # not the one the last thread's exit_group() set.
+        if stat.exit_code is None or node.pid in self._main_thread_gone:
+            return None
+        return wait_status_to_exit_code(stat.exit_code)
+
+    def _discover_children(
+        self, view: _ProcView, quiet: set[int], scan: _Scan
+    ) -> list[ObserverEvent]:
+        """Walk down from the processes that ran; return the starts found."""
+        if scan.lost or view.table is not None or not quiet:
             # An exit re-parents the exited process's children, possibly to a
             # member that is a subreaper itself: look everywhere once.
-            queue = list(parents)
+            queue = list(scan.parents)
         else:
-            queue = [pid for pid in parents if pid in walk]
-        if self._adopt_marker is not None and (queue or lost):
-            starts.extend(self._adopt(children_of(self._self_pid), stat_of, parents, queue))
+            queue = [pid for pid in scan.parents if pid in scan.walk]
+        starts: list[ObserverEvent] = []
+        if self._adopt_marker is not None and (queue or scan.lost):
+            starts.extend(
+                self._adopt(view.children_of(self._self_pid), view.stat_of, scan.parents, queue)
+            )
         while queue:
             parent = queue.pop()
-            read.add(parent)
-            for child in children_of(parent):
+            scan.read.add(parent)
+            for child in view.children_of(parent):
                 if child in self._members or child in self._roots:
                     continue
-                stat = stat_of(child)
+                stat = view.stat_of(child)
                 if stat is None or stat.ppid != parent:
                     continue
-                node = TreeNode(child, stat.starttime, parent, parents[parent])
+                node = TreeNode(child, stat.starttime, parent, scan.parents[parent])
                 if stat.is_dead:
-                    # A zombie we never saw alive: it lived and died between
-                    # two scans, but its parent has not reaped it yet, so
-                    # both its existence and its exit status are known.
-                    if stat.identity not in self._seen_dead and stat.identity not in seen_dead:
-                        status = stat.exit_code
-                        code = None if status is None else wait_status_to_exit_code(status)
-                        starts.append(self._started_event(node, None))
-                        starts.append(
-                            self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code)
-                        )
-                    seen_dead[stat.identity] = parent
+                    starts.extend(self._unseen_zombie(node, stat, scan))
                     continue
                 self._members[child] = node
                 self._note_main_thread(stat)
-                parents[child] = node.root_pid
+                scan.parents[child] = node.root_pid
                 queue.append(child)
                 starts.append(self._started_event(node, None))
+        return starts
+
+    def _unseen_zombie(self, node: TreeNode, stat: ProcStat, scan: _Scan) -> list[ObserverEvent]:
+        """Report a zombie child found by the walk, unless already reported."""
+        identity = stat.identity
+        known = identity in self._seen_dead or identity in scan.seen_dead
+        scan.seen_dead[identity] = node.ppid or 0
+        if known:
+            return []
+        # It lived and died between two scans, but its parent has not reaped
+        # it yet, so both its existence and its exit status are known.
+        code = None if stat.exit_code is None else wait_status_to_exit_code(stat.exit_code)
+        return [
+            self._started_event(node, None),
+            self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code),
+        ]
+
+    def _carry_zombies_over(self, scan: _Scan) -> None:
         for identity, parent in self._seen_dead.items():
             # A zombie of a quiet parent is still there, unreaped: forgetting
             # it would report it again, as new, when the parent is next read.
             # Once the parent leaves the tree its zombies are init's.
-            if parent not in read and parent in parents:
-                seen_dead.setdefault(identity, parent)
-        self._seen_dead = seen_dead
-        return exits + starts
+            if parent not in scan.read and parent in scan.parents:
+                scan.seen_dead.setdefault(identity, parent)
+        self._seen_dead = scan.seen_dead
 
     def _note_main_thread(self, stat: ProcStat) -> None:
         if stat.main_thread_exited:
@@ -455,12 +470,13 @@ class TreeMembers:
         *,
         grade: EventGrade = EventGrade.INFERRED,
     ) -> ObserverEvent:
+        node.argv = read_cmdline(self._proc_root, node.pid)
         return lifecycle_event(
             ObserverEventKind.DESCENDANT_STARTED,
             node.pid,
             ppid=node.ppid,
             root_pid=node.root_pid,
-            argv=read_cmdline(self._proc_root, node.pid),
+            argv=node.argv,
             grade=grade,
             timestamp_ms=timestamp_ms,
         )
@@ -503,14 +519,58 @@ class TreeMembers:
             events.extend(self.on_exit(early_exit))
         return events
 
-    def on_exec(self, record: ExecRecord) -> None:
-        """Note that a process called ``execve()``.
+    def on_exec(self, record: ExecRecord) -> list[ObserverEvent]:
+        """Report that a descendant called ``execve()``.
 
         An ``execve()`` by a thread other than the main one ends the main
         thread (with an exit record for the process's pid) and gives its pid
         to the calling thread: the process has a main thread again.
+
+        Returns:
+            The ``DESCENDANT_EXEC`` (exact, with the command line read now:
+            the kernel sends the record once the new program is in place),
+            or nothing for a root or a process outside the tree.
         """
         self._main_thread_gone.discard(record.tgid)
+        node = self._members.get(record.tgid)
+        if node is None:
+            return []
+        return [
+            self._exec_event(
+                node,
+                read_cmdline(self._proc_root, node.pid),
+                grade=EventGrade.EXACT,
+                timestamp_ms=_kernel_time_ms(record.timestamp_ns),
+            )
+        ]
+
+    def _exec_event(
+        self,
+        node: TreeNode,
+        argv: tuple[str, ...] | None,
+        *,
+        grade: EventGrade = EventGrade.INFERRED,
+        timestamp_ms: float | None = None,
+    ) -> ObserverEvent:
+        node.argv = argv
+        return lifecycle_event(
+            ObserverEventKind.DESCENDANT_EXEC,
+            node.pid,
+            ppid=node.ppid,
+            root_pid=node.root_pid,
+            argv=argv,
+            grade=grade,
+            timestamp_ms=timestamp_ms,
+        )
+
+    def _exec_seen(self, node: TreeNode) -> ObserverEvent | None:
+        """Return a ``DESCENDANT_EXEC`` if a running member's command line changed."""
+        argv = read_cmdline(self._proc_root, node.pid)
+        # None: unreadable, or empty in the middle of an exec; the next
+        # pass reads it again.
+        if argv is None or argv == node.argv:
+            return None
+        return self._exec_event(node, argv)
 
     def on_exit(self, record: ExitRecord) -> list[ObserverEvent]:
         """Drop a process of the tree that exited.
@@ -543,6 +603,14 @@ class TreeMembers:
             del self._roots[pid]
             return self._descriptors.forget(known.tracked())
         del self._members[pid]
+        if node.starttime is not None and node.ppid is not None:
+            # Reported now, but it may stay a zombie of its parent for a
+            # while: a rescan of /proc must not take it for one never seen.
+            self._seen_dead[(pid, node.starttime)] = node.ppid
+            if len(self._seen_dead) > _SEEN_DEAD:
+                # Only a rescan prunes it, and the connector rescans only
+                # after lost records: the oldest is the likeliest reaped.
+                del self._seen_dead[next(iter(self._seen_dead))]
         if self._reap_adopted:
             # Reaped once it is a zombie: the record comes before that.
             self._to_reap[pid] = node.starttime
@@ -557,6 +625,53 @@ class TreeMembers:
             )
         )
         return events
+
+
+@dataclass(slots=True)
+class _Scan:
+    """What one :meth:`TreeMembers.scan` gathers as it goes."""
+
+    exits: list[ObserverEvent] = field(default_factory=list)
+    # Every process of the tree still there, with its root.
+    parents: dict[int, int | None] = field(default_factory=dict)
+    # Whose children to read: those that ran, and their parents.
+    walk: set[int] = field(default_factory=set)
+    # Zombies met (or reported) this scan, with their parents.
+    seen_dead: dict[tuple[int, int], int] = field(default_factory=dict)
+    # Whose children were read: the zombies of the others were not looked
+    # at, so what is known about them is carried over.
+    read: set[int] = field(default_factory=set)
+    lost: bool = False
+
+
+@final
+class _ProcView:
+    """The stat and children of processes, read at most once per scan.
+
+    With a ``table`` (a kernel without children files) everything comes from
+    one read of every ``/proc/<pid>/stat``.
+    """
+
+    def __init__(self, proc_root: str, table: dict[int, ProcStat] | None) -> None:
+        self._proc_root = proc_root
+        self.table = table
+        self._stats: dict[int, ProcStat | None] = {}
+        self._by_parent: dict[int, list[int]] = {}
+        if table is not None:
+            for entry in table.values():
+                self._by_parent.setdefault(entry.ppid, []).append(entry.pid)
+
+    def stat_of(self, pid: int) -> ProcStat | None:
+        if self.table is not None:
+            return self.table.get(pid)
+        if pid not in self._stats:
+            self._stats[pid] = read_stat(self._proc_root, pid)
+        return self._stats[pid]
+
+    def children_of(self, pid: int) -> list[int]:
+        if self.table is not None:
+            return self._by_parent.get(pid, [])
+        return read_children(self._proc_root, pid) or []
 
 
 def _same(node: TreeNode, stat: ProcStat) -> bool:
