@@ -446,7 +446,6 @@ async def test_connector_reports_a_zombie_once_when_a_rescan_sees_it() -> None:
     observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend="connector")
     async with (
         child(ZOMBIES_SCRIPT) as root,
-        child("import sys; sys.stdin.read()") as other,
         observing(observer),
     ):
         observer.add_root(root.pid)
