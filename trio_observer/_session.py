@@ -436,11 +436,20 @@ async def open_session(
         child that other code in the program started.
 
     Raises:
-      ValueError: ``grace_period`` is negative or NaN.
+      TypeError: ``grace_period`` or ``poll_interval`` is not a number, or
+        ``track_descendants`` is not a bool.
+      ValueError: ``grace_period`` is negative, NaN or an int too large for
+        a float (``math.inf`` waits for SIGTERM forever); ``poll_interval``
+        is not a finite number of seconds > 0.
     """
-    check_seconds("grace_period", grace_period)
-    if not poll_interval > 0:
-        raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+    grace_period = check_seconds("grace_period", grace_period)
+    poll_interval = check_seconds(
+        "poll_interval", poll_interval, positive=True, allow_infinite=False
+    )
+    if not isinstance(track_descendants, bool):
+        raise TypeError(
+            f"track_descendants must be True or False, not {type(track_descendants).__name__}"
+        )
     _process_tree.subreaper.acquire()
     try:
         async with _session_scope(grace_period, poll_interval, track_descendants) as session:
