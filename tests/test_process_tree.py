@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trio_observer._linux._process_tree import find_leftovers, parse_stat
+from trio_observer._linux._process_tree import find_leftovers
+from trio_observer._linux._procfs import parse_stat
 
 MARKER = b"TRIO_OBSERVER_SESSION=abc"
 OWN = os.getpid()
@@ -32,7 +33,7 @@ def add_process(
 
 
 def test_parse_stat_survives_parentheses_in_the_name() -> None:
-    stat = parse_stat(7, "7 (a) b) (c) S 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 99 0 0")
+    stat = parse_stat("7 (a) b) (c) S 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 99 0 0")
     assert (stat.state, stat.ppid, stat.pgid, stat.sid, stat.starttime) == ("S", 1, 7, 7, 99)
 
 

@@ -250,10 +250,10 @@ async def test_terminate_gracefully() -> None:
         process = await session.start_process([PY, "-c", on_term], stdout=subprocess.PIPE)
         assert process.stdout is not None
         await read_line(process.stdout)
-        assert await process.terminate_gracefully(grace=30) == 5
+        assert await process.terminate_gracefully(grace_period=30) == 5
         assert process.termination is TerminationOutcome.SOFT_EXIT
-        with pytest.raises(ValueError, match="grace must be >= 0"):
-            await process.terminate_gracefully(grace=-1)
+        with pytest.raises(ValueError, match="grace_period must be >= 0"):
+            await process.terminate_gracefully(grace_period=-1)
 
 
 async def test_descendants_left_behind_are_stopped_when_the_block_ends() -> None:

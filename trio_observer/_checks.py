@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def check_int(name: str, value: int, *, minimum: int) -> int:
     """Return ``value`` if it is an int (not a bool) of at least ``minimum``.
@@ -17,17 +19,34 @@ def check_int(name: str, value: int, *, minimum: int) -> int:
     return value
 
 
-def check_seconds(name: str, value: float) -> float:
-    """Return ``value`` if it is a non-negative number of seconds.
+def check_seconds(
+    name: str, value: float, *, positive: bool = False, allow_infinite: bool = True
+) -> float:
+    """Return ``value`` as a float if it is a valid number of seconds.
 
-    ``math.inf`` is allowed: a grace period that never runs out is a choice.
+    ``math.inf`` is allowed unless ``allow_infinite`` is false: a grace
+    period that never runs out is a choice. Every finite value must also be
+    one the trio clock can add to its current time, so an int too large for
+    a float (``10**400``) is refused here rather than raising
+    ``OverflowError`` in the middle of a teardown.
 
     Raises:
-      TypeError: ``value`` is not a number.
-      ValueError: ``value`` is negative or NaN.
+      TypeError: ``value`` is not a number (a bool is not one).
+      ValueError: ``value`` is negative (or zero, when ``positive``), NaN,
+        too large for a float, or infinite when that is not allowed.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not value >= 0:  # NaN fails this too
-        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
-    return value
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} must be a number of seconds a float can hold, got an int of "
+            f"{int(value).bit_length()} bits"
+        ) from None
+    bound = "> 0" if positive else ">= 0"
+    if not (seconds > 0 if positive else seconds >= 0):  # NaN fails this too
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+    if not allow_infinite and math.isinf(seconds):
+        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    return seconds

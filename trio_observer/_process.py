@@ -235,22 +235,25 @@ class Process:
             return True
         return True
 
-    async def terminate_gracefully(self, *, grace: float = 5.0) -> int:
-        """Stop the process tree: SIGTERM, then SIGKILL after ``grace`` seconds.
+    async def terminate_gracefully(self, *, grace_period: float = 5.0) -> int:
+        """Stop the process tree: SIGTERM, then SIGKILL after ``grace_period`` seconds.
 
-        Sends SIGTERM to the process group, waits up to ``grace`` seconds of
-        the trio clock for the process to exit, then sends SIGKILL to the
-        group. Returns the exit code; :attr:`termination` then says whether
-        the process stopped within the grace period (``SOFT_EXIT``) or had
-        to be killed (``HARD_KILLED``).
+        Sends SIGTERM to the process group, waits up to ``grace_period``
+        seconds of the trio clock for the process to exit, then sends
+        SIGKILL to the group. Returns the exit code; :attr:`termination`
+        then says whether the process stopped within the grace period
+        (``SOFT_EXIT``) or had to be killed (``HARD_KILLED``). This is the
+        routine the session uses when it stops a process itself.
 
         Raises:
-          ValueError: ``grace`` is negative or not a number.
+          TypeError: ``grace_period`` is not a number.
+          ValueError: ``grace_period`` is negative, NaN or too large for a
+            float.
         """
-        check_seconds("grace", grace)
+        grace_period = check_seconds("grace_period", grace_period)
         if self._returncode is None:
             self._request_stop(signal.SIGTERM)
-            with trio.move_on_after(grace):
+            with trio.move_on_after(grace_period):
                 await self._exited.wait()
             if self._returncode is None:
                 self._request_stop(signal.SIGKILL)

@@ -196,22 +196,76 @@ class Session:
         """
         args = _check_argv(argv)
         check_int("backlog_bytes", backlog_bytes, minimum=1)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_open()
-        if self._tree_wanted:
-            # A sink that just asked for PROCESS/FILE/NETWORK must see this
-            # process's first fork: wait for the observer to be subscribed.
-            await self._tree.wait_active()
-            self._check_open()
         if pty is not False:
             if (stdin, stdout, stderr) != (None, None, None):
                 raise ValueError(
                     "pty: a process on a terminal reads and writes the terminal; "
                     "leave stdin, stdout and stderr at None"
                 )
-            size = PtySize() if pty is True else pty
-            if not isinstance(size, PtySize):
+            if not (pty is True or isinstance(pty, PtySize)):
                 raise TypeError(f"pty must be a bool or a PtySize, not {pty!r}")
+        # A full checkpoint, schedule point included (trio's rule for async
+        # functions), and before the spawn: a loop of quick starts lets the
+        # supervisors of the earlier ones reap them here, so zombies and
+        # pidfds do not pile up. A KeyboardInterrupt landing here has
+        # spawned nothing.
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if self._tree_wanted:
+            # A sink that just asked for PROCESS/FILE/NETWORK must see this
+            # process's first fork: wait for the observer to be subscribed.
+            await self._tree.wait_active()
+            self._check_open()
+        process, started, supervision = self._launch(
+            args,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=env,
+            pty=pty,
+            backlog_bytes=backlog_bytes,
+        )
+        try:
+            if self._observers.wants(EventCategory.LIFECYCLE):
+                await self._observers.emit(
+                    lifecycle_event(
+                        ObserverEventKind.STARTED, process.pid, ppid=os.getpid(), argv=args
+                    )
+                )
+        except BaseException:
+            # Cancelled (or interrupted) while STARTED waited for room: the
+            # caller never gets the handle, so nobody could stop or wait for
+            # the process, and the block would wait for it. Its supervisor
+            # stops its tree now, the way a cancelled session does.
+            supervision.cancel()
+            raise
+        finally:
+            started.set()
+        return process
+
+    @trio.lowlevel.enable_ki_protection
+    def _launch(
+        self,
+        args: tuple[str, ...],
+        *,
+        stdin: StdioArg,
+        stdout: StdioArg,
+        stderr: StdioArg,
+        cwd: str | os.PathLike[str] | None,
+        env: Mapping[str, str] | None,
+        pty: bool | PtySize,
+        backlog_bytes: int,
+    ) -> tuple[Process, trio.Event, trio.CancelScope]:
+        # Protected from KeyboardInterrupt, and without a checkpoint, from
+        # the spawn until the supervisor is scheduled: a Ctrl-C landing in
+        # between would leave a child nobody tracks, or a registered one
+        # whose events nobody sets (the teardown would wait forever). Trio
+        # delivers it at the caller's next checkpoint instead, when the
+        # process is already the session's.
+        if pty is not False:
+            size = PtySize() if pty is True else pty
+            assert isinstance(size, PtySize)
             process, pty_stream = spawn_with_pty(
                 args, size=size, cwd=cwd, env=env, session_id=self._id
             )
@@ -246,18 +300,10 @@ class Session:
         self._tree.add_root(process.pid)
         self._groups.add(process.pid)
         started = trio.Event()
+        supervision = trio.CancelScope()
         self._running[process] = trio.Event()
-        self._nursery.start_soon(self._supervise, process, started)
-        try:
-            if self._observers.wants(EventCategory.LIFECYCLE):
-                await self._observers.emit(
-                    lifecycle_event(
-                        ObserverEventKind.STARTED, process.pid, ppid=os.getpid(), argv=args
-                    )
-                )
-        finally:
-            started.set()
-        return process
+        self._nursery.start_soon(self._supervise, process, started, supervision)
+        return process, started, supervision
 
     def _start_reader(
         self,
@@ -272,6 +318,8 @@ class Session:
         scope = trio.CancelScope(shield=True)
         done = self._readers[scope] = trio.Event()
 
+        # Protected from KeyboardInterrupt: the teardown waits for done.
+        @trio.lowlevel.enable_ki_protection
         async def read() -> None:
             try:
                 with scope:
@@ -324,11 +372,19 @@ class Session:
         task_status.started(process)
         return await process.wait()
 
-    async def _supervise(self, process: Process, started: trio.Event) -> None:
+    @trio.lowlevel.enable_ki_protection
+    async def _supervise(
+        self, process: Process, started: trio.Event, supervision: trio.CancelScope
+    ) -> None:
+        # Protected from KeyboardInterrupt: the finally below must run, or
+        # the teardown would wait for this process forever.
         try:
             cancelled = False
             try:
-                await process._supervise(self._grace_period)
+                with supervision:
+                    await process._supervise(self._grace_period)
+                if supervision.cancelled_caught:
+                    cancelled = True
             except trio.Cancelled:
                 cancelled = True
                 raise
@@ -456,11 +512,20 @@ async def open_session(
         child that other code in the program started.
 
     Raises:
-      ValueError: ``grace_period`` is negative or NaN.
+      TypeError: ``grace_period`` or ``poll_interval`` is not a number, or
+        ``track_descendants`` is not a bool.
+      ValueError: ``grace_period`` is negative, NaN or an int too large for
+        a float (``math.inf`` waits for SIGTERM forever); ``poll_interval``
+        is not a finite number of seconds > 0.
     """
-    check_seconds("grace_period", grace_period)
-    if not poll_interval > 0:
-        raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+    grace_period = check_seconds("grace_period", grace_period)
+    poll_interval = check_seconds(
+        "poll_interval", poll_interval, positive=True, allow_infinite=False
+    )
+    if not isinstance(track_descendants, bool):
+        raise TypeError(
+            f"track_descendants must be True or False, not {type(track_descendants).__name__}"
+        )
     _process_tree.subreaper.acquire()
     try:
         async with _session_scope(grace_period, poll_interval, track_descendants) as session:

@@ -149,7 +149,10 @@ async def _run(
                 await helpers.start(_write_events, session, categories, events_file)
                 if exporter is not None:
                     await helpers.start(_otlp.export, exporter, session, categories)
-                helpers.start_soon(_stop_on_signal, session, stopped_by, watch_signals)
+                # Started, not start_soon: the handlers must be installed
+                # before CMD exists, or a SIGTERM/SIGHUP right after the
+                # spawn kills this process and orphans CMD's tree.
+                await helpers.start(_stop_on_signal, session, stopped_by, watch_signals)
                 try:
                     size = terminal_size(sys.stdin.fileno()) or PtySize()
                     process = await session.start_process(cmd, pty=size if use_pty else False)
@@ -227,8 +230,15 @@ async def _write_events(
             events_file.flush()
 
 
-async def _stop_on_signal(session: Session, stopped_by: list[int], scope: trio.CancelScope) -> None:
+async def _stop_on_signal(
+    session: Session,
+    stopped_by: list[int],
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     with scope, trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        task_status.started()
         async for sig in signals:
             stopped_by.append(sig)
             session.cancel_scope.cancel()

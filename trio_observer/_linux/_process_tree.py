@@ -14,67 +14,25 @@ import ctypes
 import os
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Final
 
 import trio
+
+from ._procfs import ProcStat, read_children, scan_all
 
 PROC: Final = "/proc"
 _PR_SET_CHILD_SUBREAPER: Final = 36
 _PR_GET_CHILD_SUBREAPER: Final = 37
 
 
-@dataclass(frozen=True, slots=True)
-class ProcStat:
-    """The fields of ``/proc/<pid>/stat`` the teardown needs."""
-
-    pid: int
-    state: str
-    ppid: int
-    pgid: int
-    sid: int
-    starttime: int
-
-
-def parse_stat(pid: int, text: str) -> ProcStat:
-    """Parse the text of ``/proc/<pid>/stat``.
-
-    The command name sits in parentheses and may itself hold spaces and
-    parentheses, so the fields are counted from the *last* ``)``.
-    """
-    fields = text[text.rindex(")") + 2 :].split()
-    return ProcStat(
-        pid=pid,
-        state=fields[0],
-        ppid=int(fields[1]),
-        pgid=int(fields[2]),
-        sid=int(fields[3]),
-        starttime=int(fields[19]),
-    )
-
-
-def read_stat(pid: int, proc_root: str = PROC) -> ProcStat | None:
-    """Return the process's stat, or None if it is gone (a race, not an error)."""
-    try:
-        with open(f"{proc_root}/{pid}/stat") as f:
-            return parse_stat(pid, f.read())
-    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-        return None
-
-
 def scan(proc_root: str = PROC) -> dict[int, ProcStat]:
-    """Read the stat of every process visible in ``proc_root``."""
-    table: dict[int, ProcStat] = {}
-    try:
-        names = os.listdir(proc_root)
-    except OSError:
-        return table
-    for name in names:
-        if name.isdigit():
-            stat = read_stat(int(name), proc_root)
-            if stat is not None:
-                table[stat.pid] = stat
-    return table
+    """Read the stat of every process visible in ``proc_root``.
+
+    The one parser (:mod:`._procfs`) does the reading, so the thread-count
+    rule of :attr:`ProcStat.is_dead` holds here too: a process whose main
+    thread exited while other threads run is alive, and is stopped.
+    """
+    return scan_all(proc_root)
 
 
 def has_marker(pid: int, marker: bytes, proc_root: str = PROC) -> bool:
@@ -271,16 +229,21 @@ async def stop_leftovers(
     groups = tuple(groups)
     known = tuple(known)
     exclude = tuple(exclude)
+    if nothing_can_be_left(groups=groups, known=known, marker=marker, proc_root=proc_root):
+        return 0
     stopped: set[int] = set()
     sig = signal.SIGTERM
     for _ in range(8):
-        leftovers = find_leftovers(
-            groups=groups, marker=marker, known=known, exclude=exclude, proc_root=proc_root
+        # A thread: the scan reads every process on the machine, tens of
+        # milliseconds with thousands of them, which the trio thread must
+        # not spend blocked.
+        leftovers = await trio.to_thread.run_sync(
+            lambda: find_leftovers(
+                groups=groups, marker=marker, known=known, exclude=exclude, proc_root=proc_root
+            )
         )
-        alive = [pid for pid, stat in leftovers.items() if stat.state not in ("Z", "X")]
-        reap_zombie_children(
-            (pid for pid, s in leftovers.items() if s.state in ("Z", "X")), exit_codes
-        )
+        alive = [pid for pid, stat in leftovers.items() if not stat.is_dead]
+        reap_zombie_children((pid for pid, stat in leftovers.items() if stat.is_dead), exit_codes)
         if not alive:
             break
         stopped.update(alive)
@@ -295,3 +258,36 @@ async def stop_leftovers(
         # Whatever is still there after the first round gets no more grace.
         sig = signal.SIGKILL
     return len(stopped)
+
+
+def _group_has_members(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def nothing_can_be_left(
+    *, groups: Iterable[int], known: Iterable[int], marker: bytes, proc_root: str = PROC
+) -> bool:
+    """True when a session provably left nothing behind, without a scan.
+
+    Nothing is left when none of ``groups`` has a member, the tree observer
+    ``known`` no descendant, and no child of this process carries
+    ``marker`` (an adopted orphan). Those are the only ways in which
+    :func:`find_leftovers` finds anything: every other match is a
+    descendant of one of them. Reads a few files instead of every process's
+    stat, so closing a session does not cost in proportion to the machine.
+    """
+    if any(True for _ in known):
+        return False
+    if any(_group_has_members(pgid) for pgid in groups):
+        return False
+    children = read_children(proc_root, os.getpid())
+    if children is None:
+        # No children files in this kernel: only a scan can tell.
+        return False
+    return not any(marker_state(pid, marker, proc_root) is True for pid in children)

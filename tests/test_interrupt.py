@@ -1,0 +1,180 @@
+"""Signals and KeyboardInterrupt at the worst moments leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from trio_observer import EventCategory, ObserverBackpressure, TerminationOutcome, open_session
+
+PY = sys.executable
+
+# Runs the real CLI, but signals it (SIGTERM/SIGHUP to itself) the moment
+# Popen has started CMD: the narrowest window between CMD existing and
+# anything else the CLI does. The pid goes to a file first, so the test can
+# check CMD is gone afterwards whatever became of the CLI.
+_SIGNAL_RIGHT_AFTER_START = """
+import os, subprocess, sys
+from trio_observer._cli._main import main
+
+pid_file, sig = sys.argv[1], int(sys.argv[2])
+
+class SignalledPopen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        with open(pid_file, "w") as f:
+            f.write(str(self.pid))
+        os.kill(os.getpid(), sig)
+
+subprocess.Popen = SignalledPopen
+sys.exit(main(["run", "--grace-period", "30", "--", *sys.argv[3:]]))
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return True
+    # A zombie is already dead (init reaps it soon); a live one escaped.
+    return text[text.rindex(")") + 2] in "ZX"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_right_after_cmd_started_stops_cmd(tmp_path: Path, sig: signal.Signals) -> None:
+    pid_file = tmp_path / "cmd.pid"
+    cmd = [PY, "-c", "import time; time.sleep(60)"]
+    cli = subprocess.run(
+        [PY, "-c", _SIGNAL_RIGHT_AFTER_START, str(pid_file), str(int(sig)), *cmd],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        # Not a pipe: an orphaned CMD would hold it open past the CLI.
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+    )
+    pid = int(pid_file.read_text())
+    try:
+        assert _gone(pid), f"CMD {pid} outlived the CLI (exit {cli.returncode})"
+        assert cli.returncode == 128 + sig
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_start_cancelled_while_started_waits_stops_its_process() -> None:
+    # STARTED waits on a full BLOCK sink (the first STARTED fills it, nobody
+    # receives); the caller's scope is cancelled, so no handle is returned.
+    # The process must not run on unowned, with the block waiting for it.
+    with trio.fail_after(30):
+        async with (
+            open_session(grace_period=10) as session,
+            session.observers.subscribe(
+                [EventCategory.LIFECYCLE], capacity=1, backpressure=ObserverBackpressure.BLOCK
+            ),
+        ):
+            first = await session.start_process(
+                [PY, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+            )
+            with trio.CancelScope() as scope:
+
+                async def cancel_when_blocked() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_when_blocked)
+                    await session.start_process([PY, "-c", "import time; time.sleep(60)"])
+                    pytest.fail("start_process returned although its STARTED was blocked")
+            assert scope.cancelled_caught
+            (process,) = [p for p in session.processes if p is not first]
+            assert await process.wait() == -signal.SIGTERM
+            assert process.termination is TerminationOutcome.SOFT_EXIT
+            assert first.stdin is not None
+            await first.stdin.aclose()
+
+
+# A loop that starts processes until a SIGINT (sent by a thread at a random
+# moment) interrupts it, many times over; every pid is recorded by a Popen
+# patched to write it first. The parent checks that none survived.
+_INTERRUPTED_SPAWN_LOOP = """
+import os, random, signal, subprocess, sys, threading, time
+import trio
+from trio_observer import open_session
+
+pid_file, trials = sys.argv[1], int(sys.argv[2])
+real_init = subprocess.Popen.__init__
+
+def recording_init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    with open(pid_file, "a") as f:
+        f.write(f"{self.pid}\\n")
+
+subprocess.Popen.__init__ = recording_init
+
+timers = []
+
+async def spawn_loop():
+    # Armed inside trio.run, so the SIGINT always finds trio's handler.
+    timer = threading.Timer(random.uniform(0, 0.04), os.kill, (os.getpid(), signal.SIGINT))
+    timers.append(timer)
+    timer.start()
+    async with open_session(grace_period=5) as session:
+        while True:
+            await session.start_process([sys.executable, "-c", "import time; time.sleep(30)"])
+
+interrupted = 0
+for trial in range(trials):
+    try:
+        trio.run(spawn_loop)
+    except* KeyboardInterrupt:
+        interrupted += 1
+    timers[-1].join()
+print(interrupted)
+"""
+
+
+def test_ctrl_c_anywhere_in_a_spawn_loop_leaves_nothing(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    pid_file.touch()
+    trials = 40
+    result = subprocess.run(
+        [PY, "-c", _INTERRUPTED_SPAWN_LOOP, str(pid_file), str(trials)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        # A hang (an event nobody sets) shows up as this timeout.
+        timeout=240,
+    )
+    pids = [int(line) for line in pid_file.read_text().split()]
+    survivors = [pid for pid in pids if not _gone(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert result.returncode == 0, result.stderr.decode()
+    assert int(result.stdout) == trials
+    assert pids, "no process was started"
+    assert survivors == []
+
+
+def test_a_long_start_loop_under_a_low_fd_limit_does_not_pile_up(tmp_path: Path) -> None:
+    # 600 quick starts with 128 fds: if start_process never yields, the
+    # supervisors never reap, every pidfd stays open and the loop fails
+    # with EMFILE after about a hundred.
+    script = (
+        "import resource, sys, trio\n"
+        "from trio_observer import open_session\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
+        "async def main():\n"
+        "    async with open_session() as session:\n"
+        "        for _ in range(600):\n"
+        "            await session.start_process(['/bin/true'])\n"
+        "trio.run(main)\n"
+    )
+    result = subprocess.run([PY, "-c", script], capture_output=True, timeout=240)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
