@@ -39,6 +39,7 @@ SECTIONS: list[Section] = [
     Section("tree-cpu", "CPU cost of observing a 50-process tree", _tree.run_cpu),
     Section("tree-latency", "Descendant detection latency", _tree.run_latency),
     Section("tree-pass", "One scan of ours vs psutil", _tree.run_pass),
+    Section("tree-scale", "Tree scans as the tree grows, vs psutil", _tree.run_scale),
 ]
 
 
