@@ -1,4 +1,4 @@
-"""Sections ``tree-cpu``, ``tree-latency`` and ``tree-pass``: observing a process tree.
+"""Sections ``tree-cpu``, ``tree-latency``, ``tree-pass``, ``tree-scale``: observing a tree.
 
 The session does not start a :class:`TreeObserver` by itself yet, so these
 sections drive one directly, as the session would: ``add_root(pid)`` for a
@@ -21,6 +21,10 @@ interval, so forks do not always land right after a scan.
 ``tree-pass``: one scan of ours (what ``run`` does every interval; a private
 call, timed directly) against ``psutil`` calls a user would make instead on
 the same 50-process tree.
+
+``tree-scale``: the PROCESS+FILE+NETWORK scan of ``tree-pass`` on trees of
+10, 50, 200 and 500 processes, over more passes than ``VERIFY_EVERY`` (so
+the periodic full looks are in the timing), median of the rounds.
 """
 
 from __future__ import annotations
@@ -390,5 +394,70 @@ async def _measure_pass(config: Config, tree: _Tree) -> Report:
             "scan (`_pass(scan_tree=True)`, what run() does each interval), after a first scan; "
             "psutil: a user's equivalent, system-wide net_connections() (root); "
             f"best of {rounds} rounds x {passes} scans",
+        ],
+    )
+
+
+# -- scans as the tree grows ---------------------------------------------
+
+
+def run_scale(config: Config) -> Report:
+    """One PROCESS+FILE+NETWORK scan vs psutil, at 10, 50, 200 and 500 processes."""
+    return trio.run(_measure_scale, config)
+
+
+async def _measure_scale(config: Config) -> Report:
+    sizes = (10, 50, 200, 500)[: config.pick(4, 2)]
+    # More than VERIFY_EVERY passes, so each process gets its periodic full
+    # look inside the timing, as it does in run().
+    passes = config.pick(60, 30)
+    rounds = config.pick(3, 1)
+    rows: list[Row] = []
+    spreads: list[str] = []
+    for size in sizes:
+        tree = _Tree(children=size - 1)
+        try:
+            observer = TreeObserver(emit=_ignore, categories=ALL, backend="poll")
+            observer.add_root(tree.pid)
+            await observer._pass(scan_tree=True)
+            _check(observer.statistics().known_descendants == tree.size - 1, f"size {size}")
+
+            async def ours(observer: TreeObserver = observer) -> float:
+                start = time.perf_counter()
+                for _ in range(passes):
+                    await observer._pass(scan_tree=True)
+                return (time.perf_counter() - start) / passes
+
+            async def theirs(tree: _Tree = tree) -> float:
+                start = time.perf_counter()
+                for _ in range(max(1, passes // 10)):
+                    _psutil_children_files_net(tree.pid)
+                elapsed = time.perf_counter() - start
+                await trio.lowlevel.checkpoint()
+                return elapsed / max(1, passes // 10)
+
+            samples = await interleave_async({"ours": ours, "psutil": theirs}, rounds)
+        finally:
+            tree.close()
+        median_ours = statistics.median(samples["ours"])
+        median_theirs = statistics.median(samples["psutil"])
+        rows.append(
+            time_row(
+                f"{tree.size} processes: PROCESS+FILE+NETWORK scan vs psutil",
+                median_ours,
+                median_theirs,
+                Target("<=", 0.07),
+            )
+        )
+        low, high = min(samples["ours"]) * 1e6, max(samples["ours"]) * 1e6
+        spreads.append(f"{tree.size}: ours {low:.0f}-{high:.0f} us")
+    return Report(
+        rows=rows,
+        notes=[
+            "root + N-1 idle sleeps; ours: one poll-backend scan (`_pass(scan_tree=True)`) "
+            f"averaged over {passes} scans (periodic full looks included); psutil: "
+            "children(recursive=True) + open_files() of each + net_connections(); "
+            f"median of {rounds} rounds",
+            "spread: " + "; ".join(spreads),
         ],
     )

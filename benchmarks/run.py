@@ -42,6 +42,7 @@ SECTIONS: list[Section] = [
     Section("scaling", "How cost grows: children, sinks, cursors", _scaling.run),
     Section("fidelity", "What a session reports against what ran", _fidelity.run),
     Section("otel", "OpenTelemetry export: per event, and a 500-process build", _otel.run),
+    Section("tree-scale", "Tree scans as the tree grows, vs psutil", _tree.run_scale),
 ]
 
 

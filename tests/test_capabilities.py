@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_procfs import TCP_HEADER, FakeProc
+from tests._fakeproc import TCP_HEADER, FakeProc
 from trio_observer._capabilities import (
     CapabilitySupport,
     TraceScope,

@@ -16,8 +16,8 @@ import pytest
 import trio
 import trio.testing
 
-from tests.test_procfs import FakeProc
-from tests.test_tree import PROCESS, Collector, observing
+from tests._fakeproc import FakeProc
+from tests._tree_helpers import PROCESS, Collector, child, observing
 from trio_observer._events import EventCategory, EventGrade, ObserverEventKind
 from trio_observer._linux._connector import (
     PROC_CN_MCAST_LISTEN,
@@ -440,7 +440,6 @@ async def wait_for_a_pass(observer: TreeObserver) -> None:
 async def test_connector_reports_a_zombie_once_when_a_rescan_sees_it() -> None:
     if os.geteuid() != 0:
         pytest.skip("the process connector needs CAP_NET_ADMIN")
-    from tests.test_tree import child
 
     collector = Collector()
     observer = TreeObserver(emit=collector.emit, categories=PROCESS, backend="connector")

@@ -1,16 +1,22 @@
-"""The activity check's kept schedstat descriptors, on real processes."""
+"""The activity check (which processes ran since the last look): counters, kept descriptors."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+from tests._fakeproc import FakeProc, set_schedstat
+from tests._tree_helpers import PROCESS, Collector, K, child, observing, settle
+from trio_observer._events import EventCategory
 from trio_observer._linux import _activity
-from trio_observer._linux._activity import ActivityWatch
+from trio_observer._linux._activity import VERIFY_EVERY, ActivityWatch
+from trio_observer._linux._tree import TreeObserver
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -88,3 +94,117 @@ async def test_past_the_bound_threads_are_read_by_path(monkeypatch: pytest.Monke
                 await trio.sleep(0.01)
     watch.forget_all()
     assert watch.kept_fds == 0
+
+
+async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_verified(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    for pid in (100, 101):
+        set_schedstat(fake, pid, 1000, 1)
+    fake.set_fd(101, 3, "/data/a")
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=frozenset({EventCategory.FILE}),
+        proc_root=fake.path,
+        poll_interval=1.0,
+    )
+    observer.add_root(100)
+
+    async with observing(observer):
+        await settle()
+        assert collector.take_files() == [(K.FILE_OPEN, 3, "/data/a")]
+        # 101 was found by that scan, after the counters were read: the next
+        # pass takes its baseline (and reads it once more).
+        mock_clock.jump(1.0)
+        await settle()
+        assert collector.take_files() == []
+        # Counters unchanged: in this fake, 101 "did not run", so it is not
+        # read again (a real process cannot open a file without running).
+        fake.set_fd(101, 4, "/data/b")
+        mock_clock.jump(1.0)
+        await settle()
+        assert collector.take_files() == []
+        set_schedstat(fake, 101, 1500, 2)
+        mock_clock.jump(1.0)
+        await settle()
+        assert collector.take_files() == [(K.FILE_OPEN, 4, "/data/b")]
+
+        # What the counters cannot see is found by the periodic full look:
+        # after VERIFY_EVERY quiet passes in a row, the next one reads all.
+        fake.set_fd(101, 5, "/data/c")
+        for _ in range(VERIFY_EVERY):
+            mock_clock.jump(1.0)
+            await settle()
+        assert collector.take_files() == []
+        mock_clock.jump(1.0)
+        await settle()
+        assert collector.take_files() == [(K.FILE_OPEN, 5, "/data/c")]
+
+
+@pytest.mark.parametrize("seen_alive", [True, False], ids=["seen-alive", "never-seen-alive"])
+async def test_fake_zombie_of_a_quiet_parent_is_reported_once(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, seen_alive: bool
+) -> None:
+    # The parent neither reaps its zombie nor runs: its children are read
+    # again only by the periodic full look, which must know the zombie.
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    set_schedstat(fake, 100, 1000, 1)
+    if seen_alive:
+        fake.add(101, 100)
+        set_schedstat(fake, 101, 1000, 1)
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        await settle()
+        mock_clock.jump(1.0)
+        await settle()
+        fake.add(101, 100, state="Z", exit_status=7 << 8)
+        set_schedstat(fake, 101 if seen_alive else 100, 2000, 2)
+        for _ in range(2 * VERIFY_EVERY + 3):
+            mock_clock.jump(1.0)
+            await settle()
+    assert [(e.kind, e.pid, e.exit_code) for e in collector.events] == [
+        (K.DESCENDANT_STARTED, 101, None),
+        (K.DESCENDANT_EXITED, 101, 7),
+    ]
+
+
+async def test_fake_zero_counters_prove_nothing(tmp_path: Path) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    set_schedstat(fake, 100, 0, 0)  # a kernel without CONFIG_SCHED_INFO
+    watch = ActivityWatch(fake.path)
+    assert watch.update([100]) == set()
+    assert watch.update([100]) == set()
+    set_schedstat(fake, 100, 1000, 3)
+    assert watch.update([100]) == set()  # first baseline
+    assert watch.update([100]) == {100}
+    assert watch.update([]) == set()  # forgotten
+    assert watch.update([100]) == set()
+
+
+async def test_a_real_sleeping_process_is_quiet_until_it_runs() -> None:
+    script = "import sys\nfor line in sys.stdin:\n    print('ack', flush=True)\n"
+    watch = ActivityWatch("/proc", verify_every=1000)
+    async with child(script) as proc:
+        await proc.send("hello")
+        with trio.fail_after(10):
+            assert await proc.receive_line() == "ack"
+            # It goes back to sleep in read() after printing; wait until the
+            # counters stop moving (a real process, the real clock).
+            while not watch.update([proc.pid]):  # noqa: ASYNC110  # a real process's state has no trio event
+                await trio.sleep(0.01)  # a real process: no event
+        assert watch.update([proc.pid]) == {proc.pid}
+        await proc.send("again")
+        with trio.fail_after(10):
+            assert await proc.receive_line() == "ack"
+        # It ran after the last look: active, whatever state it is in now.
+        assert watch.update([proc.pid]) == set()

@@ -23,7 +23,7 @@ import trio
 import trio.testing
 
 import trio_observer
-from tests.test_procfs import FakeProc
+from tests._fakeproc import FakeProc
 from trio_observer import (
     EventCategory,
     EventGrade,

@@ -141,9 +141,15 @@ class ActivityWatch:
             record = records.get(pid)
             if record is not None:
                 record.seen = this_pass
-                if record.quiet_passes < self._verify_every and self._unchanged(record):
-                    record.quiet_passes += 1
-                    quiet.add(pid)
+                if self._unchanged(record):
+                    if record.quiet_passes < self._verify_every:
+                        record.quiet_passes += 1
+                        quiet.add(pid)
+                    else:
+                        # The full look is due, but the counters (and so the
+                        # threads: only a running thread makes or ends one)
+                        # are as recorded: keep the descriptors.
+                        record.quiet_passes = 0
                     continue
                 self._close(record)
                 del records[pid]
