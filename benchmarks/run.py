@@ -23,7 +23,18 @@ if __package__ in (None, ""):
     # whatever copy happens to be installed, and make this package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _emit, _fidelity, _memory, _otel, _output, _pty, _scaling, _spawn, _tree
+from benchmarks import (
+    _emit,
+    _fidelity,
+    _memory,
+    _otel,
+    _output,
+    _pty,
+    _scaling,
+    _spawn,
+    _startup,
+    _tree,
+)
 from benchmarks._core import Config, Section, format_table, machine_lines
 
 SECTIONS: list[Section] = [
@@ -41,6 +52,7 @@ SECTIONS: list[Section] = [
     Section("tree-pass", "One scan of ours vs psutil", _tree.run_pass),
     Section("scaling", "How cost grows: children, sinks, cursors", _scaling.run),
     Section("fidelity", "What a session reports against what ran", _fidelity.run),
+    Section("startup", "CLI start-up: run -- true vs a bare trio program", _startup.run),
     Section("otel", "OpenTelemetry export: per event, and a 500-process build", _otel.run),
     Section("tree-scale", "Tree scans as the tree grows, vs psutil", _tree.run_scale),
 ]

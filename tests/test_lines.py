@@ -331,3 +331,19 @@ def test_lines_and_batches_agree_with_splitting_the_whole_text(
         assert [line for b in kept_batches for line in b] == expected_kept  # type: ignore[union-attr]
 
     trio.run(main)
+
+
+async def test_lines_checkpoints_per_chunk_not_per_buffered_line() -> None:
+    # The documented contract (docs/output.md): a line already decoded is
+    # served without a checkpoint; reading the next chunk is one (so a
+    # cancelled loop stops there, and other tasks run once per chunk).
+    log = OutputLog()
+    log.feed(b"one\ntwo\nthree\n")
+    lines = log.cursor().lines()
+    with trio.CancelScope() as scope:
+        assert await lines.__anext__() == "one"
+        log.feed(b"four\n")  # a chunk of its own: the first was read
+        scope.cancel()
+        assert [await lines.__anext__(), await lines.__anext__()] == ["two", "three"]
+        await lines.__anext__()
+    assert scope.cancelled_caught

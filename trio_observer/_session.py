@@ -67,6 +67,7 @@ class Session:
         )
         self._tree = TreeObserver(
             emit=self._observers.emit,
+            emit_many=self._observers.emit_many,
             emit_nowait=self._observers.emit_nowait,
             categories=self._tree_categories(),
             poll_interval=poll_interval,

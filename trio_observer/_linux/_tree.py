@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, final
 
@@ -95,6 +95,12 @@ class TreeObserver:
     Args:
         emit: Awaited with every event (the session passes its registry's
             ``emit``).
+        emit_many: Awaited with each run of same-category events of a
+            pass, in order, instead of ``emit`` per event (the session
+            passes its registry's ``emit_many``): one await per run, not one
+            per event. It must count, on cancellation, every event of the run
+            it was not able to offer, as the registry's does. ``None`` awaits
+            ``emit`` per event.
         emit_nowait: Called with the events that ``emit`` had no time for
             when :meth:`run` is cancelled while it reports the end of the
             tree (see :meth:`finish`), so that a full sink counts them as
@@ -133,6 +139,7 @@ class TreeObserver:
         self,
         *,
         emit: Callable[[ObserverEvent], Awaitable[None]],
+        emit_many: Callable[[Sequence[ObserverEvent]], Awaitable[None]] | None = None,
         emit_nowait: Callable[[ObserverEvent], None] | None = None,
         categories: frozenset[EventCategory] = OBSERVABLE_CATEGORIES,
         poll_interval: float = 0.02,
@@ -147,6 +154,7 @@ class TreeObserver:
         if backend not in ("auto", "poll", "connector"):
             raise ValueError(f"backend must be 'auto', 'poll' or 'connector', not {backend!r}")
         self._emit = emit
+        self._emit_many = emit_many
         self._emit_nowait = emit_nowait
         self._categories = frozenset(categories) & OBSERVABLE_CATEGORIES
         self._poll_interval = poll_interval
@@ -523,6 +531,9 @@ class TreeObserver:
     async def _emit_all(self, events: Iterable[ObserverEvent]) -> None:
         pending = list(events)
         self._note_ends(pending)
+        if self._emit_many is not None:
+            await self._emit_runs(pending, self._emit_many)
+            return
         for index, event in enumerate(pending):
             # Re-read per event: a sink may go away while we emit.
             if event.category in self._categories:
@@ -533,6 +544,32 @@ class TreeObserver:
                     # rest must be too, not vanish with this task.
                     self._push_nowait(pending[index + 1 :])
                     raise
+
+    async def _emit_runs(
+        self,
+        pending: list[ObserverEvent],
+        emit_many: Callable[[Sequence[ObserverEvent]], Awaitable[None]],
+    ) -> None:
+        # One await per run of a category, not per event: a run shares the
+        # wanted-check, and emit_many counts what it could not offer of the
+        # run it was cancelled in. The later runs go out without waiting, as
+        # the per-event path does, so a sink with room still gets them.
+        end = len(pending)
+        start = 0
+        while start < end:
+            category = pending[start].category
+            stop = start + 1
+            while stop < end and pending[stop].category is category:
+                stop += 1
+            # Re-read per run: the wanted categories may change while we emit.
+            if category in self._categories:
+                run = pending if stop - start == end else pending[start:stop]
+                try:
+                    await emit_many(run)
+                except trio.Cancelled:
+                    self._push_nowait(pending[stop:])
+                    raise
+            start = stop
 
     def _with_exit_codes(self, events: list[ObserverEvent]) -> list[ObserverEvent]:
         codes = self._exit_codes

@@ -1,0 +1,92 @@
+"""Section ``startup``: ``trio-observer run -- /bin/true`` against a bare trio program.
+
+Ours is ``python -m trio_observer run -- true``: the CLI imports, starts a
+session, runs ``true`` in it, reaps it and writes its events. The
+alternative is the smallest trio program a user would write to do the
+same, ``python -c "import trio; trio.run(...)"`` starting and reaping
+``true`` with ``trio.run_process``. Both are whole interpreter launches,
+timed from outside, interleaved round by round; the verdict is the median
+of the rounds and the spread is the range of the per-round ratios.
+
+A second row runs both with ``-B`` and ``PYTHONDONTWRITEBYTECODE`` from a
+fresh ``PYTHONPYCACHEPREFIX``, so nothing is read from or written to a
+``.pyc`` cache: what an install that was never byte-compiled costs on every
+launch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from ._core import Config, Report, Target, interleave, median, time_row
+
+TRUE = shutil.which("true") or "/bin/true"
+
+BARE = (
+    "import trio, sys\n"
+    "async def main():\n"
+    "    await trio.run_process([sys.argv[1]])\n"
+    "trio.run(main)\n"
+)
+
+
+def _launcher(argv: list[str], env: dict[str, str]) -> Callable[[], float]:
+    def launch() -> float:
+        start = time.perf_counter()
+        subprocess.run(
+            argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        return time.perf_counter() - start
+
+    return launch
+
+
+def run(config: Config) -> Report:
+    """Measure start-up of the CLI and of a bare trio program; see the module docstring."""
+    rounds = config.pick(21, 3)
+    report = Report()
+    env = dict(os.environ)
+    ours = [sys.executable, "-m", "trio_observer", "run", "--", TRUE]
+    bare = [sys.executable, "-c", BARE, TRUE]
+    # One launch each first, so a compiled cache exists for the first row.
+    for argv in (ours, bare):
+        subprocess.run(
+            argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    samples = interleave({"ours": _launcher(ours, env), "bare": _launcher(bare, env)}, rounds)
+    report.rows.append(
+        time_row(
+            "run -- true, compiled",
+            median(samples["ours"]),
+            median(samples["bare"]),
+            Target("<=", 1.15),
+        )
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        cold = dict(env, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=cache)
+        samples = interleave(
+            {
+                "ours": _launcher([sys.executable, "-B", *ours[1:]], cold),
+                "bare": _launcher([sys.executable, "-B", *bare[1:]], cold),
+            },
+            rounds,
+        )
+    report.rows.append(
+        time_row(
+            "run -- true, no .pyc at all",
+            median(samples["ours"]),
+            median(samples["bare"]),
+        )
+    )
+    report.notes.append(
+        "whole interpreter launches timed from outside; ours = python -m trio_observer"
+        " run -- true, alternative = python -c 'import trio; trio.run(...)' running true"
+        " with trio.run_process; no .pyc = an empty PYTHONPYCACHEPREFIX and -B"
+    )
+    return report
