@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from typing import Any, Final
 
 PROTOCOL_NAME: Final = "trio-observer"
@@ -92,6 +93,17 @@ class FrameDecoder:
         """Add ``data`` and return every message it completed.
 
         Raises:
+          ProtocolError: as :meth:`iter_feed`.
+        """
+        return list(self.iter_feed(data))
+
+    def iter_feed(self, data: bytes) -> Iterator[dict[str, Any]]:
+        """Add ``data`` and yield the messages it completed, one at a time.
+
+        The messages before a bad frame come out before the error, so that
+        a peer is answered for what it sent correctly.
+
+        Raises:
           ProtocolError: a frame announced more than ``MAX_FRAME_BYTES``
             (raised as soon as its header arrives, before the body is
             buffered), is not UTF-8 JSON, is not an object, or has an
@@ -99,22 +111,19 @@ class FrameDecoder:
         """
         buffer = self._buffer
         buffer += data
-        messages = []
-        start = 0
-        while len(buffer) - start >= 4:
-            (length,) = _HEADER.unpack_from(buffer, start)
+        while len(buffer) >= 4:
+            (length,) = _HEADER.unpack_from(buffer, 0)
             if length > MAX_FRAME_BYTES:
                 raise ProtocolError(
                     "oversized-frame",
                     f"frame announces {length} bytes; the limit is {MAX_FRAME_BYTES}",
                 )
-            end = start + 4 + length
-            if len(buffer) < end:
+            if len(buffer) < 4 + length:
                 break
-            messages.append(parse(bytes(buffer[start + 4 : end])))
-            start = end
-        del buffer[:start]
-        return messages
+            body = bytes(buffer[4 : 4 + length])
+            # Deleting from the front of a bytearray is O(1) in CPython.
+            del buffer[: 4 + length]
+            yield parse(body)
 
     @property
     def pending_bytes(self) -> int:

@@ -177,7 +177,7 @@ async def _run_connection(connection: Connection, handle: Any) -> None:
                 data = await connection.stream.receive_some(65536)
                 if not data:
                     break
-                for message in decoder.feed(data):
+                for message in decoder.iter_feed(data):
                     if not greeted:
                         _protocol.check_hello(message)
                         greeted = True
