@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -336,3 +337,81 @@ def test_socket_is_0600(daemon: DaemonProcess) -> None:
     assert (os.stat(daemon.path).st_mode & 0o777) == 0o600
     assert (os.stat(daemon.path.parent).st_mode & 0o777) == 0o700
     assert sys.platform == "linux"
+
+
+async def test_pty_attach_detach_replays_backlog_and_one_writer(daemon: DaemonProcess) -> None:
+    script = (
+        "import sys; print('prompt>', flush=True); line = sys.stdin.readline();"
+        " print('got', line.strip(), flush=True); sys.stdin.readline()"
+    )
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.start([PY, "-c", script], name="tty", pty=(30, 100))
+            first = await client.attach("tty")
+            assert first.result["writer"] is True
+            assert first.result["size"] == {"rows": 30, "cols": 100}
+            screen = b""
+            async for frame in first:
+                screen += base64.b64decode(frame["data"])
+                if b"prompt>" in screen:
+                    break
+            async with trio_observer.connect(daemon.path, autostart=False) as other:
+                watcher = await other.attach("tty")
+                assert watcher.result["writer"] is False
+                with pytest.raises(trio_observer.DaemonError, match="not-writer"):
+                    await other.send_input("tty", b"intruder\n")
+                # The watcher got the backlog, from the first byte.
+                frame = await watcher.__anext__()
+                assert base64.b64decode(frame["data"]).startswith(b"prompt>")
+            await client.send_input("tty", b"hello\n")
+            async for frame in first:
+                screen += base64.b64decode(frame["data"])
+                if b"got hello" in screen:
+                    break
+            await first.aclose()  # detach: the process goes on
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            again = await client.attach("tty")
+            replay = b""
+            async for frame in again:
+                replay += base64.b64decode(frame["data"])
+                if b"got hello" in replay:
+                    break
+            assert replay.startswith(b"prompt>")
+            (session,) = await client.sessions()
+            assert session["processes"][0]["state"] == "running"
+            await client.send_input("tty", b"\n")
+            async for _ in again:
+                pass
+            assert (await client.wait("tty"))["exit_code"] == 0
+
+
+async def test_block_subscription_without_client_is_removed_after_detach_timeout(
+    daemon: DaemonProcess,
+) -> None:
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.create_session("default")
+            async with trio_observer.connect(daemon.path, autostart=False) as leaving:
+                stream = await leaving.subscribe(
+                    capacity=1, backpressure="block", detach_timeout=0.5
+                )
+                sub_id = stream.result["id"]
+            # Nobody reads the BLOCK sink: the session's emitter waits on it
+            # until the detach timeout removes it, then goes on.
+            for index in range(3):
+                await client.start([PY, "-c", "pass"], name=f"b{index}")
+            for index in range(3):
+                assert (await client.wait(f"b{index}"))["exit_code"] == 0
+            status = await client.subscription_status(sub_id)
+            assert status["removed"].startswith("detach timeout")
+            assert status["attached"] is False
+            # What it buffered can still be taken, with the rest counted.
+            resumed = await client.resume(sub_id)
+            items = [remote_item(frame) async for frame in resumed]
+            received = sum(isinstance(i, RemoteEvent) for i in items)
+            missed = sum(i.count for i in items if isinstance(i, RemoteMissed))
+            # Every event emitted while the sink was registered, and only those.
+            assert received + missed == status["delivered_events"] + status["missed_events"]
+            assert received == status["delivered_events"] == 1
+            assert resumed.end is not None
+            assert resumed.end["status"]["ended"] is True

@@ -272,6 +272,10 @@ class DaemonClient:
             "terminate", session=session, process=name, grace_period=grace_period
         )
 
+    async def wait(self, name: str, *, session: str = "default") -> dict[str, Any]:
+        """Wait until the process has been reaped; return it (exit code, termination)."""
+        return await self.request("wait", session=session, process=name)
+
     async def remove(self, name: str, *, session: str = "default") -> dict[str, Any]:
         """Forget a process that has exited."""
         return await self.request("remove", session=session, process=name)

@@ -207,6 +207,12 @@ async def _terminate(
     await reply(record.describe())
 
 
+async def _wait(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
+    record = _process(connection, params)
+    await record.process.wait()
+    await reply(record.describe())
+
+
 async def _remove(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
     daemon_session = _session(connection, params)
     record = daemon_session.get(param(params, "process", str))
@@ -403,7 +409,7 @@ async def _pump(
             await connection.send({**frame, "id": rid})
         while (live := await remote.next_frame()) is not None:
             await connection.send({**live, "id": rid})
-        await connection.send({"type": "end", "id": rid, **remote.status()})
+        await connection.send({"type": "end", "id": rid, "status": remote.status()})
     finally:
         remote.release(connection)
 
@@ -450,6 +456,7 @@ METHODS: Final[dict[str, Handler]] = {
     "signal": _signal,
     "terminate": _terminate,
     "remove": _remove,
+    "wait": _wait,
     "output": _output,
     "attach": _attach,
     "input": _input,
