@@ -415,3 +415,32 @@ async def test_block_subscription_without_client_is_removed_after_detach_timeout
             assert received == status["delivered_events"] == 1
             assert resumed.end is not None
             assert resumed.end["status"]["ended"] is True
+
+
+async def test_frames_lost_in_a_dying_connection_are_resent_or_counted(
+    daemon: DaemonProcess,
+) -> None:
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.create_session("default")
+            streams = {}
+            for resend in (8, 1):
+                streams[resend] = await client.subscribe(capacity=8, resend=resend)
+            await run_batch(client, 1)
+            for stream in streams.values():
+                # Received here, but say the client died before storing them.
+                for _ in range(2):
+                    await stream.__anext__()
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            big = await client.resume(streams[8].result["id"], from_seq=0)
+            again = [remote_item(await big.__anext__()) for _ in range(2)]
+            assert [item.seq for item in again] == [0, 1]
+            assert all(isinstance(item, RemoteEvent) for item in again)
+            small = await client.resume(streams[1].result["id"], from_seq=0)
+            first, second = [remote_item(await small.__anext__()) for _ in range(2)]
+            # Only the newest frame was kept: the other is counted, in place.
+            assert first == RemoteMissed(seq=1, count=1, lost_in="connection")
+            assert isinstance(second, RemoteEvent)
+            assert second.seq == 1
+            status = await client.subscription_status(streams[1].result["id"])
+            assert status["missed_in_resend"] == 1
