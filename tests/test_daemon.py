@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -444,3 +446,62 @@ async def test_frames_lost_in_a_dying_connection_are_resent_or_counted(
             assert second.seq == 1
             status = await client.subscription_status(streams[1].result["id"])
             assert status["missed_in_resend"] == 1
+
+
+def test_cli_autostarts_a_daemon_that_outlives_it(tmp_path: Path) -> None:
+    path = tmp_path / "cli" / "daemon.sock"
+    env = {**os.environ, "TRIO_OBSERVER_SOCKET": str(path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PY, "-m", "trio_observer", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+
+    try:
+        spawned = cli("spawn", "--name", "echo", "--", PY, "-c", "print('from the daemon')")
+        assert '"name":"echo"' in spawned.stdout
+        # The spawning client has exited; the daemon it started answers.
+        waited = subprocess.run(
+            [
+                PY,
+                "-c",
+                f"import trio, trio_observer\n"
+                f"async def m():\n"
+                f"    async with trio_observer.connect({str(path)!r}, autostart=False) as c:\n"
+                f"        print((await c.wait('echo'))['exit_code'])\n"
+                f"trio.run(m)",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert waited.stdout.strip() == "0"
+        assert cli("logs", "echo").stdout == "from the daemon\n"
+        assert "echo" in cli("ps").stdout
+        status = json.loads(cli("daemon", "status").stdout)
+        assert status["processes"] == 1
+    finally:
+        stopped = subprocess.run(
+            [PY, "-m", "trio_observer", "daemon", "stop"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+    assert stopped.returncode == 0
+    # `daemon stop` returns once every session is down; the process exits
+    # right after (it is not our child: wait on a pidfd).
+    try:
+        pidfd = os.pidfd_open(status["pid"])
+    except ProcessLookupError:
+        return
+    try:
+        readable, _, _ = select.select([pidfd], [], [], 30)
+        assert readable, "the daemon did not exit after daemon stop"
+    finally:
+        os.close(pidfd)
