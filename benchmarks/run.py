@@ -24,6 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import (
+    _daemon,
     _emit,
     _fidelity,
     _memory,
@@ -55,6 +56,7 @@ SECTIONS: list[Section] = [
     Section("startup", "CLI start-up: run -- true vs a bare trio program", _startup.run),
     Section("otel", "OpenTelemetry export: per event, and a 500-process build", _otel.run),
     Section("tree-scale", "Tree scans as the tree grows, vs psutil", _tree.run_scale),
+    Section("daemon", "The daemon vs in-process, and vs a raw frame loop", _daemon.run),
 ]
 
 

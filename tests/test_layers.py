@@ -31,9 +31,10 @@ LAYERS = {
     "_process": 4,
     "_session": 5,
     "_otel": 6,
-    "_cli": 6,
-    "__main__": 7,
-    "__init__": 7,
+    "_daemon": 6,
+    "_cli": 7,
+    "__main__": 8,
+    "__init__": 8,
 }
 
 

@@ -11,6 +11,13 @@ from ._capabilities import UnsupportedCategoryError as UnsupportedCategoryError
 from ._capabilities import negotiate_capabilities as negotiate_capabilities
 from ._cursor import OutputCursor as OutputCursor
 from ._cursor import OutputGap as OutputGap
+from ._daemon._client import DaemonClient as DaemonClient
+from ._daemon._client import DaemonError as DaemonError
+from ._daemon._client import RemoteEvent as RemoteEvent
+from ._daemon._client import RemoteMissed as RemoteMissed
+from ._daemon._client import RemoteStream as RemoteStream
+from ._daemon._client import connect as connect
+from ._daemon._client import remote_item as remote_item
 from ._events import EventCategory as EventCategory
 from ._events import EventGrade as EventGrade
 from ._events import ObserverEvent as ObserverEvent
@@ -47,6 +54,8 @@ __all__ = [
     "CapabilityReport",
     "CapabilitySupport",
     "CategoryCapability",
+    "DaemonClient",
+    "DaemonError",
     "EventCategory",
     "EventGrade",
     "ExpectEOF",
@@ -68,11 +77,16 @@ __all__ = [
     "Process",
     "Pty",
     "PtySize",
+    "RemoteEvent",
+    "RemoteMissed",
+    "RemoteStream",
     "Session",
     "Subscription",
     "TerminationOutcome",
     "TraceScope",
     "UnsupportedCategoryError",
+    "connect",
     "negotiate_capabilities",
     "open_session",
+    "remote_item",
 ]

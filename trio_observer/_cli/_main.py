@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from .._capabilities import TraceScope, negotiate_capabilities
-from . import _run
+from . import _attach, _client_cmds, _daemon, _run
 from ._prog import PROG
 
 
@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _run.add_parser(commands)
+    _daemon.add_parser(commands)
+    _client_cmds.add_parsers(commands)
+    _attach.add_parser(commands)
     caps = commands.add_parser(
         "capabilities",
         help="show what this machine can observe",

@@ -1,0 +1,123 @@
+"""``trio-observer daemon [start|stop|status]``: run or manage the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from .._daemon._client import DaemonError, connect, start_daemon
+from .._daemon._paths import UnsafeSocketDirectory, prepare_directory, resolve_socket_path
+from .._daemon._server import DaemonAlreadyRunning, serve
+from ._prog import PROG
+
+
+def add_socket_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--socket PATH`` option every daemon command takes."""
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's socket (default: $TRIO_OBSERVER_SOCKET, else "
+        "$XDG_RUNTIME_DIR/trio-observer/daemon.sock, else /tmp/trio-observer-UID/daemon.sock)",
+    )
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``daemon`` with the top-level parser."""
+    daemon = commands.add_parser(
+        "daemon",
+        help="run the daemon that keeps sessions alive between clients",
+        description=(
+            "Without an action, run the daemon in the foreground (for systemd units and "
+            "tests); 'start' runs it in the background, 'stop' stops every session with "
+            "its grace period and exits it, 'status' prints its state as JSON."
+        ),
+    )
+    daemon.set_defaults(handler=command)
+    daemon.add_argument("action", nargs="?", choices=["start", "stop", "status"])
+    add_socket_option(daemon)
+    daemon.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+
+def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``trio-observer daemon``; returns the exit status."""
+    path = resolve_socket_path(args.socket)
+    if args.action is None:
+        return _foreground(path, detach=args.detach, ready_fd=args.ready_fd)
+    return trio.run(_manage, args.action, path)
+
+
+def _foreground(path: Path, *, detach: bool, ready_fd: int | None) -> int:
+    if detach and os.fork() != 0:
+        # The parent returns at once; the daemon is reparented away from
+        # whoever started us, so that it never becomes their zombie.
+        os._exit(0)
+    logging.basicConfig(level=logging.INFO, format=f"{PROG} daemon: %(message)s")
+    if detach:
+        try:
+            prepare_directory(path.parent)
+        except OSError as exc:
+            if ready_fd is not None:
+                os.write(ready_fd, f"error: {exc}\n".encode())
+            return 1
+        _to_log_file(path)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, path)
+            if ready_fd is not None:
+                os.write(ready_fd, b"ready\n")
+                os.close(ready_fd)
+
+    try:
+        trio.run(main)
+    except (DaemonAlreadyRunning, UnsafeSocketDirectory, OSError) as exc:
+        print(f"{PROG} daemon: {exc}", file=sys.stderr)
+        if ready_fd is not None:
+            os.write(ready_fd, f"error: {exc}\n".encode())
+        return 1
+    return 0
+
+
+def _to_log_file(path: Path) -> None:
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    log = os.open(path.parent / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+
+async def _manage(action: str, path: Path) -> int:
+    try:
+        if action == "start":
+            try:
+                async with connect(path, autostart=False) as client:
+                    print(json.dumps(await client.status()))
+                    return 0
+            except (FileNotFoundError, ConnectionRefusedError):
+                await start_daemon(path)
+            async with connect(path, autostart=False) as client:
+                print(json.dumps(await client.status()))
+            return 0
+        async with connect(path, autostart=False) as client:
+            if action == "status":
+                print(json.dumps(await client.status()))
+            else:
+                await client.shutdown()
+                # The daemon closes the connection once every session is down.
+                await client.wait_closed()
+        return 0
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"{PROG}: no daemon is running on {path}", file=sys.stderr)
+        return 1
+    except (DaemonError, RuntimeError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,482 @@
+"""The Python client: ``async with trio_observer.connect() as client``."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket as stdlib_socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, final
+
+import trio
+
+from .._cursor import OutputGap
+from . import _protocol
+from ._paths import resolve_socket_path
+
+
+class DaemonError(Exception):
+    """The daemon refused a request; ``code`` is the error code of docs/protocol.md."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RemoteMissed:
+    """In-band notice that ``count`` events numbered below ``seq`` were lost.
+
+    ``lost_in`` is ``"sink"`` when the session's sink had no room for them
+    (as :class:`MissedEvents`), ``"connection"`` when they were sent to a
+    connection that died and the resend buffer no longer held them.
+    """
+
+    seq: int
+    """The number of the next event; the lost ones are ``seq - count .. seq - 1``."""
+    count: int
+    """How many events were lost here."""
+    lost_in: str
+    """``"sink"`` or ``"connection"``."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RemoteEvent:
+    """One event of a remote subscription, with its number in the stream."""
+
+    seq: int
+    """How many matching events came before this one in the subscription."""
+    event: dict[str, Any]
+    """The event as :meth:`ObserverEvent.to_dict` writes it."""
+
+
+@final
+class RemoteStream:
+    """The frames of one streaming request, as an async iterator.
+
+    Obtained from a :class:`DaemonClient` method; ``result`` is the
+    daemon's first reply. Breaking out of the loop leaves the rest unread;
+    :meth:`aclose` asks the daemon to stop sending.
+    """
+
+    def __init__(self, client: DaemonClient, rid: int, result: dict[str, Any]) -> None:
+        self._client = client
+        self._rid = rid
+        self.result = result
+        """The reply that opened the stream."""
+        self.end: dict[str, Any] | None = None
+        """The ``end`` frame, once the stream has ended."""
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self.end is not None:
+            raise StopAsyncIteration
+        frame = await self._client._next_frame(self._rid)
+        if frame["type"] == "end":
+            self.end = frame
+            self._client._forget(self._rid)
+            if "code" in frame:
+                raise DaemonError(frame["code"], frame["message"])
+            raise StopAsyncIteration
+        return frame
+
+    async def aclose(self) -> None:
+        """Ask the daemon to end the stream (its ``end`` frame is discarded)."""
+        if self.end is None:
+            await self._client.request("cancel", request=self._rid)
+
+
+@final
+class DaemonClient:
+    """A connection to the daemon. Obtained from :func:`connect`."""
+
+    def __init__(self, stream: trio.SocketStream, socket_path: Path) -> None:
+        self._stream = stream
+        self.socket_path = socket_path
+        """The socket this client is connected to."""
+        self._decoder = _protocol.FrameDecoder()
+        self._pending: dict[
+            int,
+            tuple[
+                trio.MemorySendChannel[dict[str, Any]], trio.MemoryReceiveChannel[dict[str, Any]]
+            ],
+        ] = {}
+        self._next_id = 1
+        self._lock = trio.Lock()
+        self._broken: BaseException | None = None
+        self._closed = trio.Event()
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        async with self._lock:
+            await self._stream.send_all(_protocol.encode(message))
+
+    async def _read_frames(self) -> None:
+        try:
+            while True:
+                data = await self._stream.receive_some(65536)
+                if not data:
+                    raise trio.BrokenResourceError("the daemon closed the connection")
+                for frame in self._decoder.feed(data):
+                    rid = frame.get("id")
+                    channel = self._pending.get(rid) if isinstance(rid, int) else None
+                    if channel is not None:
+                        await channel[0].send(frame)
+                    elif frame["type"] == "error":
+                        raise DaemonError(frame["code"], frame["message"])
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            DaemonError,
+            _protocol.ProtocolError,
+        ) as exc:
+            self._broken = exc
+            for send, _ in self._pending.values():
+                send.close()
+        finally:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the daemon has closed this connection (after :meth:`shutdown`)."""
+        await self._closed.wait()
+
+    async def _next_frame(self, rid: int) -> dict[str, Any]:
+        try:
+            return await self._pending[rid][1].receive()
+        except (trio.EndOfChannel, KeyError):
+            raise trio.BrokenResourceError(
+                "the connection to the daemon was lost"
+            ) from self._broken
+
+    def _forget(self, rid: int) -> None:
+        channels = self._pending.pop(rid, None)
+        if channels is not None:
+            channels[0].close()
+
+    async def _open(self, method: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self._broken is not None:
+            raise trio.BrokenResourceError(
+                "the connection to the daemon was lost"
+            ) from self._broken
+        rid = self._next_id
+        self._next_id += 1
+        self._pending[rid] = trio.open_memory_channel[dict[str, Any]](256)
+        await self._send({"type": "request", "id": rid, "method": method, "params": params})
+        frame = await self._next_frame(rid)
+        if frame["type"] == "error":
+            self._forget(rid)
+            raise DaemonError(frame["code"], frame["message"])
+        return rid, frame["result"]
+
+    async def request(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one request and return its result (docs/protocol.md lists the methods).
+
+        Raises:
+          DaemonError: the daemon refused it.
+          trio.BrokenResourceError: the connection was lost.
+        """
+        rid, result = await self._open(method, {k: v for k, v in params.items() if v is not None})
+        self._forget(rid)
+        return result
+
+    async def stream(self, method: str, **params: Any) -> RemoteStream:
+        """Send a streaming request; iterate the returned :class:`RemoteStream`."""
+        rid, result = await self._open(method, {k: v for k, v in params.items() if v is not None})
+        return RemoteStream(self, rid, result)
+
+    # -- the methods, typed -----------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """The daemon's pid, socket and counts."""
+        return await self.request("status")
+
+    async def shutdown(self) -> None:
+        """Ask the daemon to stop every session (with its grace period) and exit."""
+        await self.request("shutdown")
+
+    async def create_session(
+        self,
+        name: str,
+        *,
+        grace_period: float = 5.0,
+        track_descendants: bool = False,
+        exist_ok: bool = False,
+    ) -> dict[str, Any]:
+        """Open a named session in the daemon."""
+        return await self.request(
+            "create_session",
+            name=name,
+            grace_period=grace_period,
+            track_descendants=track_descendants,
+            exist_ok=exist_ok,
+        )
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        """Every session with its processes (pid, argv, state, exit code, times)."""
+        return list((await self.request("sessions"))["sessions"])
+
+    async def close_session(self, session: str) -> dict[str, Any]:
+        """Stop every process of ``session`` with its grace period, reap them, end it."""
+        return await self.request("close_session", session=session)
+
+    async def start(
+        self,
+        argv: Sequence[str],
+        *,
+        session: str = "default",
+        name: str | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        pty: bool | tuple[int, int] = False,
+        backlog_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        """Start ``argv`` in ``session`` (``"default"`` is created on first use).
+
+        The process runs on when this client goes away. Without ``pty`` its
+        stdout and stderr are captured; with ``pty=True`` or ``(rows,
+        cols)`` it runs on a terminal you can :meth:`attach` to.
+        """
+        pty_param: bool | dict[str, int] = (
+            {"rows": pty[0], "cols": pty[1]} if isinstance(pty, tuple) else pty
+        )
+        return await self.request(
+            "start",
+            argv=list(argv),
+            session=session,
+            name=name,
+            cwd=cwd,
+            env=env,
+            pty=pty_param,
+            backlog_bytes=backlog_bytes,
+        )
+
+    async def signal(
+        self, name: str, sig: int, *, session: str = "default", tree: bool = False
+    ) -> dict[str, Any]:
+        """Send ``sig`` to the process (``tree=True``: its process group)."""
+        return await self.request("signal", session=session, process=name, signal=sig, tree=tree)
+
+    async def terminate(
+        self, name: str, *, session: str = "default", grace_period: float | None = None
+    ) -> dict[str, Any]:
+        """SIGTERM the process tree, SIGKILL after the grace period; return the process."""
+        return await self.request(
+            "terminate", session=session, process=name, grace_period=grace_period
+        )
+
+    async def wait(self, name: str, *, session: str = "default") -> dict[str, Any]:
+        """Wait until the process has been reaped; return it (exit code, termination)."""
+        return await self.request("wait", session=session, process=name)
+
+    async def remove(self, name: str, *, session: str = "default") -> dict[str, Any]:
+        """Forget a process that has exited."""
+        return await self.request("remove", session=session, process=name)
+
+    async def output(
+        self,
+        name: str,
+        *,
+        session: str = "default",
+        stream: str | None = None,
+        offset: int | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[bytes | OutputGap]:
+        """Read a process's output from ``offset`` (default: the oldest byte kept).
+
+        Yields ``bytes`` and, where the backlog no longer holds what
+        followed ``offset``, an :class:`OutputGap` with the exact number of
+        bytes missed. With ``follow`` it goes on until the output ends.
+        """
+        remote = await self.stream(
+            "output", session=session, process=name, stream=stream, offset=offset, follow=follow
+        )
+        return _output_items(remote)
+
+    async def subscribe(
+        self,
+        *,
+        session: str = "default",
+        categories: Sequence[str] = ("lifecycle",),
+        capacity: int = 256,
+        backpressure: str = "drop-oldest",
+        detach_timeout: float = 30.0,
+        resend: int | None = None,
+    ) -> RemoteStream:
+        """Register a sink in ``session`` that outlives this client; ``result["id"]`` is its id.
+
+        Iterate :func:`remote_items` over the returned stream, or the raw
+        frames. Resume it later with :meth:`resume`.
+        """
+        return await self.stream(
+            "subscribe",
+            session=session,
+            categories=list(categories),
+            capacity=capacity,
+            backpressure=backpressure,
+            detach_timeout=detach_timeout,
+            resend=resend,
+        )
+
+    async def resume(self, subscription: str, *, from_seq: int = 0) -> RemoteStream:
+        """Take up a subscription again, having every event numbered below ``from_seq``."""
+        return await self.stream("resume", subscription=subscription, from_seq=from_seq)
+
+    async def subscription_status(self, subscription: str) -> dict[str, Any]:
+        """Counters of a subscription: delivered, missed, attached, removed, ..."""
+        return await self.request("subscription_status", subscription=subscription)
+
+    async def unsubscribe(self, subscription: str) -> dict[str, Any]:
+        """Remove a subscription's sink."""
+        return await self.request("unsubscribe", subscription=subscription)
+
+    async def attach(
+        self, name: str, *, session: str = "default", write: bool = True, offset: int | None = None
+    ) -> RemoteStream:
+        """Watch a PTY process: its backlog first, then live output frames.
+
+        ``result["writer"]`` says whether this client may type
+        (:meth:`send_input`); one client at a time may.
+        """
+        return await self.stream(
+            "attach", session=session, process=name, write=write, offset=offset
+        )
+
+    async def send_input(self, name: str, data: bytes, *, session: str = "default") -> None:
+        """Type ``data`` into an attached terminal (this client must be its writer)."""
+        await self.request(
+            "input", session=session, process=name, data=base64.b64encode(data).decode()
+        )
+
+    async def resize(self, name: str, rows: int, cols: int, *, session: str = "default") -> None:
+        """Set the window size of an attached terminal."""
+        await self.request("resize", session=session, process=name, rows=rows, cols=cols)
+
+
+async def _output_items(remote: RemoteStream) -> AsyncIterator[bytes | OutputGap]:
+    async for frame in remote:
+        if "missed_bytes" in frame:
+            yield OutputGap(frame["missed_bytes"])
+        else:
+            yield base64.b64decode(frame["data"])
+
+
+def remote_item(frame: dict[str, Any]) -> RemoteEvent | RemoteMissed:
+    """The event or loss marker a subscription's ``stream`` frame carries."""
+    if "missed" in frame:
+        return RemoteMissed(frame["seq"], frame["missed"], frame["lost_in"])
+    return RemoteEvent(frame["seq"], frame["event"])
+
+
+@asynccontextmanager
+async def connect(
+    socket: str | os.PathLike[str] | None = None, *, autostart: bool = True
+) -> AsyncIterator[DaemonClient]:
+    """Connect to the trio-observer daemon, starting it if needed.
+
+    ::
+
+        async with trio_observer.connect() as client:
+            await client.start(["python", "-m", "http.server"], name="web")
+
+    Args:
+      socket: The daemon's socket; default ``$TRIO_OBSERVER_SOCKET``, else
+        ``$XDG_RUNTIME_DIR/trio-observer/daemon.sock``, else
+        ``/tmp/trio-observer-<uid>/daemon.sock``.
+      autostart: Start a daemon in the background when none answers.
+
+    Raises:
+      ConnectionRefusedError, FileNotFoundError: no daemon answers and
+        ``autostart`` is false.
+      DaemonError: the daemon refused this connection (another user's).
+    """
+    path = resolve_socket_path(socket)
+    try:
+        stream = await _connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if not autostart:
+            raise
+        await start_daemon(path)
+        stream = await _connect(path)
+    async with stream:
+        client = DaemonClient(stream, path)
+        await stream.send_all(_protocol.encode(_protocol.hello()))
+        first = await _first_frame(stream, client._decoder)
+        if first["type"] == "error":
+            raise DaemonError(first["code"], first["message"])
+        _protocol.check_hello(first)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._read_frames)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def _first_frame(
+    stream: trio.SocketStream, decoder: _protocol.FrameDecoder
+) -> dict[str, Any]:
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise trio.BrokenResourceError("the daemon closed the connection during the handshake")
+        frames = decoder.feed(data)
+        if frames:
+            # The daemon sends nothing else before its hello.
+            return frames[0]
+
+
+async def _connect(path: Path) -> trio.SocketStream:
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        await sock.connect(os.fspath(path))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def start_daemon(path: Path) -> None:
+    """Start ``trio-observer daemon`` in the background and wait until it listens.
+
+    The daemon detaches (a new session, reparented away from us) and tells
+    us through a pipe when its socket is ready, so nothing polls.
+
+    Raises:
+      RuntimeError: the daemon exited before it was ready.
+    """
+    read_fd, write_fd = os.pipe()
+    try:
+        process = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "trio_observer",
+                "daemon",
+                "--socket",
+                os.fspath(path),
+                "--detach",
+                "--ready-fd",
+                str(write_fd),
+            ],
+            pass_fds=[write_fd],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        os.close(write_fd)
+    async with trio.lowlevel.FdStream(read_fd) as ready:
+        answer = b""
+        while chunk := await ready.receive_some(64):
+            answer += chunk
+    # The first process only forks the daemon and exits: reap it.
+    await process.wait()
+    if not answer.startswith(b"ready"):
+        raise RuntimeError(f"the daemon did not start on {path}: {answer.decode(errors='replace')}")

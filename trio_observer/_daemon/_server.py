@@ -1,0 +1,263 @@
+"""The daemon's listener, its connections, and shutdown.
+
+One task reads each connection and starts a task per request, so that a
+long request (a follow, an attach, a graceful stop) never holds up the
+others; writes go through one lock per connection, so frames never
+interleave. What a request does is in ``_handlers.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket as stdlib_socket
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import _protocol
+from ._paths import peer_uid, prepare_directory
+from ._sessions import DaemonSession
+
+logger = logging.getLogger("trio_observer.daemon")
+
+
+class DaemonAlreadyRunning(RuntimeError):
+    """Another daemon already answers on the socket."""
+
+
+class Connection:
+    """One client connection: its writer lock and its running requests."""
+
+    def __init__(self, daemon: Daemon, stream: trio.SocketStream, peer_pid: int) -> None:
+        self.daemon = daemon
+        self.stream = stream
+        self.peer_pid = peer_pid
+        self.closed = False
+        self._lock = trio.Lock()
+        self.requests: dict[int, trio.CancelScope] = {}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Write one frame.
+
+        Raises:
+          trio.BrokenResourceError: the connection is gone, or an earlier
+            write was interrupted half-way (the stream is then out of step
+            and was closed).
+        """
+        data = _protocol.encode(message)
+        async with self._lock:
+            if self.closed:
+                raise trio.BrokenResourceError("the client's connection is closed")
+            try:
+                await self.stream.send_all(data)
+            except BaseException:
+                # Part of a frame may have gone out: nothing after it could
+                # be parsed, so the connection ends here.
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Close the socket; the tasks using it fail and end."""
+        if not self.closed:
+            self.closed = True
+            self.stream.socket.close()
+
+
+class Daemon:
+    """Named sessions and the connections that use them."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.sessions: dict[str, DaemonSession] = {}
+        self.stop_requested = trio.Event()
+        self.started_at = trio.current_time()
+        self._session_nursery: trio.Nursery | None = None
+
+    async def create_session(
+        self, name: str, *, grace_period: float = 5.0, track_descendants: bool = False
+    ) -> DaemonSession:
+        """Open the session called ``name`` and run it until closed."""
+        assert self._session_nursery is not None
+        daemon_session = DaemonSession(
+            name, grace_period=grace_period, track_descendants=track_descendants
+        )
+        self.sessions[name] = daemon_session
+        try:
+            await self._session_nursery.start(daemon_session.run)
+        except BaseException:
+            del self.sessions[name]
+            raise
+        return daemon_session
+
+    def find_subscription(self, subscription_id: str) -> Any:
+        """The remote subscription with this id, in whichever session."""
+        for daemon_session in self.sessions.values():
+            remote = daemon_session.subscriptions.get(subscription_id)
+            if remote is not None:
+                return remote
+        return None
+
+    async def close_session(self, daemon_session: DaemonSession) -> None:
+        """Stop the session's processes with its grace period, reap them, forget it."""
+        daemon_session.close()
+        await daemon_session.closed.wait()
+        if self.sessions.get(daemon_session.name) is daemon_session:
+            del self.sessions[daemon_session.name]
+
+    async def run(self, *, handle_signals: bool, task_status: trio.TaskStatus[Daemon]) -> None:
+        listener = await _listen(self.socket_path)
+        try:
+            async with trio.open_nursery() as sessions:
+                self._session_nursery = sessions
+                async with trio.open_nursery() as connections:
+                    connections.start_soon(self._accept, listener, connections)
+                    if handle_signals:
+                        connections.start_soon(self._stop_on_signal)
+                    logger.info("listening on %s", self.socket_path)
+                    task_status.started(self)
+                    await self.stop_requested.wait()
+                    logger.info("stopping: closing %d session(s)", len(self.sessions))
+                    # Sessions first, while clients can still watch them end.
+                    with trio.CancelScope(shield=True):
+                        for daemon_session in list(self.sessions.values()):
+                            await self.close_session(daemon_session)
+                    connections.cancel_scope.cancel()
+        finally:
+            listener.close()
+            _unlink(self.socket_path)
+
+    async def _stop_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                logger.info("received %s", signal.Signals(sig).name)
+                self.stop_requested.set()
+                return
+
+    async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            sock, _ = await listener.accept()
+            nursery.start_soon(self._serve, sock)
+
+    async def _serve(self, sock: trio.socket.SocketType) -> None:
+        from ._handlers import handle
+
+        stream = trio.SocketStream(sock)
+        pid, uid = peer_uid(sock)
+        connection = Connection(self, stream, pid)
+        try:
+            if uid != os.getuid():
+                # The file modes keep others out; this holds even if they
+                # were loosened by hand.
+                logger.warning("refused a connection from uid %d (pid %d)", uid, pid)
+                await connection.send(
+                    _protocol.error(
+                        None,
+                        "permission-denied",
+                        f"uid {uid} may not use the daemon of uid {os.getuid()}",
+                    )
+                )
+                return
+            await _run_connection(connection, handle)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            connection.close()
+
+
+async def _run_connection(connection: Connection, handle: Any) -> None:
+    decoder = _protocol.FrameDecoder()
+    greeted = False
+    async with trio.open_nursery() as requests:
+        try:
+            while True:
+                data = await connection.stream.receive_some(65536)
+                if not data:
+                    break
+                for message in decoder.iter_feed(data):
+                    if not greeted:
+                        _protocol.check_hello(message)
+                        greeted = True
+                        await connection.send(_protocol.hello(server_pid=os.getpid()))
+                        continue
+                    if message["type"] != "request":
+                        raise _protocol.ProtocolError(
+                            "unknown-frame",
+                            f"a client sends 'request' frames, not {message['type']!r}",
+                        )
+                    request_id = message["id"]
+                    if request_id in connection.requests:
+                        raise _protocol.ProtocolError(
+                            "malformed-frame", f"request id {request_id} is already in use"
+                        )
+                    scope = connection.requests[request_id] = trio.CancelScope()
+                    requests.start_soon(handle, connection, message, scope)
+        except _protocol.ProtocolError as exc:
+            logger.info("closing a connection (pid %d): %s", connection.peer_pid, exc)
+            await connection.send(_protocol.error(None, exc.code, str(exc)))
+        finally:
+            # The client is gone (or out of step): its requests end; what
+            # they started in sessions goes on.
+            requests.cancel_scope.cancel()
+            connection.close()
+
+
+async def _listen(path: Path) -> trio.socket.SocketType:
+    prepare_directory(path.parent)
+    if _exists(path):
+        if await _answers(path):
+            raise DaemonAlreadyRunning(f"a daemon is already listening on {path}")
+        os.unlink(path)  # left behind by a daemon that was killed
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(os.fspath(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return sock
+
+
+def _exists(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+async def _answers(path: Path) -> bool:
+    probe = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    with probe:
+        try:
+            await probe.connect(os.fspath(path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise
+    return True
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def serve(
+    socket_path: Path,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a daemon on ``socket_path`` until it is told to stop.
+
+    A ``shutdown`` request, or SIGTERM/SIGINT when ``handle_signals``,
+    stops it: every session is closed with its grace period and everything
+    is reaped before this returns.
+    """
+    await Daemon(socket_path).run(handle_signals=handle_signals, task_status=task_status)

@@ -1,0 +1,435 @@
+"""The daemon's named sessions, their processes and their remote subscriptions.
+
+Each daemon session is an ordinary :func:`open_session`, run in a task of
+the daemon; the daemon adds names and bookkeeping, not semantics. A remote
+subscription is an ordinary subscription of the session's registry
+(``report_missed=True``), held open by the daemon rather than by a client,
+so that its sink outlives every connection.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import trio
+
+from .._events import EventCategory, ObserverEvent
+from .._output import OutputLog
+from .._process import CAPTURE, Process
+from .._pty import PtySize
+from .._session import Session, open_session
+from .._sink import ObserverBackpressure, ObserverSinkStatus
+from .._subscription import MissedEvents, Subscription
+
+
+class RequestError(Exception):
+    """A request the daemon cannot carry out; becomes an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ProcessRecord:
+    """A process the daemon started, kept until a client removes it."""
+
+    def __init__(self, name: str, process: Process, *, pty: bool) -> None:
+        self.name = name
+        self.process = process
+        self.pty = pty
+        self.started_at = time.time()
+        self.exited_at: float | None = None
+        # The connection allowed to type into the terminal (one at a time).
+        self.writer: object | None = None
+
+    def log(self, stream: str) -> OutputLog:
+        """The log of ``stream`` ("stdout", "stderr" or "pty")."""
+        process = self.process
+        found = {
+            "stdout": process.stdout_log,
+            "stderr": process.stderr_log,
+            "pty": process.pty.log if process.pty is not None else None,
+        }.get(stream)
+        if found is None:
+            raise RequestError(
+                "no-such-stream",
+                f"process {self.name!r} has no captured {stream!r} stream "
+                f"(it has: {', '.join(self.streams())})",
+            )
+        return found
+
+    def streams(self) -> list[str]:
+        """The names of the captured streams."""
+        if self.pty:
+            return ["pty"]
+        return ["stdout", "stderr"]
+
+    def describe(self) -> dict[str, Any]:
+        """The process as the ``ps`` reply shows it."""
+        process = self.process
+        termination = process.termination
+        return {
+            "name": self.name,
+            "pid": process.pid,
+            "argv": list(process.argv),
+            "state": "running" if process.returncode is None else "exited",
+            "exit_code": process.returncode,
+            "termination": termination.value if termination is not None else None,
+            "started_at": self.started_at,
+            "exited_at": self.exited_at,
+            "pty": self.pty,
+            "streams": {name: _log_counts(self.log(name)) for name in self.streams()},
+        }
+
+
+def _log_counts(log: OutputLog) -> dict[str, int]:
+    return {"total_bytes": log.total_bytes, "dropped_bytes": log.dropped_bytes}
+
+
+RESEND_DEFAULT: Final = 256
+
+
+class RemoteSubscription:
+    """A sink of a session's registry whose events go to whichever client resumes it.
+
+    Every matching event has a number: how many matching events came before
+    it (the registry's own sequence). Frames carry it as ``seq``. The last
+    ``resend`` items handed to a client are kept, so that a client that
+    resumes from the ``seq`` it has gets again whatever a dying connection
+    lost; what is older than that is counted in a marker. So every event is
+    received or counted, however often the client goes away.
+    """
+
+    def __init__(
+        self,
+        session: DaemonSession,
+        categories: frozenset[EventCategory],
+        capacity: int,
+        backpressure: ObserverBackpressure,
+        detach_timeout: float,
+        resend: int,
+    ) -> None:
+        self.session = session
+        self.categories = categories
+        self.capacity = capacity
+        self.backpressure = backpressure
+        self.detach_timeout = detach_timeout
+        self.subscription: Subscription[ObserverEvent | MissedEvents] | None = None
+        self.id = ""
+        # (seq, frame) of items handed out: an event frame's seq is its
+        # number; a marker's covers the numbers [seq - missed, seq).
+        self.sent: deque[tuple[int, dict[str, Any]]] = deque(maxlen=max(resend, 1))
+        self.next_seq = 0
+        self.sent_frames = 0
+        self.missed_in_resend = 0
+        self._resend_counted_to = 0
+        self.ended = False
+        self.removed_reason: str | None = None
+        self.attached: Any = None
+        self._attach_changed = trio.Event()
+        self._remove = trio.Event()
+        self._finished = trio.Event()
+
+    async def hold(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Keep the sink registered until it is removed or the session ends."""
+        registry = self.session.session.observers
+        try:
+            async with registry.subscribe(
+                self.categories,
+                capacity=self.capacity,
+                backpressure=self.backpressure,
+                report_missed=True,
+            ) as subscription:
+                self.subscription = subscription
+                self.id = subscription.id.as_str()
+                task_status.started()
+                await self._wait_for_removal()
+        finally:
+            self._finished.set()
+
+    async def _wait_for_removal(self) -> None:
+        while not self._remove.is_set():
+            changed = self._attach_changed
+            if (
+                self.attached is None
+                and self.backpressure is ObserverBackpressure.BLOCK
+                and not self.ended
+                and math.isfinite(self.detach_timeout)
+            ):
+                # A BLOCK sink nobody reads holds the session's emitters: a
+                # crashed client may hold them only this long.
+                with trio.move_on_after(self.detach_timeout) as scope:
+                    await _first(changed, self._remove)
+                if scope.cancelled_caught and self.attached is None:
+                    self.removed_reason = (
+                        f"detach timeout: no client for {self.detach_timeout} s (BLOCK)"
+                    )
+                    return
+            else:
+                await _first(changed, self._remove)
+
+    async def take_over(self, owner: Any) -> None:
+        """Make ``owner`` (a connection) the one that receives the stream.
+
+        A connection already streaming it is closed (it is usually one that
+        is dying), and this waits until it has let go, so that the frames
+        it took are in the resend buffer. A removed subscription can still
+        be resumed: it hands out what its channel buffered, then ends.
+        """
+        while self.attached is not None and self.attached is not owner:
+            self.attached.close()
+            await self._attach_changed.wait()
+        self.attached = owner
+        self._signal()
+
+    def release(self, owner: object) -> None:
+        """Forget ``owner`` if it is still the receiving connection."""
+        if self.attached is owner:
+            self.attached = None
+            self._signal()
+
+    def remove(self, reason: str) -> None:
+        """Unregister the sink (the stream ends after what is buffered)."""
+        if self.removed_reason is None:
+            self.removed_reason = reason
+        self._remove.set()
+
+    def _signal(self) -> None:
+        self._attach_changed.set()
+        self._attach_changed = trio.Event()
+
+    def replay(self, from_seq: int) -> list[dict[str, Any]]:
+        """Frames a client that has every number below ``from_seq`` lacks, from the resend buffer.
+
+        Raises:
+          RequestError: ``from_seq`` is beyond what was handed out.
+        """
+        if not 0 <= from_seq <= self.next_seq:
+            raise RequestError(
+                "bad-params",
+                f"from_seq must be between 0 and {self.next_seq} for subscription {self.id}, "
+                f"not {from_seq}",
+            )
+        frames: list[dict[str, Any]] = []
+        covered = from_seq
+        for seq, frame in self.sent:
+            missed = frame.get("missed")
+            low, high = (seq - missed, seq) if missed is not None else (seq, seq + 1)
+            if high <= covered:
+                continue
+            if low > covered:
+                frames.append(self._resend_marker(covered, low))
+            if missed is not None and low < covered:
+                frame = {**frame, "missed": high - covered}
+            frames.append(frame)
+            covered = high
+        if covered < self.next_seq:
+            frames.append(self._resend_marker(covered, self.next_seq))
+        return frames
+
+    def _resend_marker(self, low: int, high: int) -> dict[str, Any]:
+        # Numbers [low, high) were handed to a connection that died, and
+        # the resend buffer no longer holds them. Counted once, however
+        # often a client resumes from before them.
+        if high > self._resend_counted_to:
+            self.missed_in_resend += high - max(low, self._resend_counted_to)
+            self._resend_counted_to = high
+        return {"type": "stream", "seq": high, "missed": high - low, "lost_in": "connection"}
+
+    async def next_frame(self) -> dict[str, Any] | None:
+        """Take the next item from the sink as a frame; None at the end of the stream."""
+        subscription = self.subscription
+        assert subscription is not None
+        try:
+            item = await subscription.receive()
+        except trio.EndOfChannel:
+            self.ended = True
+            return None
+        frame: dict[str, Any]
+        if isinstance(item, MissedEvents):
+            self.next_seq += item.count
+            frame = {
+                "type": "stream",
+                "seq": self.next_seq,
+                "missed": item.count,
+                "lost_in": "sink",
+            }
+        else:
+            frame = {"type": "stream", "seq": self.next_seq, "event": item.to_dict()}
+            self.next_seq += 1
+        self.sent.append((int(frame["seq"]), frame))
+        self.sent_frames += 1
+        return frame
+
+    def status(self) -> dict[str, Any]:
+        """The counters a client sees."""
+        sink: ObserverSinkStatus | None = (
+            self.subscription.status() if self.subscription is not None else None
+        )
+        return {
+            "id": self.id,
+            "session": self.session.name,
+            "categories": sorted(c.value for c in self.categories),
+            "capacity": self.capacity,
+            "backpressure": self.backpressure.value,
+            "delivered_events": sink.delivered_events if sink else 0,
+            "missed_events": sink.missed_events if sink else 0,
+            "disconnected": sink.disconnected if sink else False,
+            "attached": self.attached is not None,
+            "next_seq": self.next_seq,
+            "sent_frames": self.sent_frames,
+            "missed_in_resend": self.missed_in_resend,
+            "ended": self.ended,
+            "removed": self.removed_reason,
+        }
+
+
+async def _first(*events: trio.Event) -> None:
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
+
+
+class DaemonSession:
+    """One named :func:`open_session` run by the daemon."""
+
+    def __init__(self, name: str, *, grace_period: float, track_descendants: bool) -> None:
+        self.name = name
+        self.grace_period = grace_period
+        self.track_descendants = track_descendants
+        self.created_at = time.time()
+        self.processes: dict[str, ProcessRecord] = {}
+        self.subscriptions: dict[str, RemoteSubscription] = {}
+        self._session: Session | None = None
+        self._nursery: trio.Nursery | None = None
+        self._counter = 0
+        self.closing = False
+        self.closed = trio.Event()
+
+    @property
+    def session(self) -> Session:
+        assert self._session is not None
+        return self._session
+
+    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Run the session until :meth:`close`; leaving stops and reaps everything."""
+        try:
+            async with open_session(
+                grace_period=self.grace_period, track_descendants=self.track_descendants
+            ) as session:
+                self._session = session
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self.closing = True
+            self.closed.set()
+
+    def close(self) -> None:
+        """Stop every process tree (SIGTERM, the grace period, SIGKILL) and end."""
+        self.closing = True
+        if self._session is not None:
+            self._session.cancel_scope.cancel()
+
+    async def start(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str | None,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        pty: PtySize | None,
+        backlog_bytes: int,
+    ) -> ProcessRecord:
+        """Start a process in the session under a unique name."""
+        if self.closing:
+            raise RequestError("session-closed", f"session {self.name!r} is closing")
+        if name is None:
+            self._counter += 1
+            name = f"{os.path.basename(argv[0])}-{self._counter}"
+            while name in self.processes:
+                self._counter += 1
+                name = f"{os.path.basename(argv[0])}-{self._counter}"
+        elif name in self.processes:
+            raise RequestError(
+                "name-taken", f"session {self.name!r} already has a process named {name!r}"
+            )
+        try:
+            if pty is not None:
+                process = await self.session.start_process(
+                    argv, cwd=cwd, env=env, pty=pty, backlog_bytes=backlog_bytes
+                )
+            else:
+                process = await self.session.start_process(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=CAPTURE,
+                    stderr=CAPTURE,
+                    cwd=cwd,
+                    env=env,
+                    backlog_bytes=backlog_bytes,
+                )
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            raise RequestError("spawn-failed", f"cannot start {argv[0]!r}: {exc}") from None
+        record = ProcessRecord(name, process, pty=pty is not None)
+        self.processes[name] = record
+        assert self._nursery is not None
+        self._nursery.start_soon(self._note_exit, record)
+        return record
+
+    async def _note_exit(self, record: ProcessRecord) -> None:
+        await record.process.wait()
+        record.exited_at = time.time()
+
+    def get(self, name: str) -> ProcessRecord:
+        """The process called ``name``."""
+        try:
+            return self.processes[name]
+        except KeyError:
+            raise RequestError(
+                "no-such-process", f"session {self.name!r} has no process named {name!r}"
+            ) from None
+
+    async def subscribe(
+        self,
+        categories: frozenset[EventCategory],
+        *,
+        capacity: int,
+        backpressure: ObserverBackpressure,
+        detach_timeout: float,
+        resend: int,
+    ) -> RemoteSubscription:
+        """Register a remote subscription held by the daemon."""
+        if self.closing or self._nursery is None:
+            raise RequestError("session-closed", f"session {self.name!r} is closing")
+        remote = RemoteSubscription(
+            self, categories, capacity, backpressure, detach_timeout, resend
+        )
+        await self._nursery.start(remote.hold)
+        self.subscriptions[remote.id] = remote
+        return remote
+
+    def describe(self) -> dict[str, Any]:
+        """The session as ``sessions`` lists it."""
+        return {
+            "name": self.name,
+            "id": self._session.id if self._session is not None else None,
+            "grace_period": self.grace_period,
+            "track_descendants": self.track_descendants,
+            "created_at": self.created_at,
+            "closing": self.closing,
+            "processes": [record.describe() for record in self.processes.values()],
+            "subscriptions": sorted(self.subscriptions),
+        }
