@@ -595,6 +595,23 @@ def test_cli_otlp_reads_the_standard_environment(receiver: Receiver) -> None:
     assert started.attributes["process.command_args"] == [PY, "-c", "pass"]
 
 
+def test_cli_otlp_names_the_service_when_the_environment_sets_only_other_keys(
+    receiver: Receiver,
+) -> None:
+    # service.namespace (a standard resource attribute) is not service.name:
+    # the run must still be named, not left "unknown_service".
+    result = subprocess.run(
+        [*CLI, "run", "--otlp", receiver.endpoint, "--", PY, "-c", "pass"],
+        capture_output=True,
+        timeout=60,
+        env=cli_env(OTEL_RESOURCE_ATTRIBUTES="service.namespace=ci,host.name=runner-7"),
+    )
+    assert result.returncode == 0, result.stderr
+    started = next(r for r in receiver.records if r.event_name.endswith("started"))
+    assert started.resource["service.name"] == "trio-observer"
+    assert started.resource["service.namespace"] == "ci"
+
+
 def test_cli_otlp_receiver_500_is_counted_and_reported_once(receiver: Receiver) -> None:
     receiver.status = 500
     result = subprocess.run(

@@ -386,3 +386,54 @@ async def test_finish_accounts_for_every_member(
         (ObserverEventKind.OBSERVATION_LOST, _tree.LOSS_PID, None, 1),
     ]
     assert all(e.grade is EventGrade.INFERRED for e in events[2:5])
+
+
+@trio.lowlevel.enable_ki_protection
+def _press_ctrl_c() -> None:
+    # Protected, so trio hands the KeyboardInterrupt to the main task where
+    # it waits, as it does for a real Ctrl-C while the run loop is idle.
+    signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_while_a_pass_waits_on_a_full_block_sink_counts_the_rest() -> None:
+    # The observer's emit of a pass is interrupted on its first event: the
+    # events after it must still be counted missed, not vanish with the task.
+    registry = trio_observer.ObserverRegistry()
+    sink_id, _receiver = registry.add_channel(
+        [EventCategory.PROCESS], 1, ObserverBackpressure.BLOCK
+    )
+    observer = _tree.TreeObserver(
+        emit=registry.emit,
+        emit_nowait=registry.emit_nowait,
+        categories=frozenset({EventCategory.PROCESS}),
+    )
+    events = [
+        ObserverEvent(
+            category=EventCategory.PROCESS,
+            kind=ObserverEventKind.DESCENDANT_STARTED,
+            pid=100_000 + n,
+            timestamp_ms=0.0,
+        )
+        for n in range(4)
+    ]
+
+    async def main() -> None:
+        registry.emit_nowait(events[0])  # fills the channel
+        async with trio.open_nursery() as nursery:
+
+            async def interrupt() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                _press_ctrl_c()
+
+            nursery.start_soon(interrupt)
+            await observer._emit_all(events)
+
+    interrupted = False
+    try:
+        trio.run(main)
+    except* KeyboardInterrupt:
+        interrupted = True
+    assert interrupted
+    status = registry.status(sink_id)
+    assert status is not None
+    assert (status.delivered_events, status.missed_events) == (1, 4)

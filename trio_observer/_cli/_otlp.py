@@ -122,9 +122,12 @@ class OtlpPipeline:
         logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
         logging.getLogger("trio_observer.otel").setLevel(logging.CRITICAL)
         attributes = {}
-        if "OTEL_SERVICE_NAME" not in os.environ and "service.name" not in os.environ.get(
-            "OTEL_RESOURCE_ATTRIBUTES", ""
-        ):
+        # Keys, not a substring: service.namespace is not service.name.
+        keys = {
+            item.partition("=")[0].strip()
+            for item in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+        }
+        if "OTEL_SERVICE_NAME" not in os.environ and "service.name" not in keys:
             attributes["service.name"] = "trio-observer"
         resource = resource_type.create(attributes)
         # Without an endpoint the exporters read OTEL_EXPORTER_OTLP_ENDPOINT

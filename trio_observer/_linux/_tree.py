@@ -539,9 +539,10 @@ class TreeObserver:
             if event.category in self._categories:
                 try:
                     await self._emit(event)
-                except trio.Cancelled:
-                    # The one being sent is counted by the registry; the
-                    # rest must be too, not vanish with this task.
+                except BaseException:
+                    # Cancelled, or Ctrl-C delivered where it waits: the one
+                    # being sent is counted by the registry; the rest must
+                    # be too, not vanish with this task.
                     self._push_nowait(pending[index + 1 :])
                     raise
 
