@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -53,6 +54,13 @@ def usage_of(status: int, usage: resource.struct_rusage) -> ReapedUsage:
     )
 
 
+def _reap_if_ours(pidfd: int) -> None:
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        pass  # not ours, or reaped already by its owner
+
+
 @final
 class CgroupContainment:
     """Every process of a session in a leaf of the session's cgroup."""
@@ -83,8 +91,47 @@ class CgroupContainment:
         return self.group.members()
 
     async def stop(self, grace_period: float) -> None:
-        """Freeze, SIGTERM all, thaw, grace on the trio clock, ``cgroup.kill``, wait."""
-        await _cgroup.stop(self.group, grace_period)
+        """Freeze, SIGTERM all, thaw, grace on the trio clock, ``cgroup.kill``, wait, reap.
+
+        Members are listed while frozen (nobody can fork then) and held by
+        pidfds, so that those that are this process's children (orphans
+        adopted as child subreaper) are reaped and not left as zombies;
+        ``populated 0`` comes before a process becomes a zombie.
+        """
+        if not self.group.populated():
+            return
+        pidfds: dict[int, int] = {}
+        try:
+            self.group.freeze()
+            try:
+                self._hold(pidfds)
+                self.group.signal_all(signal.SIGTERM)
+            finally:
+                self.group.thaw()
+            with trio.move_on_after(grace_period):
+                await self.group.wait_empty()
+            if self.group.populated():
+                self.group.freeze()
+                try:
+                    self._hold(pidfds)
+                finally:
+                    self.group.thaw()
+                self.group.kill()
+                await self.group.wait_empty()
+            for fd in pidfds.values():
+                await trio.lowlevel.wait_readable(fd)
+                _reap_if_ours(fd)
+        finally:
+            for fd in pidfds.values():
+                os.close(fd)
+
+    def _hold(self, pidfds: dict[int, int]) -> None:
+        for pid in self.group.members():
+            if pid not in pidfds:
+                try:
+                    pidfds[pid] = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    pass
 
     def close(self) -> None:
         """Kill what is left and remove the session's cgroup; idempotent.
