@@ -1,7 +1,7 @@
 """Section ``cgroup``: containment by cgroup v2 against process groups.
 
-Measured at the mechanism level (``trio_observer._linux._cgroup_containment``;
-sessions do not take ``containment=`` yet):
+Measured at the mechanism level (``trio_observer._linux._cgroup_containment``,
+not through ``open_session``):
 
 - spawn + reap ``/bin/true`` in its own process group with ``wait4``, with
   and without placing it in a leaf cgroup of its own (mkdir, write
@@ -177,7 +177,7 @@ async def _measure(config: Config) -> Report:
             ),
         ],
         notes=[
-            "mechanism level (_linux/_cgroup_containment), not yet through open_session",
+            "mechanism level (_linux/_cgroup_containment), not through open_session",
             f"spawn: best of {rounds} rounds x {per_block}, interleaved; "
             f"stop: best of {stop_rounds}",
         ],

@@ -158,7 +158,8 @@ async def test_stop_kills_sigterm_ignoring_tree_after_grace(session_group: Cgrou
         "for _ in range(3):\n"
         "    if os.fork() == 0:\n"
         "        os.setsid()\n"
-        "        break\n"
+        "        time.sleep(60)\n"
+        "        os._exit(0)\n"
         "print('up', flush=True)\n"
         "time.sleep(60)\n"
     )

@@ -14,6 +14,7 @@ from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_int, check_seconds
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, trio_time_ms
 from ._linux import _process_tree
+from ._linux._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
 from ._linux._tree import OBSERVABLE_CATEGORIES, TreeObserver
 from ._output import OutputLog, pump_stream
 from ._process import (
@@ -74,6 +75,8 @@ class Session:
         )
         # Set when the block ends: from then on the session only winds down.
         self._closing = False
+        # The session's cgroup, when containment is by cgroup (set at open).
+        self._containment: CgroupContainment | None = None
 
     def _check_open(self) -> None:
         if self._closing:
@@ -238,6 +241,8 @@ class Session:
         # it handles the root's first fork.
         self._tree.add_root(process.pid)
         self._groups.add(process.pid)
+        if self._containment is not None:
+            self._containment.place(process.pid)
         started = trio.Event()
         self._running[process] = trio.Event()
         self._nursery.start_soon(self._supervise, process, started)
@@ -398,6 +403,7 @@ async def open_session(
     grace_period: float = 5.0,
     poll_interval: float = 0.02,
     track_descendants: bool = False,
+    containment: str = "process-group",
 ) -> AsyncIterator[Session]:
     """Open a session: a nursery-like scope for processes.
 
@@ -434,24 +440,48 @@ async def open_session(
         it, such an orphan that exits before the session ends stays a zombie
         child of this process, because a zombie cannot be told apart from a
         child that other code in the program started.
+      containment: How the session holds its processes (see
+        ``docs/containment.md``). ``"process-group"`` (the default for now):
+        process groups and an environment marker. ``"cgroup"``: a cgroup v2
+        of the session's own with a leaf per process, stopped by
+        ``cgroup.kill``; a process that leaves its group and clears its
+        environment is still caught. ``"auto"``: a cgroup where this process
+        may make one, else process groups.
 
     Raises:
-      ValueError: ``grace_period`` is negative or NaN.
+      ValueError: ``grace_period`` is negative or NaN, or ``containment`` is
+        not one of ``"auto"``, ``"cgroup"``, ``"process-group"``.
+      RuntimeError: ``containment="cgroup"`` where no cgroup can be made;
+        the message says why and what would make it possible.
     """
     check_seconds("grace_period", grace_period)
     if not poll_interval > 0:
         raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+    if containment not in CONTAINMENTS:
+        raise ValueError(
+            f"containment must be one of {', '.join(map(repr, CONTAINMENTS))}, got {containment!r}"
+        )
+    # Before the nursery opens, so that an unavailable cgroup is a plain
+    # error and not one wrapped in an exception group.
+    chosen = await choose_containment(containment, os.urandom(6).hex())
     _process_tree.subreaper.acquire()
     try:
-        async with _session_scope(grace_period, poll_interval, track_descendants) as session:
+        async with _session_scope(
+            grace_period, poll_interval, track_descendants, chosen
+        ) as session:
             yield session
     finally:
         _process_tree.subreaper.release()
+        if chosen is not None:
+            chosen.close()
 
 
 @asynccontextmanager
 async def _session_scope(
-    grace_period: float, poll_interval: float, track_descendants: bool
+    grace_period: float,
+    poll_interval: float,
+    track_descendants: bool,
+    chosen: CgroupContainment | None,
 ) -> AsyncIterator[Session]:
     async with trio.open_nursery() as nursery:
         session = Session(
@@ -460,6 +490,7 @@ async def _session_scope(
             poll_interval=poll_interval,
             track_descendants=track_descendants,
         )
+        session._containment = chosen
         nursery.start_soon(session._run_tree_observer)
         try:
             yield session
@@ -471,6 +502,10 @@ async def _session_scope(
             with trio.CancelScope(shield=True):
                 try:
                     await session._wait_for_processes()
+                    if session._containment is not None:
+                        # First line: the cgroup holds every descendant;
+                        # the group/marker sweep below is the second.
+                        await session._containment.stop(session.grace_period)
                     await session._stop_leftovers()
                     await session._drain_readers()
                 finally:

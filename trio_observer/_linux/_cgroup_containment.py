@@ -173,3 +173,28 @@ async def open_cgroup_containment(session_id: str) -> AsyncIterator[CgroupContai
                 with trio.move_on_after(5):
                     await containment.group.wait_empty()
         containment.close()
+
+
+CONTAINMENTS = ("auto", "cgroup", "process-group")
+"""The values of ``open_session(containment=...)``."""
+
+
+async def choose_containment(mode: str, session_id: str) -> CgroupContainment | None:
+    """The session's cgroup for ``mode``, or ``None`` for process groups.
+
+    ``"auto"`` takes a cgroup where one can be made and falls back to
+    process groups otherwise; ``"cgroup"`` raises instead of falling back.
+
+    Raises:
+        CgroupUnavailableError: ``mode`` is ``"cgroup"`` and this process
+            may not make one here (the message says why and what to do).
+    """
+    if mode == "process-group":
+        return None
+    support = _cgroup.probe()
+    if not support.available or support.parent is None:
+        if mode == "cgroup":
+            raise CgroupUnavailableError(f"containment='cgroup' is not available: {support.reason}")
+        return None
+    await _cgroup.clean_leftovers(support.parent)
+    return CgroupContainment(Cgroup.create_session(support.parent, session_id))
