@@ -24,6 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import (
+    _cgroup,
     _daemon,
     _emit,
     _fidelity,
@@ -57,6 +58,7 @@ SECTIONS: list[Section] = [
     Section("otel", "OpenTelemetry export: per event, and a 500-process build", _otel.run),
     Section("tree-scale", "Tree scans as the tree grows, vs psutil", _tree.run_scale),
     Section("daemon", "The daemon vs in-process, and vs a raw frame loop", _daemon.run),
+    Section("cgroup", "Containment by cgroup v2 vs process groups", _cgroup.run),
 ]
 
 

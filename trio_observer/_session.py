@@ -14,6 +14,7 @@ from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_int, check_seconds
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, lifecycle_event
 from ._linux import _process_tree
+from ._linux._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
 from ._linux._tree import OBSERVABLE_CATEGORIES, TreeObserver
 from ._output import OutputLog, pump_stream
 from ._process import (
@@ -82,6 +83,8 @@ class Session:
         self._tree_scope = trio.CancelScope(shield=True)
         # Set when the block ends: from then on the session only winds down.
         self._closing = False
+        # The session's cgroup, when containment is by cgroup (set at open).
+        self._containment: CgroupContainment | None = None
 
     def _check_open(self) -> None:
         if self._closing:
@@ -300,6 +303,8 @@ class Session:
         # it handles the root's first fork.
         self._tree.add_root(process.pid)
         self._groups.add(process.pid)
+        if self._containment is not None:
+            self._containment.place(process.pid)
         started = trio.Event()
         supervision = trio.CancelScope()
         self._running[process] = trio.Event()
@@ -440,6 +445,11 @@ class Session:
         # observer stuck on a full BLOCK sink catches up in finish().
         with trio.move_on_after(self._drain_patience()):
             await self._tree.settle(exit_codes=exit_codes)
+        if self._containment is not None:
+            # First line: the cgroup holds every descendant, whatever it did
+            # to its group or environment; the group/marker sweep below is
+            # the second.
+            await self._containment.stop(self._grace_period)
         await _process_tree.stop_leftovers(
             groups=self._groups,
             known=self._tree.known_descendants(),
@@ -472,6 +482,7 @@ async def open_session(
     grace_period: float = 5.0,
     poll_interval: float = 0.02,
     track_descendants: bool = False,
+    containment: str = "process-group",
 ) -> AsyncIterator[Session]:
     """Open a session: a nursery-like scope for processes.
 
@@ -511,13 +522,23 @@ async def open_session(
         it, such an orphan that exits before the session ends stays a zombie
         child of this process, because a zombie cannot be told apart from a
         child that other code in the program started.
+      containment: How the session holds its processes (see
+        ``docs/containment.md``). ``"process-group"`` (the default for now):
+        process groups and an environment marker. ``"cgroup"``: a cgroup v2
+        of the session's own with a leaf per process, stopped by
+        ``cgroup.kill``; a process that leaves its group and clears its
+        environment is still caught. ``"auto"``: a cgroup where this process
+        may make one, else process groups.
 
     Raises:
       TypeError: ``grace_period`` or ``poll_interval`` is not a number, or
         ``track_descendants`` is not a bool.
       ValueError: ``grace_period`` is negative, NaN or an int too large for
         a float (``math.inf`` waits for SIGTERM forever); ``poll_interval``
-        is not a finite number of seconds > 0.
+        is not a finite number of seconds > 0; ``containment`` is not one of
+        ``"auto"``, ``"cgroup"``, ``"process-group"``.
+      RuntimeError: ``containment="cgroup"`` where no cgroup can be made;
+        the message says why and what would make it possible.
     """
     grace_period = check_seconds("grace_period", grace_period)
     poll_interval = check_seconds(
@@ -527,17 +548,31 @@ async def open_session(
         raise TypeError(
             f"track_descendants must be True or False, not {type(track_descendants).__name__}"
         )
+    if not isinstance(containment, str) or containment not in CONTAINMENTS:
+        raise ValueError(
+            f"containment must be one of {', '.join(map(repr, CONTAINMENTS))}, got {containment!r}"
+        )
+    # Before the nursery opens, so that an unavailable cgroup is a plain
+    # error and not one wrapped in an exception group.
+    chosen = await choose_containment(containment, os.urandom(6).hex())
     _process_tree.subreaper.acquire()
     try:
-        async with _session_scope(grace_period, poll_interval, track_descendants) as session:
+        async with _session_scope(
+            grace_period, poll_interval, track_descendants, chosen
+        ) as session:
             yield session
     finally:
         _process_tree.subreaper.release()
+        if chosen is not None:
+            chosen.close()
 
 
 @asynccontextmanager
 async def _session_scope(
-    grace_period: float, poll_interval: float, track_descendants: bool
+    grace_period: float,
+    poll_interval: float,
+    track_descendants: bool,
+    chosen: CgroupContainment | None,
 ) -> AsyncIterator[Session]:
     async with trio.open_nursery() as nursery:
         session = Session(
@@ -546,6 +581,7 @@ async def _session_scope(
             poll_interval=poll_interval,
             track_descendants=track_descendants,
         )
+        session._containment = chosen
         nursery.start_soon(session._run_tree_observer)
         try:
             yield session

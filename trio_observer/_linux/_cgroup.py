@@ -1,0 +1,429 @@
+"""Containment by cgroup v2: find the hierarchy, make cgroups, place, stop, read.
+
+Standalone building block for the session's containment strategy: a cgroup
+holds every descendant whatever it does to its process group, session or
+environment, ``cgroup.kill`` kills a subtree atomically (racing forks
+included), and ``cgroup.events`` says ``populated 0`` when the last member
+has gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import select
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, final
+
+import trio
+
+from ._procfs import read_children, read_stat
+
+ADVICE: Final = (
+    "run inside a cgroup v2 subtree delegated to this user, for example "
+    "`systemd-run --user --scope -p Delegate=yes <command>`"
+)
+"""What makes cgroup containment available to an unprivileged user."""
+
+NAME_PREFIX: Final = "trio-observer-"
+_LEFTOVER_PATIENCE: Final = 5.0
+"""Seconds to wait for a killed leftover to empty (its members are not our
+children, so their reapers decide when they leave)."""
+_NAME_RE: Final = re.compile(r"^trio-observer-(\d+)\.(\d+)-[0-9a-f]+$")
+
+
+class CgroupUnavailableError(RuntimeError):
+    """This process may not contain its children in a cgroup v2 here."""
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def find_hierarchy(mountinfo: str | None = None) -> tuple[Path, str] | None:
+    """Where the cgroup v2 hierarchy is mounted, and the mount's root.
+
+    Args:
+        mountinfo: The content of ``/proc/self/mountinfo`` (read if ``None``).
+
+    Returns:
+        ``(mount point, root inside the hierarchy)``, or ``None`` if no
+        ``cgroup2`` file system is mounted.
+    """
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        if right.split()[:1] != ["cgroup2"]:
+            continue
+        fields = left.split()
+        return Path(_unescape(fields[4])), _unescape(fields[3])
+    return None
+
+
+def own_cgroup(cgroup_file: str | None = None) -> str | None:
+    """This process's cgroup v2 path (``0::/...``), or ``None`` if it has none."""
+    if cgroup_file is None:
+        cgroup_file = Path("/proc/self/cgroup").read_text()
+    for line in cgroup_file.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CgroupSupport:
+    """Whether sessions can make cgroups here, and which controllers they get."""
+
+    available: bool
+    """Whether a session cgroup can be created below ours."""
+    reason: str
+    """Why not (empty when available)."""
+    parent: Path | None
+    """This process's cgroup directory, below which sessions go."""
+    controllers: frozenset[str]
+    """Controllers this process's cgroup offers its children (for limits)."""
+    kill: bool
+    """Whether ``cgroup.kill`` exists (Linux 5.14)."""
+
+
+def probe(mountinfo: str | None = None, cgroup_file: str | None = None) -> CgroupSupport:
+    """Find out, by trying, whether a session cgroup can be made below ours."""
+    found = find_hierarchy(mountinfo)
+    if found is None:
+        return CgroupSupport(False, "no cgroup v2 hierarchy is mounted", None, frozenset(), False)
+    mount, root = found
+    own = own_cgroup(cgroup_file)
+    if own is None:
+        return CgroupSupport(False, "this process has no cgroup v2 entry", None, frozenset(), False)
+    if root != "/" and own.startswith(root):
+        own = own[len(root) :]
+    parent = mount / own.lstrip("/")
+    try:
+        controllers = frozenset((parent / "cgroup.controllers").read_text().split())
+    except OSError as exc:
+        return CgroupSupport(
+            False, f"cannot read {parent}/cgroup.controllers: {exc}", parent, frozenset(), False
+        )
+    if not os.access(parent / "cgroup.procs", os.W_OK):
+        return CgroupSupport(
+            False,
+            f"{parent}/cgroup.procs is not writable by this user; {ADVICE}",
+            parent,
+            controllers,
+            False,
+        )
+    trial = parent / f"{NAME_PREFIX}probe-{os.getpid()}"
+    try:
+        trial.mkdir()
+    except OSError as exc:
+        return CgroupSupport(
+            False,
+            f"cannot create a cgroup in {parent}: {exc}; {ADVICE}",
+            parent,
+            controllers,
+            False,
+        )
+    kill = (trial / "cgroup.kill").exists()
+    trial.rmdir()
+    return CgroupSupport(True, "", parent, controllers, kill)
+
+
+def _owner_start_time(pid: int) -> int:
+    stat = read_stat("/proc", pid)
+    return stat.starttime if stat is not None else 0
+
+
+@final
+class Cgroup:
+    """One cgroup v2 directory: place processes, stop them, read their cost."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"Cgroup({str(self.path)!r})"
+
+    @classmethod
+    def create_session(cls, parent: Path, session_id: str) -> Cgroup:
+        """Make a session cgroup below ``parent``, named so a leftover is known.
+
+        The name carries this process's pid and start time: a later session
+        that finds it with the owner gone (or the pid reused) cleans it up.
+        """
+        pid = os.getpid()
+        tag = "".join(c for c in session_id.lower() if c in "0123456789abcdef")[:12] or "0"
+        path = parent / f"{NAME_PREFIX}{pid}.{_owner_start_time(pid)}-{tag}"
+        path.mkdir()
+        return cls(path)
+
+    def leaf(self, name: str) -> Cgroup:
+        """Make (or reuse) a child cgroup, for one process."""
+        path = self.path / name
+        path.mkdir(exist_ok=True)
+        return Cgroup(path)
+
+    def _write(self, name: str, value: str) -> None:
+        with open(self.path / name, "w") as f:
+            f.write(value)
+
+    def read(self, name: str) -> str | None:
+        """A control file's content, ``None`` if it does not exist."""
+        try:
+            return (self.path / name).read_text()
+        except FileNotFoundError:
+            return None
+
+    def place(self, pid: int) -> list[int]:
+        """Move ``pid`` and the children it already has into this cgroup.
+
+        Once a process is inside, everything it forks is born inside, so
+        walking the children after the move catches the ones forked before
+        it. Returns the pids moved.
+        """
+        moved: list[int] = []
+        todo = [pid]
+        while todo:
+            current = todo.pop()
+            try:
+                self._write("cgroup.procs", str(current))
+            except ProcessLookupError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    continue
+                raise
+            moved.append(current)
+            todo.extend(read_children("/proc", current) or ())
+        return moved
+
+    def cgroups(self) -> list[Cgroup]:
+        """This cgroup and all below it, deepest first (the order to remove)."""
+        found: list[Cgroup] = []
+        for dirpath, dirnames, _ in os.walk(self.path, topdown=False):
+            del dirnames
+            found.append(Cgroup(Path(dirpath)))
+        return found
+
+    def members(self) -> list[int]:
+        """Every process in this cgroup or below."""
+        pids: list[int] = []
+        for group in self.cgroups():
+            text = group.read("cgroup.procs") or ""
+            pids.extend(int(p) for p in text.split())
+        return pids
+
+    def populated(self) -> bool:
+        """Whether any process is in this cgroup or below."""
+        return _events(self.read("cgroup.events") or "").get("populated") == "1"
+
+    def freeze(self) -> None:
+        """Stop every member from running (and forking); see :meth:`thaw`."""
+        self._write("cgroup.freeze", "1")
+
+    def thaw(self) -> None:
+        """Let frozen members run again."""
+        self._write("cgroup.freeze", "0")
+
+    def signal_all(self, sig: int) -> int:
+        """Send ``sig`` to every member; returns how many were signalled."""
+        count = 0
+        for pid in self.members():
+            try:
+                os.kill(pid, sig)
+                count += 1
+            except ProcessLookupError:
+                pass
+        return count
+
+    def kill(self) -> None:
+        """SIGKILL every member atomically (``cgroup.kill``, Linux 5.14).
+
+        Before 5.14 the members are frozen so they cannot fork, killed one
+        by one, and thawed so the kill is delivered.
+        """
+        if (self.path / "cgroup.kill").exists():
+            self._write("cgroup.kill", "1")
+            return
+        self.freeze()
+        try:
+            self.signal_all(signal.SIGKILL)
+        finally:
+            self.thaw()
+
+    async def wait_empty(self) -> None:
+        """Block until ``populated 0``: no member is left in the subtree.
+
+        ``cgroup.events`` is always "readable" to epoll (a regular file), so
+        trio's ``wait_readable`` on it would spin; the kernel flags a change
+        with ``EPOLLPRI``. A private epoll set watches for that alone, and
+        trio waits for the epoll fd itself to become readable.
+        """
+        # kernfs files do not block: os.open keeps this off a worker thread.
+        fd = os.open(self.path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        watcher = select.epoll()
+        try:
+            watcher.register(fd, select.EPOLLPRI)
+            while True:
+                # Reading after registering re-arms the flag, so a change
+                # after this read always wakes the wait below.
+                if _events(os.pread(fd, 4096, 0).decode()).get("populated") == "0":
+                    return
+                await trio.lowlevel.wait_readable(watcher.fileno())
+                watcher.poll(0)
+        finally:
+            watcher.close()
+            os.close(fd)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """``(user, system)`` CPU seconds of every member, living and dead."""
+        stat = _events(self.read("cpu.stat") or "")
+        return int(stat.get("user_usec", 0)) / 1e6, int(stat.get("system_usec", 0)) / 1e6
+
+    def memory_peak(self) -> int | None:
+        """Peak memory in bytes (``memory.peak``), ``None`` without the controller."""
+        text = self.read("memory.peak")
+        return int(text) if text else None
+
+    def pids_peak(self) -> int | None:
+        """Peak number of processes (``pids.peak``), ``None`` without the controller."""
+        text = self.read("pids.peak")
+        return int(text) if text else None
+
+    def oom_kills(self) -> int | None:
+        """OOM kills inside (``memory.events``), ``None`` without the controller."""
+        text = self.read("memory.events")
+        return int(_events(text).get("oom_kill", 0)) if text is not None else None
+
+    def set_limits(
+        self,
+        *,
+        memory_max: int | None = None,
+        pids_max: int | None = None,
+        cpu_max: tuple[int, int] | None = None,
+    ) -> None:
+        """Limit this cgroup; the controllers must be on in its parent.
+
+        Raises:
+            CgroupUnavailableError: A controller is not enabled for this
+                cgroup, with what the parent's ``cgroup.controllers`` offers.
+        """
+        wanted = {
+            "memory": ("memory.max", memory_max),
+            "pids": ("pids.max", pids_max),
+            "cpu": ("cpu.max", None if cpu_max is None else f"{cpu_max[0]} {cpu_max[1]}"),
+        }
+        offered = set((self.read("cgroup.controllers") or "").split())
+        for controller, (name, value) in wanted.items():
+            if value is None:
+                continue
+            if controller not in offered:
+                parent = self.path.parent
+                listed = (parent / "cgroup.controllers").read_text().split() or ["none"]
+                raise CgroupUnavailableError(
+                    f"cannot set {name}: the {controller} controller is not enabled for "
+                    f"{self.path} ({parent}/cgroup.controllers lists: {', '.join(listed)}); "
+                    "on a hybrid machine it may be bound to cgroup v1"
+                )
+            self._write(name, str(value))
+
+    def enable_controllers(self, names: frozenset[str]) -> None:
+        """Enable controllers for this cgroup's children (``subtree_control``).
+
+        Raises:
+            CgroupUnavailableError: Not offered here, or this cgroup holds
+                processes itself (the kernel's "no internal processes" rule).
+        """
+        offered = set((self.read("cgroup.controllers") or "").split())
+        missing = sorted(names - offered)
+        if missing:
+            raise CgroupUnavailableError(
+                f"controllers {', '.join(missing)} are not available in {self.path} "
+                f"(cgroup.controllers lists: {', '.join(sorted(offered)) or 'none'})"
+            )
+        try:
+            self._write("cgroup.subtree_control", " ".join(f"+{n}" for n in sorted(names)))
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise CgroupUnavailableError(
+                    f"{self.path} holds processes, so the kernel refuses to enable "
+                    "controllers for its children; move this process into a leaf cgroup "
+                    "of its own first"
+                ) from exc
+            raise
+
+    def remove(self) -> None:
+        """Remove this cgroup and every cgroup below it; they must be empty."""
+        for group in self.cgroups():
+            try:
+                group.path.rmdir()
+            except FileNotFoundError:
+                pass
+
+
+def _events(text: str) -> dict[str, str]:
+    pairs = (line.split(None, 1) for line in text.splitlines() if line.strip())
+    return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
+
+
+def leftover_sessions(parent: Path) -> list[Cgroup]:
+    """Session cgroups below ``parent`` whose owner process is gone."""
+    found: list[Cgroup] = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        match = _NAME_RE.match(entry.name)
+        if match is None:
+            continue
+        pid, start = int(match.group(1)), int(match.group(2))
+        stat = read_stat("/proc", pid)
+        if stat is None or stat.starttime != start:
+            found.append(Cgroup(entry))
+    return found
+
+
+async def clean_leftovers(parent: Path) -> list[Path]:
+    """Kill the processes of crashed sessions' cgroups and remove them.
+
+    Returns the paths removed.
+    """
+    removed: list[Path] = []
+    for group in leftover_sessions(parent):
+        group.kill()
+        with trio.move_on_after(_LEFTOVER_PATIENCE):
+            await group.wait_empty()
+        try:
+            group.remove()
+        except OSError:
+            continue
+        removed.append(group.path)
+    return removed
+
+
+async def stop(group: Cgroup, grace: float) -> None:
+    """Stop every member: freeze, SIGTERM all, thaw, grace, ``cgroup.kill``, wait.
+
+    Freezing first means no member forks between the listing and the
+    signal; the grace period runs on the trio clock.
+    """
+    if not group.populated():
+        return
+    group.freeze()
+    try:
+        group.signal_all(signal.SIGTERM)
+    finally:
+        group.thaw()
+    with trio.move_on_after(grace):
+        await group.wait_empty()
+        return
+    group.kill()
+    await group.wait_empty()
