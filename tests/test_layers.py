@@ -30,6 +30,7 @@ LAYERS = {
     "_registry": 3,
     "_process": 4,
     "_session": 5,
+    "_run_process": 5,
     "_cli": 6,
     "__main__": 7,
     "__init__": 7,

@@ -272,6 +272,20 @@ class OutputLog:
         self._close_lot.unpark_all()
         self._room_lot.unpark_all()
 
+    async def wait_closed(self) -> None:
+        """Wait until the end of the stream was recorded (:attr:`closed`).
+
+        A session's captured log is closed when its reader reached end of
+        file: everything the process (and whatever shared the stream) wrote
+        is in the log by then. That can come after :meth:`Process.wait`
+        returns, since the reader drains the pipe on its own.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        while not self._closed:
+            await self._close_lot.park()
+
     # -- reading -------------------------------------------------------
 
     def snapshot(self) -> bytes:
