@@ -158,7 +158,7 @@ def test_pty_mode_with_piped_input() -> None:
 
 
 def test_unavailable_category_is_one_clear_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     # A machine without /proc, simulated by pointing the probe elsewhere.
     from trio_observer import TraceScope, _capabilities, _cli
@@ -171,7 +171,7 @@ def test_unavailable_category_is_one_clear_line(
 
     monkeypatch.setattr(_run, "negotiate_capabilities", without_proc)
     assert _cli.main(["run", "--category", "lifecycle,file", "--", PY, "-c", "pass"]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.startswith("trio-observer: cannot observe 'file' events here:")
     assert err.count("\n") == 1
 
@@ -180,3 +180,62 @@ def test_bad_grace_period() -> None:
     result = run_cli("run", "--grace-period", "-1", "--", PY, "-c", "pass")
     assert result.returncode == 2
     assert b"'-1' is not a number of seconds >= 0" in result.stderr
+
+
+def test_help_says_events_are_appended() -> None:
+    assert b"append events to FILE" in run_cli("run", "--help").stdout
+
+
+def test_events_file_is_appended_to(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"earlier": true}\n')
+    assert run_cli("run", "--events", str(events), "--", PY, "-c", "pass").returncode == 0
+    first, *rest = read_events(events)
+    assert first == {"earlier": True}
+    assert [e["kind"] for e in rest] == ["started", "exited"]
+
+
+def test_a_full_events_file_does_not_kill_the_command() -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this machine")
+    script = "import sys; print('ran'); sys.exit(3)"
+    result = run_cli("run", "--events", "/dev/full", "--", PY, "-c", script)
+    assert result.returncode == 3
+    assert result.stdout == b"ran\n"
+    lines = result.stderr.decode().splitlines()
+    assert lines == [
+        "trio-observer: cannot write events to '/dev/full': No space left on device; "
+        "counting them as lost from here on",
+        "trio-observer: 2 event(s) could not be written to '/dev/full'",
+    ]
+
+
+def test_a_closed_stderr_pipe_does_not_kill_the_command(tmp_path: Path) -> None:
+    # The events go to stderr, whose reader is gone (as with `2>&1 | head`):
+    # CMD still runs to its end and its exit status is kept.
+    marker = tmp_path / "marker"
+    script = f"import sys, pathlib; pathlib.Path({str(marker)!r}).write_text('ran'); sys.exit(5)"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*CLI, "run", "--", PY, "-c", script], stderr=write_end, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 5
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["--bogus"], b"usage: trio-observer [-h] COMMAND"),
+        (["run", "--bogus", "--", "true"], b"usage: trio-observer run [-h]"),
+        (["capabilities", "--bogus"], b"usage: trio-observer capabilities [-h]"),
+    ],
+)
+def test_unknown_options_name_themselves(argv: list[str], usage: bytes) -> None:
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    assert result.stderr.startswith(usage)
+    assert b"unrecognized arguments: --bogus" in result.stderr
+    assert b"required" not in result.stderr
