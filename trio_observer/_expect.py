@@ -40,13 +40,13 @@ class ExpectMatch:
     """The bytes between the search start and the match: only the newest
     ``max_bytes`` searched are kept, and none from before a gap (if the
     search lost bytes; see ``missed_bytes``)."""
-    match: re.Match[bytes] | re.Match[str] | None
-    """The regex match, or None for a literal: a ``re.Match[bytes]`` (over
-    ``before + data + ...``) for a bytes regex, a ``re.Match[str]`` over the
-    decoded text for a ``str`` regex."""
+    match: re.Match[bytes] | None
+    """The match of a bytes regex (over ``before + data + ...``), else None."""
     missed_bytes: int = 0
     """Bytes evicted from the backlog before the search could look at them;
     0 unless the search fell more than ``max_bytes`` behind."""
+    text_match: re.Match[str] | None = None
+    """The match of a ``str`` regex, over the decoded text, else None."""
     index: int = 0
     """Which pattern matched: its index in the list given to ``expect``
     (pexpect's return value), 0 for a single pattern."""
@@ -204,7 +204,12 @@ async def search(
                     end=base + end,
                     data=bytes(buffer[start:end]),
                     before=bytes(buffer[:start]),
-                    match=match,
+                    match=match
+                    if not isinstance(match, re.Match) or isinstance(match.string, bytes)
+                    else None,
+                    text_match=match
+                    if isinstance(match, re.Match) and isinstance(match.string, str)
+                    else None,
                     missed_bytes=missed,
                     index=best_index,
                 )
