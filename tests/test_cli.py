@@ -16,8 +16,10 @@ from .conftest import PY
 CLI = [sys.executable, "-m", "trio_observer"]
 
 
-def run_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*CLI, *args], capture_output=True, timeout=60, **kwargs)  # type: ignore[call-overload, no-any-return]
+def run_cli(
+    *args: str, timeout: float = 60, **kwargs: object
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
 def read_events(path: Path) -> list[dict[str, object]]:
@@ -239,3 +241,28 @@ def test_unknown_options_name_themselves(argv: list[str], usage: bytes) -> None:
     assert result.stderr.startswith(usage)
     assert b"unrecognized arguments: --bogus" in result.stderr
     assert b"required" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("program", "script", "printed"),
+    [
+        (["python3", "-i", "-q"], b"print(1+1)\n", b"2\r\n"),
+        ([sys.executable, "-i", "-q"], b"print(1+1)\n", b"2\r\n"),
+        (["bash", "--norc", "-i"], b"echo $((40+2))\n", b"42\r\n"),
+    ],
+)
+def test_piped_input_to_a_readline_program_on_a_pty_ends(
+    program: list[str], script: bytes, printed: bytes
+) -> None:
+    # The old copier typed one VEOF at once; a readline program read it in
+    # canonical mode before its prompt and then waited at the prompt for ever.
+    import shutil
+
+    if shutil.which(program[0]) is None:
+        pytest.skip(f"{program[0]} is not installed")
+    env = {**os.environ, "TERM": "xterm", "INPUTRC": "/dev/null"}
+    result = run_cli(
+        "run", "--pty", "--events", os.devnull, "--", *program, input=script, env=env, timeout=15
+    )
+    assert printed in result.stdout
+    assert result.returncode == 0

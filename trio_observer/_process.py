@@ -76,6 +76,25 @@ class Pty:
             data = data.encode("utf-8")
         await self._stream.send_all(data)
 
+    async def sendline(self, text: bytes | str = "") -> None:
+        """Type ``text`` and press Enter (pexpect's ``sendline``).
+
+        Sends ``os.linesep`` after it (``\\n``), which the terminal turns
+        into the end of a line, as Enter does.
+        """
+        line = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        await self._stream.send_all(line + os.linesep.encode())
+
+    @property
+    def stream(self) -> PtyStream:
+        """The terminal's master side as a ``trio.abc.HalfCloseableStream``.
+
+        For copying the terminal to and from somewhere else (the CLI attaches
+        the user's terminal with it). Do not read from it while the session
+        captures it: every byte read here is missing from :attr:`log`.
+        """
+        return self._stream
+
     def resize(self, rows: int, cols: int) -> None:
         """Change the window size; the process gets SIGWINCH.
 

@@ -189,7 +189,7 @@ async def _attach_terminal(process: Process, helpers: trio.Nursery) -> None:
     pty's log; the copier reads the log with a cursor from its first byte.
     """
     assert process.pty is not None
-    stream = process.pty._stream
+    stream = process.pty.stream
     user_in, user_out = sys.stdin.fileno(), sys.stdout.fileno()
     cursor = process.pty.log.cursor("oldest")
 
