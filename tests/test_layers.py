@@ -33,6 +33,7 @@ LAYERS = {
     "_run_process": 5,
     "_cli": 6,
     "__main__": 7,
+    "pytest_plugin": 7,
     "__init__": 7,
 }
 
