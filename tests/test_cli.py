@@ -16,8 +16,10 @@ from .conftest import PY
 CLI = [sys.executable, "-m", "trio_observer"]
 
 
-def run_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*CLI, *args], capture_output=True, timeout=60, **kwargs)  # type: ignore[call-overload, no-any-return]
+def run_cli(
+    *args: str, timeout: float = 60, **kwargs: object
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
 def read_events(path: Path) -> list[dict[str, object]]:
@@ -158,7 +160,7 @@ def test_pty_mode_with_piped_input() -> None:
 
 
 def test_unavailable_category_is_one_clear_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     # A machine without /proc, simulated by pointing the probe elsewhere.
     from trio_observer import TraceScope, _capabilities, _cli
@@ -171,7 +173,7 @@ def test_unavailable_category_is_one_clear_line(
 
     monkeypatch.setattr(_run, "negotiate_capabilities", without_proc)
     assert _cli.main(["run", "--category", "lifecycle,file", "--", PY, "-c", "pass"]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.startswith("trio-observer: cannot observe 'file' events here:")
     assert err.count("\n") == 1
 
@@ -180,3 +182,87 @@ def test_bad_grace_period() -> None:
     result = run_cli("run", "--grace-period", "-1", "--", PY, "-c", "pass")
     assert result.returncode == 2
     assert b"'-1' is not a number of seconds >= 0" in result.stderr
+
+
+def test_help_says_events_are_appended() -> None:
+    assert b"append events to FILE" in run_cli("run", "--help").stdout
+
+
+def test_events_file_is_appended_to(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"earlier": true}\n')
+    assert run_cli("run", "--events", str(events), "--", PY, "-c", "pass").returncode == 0
+    first, *rest = read_events(events)
+    assert first == {"earlier": True}
+    assert [e["kind"] for e in rest] == ["started", "exited"]
+
+
+def test_a_full_events_file_does_not_kill_the_command() -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this machine")
+    script = "import sys; print('ran'); sys.exit(3)"
+    result = run_cli("run", "--events", "/dev/full", "--", PY, "-c", script)
+    assert result.returncode == 3
+    assert result.stdout == b"ran\n"
+    lines = result.stderr.decode().splitlines()
+    assert lines == [
+        "trio-observer: cannot write events to '/dev/full': No space left on device; "
+        "counting them as lost from here on",
+        "trio-observer: 2 event(s) could not be written to '/dev/full'",
+    ]
+
+
+def test_a_closed_stderr_pipe_does_not_kill_the_command(tmp_path: Path) -> None:
+    # The events go to stderr, whose reader is gone (as with `2>&1 | head`):
+    # CMD still runs to its end and its exit status is kept.
+    marker = tmp_path / "marker"
+    script = f"import sys, pathlib; pathlib.Path({str(marker)!r}).write_text('ran'); sys.exit(5)"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*CLI, "run", "--", PY, "-c", script], stderr=write_end, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 5
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["--bogus"], b"usage: trio-observer [-h] COMMAND"),
+        (["run", "--bogus", "--", "true"], b"usage: trio-observer run [-h]"),
+        (["capabilities", "--bogus"], b"usage: trio-observer capabilities [-h]"),
+    ],
+)
+def test_unknown_options_name_themselves(argv: list[str], usage: bytes) -> None:
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    assert result.stderr.startswith(usage)
+    assert b"unrecognized arguments: --bogus" in result.stderr
+    assert b"required" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("program", "script", "printed"),
+    [
+        (["python3", "-i", "-q"], b"print(1+1)\n", b"2\r\n"),
+        ([sys.executable, "-i", "-q"], b"print(1+1)\n", b"2\r\n"),
+        (["bash", "--norc", "-i"], b"echo $((40+2))\n", b"42\r\n"),
+    ],
+)
+def test_piped_input_to_a_readline_program_on_a_pty_ends(
+    program: list[str], script: bytes, printed: bytes
+) -> None:
+    # The old copier typed one VEOF at once; a readline program read it in
+    # canonical mode before its prompt and then waited at the prompt for ever.
+    import shutil
+
+    if shutil.which(program[0]) is None:
+        pytest.skip(f"{program[0]} is not installed")
+    env = {**os.environ, "TERM": "xterm", "INPUTRC": "/dev/null"}
+    result = run_cli(
+        "run", "--pty", "--events", os.devnull, "--", *program, input=script, env=env, timeout=15
+    )
+    assert printed in result.stdout
+    assert result.returncode == 0

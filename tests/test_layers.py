@@ -30,10 +30,12 @@ LAYERS = {
     "_registry": 3,
     "_process": 4,
     "_session": 5,
+    "_run_process": 5,
     "_otel": 6,
     "_daemon": 6,
     "_cli": 7,
     "__main__": 8,
+    "pytest_plugin": 8,
     "__init__": 8,
 }
 

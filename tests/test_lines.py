@@ -31,9 +31,9 @@ async def collect_batches(
 async def test_lines_join_a_character_split_across_chunks() -> None:
     log = OutputLog()
     cursor = log.cursor()
-    log.feed(b"caf\xc3")
-    log.feed(b"\xa9\nna\xc3")
-    log.feed(b"\xafve")
+    log.feed_nowait(b"caf\xc3")
+    log.feed_nowait(b"\xa9\nna\xc3")
+    log.feed_nowait(b"\xafve")
     log.close()
     assert await collect_lines(cursor) == ["café", "naïve"]
 
@@ -42,7 +42,7 @@ async def test_lines_strip_crlf_even_when_split() -> None:
     log = OutputLog()
     plain, kept = log.cursor(), log.cursor()
     for chunk in [b"one\r\ntwo\r", b"\nthree\rbar\n", b"four\n"]:
-        log.feed(chunk)
+        log.feed_nowait(chunk)
     log.close()
     assert await collect_lines(plain) == ["one", "two", "three\rbar", "four"]
     assert await collect_lines(kept, keepends=True) == [
@@ -69,7 +69,7 @@ async def test_text_without_a_newline_comes_out_in_bounded_pieces() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read)
         for _ in range(20):
-            log.feed(bar)
+            log.feed_nowait(bar)
             await trio.testing.wait_all_tasks_blocked()
             assert splitter._size <= 64
         log.close()
@@ -82,7 +82,7 @@ async def test_max_line_chars_cuts_long_lines_the_same_however_chunked() -> None
     log = OutputLog()
     cursors = [log.cursor() for _ in range(3)]
     for chunk in [b"abcdefg\nab", b"c\r", b"\nabcd\r\n", b"abcdefgh"]:
-        log.feed(chunk)
+        log.feed_nowait(chunk)
     log.close()
     expected = ["abc", "def", "g", "abc", "abc", "d", "abc", "def", "gh"]
     assert await collect_lines(cursors[0], max_line_chars=3) == expected
@@ -113,8 +113,8 @@ async def test_max_line_chars_is_checked() -> None:
 async def test_lines_yield_the_final_unterminated_line() -> None:
     log = OutputLog()
     cursor = log.cursor()
-    log.feed(b"a\nb")
-    log.feed(b"c")
+    log.feed_nowait(b"a\nb")
+    log.feed_nowait(b"c")
     log.close()
     assert await collect_lines(cursor) == ["a", "bc"]
 
@@ -122,7 +122,7 @@ async def test_lines_yield_the_final_unterminated_line() -> None:
 async def test_lines_replace_bad_bytes_and_truncated_characters() -> None:
     log = OutputLog()
     cursor = log.cursor()
-    log.feed(b"\xff ok\n\xc3")
+    log.feed_nowait(b"\xff ok\n\xc3")
     log.close()
     assert await collect_lines(cursor) == ["\ufffd ok", "\ufffd"]
 
@@ -131,9 +131,9 @@ async def test_lines_report_a_gap_in_band() -> None:
     log = OutputLog(max_bytes=8)
     cursor = log.cursor()
     lines = cursor.lines()
-    log.feed(b"ab\ncd")
+    log.feed_nowait(b"ab\ncd")
     assert await lines.__anext__() == "ab"
-    log.feed(b"efghijklm\nz\n")  # 17 fed, 8 kept: "efgh" went unread
+    log.feed_nowait(b"efghijklm\nz\n")  # 17 fed, 8 kept: "efgh" went unread
     log.close()
     rest = [item async for item in lines]
     assert rest == ["cd", OutputGap(missed_bytes=4), "ijklm", "z"]
@@ -150,12 +150,12 @@ async def test_lines_check_the_encoding_at_once() -> None:
 async def test_a_lines_iterator_can_be_left_and_resumed() -> None:
     log = OutputLog()
     cursor = log.cursor()
-    log.feed(b"first\nsecond\n")
+    log.feed_nowait(b"first\nsecond\n")
     lines = cursor.lines()
     async for line in lines:
         assert line == "first"
         break
-    log.feed(b"third")
+    log.feed_nowait(b"third")
     log.close()
     # The same iterator holds the text it already decoded.
     assert [line async for line in lines] == ["second", "third"]
@@ -165,7 +165,7 @@ async def test_a_lines_iterator_can_be_left_and_resumed() -> None:
 async def test_an_abandoned_lines_iterator_is_finalized_quietly() -> None:
     log = OutputLog()
     cursor = log.cursor()
-    log.feed(b"a\nb\n")
+    log.feed_nowait(b"a\nb\n")
     async for _ in cursor.lines():
         break
     gc.collect()
@@ -190,7 +190,7 @@ async def test_batches_hold_the_lines_each_chunk_completes() -> None:
         # (small reads not yet read are gathered into one).
         for chunk in [b"one\ntwo\nthr", b"ee", b"\r\nfour\nfive"]:
             await trio.testing.wait_all_tasks_blocked()
-            log.feed(chunk)
+            log.feed_nowait(chunk)
         await trio.testing.wait_all_tasks_blocked()
         log.close()
     # The chunk b"ee" completes no line, so it yields no (empty) batch.
@@ -200,8 +200,8 @@ async def test_batches_hold_the_lines_each_chunk_completes() -> None:
 async def test_batches_keep_ends_like_lines() -> None:
     log = OutputLog()
     cursor = log.cursor()
-    log.feed(b"a\r\nb\rc\n")
-    log.feed(b"d")
+    log.feed_nowait(b"a\r\nb\rc\n")
+    log.feed_nowait(b"d")
     log.close()
     assert await collect_batches(cursor, keepends=True) == [["a\r\n", "b\rc\n"], ["d"]]
 
@@ -210,9 +210,9 @@ async def test_batches_report_a_gap_after_the_partial_line() -> None:
     log = OutputLog(max_bytes=8)
     cursor = log.cursor()
     batches = cursor.line_batches()
-    log.feed(b"ab\ncd")
+    log.feed_nowait(b"ab\ncd")
     assert await batches.__anext__() == ["ab"]
-    log.feed(b"efghijklm\nz\n")  # 17 fed, 8 kept: "efgh" went unread
+    log.feed_nowait(b"efghijklm\nz\n")  # 17 fed, 8 kept: "efgh" went unread
     log.close()
     rest = [item async for item in batches]
     assert rest == [["cd"], OutputGap(missed_bytes=4), ["ijklm", "z"]]
@@ -221,8 +221,8 @@ async def test_batches_report_a_gap_after_the_partial_line() -> None:
 async def test_a_gap_with_no_partial_line_comes_alone() -> None:
     log = OutputLog(max_bytes=4)
     cursor = log.cursor()
-    log.feed(b"ab\n")
-    log.feed(b"cd\nef\n")  # 9 fed, 4 kept: "ab\ncd" (5 bytes) went unread
+    log.feed_nowait(b"ab\n")
+    log.feed_nowait(b"cd\nef\n")  # 9 fed, 4 kept: "ab\ncd" (5 bytes) went unread
     log.close()
     assert await collect_batches(cursor) == [OutputGap(missed_bytes=5), ["", "ef"]]
 
@@ -239,10 +239,10 @@ async def test_a_waiting_batch_reader_wakes_only_for_a_whole_line() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
         await trio.testing.wait_all_tasks_blocked()
-        log.feed(b"no newline yet")
+        log.feed_nowait(b"no newline yet")
         await trio.testing.wait_all_tasks_blocked()
         assert received == []
-        log.feed(b"\nnext")
+        log.feed_nowait(b"\nnext")
         await trio.testing.wait_all_tasks_blocked()
         assert received == [["no newline yet"]]
         log.close()
@@ -253,14 +253,14 @@ async def test_cancelling_a_waiting_batch_reader_loses_nothing() -> None:
     log = OutputLog()
     cursor = log.cursor()
     batches = cursor.line_batches()
-    log.feed(b"partial ")
+    log.feed_nowait(b"partial ")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batches.__anext__)
         await trio.testing.wait_all_tasks_blocked()
         # The reader took b"partial " from the cursor and is parked for more.
         assert cursor.position == 8
         nursery.cancel_scope.cancel()
-    log.feed(b"line\n")
+    log.feed_nowait(b"line\n")
     log.close()
     assert [item async for item in batches] == [["partial line"]]
 
@@ -276,7 +276,7 @@ async def test_batches_check_the_encoding_at_once() -> None:
 async def test_an_abandoned_batch_iterator_is_finalized_quietly() -> None:
     log = OutputLog()
     cursor = log.cursor()
-    log.feed(b"a\nb\n")
+    log.feed_nowait(b"a\nb\n")
     async for _ in cursor.line_batches():
         break
     gc.collect()
@@ -320,7 +320,7 @@ def test_lines_and_batches_agree_with_splitting_the_whole_text(
         log = OutputLog()
         cursors = [log.cursor() for _ in range(3)]
         for chunk in chunks:  # chunks split UTF-8 characters anywhere
-            log.feed(chunk)
+            log.feed_nowait(chunk)
         log.close()
         lines = await collect_lines(cursors[0], max_line_chars=limit)
         batches = await collect_batches(cursors[1], max_line_chars=limit)
@@ -338,11 +338,11 @@ async def test_lines_checkpoints_per_chunk_not_per_buffered_line() -> None:
     # served without a checkpoint; reading the next chunk is one (so a
     # cancelled loop stops there, and other tasks run once per chunk).
     log = OutputLog()
-    log.feed(b"one\ntwo\nthree\n")
+    log.feed_nowait(b"one\ntwo\nthree\n")
     lines = log.cursor().lines()
     with trio.CancelScope() as scope:
         assert await lines.__anext__() == "one"
-        log.feed(b"four\n")  # a chunk of its own: the first was read
+        log.feed_nowait(b"four\n")  # a chunk of its own: the first was read
         scope.cancel()
         assert [await lines.__anext__(), await lines.__anext__()] == ["two", "three"]
         await lines.__anext__()

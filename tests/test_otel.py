@@ -325,8 +325,10 @@ async def test_receiver_answering_500_does_not_disturb_the_session(
     exporter = pipeline.exporter()
     async with trio.open_nursery() as nursery, open_session() as session:
         await nursery.start(exporter.export_session, session)
-        codes = [await session.run_process([PY, "-c", f"exit({i})"]) for i in range(5)]
-    assert codes == list(range(5))
+        results = [
+            await session.run_process([PY, "-c", f"exit({i})"], check=False) for i in range(5)
+        ]
+    assert [result.returncode for result in results] == list(range(5))
     await trio.to_thread.run_sync(pipeline.shutdown)
     assert receiver.requests["/v1/logs"] >= 1
     assert receiver.records == []
@@ -390,7 +392,7 @@ async def test_a_logger_that_raises_is_counted_not_raised() -> None:
     exporter = OTelExporter(logger_provider=Broken())  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery, open_session() as session:
         await nursery.start(exporter.export_session, session)
-        assert await session.run_process([PY, "-c", "exit(2)"]) == 2
+        assert (await session.run_process([PY, "-c", "exit(2)"], check=False)).returncode == 2
     assert exporter.status().emit_errors == 2
     assert exporter.status().records_emitted == 0
 

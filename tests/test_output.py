@@ -34,22 +34,22 @@ async def test_backlog_keeps_the_newest_bytes_and_counts_exactly() -> None:
     log = OutputLog(max_bytes=10)
     assert (log.total_bytes, log.dropped_bytes, log.retained_bytes) == (0, 0, 0)
     assert log.snapshot() == b""
-    log.feed(b"0123")
-    log.feed(b"456")
+    log.feed_nowait(b"0123")
+    log.feed_nowait(b"456")
     assert log.snapshot() == b"0123456"
     assert log.dropped_bytes == 0
-    log.feed(b"789ab")  # 12 bytes: the oldest 2 go, from the middle of a chunk
+    log.feed_nowait(b"789ab")  # 12 bytes: the oldest 2 go, from the middle of a chunk
     assert log.snapshot() == b"23456789ab"
     assert (log.total_bytes, log.dropped_bytes, log.start_offset) == (12, 2, 2)
-    log.feed(b"cdefgh")  # evicts "23456" whole-chunk-and-a-bit
+    log.feed_nowait(b"cdefgh")  # evicts "23456" whole-chunk-and-a-bit
     assert log.snapshot() == b"89abcdefgh"
     assert (log.total_bytes, log.dropped_bytes, log.retained_bytes) == (18, 8, 10)
 
 
 async def test_a_feed_larger_than_the_backlog_keeps_its_tail() -> None:
     log = OutputLog(max_bytes=4)
-    log.feed(b"ab")
-    log.feed(bytearray(b"0123456789"))
+    log.feed_nowait(b"ab")
+    log.feed_nowait(bytearray(b"0123456789"))
     assert log.snapshot() == b"6789"
     assert (log.total_bytes, log.dropped_bytes) == (12, 8)
 
@@ -60,7 +60,7 @@ async def test_eviction_compacts_without_losing_offsets() -> None:
     cursor = log.cursor()
     data = bytes(range(256)) * 4
     for i in range(len(data)):
-        log.feed(data[i : i + 1])
+        log.feed_nowait(data[i : i + 1])
     assert log.snapshot() == data[-50:]
     assert log.dropped_bytes == len(data) - 50
     items = drain(cursor)
@@ -78,7 +78,7 @@ async def test_small_reads_cost_about_their_size() -> None:
     try:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(100_000):
-            log.feed(bytes((i & 0x7F, 10)))
+            log.feed_nowait(bytes((i & 0x7F, 10)))
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -97,14 +97,14 @@ def test_max_bytes_is_checked() -> None:
 
 async def test_close_is_idempotent_and_ends_feeding() -> None:
     log = OutputLog()
-    log.feed(b"x")
+    log.feed_nowait(b"x")
     log.close()
     log.close()
     assert log.closed
     with pytest.raises(trio.ClosedResourceError):
-        log.feed(b"y")
+        log.feed_nowait(b"y")
     with pytest.raises(trio.ClosedResourceError):
-        await log.feed_async(b"y")
+        await log.feed(b"y")
     assert log.snapshot() == b"x"
 
 
@@ -113,12 +113,12 @@ async def test_close_is_idempotent_and_ends_feeding() -> None:
 
 async def test_cursor_from_oldest_now_and_offset() -> None:
     log = OutputLog(max_bytes=6)
-    log.feed(b"abcdefgh")
+    log.feed_nowait(b"abcdefgh")
     oldest = log.cursor()
     now = log.cursor("now")
     at = log.cursor(5)
     assert (oldest.position, now.position, at.position) == (2, 8, 5)
-    log.feed(b"ij")
+    log.feed_nowait(b"ij")
     assert drain(oldest) == [OutputGap(2), b"efgh", b"ij"]
     assert drain(now) == [b"ij"]
     assert drain(at) == [b"fgh", b"ij"]
@@ -131,9 +131,9 @@ async def test_cursor_from_oldest_now_and_offset() -> None:
 async def test_gap_reports_exact_missed_bytes_once() -> None:
     log = OutputLog(max_bytes=5)
     cursor = log.cursor()
-    log.feed(b"abc")
+    log.feed_nowait(b"abc")
     assert cursor.receive_nowait() == b"abc"
-    log.feed(b"defghijk")  # 11 fed, 5 kept: "def" went unread
+    log.feed_nowait(b"defghijk")  # 11 fed, 5 kept: "def" went unread
     assert cursor.receive_nowait() == OutputGap(missed_bytes=3)
     assert cursor.receive_nowait() == b"ghijk"
     with pytest.raises(trio.WouldBlock):
@@ -144,9 +144,9 @@ async def test_gap_reports_exact_missed_bytes_once() -> None:
 async def test_cursors_are_independent() -> None:
     log = OutputLog()
     first, second = log.cursor(), log.cursor()
-    log.feed(b"one")
+    log.feed_nowait(b"one")
     assert await first.receive() == b"one"
-    log.feed(b"two")
+    log.feed_nowait(b"two")
     assert await first.receive() == b"two"
     # Small reads the second cursor had not taken yet come gathered.
     assert drain(second) == [b"onetwo"]
@@ -166,7 +166,7 @@ async def test_receive_waits_for_data_then_sees_end() -> None:
         nursery.start_soon(reader)
         await trio.testing.wait_all_tasks_blocked()
         assert got == []
-        log.feed(b"hello")
+        log.feed_nowait(b"hello")
         await trio.testing.wait_all_tasks_blocked()
         assert got == [b"hello"]
         log.close()
@@ -189,7 +189,7 @@ async def test_closing_a_cursor_wakes_its_reader() -> None:
         await trio.testing.wait_all_tasks_blocked()
         await cursor.aclose()
         cursor.close()
-    log.feed(b"still fine")
+    log.feed_nowait(b"still fine")
     assert drain(other) == [b"still fine"]
 
 
@@ -251,29 +251,32 @@ async def test_closing_a_log_releases_a_pump_waiting_for_a_block_tee() -> None:
 
 async def test_expect_literal_straddling_chunks() -> None:
     log = OutputLog()
-    log.feed(b"old ready\n")  # before the call: not searched by default
+    log.feed_nowait(b"old ready\n")
 
     async def feeder() -> None:
         for chunk in [b"Starting... re", b"a", b"dy", b"!\n"]:
             await trio.testing.wait_all_tasks_blocked()
-            log.feed(chunk)
+            log.feed_nowait(chunk)
 
     with trio.fail_after(10):  # a missed straddle would wait for ever
         async with trio.open_nursery() as nursery:
+            # pexpect's position: the first search finds the line printed
+            # before the call, the second starts after it.
+            assert (await log.expect("ready")).start == 4
             nursery.start_soon(feeder)
             match = await log.expect("ready")
     assert (match.start, match.end) == (10 + 12, 10 + 17)
     assert match.data == b"ready"
-    assert match.before == b"Starting... "
+    assert match.before == b"\nStarting... "
     assert match.match is None
     assert log.snapshot()[match.start : match.end] == b"ready"
 
 
 async def test_expect_regex_and_chaining_with_since() -> None:
     log = OutputLog()
-    log.feed(b"port=80")
-    log.feed(b"81\nport=9")
-    log.feed(b"0\n")
+    log.feed_nowait(b"port=80")
+    log.feed_nowait(b"81\nport=9")
+    log.feed_nowait(b"0\n")
     first = await log.expect(re.compile(rb"port=(\d+)\n"), since=0)
     assert first.match is not None
     assert first.match.group(1) == b"8081"
@@ -288,7 +291,7 @@ async def test_expect_regex_and_chaining_with_since() -> None:
 async def test_expect_does_not_take_data_from_a_cursor() -> None:
     log = OutputLog()
     cursor = log.cursor()
-    log.feed(b"prompt> ")
+    log.feed_nowait(b"prompt> ")
     match = await log.expect(b"> ", since=cursor)
     assert match.start == 6
     assert cursor.position == 0
@@ -297,10 +300,10 @@ async def test_expect_does_not_take_data_from_a_cursor() -> None:
 
 async def test_expect_since_cursor_position() -> None:
     log = OutputLog()
-    log.feed(b"a=1;")
+    log.feed_nowait(b"a=1;")
     cursor = log.cursor()
     drain(cursor)
-    log.feed(b"a=2;")
+    log.feed_nowait(b"a=2;")
     match = await log.expect(re.compile(rb"a=\d"), since=cursor)
     assert match.data == b"a=2"
     assert match.start == 4
@@ -312,7 +315,7 @@ async def test_expect_times_out_on_the_trio_clock(autojump_clock: trio.testing.M
     async def chatter() -> None:
         for _ in range(3):
             await trio.sleep(1)
-            log.feed(b"tick ")
+            log.feed_nowait(b"tick ")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(chatter)
@@ -330,7 +333,7 @@ async def test_expect_raises_eof_with_what_it_saw() -> None:
 
     async def finish() -> None:
         await trio.testing.wait_all_tasks_blocked()
-        log.feed(b"bye")
+        log.feed_nowait(b"bye")
         log.close()
 
     async with trio.open_nursery() as nursery:
@@ -343,7 +346,7 @@ async def test_expect_raises_eof_with_what_it_saw() -> None:
 
 async def test_expect_after_eviction_reports_missed_bytes() -> None:
     log = OutputLog(max_bytes=4)
-    log.feed(b"abcdefgh")
+    log.feed_nowait(b"abcdefgh")
     match = await log.expect(b"g", since=0)
     assert (match.start, match.missed_bytes, match.before) == (6, 4, b"ef")
 
@@ -351,22 +354,22 @@ async def test_expect_after_eviction_reports_missed_bytes() -> None:
 async def test_expect_counts_only_unsearched_bytes_as_missed() -> None:
     # The search trims its own history to max_bytes; bytes it searched and
     # then let go are not missed, only bytes evicted before it looked.
-    async def feed(log: OutputLog, *chunks: bytes) -> None:
+    async def feed_all(log: OutputLog, *chunks: bytes) -> None:
         await trio.testing.wait_all_tasks_blocked()
         for chunk in chunks:
-            log.feed(chunk)
+            log.feed_nowait(chunk)
             await trio.testing.wait_all_tasks_blocked()  # the search keeps up
         log.close()
 
     log = OutputLog(max_bytes=10)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(feed, log, b"0123456789", b"abcdef", b"END")
-        match = await log.expect(b"END")
+        nursery.start_soon(feed_all, log, b"0123456789", b"abcdef", b"END")
+        match = await log.expect(b"END", since=0)
     assert (match.start, match.missed_bytes, match.before) == (16, 0, b"6789abcdef")
 
     log = OutputLog(max_bytes=10)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(feed, log, b"0123456789", b"abcdef")
+        nursery.start_soon(feed_all, log, b"0123456789", b"abcdef")
         with pytest.raises(ExpectEOF) as caught:
             await log.expect(b"never")
     assert (caught.value.missed_bytes, caught.value.seen) == (0, b"6789abcdef")
@@ -375,8 +378,8 @@ async def test_expect_counts_only_unsearched_bytes_as_missed() -> None:
 async def test_expect_rejects_bad_arguments() -> None:
     log = OutputLog()
     other = OutputLog()
-    with pytest.raises(TypeError, match="pattern"):
-        await log.expect(re.compile("text"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="list of patterns is empty"):
+        await log.expect([])
     with pytest.raises(TypeError, match="pattern"):
         await log.expect(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="since"):
@@ -398,7 +401,7 @@ async def test_wait_for_idle_waits_out_the_last_burst(
     async def bursts() -> None:
         for _ in range(4):
             await trio.sleep(0.5)
-            log.feed(b".")
+            log.feed_nowait(b".")
 
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
@@ -412,7 +415,7 @@ async def test_wait_for_idle_returns_at_once_when_already_quiet(
     mock_clock: trio.testing.MockClock,
 ) -> None:
     log = OutputLog()
-    log.feed(b"x")
+    log.feed_nowait(b"x")
     mock_clock.jump(5)
     start = trio.current_time()
     await log.wait_for_idle(2.0)
@@ -427,7 +430,7 @@ async def test_wait_for_idle_times_out_while_output_continues(
     async def chatter() -> None:
         while True:
             await trio.sleep(0.5)
-            log.feed(b".")
+            log.feed_nowait(b".")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(chatter)
@@ -443,7 +446,7 @@ async def test_a_closed_stream_is_idle(mock_clock: trio.testing.MockClock) -> No
 
     async def end_soon() -> None:
         await trio.testing.wait_all_tasks_blocked()
-        log.feed(b"last")
+        log.feed_nowait(b"last")
         log.close()
 
     start = trio.current_time()
@@ -467,7 +470,7 @@ def test_backlog_invariants(chunks: list[bytes], max_bytes: int) -> None:
         log = OutputLog(max_bytes=max_bytes)
         early = log.cursor()
         for chunk in chunks:
-            log.feed(chunk)
+            log.feed_nowait(chunk)
         everything = b"".join(chunks)
         snapshot = log.snapshot()
         assert len(snapshot) == min(len(everything), max_bytes)
@@ -510,7 +513,7 @@ def test_small_and_large_reads_interleaved_with_readers(
                 assert isinstance(step, int)
                 data = bytes((len(stream) + i) % 251 for i in range(step))
                 stream += data
-                log.feed(data)
+                log.feed_nowait(data)
         log.close()
         assert log.snapshot() == bytes(stream[len(stream) - log.retained_bytes :])
         assert log.retained_bytes == min(len(stream), max_bytes)
@@ -526,3 +529,55 @@ def test_small_and_large_reads_interleaved_with_readers(
             assert position == len(stream)
 
     trio.run(main)
+
+
+async def test_expect_position_is_pexpects() -> None:
+    # A line printed before the call is found (the old default searched only
+    # later output and timed out on it); nothing is matched twice.
+    log = OutputLog()
+    log.feed_nowait(b"Serving HTTP on 0.0.0.0 port 32911\nGET /\nGET /\n")
+    assert log.expect_position == 0
+    with trio.fail_after(10):
+        served = await log.expect(re.compile(rb"port (\d+)"))
+        assert served.match is not None
+        assert served.match.group(1) == b"32911"
+        assert log.expect_position == served.end
+        first = await log.expect(b"GET /")
+        second = await log.expect(b"GET /")
+    assert first.start < second.start
+    with pytest.raises(ExpectTimeout):
+        await log.expect(b"GET /", timeout=0)
+    # since= still starts where it is told, and moves the position on.
+    again = await log.expect(b"GET /", since=0)
+    assert again.start == first.start
+    assert log.expect_position == first.end
+
+
+async def test_expect_a_list_returns_the_index_of_the_earliest() -> None:
+    log = OutputLog()
+    log.feed_nowait(b"login: ")
+    match = await log.expect([b"Password:", re.compile(rb"login: ?"), "$ "])
+    assert (match.index, match.data) == (1, b"login: ")
+    log.feed_nowait(b"x\n$ Password:")
+    # Both are there: the earliest in the stream wins, not the first listed.
+    match = await log.expect([b"Password:", "$ "])
+    assert (match.index, match.data) == (1, b"$ ")
+    single = await log.expect(b"Password:")
+    assert single.index == 0
+
+
+async def test_expect_str_regex_matches_decoded_text() -> None:
+    log = OutputLog()
+    # "é" is two bytes in UTF-8; a byte of garbage before it must not shift
+    # the offsets of the match.
+    log.feed_nowait(b"\xff caf\xc3\xa9 = 42\n")
+    match = await log.expect(re.compile(r"café = (\d+)"))
+    assert match.match is None
+    assert match.text_match is not None
+    assert match.text_match.group(1) == "42"
+    assert match.data == "café = 42".encode()
+    assert log.snapshot()[match.start : match.end] == match.data
+    latin = OutputLog()
+    latin.feed_nowait("naïve\n".encode("latin-1"))
+    found = await latin.expect(re.compile(r"ï"), encoding="latin-1")
+    assert (found.start, found.end) == (2, 3)

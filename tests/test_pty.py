@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import sys
 import termios
@@ -687,3 +688,21 @@ async def test_forward_resizes_follows_the_users_terminal() -> None:
     finally:
         os.close(user_master)
         os.close(user_slave)
+
+
+async def test_sendline_types_a_line_and_stream_is_public() -> None:
+    from trio_observer import open_session
+
+    async with open_session() as session:
+        process = await session.start_process(
+            [sys.executable, "-c", "print(int(input()) * 2, flush=True)"], pty=True
+        )
+        assert process.pty is not None
+        assert isinstance(process.pty.stream, PtyStream)
+        await process.pty.sendline("21")
+        with trio.fail_after(30):
+            match = await process.pty.log.expect(re.compile(rb"(\d+)\r\n"))
+            assert match.data == b"21\r\n"  # the echo
+            match = await process.pty.log.expect(re.compile(rb"(\d+)\r\n"))
+        assert match.data == b"42\r\n"
+        assert await process.wait() == 0

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 import trio
@@ -309,7 +310,9 @@ async def test_sinks_close_when_the_session_ends() -> None:
 
 async def test_run_process_under_nursery_start() -> None:
     async with open_session() as session, trio.open_nursery() as nursery:
-        process = await nursery.start(session.run_process, [PY, "-c", "raise SystemExit(2)"])
+        process = await nursery.start(
+            partial(session.run_process, [PY, "-c", "raise SystemExit(2)"], check=False)
+        )
         assert isinstance(process, Process)
         assert await process.wait() == 2
 

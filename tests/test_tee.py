@@ -29,14 +29,14 @@ def drain(tee: ByteTee) -> list[bytes | MissedBytes]:
 
 async def test_drop_oldest_reports_exact_missed_bytes_in_band() -> None:
     log = OutputLog()
-    log.feed(b"before the tee")
+    log.feed_nowait(b"before the tee")
     tee = log.open_tee(capacity=2, backpressure=DROP_OLDEST)
-    log.feed(b"a")
-    log.feed(b"bb")
-    log.feed(b"ccc")  # full: dropped
-    log.feed(b"dddd")  # still full: dropped
+    log.feed_nowait(b"a")
+    log.feed_nowait(b"bb")
+    log.feed_nowait(b"ccc")  # full: dropped
+    log.feed_nowait(b"dddd")  # still full: dropped
     assert await tee.receive() == b"a"
-    log.feed(b"eeeee")  # room again: the marker goes before it
+    log.feed_nowait(b"eeeee")  # room again: the marker goes before it
     assert drain(tee) == [b"bb", MissedBytes(7), b"eeeee"]
     status = tee.status()
     assert (status.delivered_bytes, status.missed_bytes, status.queued_chunks) == (8, 7, 0)
@@ -47,8 +47,8 @@ async def test_drop_oldest_reports_exact_missed_bytes_in_band() -> None:
 async def test_loss_after_the_last_chunk_is_reported_at_the_end() -> None:
     log = OutputLog()
     tee = log.open_tee(capacity=1, backpressure=DROP_OLDEST)
-    log.feed(b"kept")
-    log.feed(b"lost")
+    log.feed_nowait(b"kept")
+    log.feed_nowait(b"lost")
     log.close()
     assert [item async for item in tee] == [b"kept", MissedBytes(4)]
     with pytest.raises(trio.EndOfChannel):
@@ -62,7 +62,7 @@ async def test_a_block_tee_makes_the_writer_wait() -> None:
 
     async def writer() -> None:
         for chunk in [b"1", b"2", b"3"]:
-            await log.feed_async(chunk)
+            await log.feed(chunk)
             fed.append(chunk)
 
     async with trio.open_nursery() as nursery:
@@ -106,9 +106,9 @@ async def test_a_block_tee_slows_the_pump_not_the_cursors() -> None:
 async def test_cancelling_a_blocked_writer_still_records_the_bytes() -> None:
     log = OutputLog()
     tee = log.open_tee(capacity=1, backpressure=BLOCK)
-    log.feed(b"full")
+    log.feed_nowait(b"full")
     with trio.move_on_after(0) as scope:
-        await log.feed_async(b"late")
+        await log.feed(b"late")
     assert scope.cancelled_caught
     assert log.snapshot() == b"fulllate"
     assert drain(tee) == [b"full", b"late"]
@@ -118,10 +118,10 @@ async def test_closing_a_tee_disconnects_it_and_releases_the_writer() -> None:
     log = OutputLog()
     cursor = log.cursor()
     tee = log.open_tee(capacity=1, backpressure=BLOCK)
-    log.feed(b"x")
+    log.feed_nowait(b"x")
 
     async def writer() -> None:
-        await log.feed_async(b"y")
+        await log.feed(b"y")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
@@ -130,7 +130,7 @@ async def test_closing_a_tee_disconnects_it_and_releases_the_writer() -> None:
         await tee.aclose()
     assert log.total_bytes == 2
     assert tee.status().disconnected
-    log.feed(b"z")  # a disconnected tee never breaks the log
+    log.feed_nowait(b"z")  # a disconnected tee never breaks the log
     assert tee.status().delivered_bytes == 1
     with pytest.raises(trio.ClosedResourceError):
         tee.receive_nowait()
@@ -156,9 +156,9 @@ async def test_closing_a_tee_wakes_its_receiver() -> None:
 async def test_tee_as_context_manager_and_on_a_closed_log() -> None:
     log = OutputLog()
     async with log.open_tee(backpressure=DROP_OLDEST) as tee:
-        log.feed(b"data")
+        log.feed_nowait(b"data")
     assert tee.status().disconnected
-    log.feed(b"more")
+    log.feed_nowait(b"more")
     log.close()
     late = log.open_tee()
     with pytest.raises(trio.EndOfChannel):
@@ -186,7 +186,7 @@ def test_drop_oldest_accounting_adds_up(sizes: list[int], reads: list[bool], cap
         tee = log.open_tee(capacity=capacity, backpressure=DROP_OLDEST)
         received: list[bytes | MissedBytes] = []
         for index, size in enumerate(sizes):
-            log.feed(bytes([index % 256]) * size)
+            log.feed_nowait(bytes([index % 256]) * size)
             if index < len(reads) and reads[index]:
                 received.extend(drain(tee))
         status = tee.status()

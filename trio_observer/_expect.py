@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, final
 
@@ -40,10 +41,15 @@ class ExpectMatch:
     ``max_bytes`` searched are kept, and none from before a gap (if the
     search lost bytes; see ``missed_bytes``)."""
     match: re.Match[bytes] | None
-    """The regex match (over ``before + data + ...``), or None for a literal."""
+    """The match of a bytes regex (over ``before + data + ...``), else None."""
     missed_bytes: int = 0
     """Bytes evicted from the backlog before the search could look at them;
     0 unless the search fell more than ``max_bytes`` behind."""
+    text_match: re.Match[str] | None = None
+    """The match of a ``str`` regex, over the decoded text, else None."""
+    index: int = 0
+    """Which pattern matched: its index in the list given to ``expect``
+    (pexpect's return value), 0 for a single pattern."""
 
 
 class ExpectTimeout(TimeoutError):
@@ -68,24 +74,71 @@ class ExpectEOF(EOFError):
         """Bytes that arrived after the search start but were never searched."""
 
 
-def compile_pattern(
-    pattern: str | bytes | re.Pattern[bytes],
-) -> tuple[bytes, re.Pattern[bytes] | None]:
-    """Return ``(literal, None)`` or ``(b"", regex)``; reject str regexes and non-patterns."""
+Pattern = str | bytes | re.Pattern[bytes] | re.Pattern[str]
+"""One thing ``expect`` can wait for."""
+
+
+@dataclass(slots=True)
+class _Compiled:
+    literal: bytes
+    regex: re.Pattern[bytes] | None
+    text: re.Pattern[str] | None
+    scan: int = 0  # with a literal: no match starts before buffer[scan]
+
+
+def compile_patterns(
+    pattern: Pattern | Sequence[Pattern], encoding: str
+) -> tuple[list[_Compiled], bool]:
+    """Return the compiled patterns and whether a list was given."""
+    if isinstance(pattern, (list, tuple)):
+        if not pattern:
+            raise ValueError("pattern: the list of patterns is empty")
+        return [_compile_one(p, encoding) for p in pattern], True
+    return [_compile_one(pattern, encoding)], False  # type: ignore[arg-type]
+
+
+def _compile_one(pattern: Pattern, encoding: str) -> _Compiled:
     if isinstance(pattern, str):
-        return pattern.encode("utf-8"), None
+        return _Compiled(pattern.encode(encoding), None, None)
     if isinstance(pattern, (bytes, bytearray, memoryview)):
-        return bytes(pattern), None
+        return _Compiled(bytes(pattern), None, None)
     if isinstance(pattern, re.Pattern):
         if isinstance(pattern.pattern, str):
-            raise TypeError(
-                "pattern: a regex compiled from str cannot search bytes; "
-                "compile it from bytes, e.g. re.compile(rb'...')"
-            )
-        return b"", pattern
+            return _Compiled(b"", None, pattern)
+        return _Compiled(b"", pattern, None)
     raise TypeError(
-        f"pattern must be bytes, str or a compiled bytes regex, not {type(pattern).__name__}"
+        "pattern must be bytes, str, a compiled regex or a list of them, "
+        f"not {type(pattern).__name__}"
     )
+
+
+def _find(
+    pattern: _Compiled, buffer: bytearray, encoding: str
+) -> tuple[int, int, re.Match[bytes] | re.Match[str] | None] | None:
+    if pattern.text is not None:
+        # surrogateescape keeps one code point per undecodable byte, so the
+        # byte offsets of a match can be recovered by re-encoding.
+        text = buffer.decode(encoding, "surrogateescape")
+        found = pattern.text.search(text)
+        if found is None:
+            return None
+        start = len(text[: found.start()].encode(encoding, "surrogateescape"))
+        end = start + len(found.group().encode(encoding, "surrogateescape"))
+        return start, end, found
+    if pattern.regex is not None:
+        if pattern.regex.search(buffer) is None:
+            return None
+        # Re-run over an immutable copy so the Match handed out does not
+        # point into our reusable buffer.
+        match = pattern.regex.search(bytes(buffer))
+        assert match is not None
+        return match.start(), match.end(), match
+    literal = pattern.literal
+    index = buffer.find(literal, pattern.scan)
+    if index < 0:
+        pattern.scan = max(pattern.scan, len(buffer) - len(literal) + 1)
+        return None
+    return index, index + len(literal), None
 
 
 def deadline(name: str, timeout: float | None) -> float:
@@ -99,13 +152,13 @@ def deadline(name: str, timeout: float | None) -> float:
 
 async def search(
     log: OutputLog,
-    pattern: str | bytes | re.Pattern[bytes],
-    literal: bytes,
-    regex: re.Pattern[bytes] | None,
+    pattern: object,
+    patterns: list[_Compiled],
     position: int,
     # A timeout argument, not a cancel scope: expiry must raise a
     # TimeoutError carrying what was seen, which a scope cannot do.
     timeout: float | None,  # noqa: ASYNC109
+    encoding: str,
 ) -> ExpectMatch:
     """Search ``log`` from absolute offset ``position``; see :meth:`OutputLog.expect`."""
     timeout_at = deadline("timeout", timeout)
@@ -114,7 +167,6 @@ async def search(
     lot = log._data_lot
     buffer = bytearray()
     base = position  # absolute offset of buffer[0]
-    scan = 0  # with a literal: no match starts before buffer[scan]
     missed = 0
     await trio.lowlevel.checkpoint()
     with trio.move_on_at(timeout_at):
@@ -135,31 +187,31 @@ async def search(
                     missed += item.missed_bytes
                     buffer.clear()
                     base = reader.position
-                    scan = 0
-            match: re.Match[bytes] | None = None
-            if regex is None:
-                index = buffer.find(literal, scan)
-                found = index >= 0
-                if found:
-                    span = (index, index + len(literal))
-                else:
-                    scan = max(scan, len(buffer) - len(literal) + 1)
-            else:
-                found = regex.search(buffer) is not None
-                if found:
-                    # Re-run over an immutable copy so the Match handed
-                    # out does not point into our reusable buffer.
-                    match = regex.search(bytes(buffer))
-                    assert match is not None
-                    span = match.span()
-            if found:
+                    for compiled in patterns:
+                        compiled.scan = 0
+            # The earliest match wins, ties going to the first pattern
+            # listed, as in pexpect.
+            best: tuple[int, int, re.Match[bytes] | re.Match[str] | None] | None = None
+            best_index = 0
+            for index, compiled in enumerate(patterns):
+                found = _find(compiled, buffer, encoding)
+                if found is not None and (best is None or found[0] < best[0]):
+                    best, best_index = found, index
+            if best is not None:
+                start, end, match = best
                 return ExpectMatch(
-                    start=base + span[0],
-                    end=base + span[1],
-                    data=bytes(buffer[span[0] : span[1]]),
-                    before=bytes(buffer[: span[0]]),
-                    match=match,
+                    start=base + start,
+                    end=base + end,
+                    data=bytes(buffer[start:end]),
+                    before=bytes(buffer[:start]),
+                    match=match
+                    if not isinstance(match, re.Match) or isinstance(match.string, bytes)
+                    else None,
+                    text_match=match
+                    if isinstance(match, re.Match) and isinstance(match.string, str)
+                    else None,
                     missed_bytes=missed,
+                    index=best_index,
                 )
             if ended:
                 raise ExpectEOF(
@@ -173,7 +225,8 @@ async def search(
                 # These bytes were searched, so they are not missed_bytes.
                 del buffer[:excess]
                 base += excess
-                scan = max(0, scan - excess)
+                for compiled in patterns:
+                    compiled.scan = max(0, compiled.scan - excess)
             await lot.park()
     raise ExpectTimeout(
         f"{pattern!r} did not appear within {timeout} seconds",

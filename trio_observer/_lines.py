@@ -48,7 +48,7 @@ class LineSplitter:
         self._parts: list[str] = []
         self._size = 0  # total length of _parts
 
-    def feed(self, data: bytes) -> list[str]:
+    def feed_nowait(self, data: bytes) -> list[str]:
         """Decode ``data`` and return the lines it completes, in order (maybe none)."""
         text = self._decode(data)
         parts = self._parts
@@ -162,7 +162,7 @@ class LineBatches:
                 batch = splitter.flush()
             else:
                 if isinstance(item, bytes):
-                    batch = splitter.feed(item)
+                    batch = splitter.feed_nowait(item)
                 else:
                     batch = splitter.flush()
                     if not batch:

@@ -4,7 +4,7 @@ One :class:`OutputLog` holds the newest bytes of one stream (a pipe or a
 PTY). Every position is an absolute byte offset since the start of the
 stream, so readers never share state: a cursor, an ``expect`` call and a
 tee each keep their own offset, and the writer never waits for any of them
-(except ``BLOCK`` tees, and only through :meth:`OutputLog.feed_async`).
+(except ``BLOCK`` tees, and only through :meth:`OutputLog.feed`).
 The cursors live in ``_cursor.py``, the search behind ``expect`` in
 ``_expect.py``, the line iterators in ``_lines.py``, the tees in
 ``_tee.py``.
@@ -13,14 +13,14 @@ The cursors live in ``_cursor.py``, the search behind ``expect`` in
 from __future__ import annotations
 
 import bisect
-import re
+from collections.abc import Sequence
 from typing import Literal, final
 
 import trio
 
 from ._checks import check_int
 from ._cursor import OutputCursor
-from ._expect import ExpectMatch, compile_pattern, deadline, search
+from ._expect import ExpectMatch, Pattern, compile_patterns, deadline, search
 from ._sink import ObserverBackpressure, check_backpressure
 from ._tee import ByteTee
 
@@ -36,7 +36,7 @@ class OutputLog:
     """A bounded backlog of one byte stream, with independent readers.
 
     The writer (the session's reader task, through :func:`pump_stream`)
-    calls :meth:`feed` and finally :meth:`close`. Readers take a
+    calls :meth:`feed_nowait` and finally :meth:`close`. Readers take a
     :meth:`cursor`, :meth:`expect` a pattern, :meth:`wait_for_idle`, or
     :meth:`open_tee` a bounded copy of the live stream. Only the newest
     ``max_bytes`` are retained; a reader that falls behind learns it from an
@@ -56,6 +56,7 @@ class OutputLog:
         "_close_lot",
         "_closed",
         "_data_lot",
+        "_expect_at",
         "_head",
         "_last_feed",
         "_max",
@@ -86,6 +87,8 @@ class OutputLog:
         self._seal_at = min(_SMALL, self._max)
         self._start = 0
         self._total = 0
+        # pexpect's position: where the last successful expect() ended.
+        self._expect_at = 0
         self._closed = False
         self._data_lot = trio.lowlevel.ParkingLot()
         self._close_lot = trio.lowlevel.ParkingLot()
@@ -141,12 +144,12 @@ class OutputLog:
 
     # -- the writer's side ---------------------------------------------
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed_nowait(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data`` to the stream without waiting for any reader.
 
         Cursors and ``expect`` calls waiting for data are woken; tees get a
         copy (a full ``DROP_OLDEST`` tee counts it as missed, a full
-        ``BLOCK`` tee still takes it: use :meth:`feed_async` to wait for
+        ``BLOCK`` tee still takes it: use :meth:`feed` to wait for
         ``BLOCK`` tees instead). Must be called inside ``trio.run``.
 
         Raises:
@@ -221,8 +224,8 @@ class OutputLog:
             head = 0
         self._head = head
 
-    async def feed_async(self, data: bytes | bytearray | memoryview) -> None:
-        """Wait until every ``BLOCK`` tee has room, then :meth:`feed` ``data``.
+    async def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Wait until every ``BLOCK`` tee has room, then :meth:`feed_nowait` ``data``.
 
         This is how a ``BLOCK`` tee slows the stream down: while a consumer
         lags, the writer stops reading the pipe, the pipe fills up and the
@@ -243,9 +246,9 @@ class OutputLog:
                 await self._room_lot.park()
         except BaseException:
             if not self._closed:
-                self.feed(data)
+                self.feed_nowait(data)
             raise
-        self.feed(data)
+        self.feed_nowait(data)
 
     def _must_wait(self) -> bool:
         if self._blocking_tees:
@@ -271,6 +274,20 @@ class OutputLog:
         self._data_lot.unpark_all()
         self._close_lot.unpark_all()
         self._room_lot.unpark_all()
+
+    async def wait_closed(self) -> None:
+        """Wait until the end of the stream was recorded (:attr:`closed`).
+
+        A session's captured log is closed when its reader reached end of
+        file: everything the process (and whatever shared the stream) wrote
+        is in the log by then. That can come after :meth:`Process.wait`
+        returns, since the reader drains the pipe on its own.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        while not self._closed:
+            await self._close_lot.park()
 
     # -- reading -------------------------------------------------------
 
@@ -334,32 +351,45 @@ class OutputLog:
 
     async def expect(
         self,
-        pattern: str | bytes | re.Pattern[bytes],
+        pattern: Pattern | Sequence[Pattern],
         *,
         # A timeout argument, not a cancel scope: expiry must raise a
         # TimeoutError carrying what was seen, which a scope cannot do.
         timeout: float | None = None,  # noqa: ASYNC109
         since: OutputCursor | int | None = None,
+        encoding: str = "utf-8",
     ) -> ExpectMatch:
         """Wait until ``pattern`` appears in the stream and return where.
 
-        The search has its own position: it never takes data from a cursor
-        or another search. Matches that straddle chunk boundaries are found.
-        A literal is searched incrementally (only ``len(pattern) - 1`` bytes
-        are looked at twice). A regex is re-run over everything since the
-        search start each time data arrives, so it costs O(bytes searched)
-        per wakeup, bounded by ``max_bytes``; like pexpect, it matches the
-        data as it is when it runs, so ``rb"\\d+"`` may match ``b"12"`` of a
-        ``b"123"`` still on its way, and ``^`` matches at the search start.
+        Like pexpect, each log keeps an *expect position*: by default a
+        search starts where the previous successful ``expect`` on this log
+        ended (at the oldest retained byte for the first call), so output
+        printed before the call is not missed and nothing is matched twice.
+        Every successful search, with or without ``since``, moves the
+        position to the end of its match. The search never takes data from
+        a cursor or another search. Matches that straddle chunk boundaries
+        are found. A literal is searched incrementally; a regex is re-run
+        over everything since the search start each time data arrives
+        (O(bytes searched) per wakeup, bounded by ``max_bytes``); like
+        pexpect, it matches the data as it is when it runs, so ``rb"\\d+"``
+        may match ``b"12"`` of a ``b"123"`` still on its way, and ``^``
+        matches at the search start.
 
         Args:
-          pattern: A ``bytes`` literal, a ``str`` literal (encoded as
-            UTF-8), or a regex compiled from bytes (``re.compile(rb"...")``).
+          pattern: A ``bytes`` literal, a ``str`` literal (encoded with
+            ``encoding``), a regex compiled from bytes, a regex compiled
+            from ``str`` (matched against the text decoded with
+            ``encoding``; undecodable bytes never match a printable
+            character), or a list of these: the earliest match in the
+            stream wins (ties: the first listed) and ``match.index`` says
+            which pattern it was.
           timeout: Seconds of the trio clock to wait; None waits for ever.
-          since: Where to start: None (the default) searches only output
-            fed after the call; a cursor starts at its position (without
-            moving it); an int at that absolute offset, such as a previous
-            match's ``end``, or 0 for the oldest retained byte.
+          since: Where to start instead of the expect position: a cursor
+            starts at its position (without moving it); an int at that
+            absolute offset, such as a previous match's ``end``, or 0 for
+            the oldest retained byte.
+          encoding: How ``str`` patterns relate to the bytes; UTF-8 by
+            default.
 
         Returns:
           The first match at or after the search start.
@@ -369,18 +399,29 @@ class OutputLog:
             ``exc.seen`` holds the bytes searched).
           ExpectEOF: the stream ended without a match (an :class:`EOFError`;
             ``exc.seen`` as above).
-          TypeError: ``pattern`` is a regex compiled from ``str`` (decode
-            nothing silently: compile it from bytes), or not a pattern.
+          TypeError: ``pattern`` is not a pattern or a list of them.
           ValueError: ``since`` is a cursor of another log or an offset
-            outside ``0..total_bytes``; ``timeout`` is negative.
+            outside ``0..total_bytes``; ``timeout`` is negative; the list
+            of patterns is empty.
         """
-        literal, regex = compile_pattern(pattern)
+        patterns, _ = compile_patterns(pattern, encoding)
         position = self._resolve_since(since)
-        return await search(self, pattern, literal, regex, position, timeout)
+        found = await search(self, pattern, patterns, position, timeout, encoding)
+        self._expect_at = found.end
+        return found
+
+    @property
+    def expect_position(self) -> int:
+        """Where the next :meth:`expect` without ``since`` starts searching.
+
+        The end of the last successful match, or the oldest retained byte
+        if that is later (nothing matched yet, or the match was evicted).
+        """
+        return max(self._expect_at, self._start)
 
     def _resolve_since(self, since: OutputCursor | int | None) -> int:
         if since is None:
-            return self._total
+            return self.expect_position
         if isinstance(since, OutputCursor):
             if since._log is not self:
                 raise ValueError("since: the cursor belongs to another OutputLog")
@@ -395,7 +436,7 @@ class OutputLog:
     ) -> None:
         """Wait until no output arrived for ``quiet`` seconds of the trio clock.
 
-        The quiet period counts from the last :meth:`feed` (or from the
+        The quiet period counts from the last :meth:`feed_nowait` (or from the
         log's creation if nothing was fed yet), so it may already be over
         when this is called. A closed stream is idle at once: nothing more
         can arrive.
@@ -456,7 +497,7 @@ class OutputLog:
             never slows the stream: a chunk that does not fit is dropped,
             counted, and reported in-band as one :class:`MissedBytes`
             before the next chunk delivered. ``BLOCK`` makes
-            :meth:`feed_async` (and so :func:`pump_stream`) wait for room.
+            :meth:`feed` (and so :func:`pump_stream`) wait for room.
 
         Returns:
           The tee's receiving end; closing it detaches the tee without
@@ -494,7 +535,7 @@ async def pump_stream(
     """Copy ``stream`` into ``log`` until end of file, then close ``log``.
 
     This is the session's reader task for a pipe or a PTY. It waits for
-    ``BLOCK`` tees (see :meth:`OutputLog.feed_async`) and for nothing else.
+    ``BLOCK`` tees (see :meth:`OutputLog.feed`) and for nothing else.
     The log is closed however the loop ends (EOF, error or cancellation),
     so readers always see an end. If someone closes ``log`` first, the pump
     keeps reading to end of file and discards the rest, so the process
@@ -519,10 +560,10 @@ async def pump_stream(
                 # write(); reading on and discarding lets it run to its end.
                 continue
             # receive_some() already checkpoints each round; only pay for
-            # feed_async() when a BLOCK tee actually has to be waited for.
+            # feed() when a BLOCK tee actually has to be waited for.
             if log._blocking_tees and log._must_wait():
                 try:
-                    await log.feed_async(data)
+                    await log.feed(data)
                 except trio.ClosedResourceError:
                     # Only the log raises this (it was closed while we
                     # waited for room); the next round discards.
@@ -531,6 +572,6 @@ async def pump_stream(
                 append(data)
             else:
                 # A ReceiveStream may return a bytearray it reuses.
-                log.feed(data)
+                log.feed_nowait(data)
     finally:
         log.close()

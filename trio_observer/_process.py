@@ -76,6 +76,25 @@ class Pty:
             data = data.encode("utf-8")
         await self._stream.send_all(data)
 
+    async def sendline(self, text: bytes | str = "") -> None:
+        """Type ``text`` and press Enter (pexpect's ``sendline``).
+
+        Sends ``os.linesep`` after it (``\\n``), which the terminal turns
+        into the end of a line, as Enter does.
+        """
+        line = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        await self._stream.send_all(line + os.linesep.encode())
+
+    @property
+    def stream(self) -> PtyStream:
+        """The terminal's master side as a ``trio.abc.HalfCloseableStream``.
+
+        For copying the terminal to and from somewhere else (the CLI attaches
+        the user's terminal with it). Do not read from it while the session
+        captures it: every byte read here is missing from :attr:`log`.
+        """
+        return self._stream
+
     def resize(self, rows: int, cols: int) -> None:
         """Change the window size; the process gets SIGWINCH.
 
@@ -178,6 +197,29 @@ class Process:
         await self._exited.wait()
         assert self._returncode is not None
         return self._returncode
+
+    def poll(self) -> int | None:
+        """Return the exit code if the process has been reaped, else None.
+
+        Never blocks, as ``trio.Process.poll``; the session does the reaping,
+        so this only reports it (the same as :attr:`returncode`).
+        """
+        return self._returncode
+
+    async def wait_output(self) -> None:
+        """Wait until every captured stream of the process has ended.
+
+        Covers ``stdout_log``, ``stderr_log`` and ``pty.log``: when this
+        returns, each of them is closed and holds everything the session
+        read (see docs/output.md for when a log is complete). A process
+        without captured output returns at once (after a checkpoint).
+        Waiting for the exit is separate: the output may end before the
+        process does, or after it (a descendant can hold the pipe open).
+        """
+        await trio.lowlevel.checkpoint()
+        for log in (self.stdout_log, self.stderr_log, self.pty.log if self.pty else None):
+            if log is not None:
+                await log.wait_closed()
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the process (not its descendants).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import select
 import struct
@@ -206,6 +207,9 @@ class PtyStream(trio.abc.HalfCloseableStream):
         # Whether what was typed so far ends a line: VEOF after a partial
         # line only submits the line, so send_eof() must type it twice.
         self._at_line_start = True
+        # When the child last wrote something (trio clock): after the input
+        # ends, a quiet child at a prompt is typed VEOF again (copy_input).
+        self._last_output = -math.inf
         self._send_busy = _Busy("another task is using this PtyStream for send")
         self._receive_busy = _Busy("another task is using this PtyStream for receive")
 
@@ -244,7 +248,7 @@ class PtyStream(trio.abc.HalfCloseableStream):
             while True:
                 fd = self._check_open()
                 try:
-                    return os.read(fd, max_bytes)
+                    data = os.read(fd, max_bytes)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(fd)
                 except OSError as exc:
@@ -253,6 +257,10 @@ class PtyStream(trio.abc.HalfCloseableStream):
                     if exc.errno == errno.EBADF:
                         raise trio.ClosedResourceError("the PtyStream was closed") from None
                     raise trio.BrokenResourceError(f"reading the pty master failed: {exc}") from exc
+                else:
+                    if data:
+                        self._last_output = trio.current_time()
+                    return data
 
     async def _wait_writable(self, fd: int) -> None:
         # interrupt() may write while send_all() waits for room, and trio
@@ -354,6 +362,14 @@ class PtyStream(trio.abc.HalfCloseableStream):
             self._eof_sent = True
             eof = _control_char(fd, termios.VEOF, b"\x04")
             await self._write(eof if self._at_line_start else eof + eof)
+
+    async def _retype_eof(self) -> None:
+        # After send_eof(): type VEOF once more, at a fresh line (the child
+        # has consumed what was typed before), for a child that lost the
+        # first one (see copy_input).
+        with self._send_busy:
+            fd = self._check_open()
+            await self._write(_control_char(fd, termios.VEOF, b"\x04"))
 
     async def interrupt(self) -> None:
         """Type the terminal's interrupt character (``VINTR``, usually Ctrl-C).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from typing import final
 
 import trio
 
+from . import _run_process
 from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_int, check_seconds
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, lifecycle_event
@@ -350,33 +352,71 @@ class Session:
         self,
         argv: Sequence[str | os.PathLike[str]],
         *,
-        stdin: StdioArg = None,
+        stdin: bytes | bytearray | memoryview | StdioArg = b"",
+        input: bytes | bytearray | memoryview | None = None,
+        capture_stdout: bool = False,
+        capture_stderr: bool = False,
+        check: bool = True,
         stdout: StdioArg = None,
         stderr: StdioArg = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
-        pty: bool | PtySize = False,
-        backlog_bytes: int = 1 << 20,
         task_status: trio.TaskStatus[Process] = trio.TASK_STATUS_IGNORED,
-    ) -> int:
-        """Start a process, wait for it and return its exit code.
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run a command in the session and wait for it, as ``trio.run_process`` does.
 
-        Under ``await nursery.start(session.run_process, argv)`` the
-        :class:`Process` is handed back as soon as it has started, as trio's
-        ``run_process`` does. Arguments are those of :meth:`start_process`.
+        Returns once the process has been reaped *and* its captured output
+        has been read to the end. Under ``await nursery.start(
+        session.run_process, argv)`` the :class:`Process` is handed back as
+        soon as it has started. If the call is cancelled, the process's tree
+        is stopped (SIGTERM to its group, SIGKILL after the session's grace
+        period) before ``trio.Cancelled`` propagates.
+
+        Args:
+          argv: The program and its arguments, as for :meth:`start_process`.
+          stdin: Bytes to write to the child's stdin before closing it (the
+            default, ``b""``, gives it an empty stdin, as in trio), or any
+            ``stdin=`` of :meth:`start_process` (``subprocess.PIPE`` only
+            under ``nursery.start``).
+          input: The same as bytes ``stdin=``, under :mod:`subprocess`'s name.
+          capture_stdout: Collect stdout whole into the result's ``stdout``.
+          capture_stderr: Collect stderr whole into the result's ``stderr``.
+          check: Raise :class:`subprocess.CalledProcessError` on a non-zero
+            exit. On by default, as in trio, so that a failing command is not
+            missed; the exception carries the captured output.
+          stdout: Where stdout goes when not captured (see
+            :meth:`start_process`).
+          stderr: Likewise for stderr.
+          cwd: The child's working directory.
+          env: The child's environment (see :meth:`start_process`).
+          task_status: Set by ``nursery.start``.
+
+        Returns:
+          A :class:`subprocess.CompletedProcess` (``stdout``/``stderr`` are
+          None unless captured).
+
+        Raises:
+          subprocess.CalledProcessError: ``check`` is true and the exit code
+            is not 0.
+          TypeError: ``stdin``/``input`` is a ``str``.
+          ValueError: both ``stdin`` and ``input`` were given, a capture was
+            combined with ``stdout=``/``stderr=``, or ``subprocess.PIPE`` was
+            passed outside ``nursery.start``; see also :meth:`start_process`.
         """
-        process = await self.start_process(
+        return await _run_process.run_process(
+            self,
             argv,
             stdin=stdin,
+            input=input,
+            capture_stdout=capture_stdout,
+            capture_stderr=capture_stderr,
+            check=check,
             stdout=stdout,
             stderr=stderr,
             cwd=cwd,
             env=env,
-            pty=pty,
-            backlog_bytes=backlog_bytes,
+            task_status=task_status,
         )
-        task_status.started(process)
-        return await process.wait()
 
     @trio.lowlevel.enable_ki_protection
     async def _supervise(

@@ -100,7 +100,7 @@ class ByteTee(trio.abc.ReceiveChannel[bytes | MissedBytes]):
 
         A full ``BLOCK`` tee still takes the chunk: the log never loses
         bytes for it, and it is the writer's job to wait for room first
-        (:meth:`OutputLog.feed_async` does).
+        (:meth:`OutputLog.feed` does).
         """
         if self._queued_chunks >= self._capacity and not self._blocking:
             self._missed += len(data)

@@ -181,13 +181,55 @@ def _never_blocks(fd: int) -> bool:
     return False
 
 
+# After piped input ends: how long the child must be quiet before VEOF is
+# typed again (doubled after each VEOF the child answers with silence), and
+# how many VEOFs in a row without any output in between: 0.2 + 0.4 + ... +
+# 3.2 s covers a slow start of a program that prints nothing before it reads.
+_EOF_QUIET = 0.2
+_EOF_TRIES = 6
+
+
+async def _retype_eof_while_quiet(pty: PtyStream) -> None:
+    """Type VEOF again while the child sits quiet, as a user at a prompt would.
+
+    The first VEOF can be lost: typed before the child read the lines
+    before it, it ends canonical input, but a readline program (python3,
+    bash) turns canonical mode off to read its line and never sees it as
+    the end. A user in front of a real terminal would press Ctrl-D at the
+    next prompt, so this does: whenever the child's output has been quiet
+    for ``_EOF_QUIET`` seconds since its last output and our last VEOF, it
+    types VEOF once more; each VEOF answered by silence doubles the wait,
+    and after ``_EOF_TRIES`` of them in a row it gives up (the child ignores
+    them). Returns when the terminal
+    is gone.
+    """
+    silent_tries = 1
+    last_eof = trio.current_time()
+    seen_output = pty._last_output
+    while silent_tries < _EOF_TRIES:
+        quiet_from = max(pty._last_output, last_eof)
+        quiet = (
+            _EOF_QUIET * 2 ** (silent_tries - 1) if pty._last_output == seen_output else _EOF_QUIET
+        )
+        if trio.current_time() < quiet_from + quiet:
+            await trio.sleep_until(quiet_from + quiet)
+            continue
+        if pty._last_output != seen_output:
+            seen_output = pty._last_output
+            silent_tries = 0
+        await pty._retype_eof()
+        last_eof = trio.current_time()
+        silent_tries += 1
+
+
 async def copy_input(user_fd: int, pty: PtyStream) -> None:
     """Copy what the user types (or pipes in) to the child's terminal.
 
     Returns when the user's input ends or the child's terminal is gone.
     When the input is not a terminal (``echo hi | trio-observer run --pty
     cat``), its end is passed on as the child terminal's end-of-file
-    character, so a child reading to end of input finishes; a terminal's
+    character, so a child reading to end of input finishes (typed again
+    while the child sits quiet at a prompt, see docs/pty.md); a terminal's
     input only ends when it hangs up, and then nothing is sent.
 
     Args:
@@ -206,6 +248,7 @@ async def copy_input(user_fd: int, pty: PtyStream) -> None:
             if not data:
                 if not interactive:
                     await pty.send_eof()
+                    await _retype_eof_while_quiet(pty)
                 return
             await pty.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):

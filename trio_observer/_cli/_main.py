@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run programs under a trio_observer session and report what they do.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required=True: argparse would then report a missing COMMAND before
+    # an unknown option, and name the option nowhere (main() checks both).
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _run.add_parser(commands)
     _daemon.add_parser(commands)
     _client_cmds.add_parsers(commands)
@@ -43,6 +45,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-observer``; returns the exit status."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Name the option with the usage of the (sub)command it was given to.
+        (_subcommand(parser, args.command) or parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
+    if args.command is None:
+        parser.error("the following arguments are required: COMMAND")
     status: int = args.handler(args, parser)
     return status
+
+
+def _subcommand(
+    parser: argparse.ArgumentParser, name: str | None
+) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name is not None:
+            found: argparse.ArgumentParser | None = action.choices.get(name)
+            return found
+    return None

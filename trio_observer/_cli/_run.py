@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import IO, Final
+from typing import Final
 
 import trio
 
@@ -65,7 +65,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--events",
         metavar="FILE",
-        help="write events to FILE (default: standard error)",
+        help=(
+            "append events to FILE, creating it if needed (default: standard error); "
+            "if writing fails, CMD runs on and the lost events are counted"
+        ),
     )
     run.add_argument(
         "--category",
@@ -116,26 +119,30 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             try:
                 capabilities.require(category)
             except UnsupportedCategoryError as exc:
-                print(f"{PROG}: {exc}", file=sys.stderr)
+                say(str(exc))
                 return 2
     with contextlib.ExitStack() as stack:
-        events_file: IO[str] = sys.stderr
+        writer = _EventWriter(sys.stderr.fileno(), "standard error")
         if args.events:
             try:
-                events_file = stack.enter_context(open(args.events, "a", encoding="utf-8"))
+                events_file = stack.enter_context(open(args.events, "ab", buffering=0))
             except OSError as exc:
-                print(f"{PROG}: cannot open --events {args.events!r}: {exc}", file=sys.stderr)
+                say(f"cannot open --events {args.events!r}: {exc}")
                 return 2
+            writer = _EventWriter(events_file.fileno(), repr(args.events))
         exporter = _otlp.open_from_args(args, stack)
         if exporter is False:
             return 2
-        return trio.run(_run, cmd, categories, events_file, args.grace_period, args.pty, exporter)
+        try:
+            return trio.run(_run, cmd, categories, writer, args.grace_period, args.pty, exporter)
+        finally:
+            writer.summary()
 
 
 async def _run(
     cmd: list[str],
     categories: list[EventCategory],
-    events_file: IO[str],
+    writer: _EventWriter,
     grace_period: float,
     use_pty: bool,
     exporter: _otlp.OTelExporter | None = None,
@@ -146,7 +153,7 @@ async def _run(
     async with trio.open_nursery() as helpers:
         try:
             async with open_session(grace_period=grace_period) as session:
-                await helpers.start(_write_events, session, categories, events_file)
+                await helpers.start(_write_events, session, categories, writer)
                 if exporter is not None:
                     await helpers.start(_otlp.export, exporter, session, categories)
                 # Started, not start_soon: the handlers must be installed
@@ -157,10 +164,10 @@ async def _run(
                     size = terminal_size(sys.stdin.fileno()) or PtySize()
                     process = await session.start_process(cmd, pty=size if use_pty else False)
                 except FileNotFoundError:
-                    print(f"{PROG}: command not found: {cmd[0]}", file=sys.stderr)
+                    say(f"command not found: {cmd[0]}")
                     return 127
                 except PermissionError:
-                    print(f"{PROG}: permission denied: {cmd[0]}", file=sys.stderr)
+                    say(f"permission denied: {cmd[0]}")
                     return 126
                 if process.pty is not None:
                     await _attach_terminal(process, helpers)
@@ -193,7 +200,7 @@ async def _attach_terminal(process: Process, helpers: trio.Nursery) -> None:
     pty's log; the copier reads the log with a cursor from its first byte.
     """
     assert process.pty is not None
-    stream = process.pty._stream
+    stream = process.pty.stream
     user_in, user_out = sys.stdin.fileno(), sys.stdout.fileno()
     cursor = process.pty.log.cursor("oldest")
 
@@ -202,7 +209,13 @@ async def _attach_terminal(process: Process, helpers: trio.Nursery) -> None:
             task_status.started()
             async for item in cursor:
                 if isinstance(item, bytes):
-                    await write_all(user_out, item)
+                    try:
+                        await write_all(user_out, item)
+                    except OSError as exc:
+                        # Our stdout went away (| head): CMD runs on, its
+                        # output stays in the pty's log.
+                        say(f"cannot write CMD's terminal output: {exc.strerror or exc}")
+                        return
 
     await helpers.start(copy_out)
     async with trio.open_nursery() as nursery:
@@ -212,22 +225,70 @@ async def _attach_terminal(process: Process, helpers: trio.Nursery) -> None:
         nursery.cancel_scope.cancel()
 
 
+def say(text: str) -> None:
+    """Write one line to stderr, unbuffered; a broken stderr is not our death.
+
+    ``os.write`` rather than ``print``: a failed buffered write would stay in
+    ``sys.stderr``'s buffer and fail again (with a traceback) at exit.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        _write_fd(sys.stderr.fileno(), f"{PROG}: {text}\n".encode())
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _EventWriter:
+    """Writes events to a file descriptor until a write fails, then counts them.
+
+    Writing the events is what ``run`` is for, but CMD matters more: a full
+    disk or a closed pipe (``| head``) must not kill it or change its exit
+    status. After the first failure, one line on stderr names the problem
+    and every later event is counted as lost instead.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self._name = name
+        self.lost = 0
+
+    def write(self, line: str) -> None:
+        if self.lost:
+            self.lost += 1
+            return
+        try:
+            _write_fd(self._fd, line.encode("utf-8"))
+        except OSError as exc:
+            self.lost = 1
+            say(
+                f"cannot write events to {self._name}: {exc.strerror or exc}; "
+                "counting them as lost from here on"
+            )
+
+    def summary(self) -> None:
+        if self.lost:
+            say(f"{self.lost} event(s) could not be written to {self._name}")
+
+
 async def _write_events(
     session: Session,
     categories: list[EventCategory],
-    events_file: IO[str],
+    writer: _EventWriter,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     # BLOCK: the log should be complete, and writing a line is quick. The
-    # loop ends when the session closes its sinks.
+    # loop ends when the session closes its sinks. After a failed write the
+    # loop goes on consuming, so that a BLOCK sink never stalls CMD.
     async with session.observers.subscribe(
         categories, capacity=1024, backpressure=ObserverBackpressure.BLOCK
     ) as subscription:
         task_status.started()
         async for event in subscription:
-            events_file.write(event.to_json() + "\n")
-            events_file.flush()
+            writer.write(event.to_json() + "\n")
 
 
 async def _stop_on_signal(
