@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     # whatever copy happens to be installed, and make this package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _emit, _memory, _output, _pty, _spawn, _tree
+from benchmarks import _close, _emit, _memory, _output, _pty, _spawn, _tree
 from benchmarks._core import Config, Section, format_table, machine_lines
 
 SECTIONS: list[Section] = [
@@ -39,6 +39,7 @@ SECTIONS: list[Section] = [
     Section("tree-cpu", "CPU cost of observing a 50-process tree", _tree.run_cpu),
     Section("tree-latency", "Descendant detection latency", _tree.run_latency),
     Section("tree-pass", "One scan of ours vs psutil", _tree.run_pass),
+    Section("close", "Closing an empty session on a busy machine", _close.run),
 ]
 
 
