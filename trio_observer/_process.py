@@ -6,7 +6,7 @@ import enum
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import IO, Any, Final, final
 
 import trio
@@ -252,11 +252,8 @@ class Process:
         """
         grace_period = check_seconds("grace_period", grace_period)
         if self._returncode is None:
-            self._request_stop(signal.SIGTERM)
-            with trio.move_on_after(grace_period):
-                await self._exited.wait()
-            if self._returncode is None:
-                self._request_stop(signal.SIGKILL)
+            # The supervisor owns the pidfd; the reap is what we can wait for.
+            await self._stop_tree(grace_period, self._exited.wait)
         return await self.wait()
 
     # -- used by the session ------------------------------------------
@@ -303,12 +300,18 @@ class Process:
         self._reap()
 
     async def _stop(self, grace: float) -> None:
+        await self._stop_tree(grace, self._wait_exit)
+
+    async def _stop_tree(self, grace_period: float, wait: Callable[[], Awaitable[object]]) -> None:
+        """The one way a process tree is stopped: SIGTERM to the group, up
+        to ``grace_period`` seconds of the trio clock for ``wait`` to
+        return, then SIGKILL and ``wait`` again."""
         self._request_stop(signal.SIGTERM)
-        with trio.move_on_after(grace) as scope:
-            await self._wait_exit()
+        with trio.move_on_after(grace_period) as scope:
+            await wait()
         if scope.cancelled_caught:
             self._request_stop(signal.SIGKILL)
-            await self._wait_exit()
+            await wait()
 
     def _close_streams(self) -> None:
         for stream in (self.stdin, self.stdout, self.stderr):
