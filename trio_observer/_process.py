@@ -115,6 +115,9 @@ class Process:
         stdin: trio.abc.SendStream | None,
         stdout: trio.abc.ReceiveStream | None,
         stderr: trio.abc.ReceiveStream | None,
+        stdout_log: OutputLog | None = None,
+        stderr_log: OutputLog | None = None,
+        pty: Pty | None = None,
     ) -> None:
         self._pid = pid
         self._argv = argv
@@ -126,11 +129,11 @@ class Process:
         """The child's stdout, when started with ``stdout=subprocess.PIPE``."""
         self.stderr = stderr
         """The child's stderr, when started with ``stderr=subprocess.PIPE``."""
-        self.stdout_log: OutputLog | None = None
+        self.stdout_log = stdout_log
         """The captured stdout, when started with ``stdout=CAPTURE``."""
-        self.stderr_log: OutputLog | None = None
+        self.stderr_log = stderr_log
         """The captured stderr, when started with ``stderr=CAPTURE``."""
-        self.pty: Pty | None = None
+        self.pty = pty
         """The process's terminal, when started with ``pty=``."""
         self._returncode: int | None = None
         self._termination: TerminationOutcome | None = None
@@ -352,11 +355,13 @@ def spawn_with_pipes(
     cwd: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None,
     session_id: str,
+    backlog_bytes: int,
 ) -> tuple[Process, trio.lowlevel.FdStream | None, trio.lowlevel.FdStream | None]:
     """Start ``argv`` in its own process group with the given stdio.
 
-    Returns the process and the parent ends of its captured stdout and
-    stderr (for ``CAPTURE``), which the session pumps into logs.
+    Returns the process, with an :class:`OutputLog` of ``backlog_bytes`` for
+    each captured stream (for ``CAPTURE``), and the parent ends of those
+    streams, which the session pumps into the logs.
 
     ``subprocess.Popen`` runs on the trio thread, not in a worker thread as
     trio does: on Linux it uses vfork, so the call costs a few hundred
@@ -412,6 +417,8 @@ def spawn_with_pipes(
         stdin=parent_streams.get("stdin"),
         stdout=parent_streams.get("stdout"),
         stderr=parent_streams.get("stderr"),
+        stdout_log=OutputLog(max_bytes=backlog_bytes) if "stdout" in captured else None,
+        stderr_log=OutputLog(max_bytes=backlog_bytes) if "stderr" in captured else None,
     )
     return process, captured.get("stdout"), captured.get("stderr")
 
@@ -430,11 +437,14 @@ def spawn_with_pty(
     cwd: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None,
     session_id: str,
+    backlog_bytes: int,
 ) -> tuple[Process, PtyStream]:
     """Start ``argv`` on a new pseudo-terminal that is its controlling tty.
 
-    The child leads a new session (so its pid is also its process group);
-    the returned stream is the master side, owned by the caller.
+    The child leads a new session (so its pid is also its process group).
+    The process's :attr:`Process.pty` holds the master side and an
+    :class:`OutputLog` of ``backlog_bytes``; the master is returned too, for
+    the caller to pump into that log and close after the reap.
     """
     master_fd, slave_path = open_pty(size)
     try:
@@ -449,5 +459,15 @@ def spawn_with_pty(
         _, status = os.waitpid(pid, 0)
         return os.waitstatus_to_exitcode(status)
 
-    process = Process(pid=pid, argv=argv, reap=reap, pgid=pid, stdin=None, stdout=None, stderr=None)
-    return process, PtyStream(master_fd)
+    stream = PtyStream(master_fd)
+    process = Process(
+        pid=pid,
+        argv=argv,
+        reap=reap,
+        pgid=pid,
+        stdin=None,
+        stdout=None,
+        stderr=None,
+        pty=Pty(stream, OutputLog(max_bytes=backlog_bytes)),
+    )
+    return process, stream

@@ -19,7 +19,6 @@ from ._output import OutputLog, pump_stream
 from ._process import (
     SESSION_ENV_VAR,
     Process,
-    Pty,
     StdioArg,
     spawn_with_pipes,
     spawn_with_pty,
@@ -250,10 +249,15 @@ class Session:
         args, cwd, env, backlog_bytes = spec.argv, spec.cwd, spec.env, spec.backlog_bytes
         if spec.pty is not None:
             process, pty_stream = spawn_with_pty(
-                args, size=spec.pty, cwd=cwd, env=env, session_id=self._id
+                args,
+                size=spec.pty,
+                cwd=cwd,
+                env=env,
+                session_id=self._id,
+                backlog_bytes=backlog_bytes,
             )
-            log = OutputLog(max_bytes=backlog_bytes)
-            process.pty = Pty(pty_stream, log)
+            assert process.pty is not None
+            log = process.pty.log
 
             async def close_terminal() -> None:
                 # After the reap: closing the master earlier would hang up
@@ -271,12 +275,13 @@ class Session:
                 cwd=cwd,
                 env=env,
                 session_id=self._id,
+                backlog_bytes=backlog_bytes,
             )
             if out is not None:
-                process.stdout_log = OutputLog(max_bytes=backlog_bytes)
+                assert process.stdout_log is not None
                 self._start_reader(out, process.stdout_log, then=out.aclose)
             if err is not None:
-                process.stderr_log = OutputLog(max_bytes=backlog_bytes)
+                assert process.stderr_log is not None
                 self._start_reader(err, process.stderr_log, then=err.aclose)
         # Before any checkpoint: the tree observer must know the root before
         # it handles the root's first fork.
