@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 
 from benchmarks import (
     _cgroup,
+    _close,
     _daemon,
     _emit,
     _fidelity,
@@ -59,6 +60,7 @@ SECTIONS: list[Section] = [
     Section("tree-scale", "Tree scans as the tree grows, vs psutil", _tree.run_scale),
     Section("daemon", "The daemon vs in-process, and vs a raw frame loop", _daemon.run),
     Section("cgroup", "Containment by cgroup v2 vs process groups", _cgroup.run),
+    Section("close", "Closing an empty session on a busy machine", _close.run),
 ]
 
 

@@ -29,6 +29,7 @@ LAYERS = {
     "_capabilities": 2,
     "_registry": 3,
     "_process": 4,
+    "_start_args": 4,
     "_session": 5,
     "_run_process": 5,
     "_otel": 6,

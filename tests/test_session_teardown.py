@@ -94,3 +94,13 @@ async def test_closing_a_session_that_left_nothing_does_not_scan_the_machine(
             process = await session.start_process([PY, "-c", script])
             assert await process.wait() == 0
     assert len(scans) >= 1
+
+
+def test_capabilities_name_the_containment_and_what_escapes_it() -> None:
+    from trio_observer import CapabilitySupport, negotiate_capabilities
+
+    report = negotiate_capabilities()
+    assert report.containment.name == "process-groups+marker"
+    assert report.containment.support is CapabilitySupport.PARTIAL
+    assert "setsid" in report.containment.reason
+    assert "env -i" in report.containment.reason

@@ -6,6 +6,7 @@ Start with :func:`open_session`; the guide is ``docs/guide.md``.
 from ._capabilities import CapabilityReport as CapabilityReport
 from ._capabilities import CapabilitySupport as CapabilitySupport
 from ._capabilities import CategoryCapability as CategoryCapability
+from ._capabilities import ContainmentCapability as ContainmentCapability
 from ._capabilities import TraceScope as TraceScope
 from ._capabilities import UnsupportedCategoryError as UnsupportedCategoryError
 from ._capabilities import negotiate_capabilities as negotiate_capabilities
@@ -54,6 +55,7 @@ __all__ = [
     "CapabilityReport",
     "CapabilitySupport",
     "CategoryCapability",
+    "ContainmentCapability",
     "DaemonClient",
     "DaemonError",
     "EventCategory",

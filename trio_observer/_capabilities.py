@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import final
+from typing import Final, final
 
 from ._events import EventCategory
 
@@ -75,6 +75,28 @@ class CategoryCapability:
 
 @final
 @dataclass(frozen=True, slots=True)
+class ContainmentCapability:
+    """How a session keeps its process trees from escaping it."""
+
+    name: str
+    """The strategy (``"process-groups+marker"``)."""
+    support: CapabilitySupport
+    """How well it contains."""
+    reason: str
+    """What can escape it, in a sentence."""
+
+
+PROCESS_GROUP_CONTAINMENT: Final = ContainmentCapability(
+    "process-groups+marker",
+    CapabilitySupport.PARTIAL,
+    "a descendant that calls setsid and clears its environment (env -i) escapes once "
+    "its parent is gone, unless the tree observer saw it (a PROCESS sink or "
+    "track_descendants=True; when polling, only if it lived through a scan)",
+)
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class CapabilityReport(Mapping[EventCategory, CategoryCapability]):
     """What this machine can observe, per category; a read-only mapping.
 
@@ -86,6 +108,8 @@ class CapabilityReport(Mapping[EventCategory, CategoryCapability]):
     """The scope the report is for."""
     categories: Mapping[EventCategory, CategoryCapability]
     """Every :class:`EventCategory`, each with its capability."""
+    containment: ContainmentCapability = PROCESS_GROUP_CONTAINMENT
+    """How sessions stop what their processes leave behind, and what escapes."""
 
     def __getitem__(self, category: EventCategory) -> CategoryCapability:
         return self.categories[category]

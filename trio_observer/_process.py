@@ -6,7 +6,7 @@ import enum
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import IO, Any, Final, final
 
 import trio
@@ -134,6 +134,9 @@ class Process:
         stdin: trio.abc.SendStream | None,
         stdout: trio.abc.ReceiveStream | None,
         stderr: trio.abc.ReceiveStream | None,
+        stdout_log: OutputLog | None = None,
+        stderr_log: OutputLog | None = None,
+        pty: Pty | None = None,
     ) -> None:
         self._pid = pid
         self._argv = argv
@@ -145,11 +148,11 @@ class Process:
         """The child's stdout, when started with ``stdout=subprocess.PIPE``."""
         self.stderr = stderr
         """The child's stderr, when started with ``stderr=subprocess.PIPE``."""
-        self.stdout_log: OutputLog | None = None
+        self.stdout_log = stdout_log
         """The captured stdout, when started with ``stdout=CAPTURE``."""
-        self.stderr_log: OutputLog | None = None
+        self.stderr_log = stderr_log
         """The captured stderr, when started with ``stderr=CAPTURE``."""
-        self.pty: Pty | None = None
+        self.pty = pty
         """The process's terminal, when started with ``pty=``."""
         self._returncode: int | None = None
         self._termination: TerminationOutcome | None = None
@@ -294,11 +297,8 @@ class Process:
         """
         grace_period = check_seconds("grace_period", grace_period)
         if self._returncode is None:
-            self._request_stop(signal.SIGTERM)
-            with trio.move_on_after(grace_period):
-                await self._exited.wait()
-            if self._returncode is None:
-                self._request_stop(signal.SIGKILL)
+            # The supervisor owns the pidfd; the reap is what we can wait for.
+            await self._stop_tree(grace_period, self._exited.wait)
         return await self.wait()
 
     # -- used by the session ------------------------------------------
@@ -345,12 +345,18 @@ class Process:
         self._reap()
 
     async def _stop(self, grace: float) -> None:
+        await self._stop_tree(grace, self._wait_exit)
+
+    async def _stop_tree(self, grace_period: float, wait: Callable[[], Awaitable[object]]) -> None:
+        """The one way a process tree is stopped: SIGTERM to the group, up
+        to ``grace_period`` seconds of the trio clock for ``wait`` to
+        return, then SIGKILL and ``wait`` again."""
         self._request_stop(signal.SIGTERM)
-        with trio.move_on_after(grace) as scope:
-            await self._wait_exit()
+        with trio.move_on_after(grace_period) as scope:
+            await wait()
         if scope.cancelled_caught:
             self._request_stop(signal.SIGKILL)
-            await self._wait_exit()
+            await wait()
 
     def _close_streams(self) -> None:
         for stream in (self.stdin, self.stdout, self.stderr):
@@ -391,11 +397,13 @@ def spawn_with_pipes(
     cwd: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None,
     session_id: str,
+    backlog_bytes: int,
 ) -> tuple[Process, trio.lowlevel.FdStream | None, trio.lowlevel.FdStream | None]:
     """Start ``argv`` in its own process group with the given stdio.
 
-    Returns the process and the parent ends of its captured stdout and
-    stderr (for ``CAPTURE``), which the session pumps into logs.
+    Returns the process, with an :class:`OutputLog` of ``backlog_bytes`` for
+    each captured stream (for ``CAPTURE``), and the parent ends of those
+    streams, which the session pumps into the logs.
 
     ``subprocess.Popen`` runs on the trio thread, not in a worker thread as
     trio does: on Linux it uses vfork, so the call costs a few hundred
@@ -451,6 +459,8 @@ def spawn_with_pipes(
         stdin=parent_streams.get("stdin"),
         stdout=parent_streams.get("stdout"),
         stderr=parent_streams.get("stderr"),
+        stdout_log=OutputLog(max_bytes=backlog_bytes) if "stdout" in captured else None,
+        stderr_log=OutputLog(max_bytes=backlog_bytes) if "stderr" in captured else None,
     )
     return process, captured.get("stdout"), captured.get("stderr")
 
@@ -469,11 +479,14 @@ def spawn_with_pty(
     cwd: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None,
     session_id: str,
+    backlog_bytes: int,
 ) -> tuple[Process, PtyStream]:
     """Start ``argv`` on a new pseudo-terminal that is its controlling tty.
 
-    The child leads a new session (so its pid is also its process group);
-    the returned stream is the master side, owned by the caller.
+    The child leads a new session (so its pid is also its process group).
+    The process's :attr:`Process.pty` holds the master side and an
+    :class:`OutputLog` of ``backlog_bytes``; the master is returned too, for
+    the caller to pump into that log and close after the reap.
     """
     master_fd, slave_path = open_pty(size)
     try:
@@ -488,5 +501,15 @@ def spawn_with_pty(
         _, status = os.waitpid(pid, 0)
         return os.waitstatus_to_exitcode(status)
 
-    process = Process(pid=pid, argv=argv, reap=reap, pgid=pid, stdin=None, stdout=None, stderr=None)
-    return process, PtyStream(master_fd)
+    stream = PtyStream(master_fd)
+    process = Process(
+        pid=pid,
+        argv=argv,
+        reap=reap,
+        pgid=pid,
+        stdin=None,
+        stdout=None,
+        stderr=None,
+        pty=Pty(stream, OutputLog(max_bytes=backlog_bytes)),
+    )
+    return process, stream

@@ -13,7 +13,7 @@ import trio
 
 from . import _run_process
 from ._capabilities import CapabilityReport, negotiate_capabilities
-from ._checks import check_int, check_seconds
+from ._checks import check_seconds
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, lifecycle_event
 from ._linux import _process_tree
 from ._linux._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
@@ -22,7 +22,6 @@ from ._output import OutputLog, pump_stream
 from ._process import (
     SESSION_ENV_VAR,
     Process,
-    Pty,
     StdioArg,
     spawn_with_pipes,
     spawn_with_pty,
@@ -30,6 +29,7 @@ from ._process import (
 from ._pty import PtySize
 from ._registry import ObserverRegistry
 from ._sink import ObserverSubscriberId
+from ._start_args import StartArguments, check_start_arguments
 
 _MIN_DRAIN_SECONDS = 1.0
 """How long, at least, the tree observer may wait on a full BLOCK sink for
@@ -194,22 +194,27 @@ class Session:
           The :class:`Process`.
 
         Raises:
-          ValueError: ``argv`` is empty, ``backlog_bytes`` < 1, or ``pty``
-            was combined with stdin/stdout/stderr.
+          TypeError: an argument has the wrong type (the message names it).
+          ValueError: ``argv`` is empty, an argument, ``cwd`` or an ``env``
+            entry holds a NUL byte, an ``env`` key is empty or holds ``=``,
+            an fd given for a stream is not open, ``backlog_bytes`` < 1, or
+            ``pty`` was combined with stdin/stdout/stderr. Every argument is
+            checked before the call waits for anything, so nothing starts.
           FileNotFoundError: the program does not exist (no event is
             emitted; the session and its other processes go on).
           trio.ClosedResourceError: the session has ended.
         """
-        args = _check_argv(argv)
-        check_int("backlog_bytes", backlog_bytes, minimum=1)
-        if pty is not False:
-            if (stdin, stdout, stderr) != (None, None, None):
-                raise ValueError(
-                    "pty: a process on a terminal reads and writes the terminal; "
-                    "leave stdin, stdout and stderr at None"
-                )
-            if not (pty is True or isinstance(pty, PtySize)):
-                raise TypeError(f"pty must be a bool or a PtySize, not {pty!r}")
+        spec = check_start_arguments(
+            argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=env,
+            pty=pty,
+            backlog_bytes=backlog_bytes,
+        )
+        args = spec.argv
         # A full checkpoint, schedule point included (trio's rule for async
         # functions), and before the spawn: a loop of quick starts lets the
         # supervisors of the earlier ones reap them here, so zombies and
@@ -222,16 +227,7 @@ class Session:
             # process's first fork: wait for the observer to be subscribed.
             await self._tree.wait_active()
             self._check_open()
-        process, started, supervision = self._launch(
-            args,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=cwd,
-            env=env,
-            pty=pty,
-            backlog_bytes=backlog_bytes,
-        )
+        process, started, supervision = self._launch(spec)
         try:
             if self._observers.wants(EventCategory.LIFECYCLE):
                 await self._observers.emit(
@@ -251,32 +247,25 @@ class Session:
         return process
 
     @trio.lowlevel.enable_ki_protection
-    def _launch(
-        self,
-        args: tuple[str, ...],
-        *,
-        stdin: StdioArg,
-        stdout: StdioArg,
-        stderr: StdioArg,
-        cwd: str | os.PathLike[str] | None,
-        env: Mapping[str, str] | None,
-        pty: bool | PtySize,
-        backlog_bytes: int,
-    ) -> tuple[Process, trio.Event, trio.CancelScope]:
+    def _launch(self, spec: StartArguments) -> tuple[Process, trio.Event, trio.CancelScope]:
         # Protected from KeyboardInterrupt, and without a checkpoint, from
         # the spawn until the supervisor is scheduled: a Ctrl-C landing in
         # between would leave a child nobody tracks, or a registered one
         # whose events nobody sets (the teardown would wait forever). Trio
         # delivers it at the caller's next checkpoint instead, when the
         # process is already the session's.
-        if pty is not False:
-            size = PtySize() if pty is True else pty
-            assert isinstance(size, PtySize)
+        args, cwd, env, backlog_bytes = spec.argv, spec.cwd, spec.env, spec.backlog_bytes
+        if spec.pty is not None:
             process, pty_stream = spawn_with_pty(
-                args, size=size, cwd=cwd, env=env, session_id=self._id
+                args,
+                size=spec.pty,
+                cwd=cwd,
+                env=env,
+                session_id=self._id,
+                backlog_bytes=backlog_bytes,
             )
-            log = OutputLog(max_bytes=backlog_bytes)
-            process.pty = Pty(pty_stream, log)
+            assert process.pty is not None
+            log = process.pty.log
 
             async def close_terminal() -> None:
                 # After the reap: closing the master earlier would hang up
@@ -288,18 +277,19 @@ class Session:
         else:
             process, out, err = spawn_with_pipes(
                 args,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
+                stdin=spec.stdin,
+                stdout=spec.stdout,
+                stderr=spec.stderr,
                 cwd=cwd,
                 env=env,
                 session_id=self._id,
+                backlog_bytes=backlog_bytes,
             )
             if out is not None:
-                process.stdout_log = OutputLog(max_bytes=backlog_bytes)
+                assert process.stdout_log is not None
                 self._start_reader(out, process.stdout_log, then=out.aclose)
             if err is not None:
-                process.stderr_log = OutputLog(max_bytes=backlog_bytes)
+                assert process.stderr_log is not None
                 self._start_reader(err, process.stderr_log, then=err.aclose)
         # Before any checkpoint: the tree observer must know the root before
         # it handles the root's first fork.
@@ -640,18 +630,6 @@ async def _session_scope(
                 finally:
                     # Before the sinks close: nothing may emit into them after.
                     session._close()
-
-
-def _check_argv(argv: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
-    if isinstance(argv, (str, bytes)):
-        raise TypeError("argv must be a sequence of arguments such as ['ls', '-l'], not a string")
-    args = tuple(os.fspath(a) for a in argv)
-    if not args:
-        raise ValueError("argv must not be empty: it needs at least the program to run")
-    for arg in args:
-        if not isinstance(arg, str):
-            raise TypeError(f"argv items must be str or os.PathLike[str], not {arg!r}")
-    return args
 
 
 _capabilities: CapabilityReport | None = None
