@@ -58,7 +58,7 @@ from trio_observer import (
     Session,
     open_session,
 )
-from trio_observer._linux import _tree
+from trio_observer._linux import _connector
 from trio_observer._linux._connector import ConnectorUnavailableError, probe_connector
 
 from ._core import Config, Report, Row, Target
@@ -170,7 +170,7 @@ def _backend(name: str) -> Iterator[None]:
         raise ConnectorUnavailableError("refused by the benchmark: polling")
 
     # What "auto" meets without CAP_NET_ADMIN.
-    with unittest.mock.patch.object(_tree, "open_connector_socket", refuse):
+    with unittest.mock.patch.object(_connector, "open_connector_socket", refuse):
         yield
 
 

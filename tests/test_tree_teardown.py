@@ -31,7 +31,7 @@ from trio_observer import (
     ObserverEvent,
     ObserverEventKind,
 )
-from trio_observer._linux import _tree
+from trio_observer._linux import _connector, _tree
 from trio_observer._linux._connector import ConnectorUnavailableError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
@@ -52,7 +52,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         def refuse() -> None:
             raise ConnectorUnavailableError("refused by the test: polling")
 
-        monkeypatch.setattr(_tree, "open_connector_socket", refuse)
+        monkeypatch.setattr(_connector, "open_connector_socket", refuse)
     return chosen
 
 

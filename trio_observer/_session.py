@@ -53,6 +53,9 @@ class Session:
     ) -> None:
         self._track_descendants = track_descendants
         self._nursery = nursery
+        # The parent of every process it starts (trio does not survive a
+        # fork, so this cannot change under a session).
+        self._pid = os.getpid()
         # Only what is needed is kept, so that a long session that starts
         # many processes does not grow: the processes still running, the
         # readers still reading, every process group (ints, for the final
@@ -232,7 +235,7 @@ class Session:
             if self._observers.wants(EventCategory.LIFECYCLE):
                 await self._observers.emit(
                     lifecycle_event(
-                        ObserverEventKind.STARTED, process.pid, ppid=os.getpid(), argv=args
+                        ObserverEventKind.STARTED, process.pid, ppid=self._pid, argv=args
                     )
                 )
         except BaseException:
@@ -435,7 +438,7 @@ class Session:
                     event = lifecycle_event(
                         ObserverEventKind.EXITED,
                         process.pid,
-                        ppid=os.getpid(),
+                        ppid=self._pid,
                         exit_code=process.returncode,
                         termination=process.termination,
                     )

@@ -11,6 +11,7 @@ recognised by the session id every child carries in its environment.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 from collections.abc import Iterable
@@ -62,9 +63,15 @@ def proc_available(proc_root: str = PROC) -> bool:
     return os.path.exists(f"{proc_root}/self/stat")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Loading the library costs more than the rest of an empty session's
+    # open and close together: once per process is enough.
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _prctl(option: int, arg: object) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.prctl(option, arg, 0, 0, 0))
+    return int(_libc().prctl(option, arg, 0, 0, 0))
 
 
 def is_subreaper() -> bool:

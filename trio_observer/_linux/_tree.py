@@ -28,23 +28,20 @@ import dataclasses
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, final
+from typing import TYPE_CHECKING, Final, Literal, final
 
 import trio
 
 from .._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind, trio_time_ms
-from ._activity import ActivityWatch
-from ._connector import (
-    ConnectorBatch,
-    ConnectorSocket,
-    ConnectorUnavailableError,
-    ExitRecord,
-    ForkRecord,
-    ProcConnector,
-    open_connector_socket,
-)
-from ._descriptors import DescriptorTracker
-from ._tree_members import TreeMembers
+
+if TYPE_CHECKING:
+    # Imported where the observer first has work (see TreeObserver._load):
+    # together they cost more to import than the rest of a session, which
+    # most sessions (no tree category wanted) would pay for nothing.
+    from ._activity import ActivityWatch
+    from ._connector import ConnectorBatch, ConnectorSocket, ProcConnector
+    from ._descriptors import DescriptorTracker
+    from ._tree_members import TreeMembers
 
 Backend = Literal["auto", "poll", "connector"]
 
@@ -163,14 +160,13 @@ class TreeObserver:
         if connector_factory is None and backend == "auto" and proc_root != "/proc":
             self._backend_choice = "poll"
         self._connector_factory = connector_factory
-        self._descriptors = DescriptorTracker(proc_root)
-        self._tree = TreeMembers(
-            proc_root=proc_root,
-            descriptors=self._descriptors,
-            adopt_marker=adopt_marker,
-            reap_adopted=reap_adopted,
-        )
-        self._activity = ActivityWatch(proc_root)
+        self._adopt_marker = adopt_marker
+        self._reap_adopted = reap_adopted
+        # The members, descriptors and activity parts, made (and their
+        # modules imported) by _load once something is wanted. Until then
+        # the roots are only remembered, in spawn order.
+        self._parts: tuple[TreeMembers, DescriptorTracker, ActivityWatch] | None = None
+        self._idle_roots: dict[int, None] = {}
         self._running = False
         self._active_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
@@ -192,6 +188,39 @@ class TreeObserver:
         # The pids of the latest exits reported, so that a zombie the final
         # sweep reaps is reported once, and only if the tree never had it.
         self._ended: dict[int, None] = {}
+        if self._categories:
+            self._load()
+
+    def _load(self) -> tuple[TreeMembers, DescriptorTracker, ActivityWatch]:
+        if self._parts is None:
+            from ._activity import ActivityWatch
+            from ._descriptors import DescriptorTracker
+            from ._tree_members import TreeMembers
+
+            descriptors = DescriptorTracker(self._proc_root)
+            members = TreeMembers(
+                proc_root=self._proc_root,
+                descriptors=descriptors,
+                adopt_marker=self._adopt_marker,
+                reap_adopted=self._reap_adopted,
+            )
+            for pid in self._idle_roots:
+                members.add_root(pid, read_now=False)
+            self._idle_roots.clear()
+            self._parts = (members, descriptors, ActivityWatch(self._proc_root))
+        return self._parts
+
+    @property
+    def _tree(self) -> TreeMembers:
+        return self._load()[0]
+
+    @property
+    def _descriptors(self) -> DescriptorTracker:
+        return self._load()[1]
+
+    @property
+    def _activity(self) -> ActivityWatch:
+        return self._load()[2]
 
     # ----------------------------------------------------------- public API
 
@@ -208,7 +237,10 @@ class TreeObserver:
         """
         # While idle, nothing is read: the first scan fills in the details,
         # so a spawn costs no /proc read unless someone observes the tree.
-        self._tree.add_root(pid, read_now=bool(self._categories))
+        if self._parts is None:
+            self._idle_roots[pid] = None
+        else:
+            self._parts[0].add_root(pid, read_now=bool(self._categories))
 
     def discard_root(self, pid: int) -> None:
         """Say that the session has reaped ``pid``, one of the roots.
@@ -222,7 +254,10 @@ class TreeObserver:
             pid: A root given to :meth:`add_root`.
         """
         if not self._categories:
-            self._tree.discard_root(pid)
+            if self._parts is None:
+                self._idle_roots.pop(pid, None)
+            else:
+                self._parts[0].discard_root(pid)
 
     def set_categories(self, categories: frozenset[EventCategory]) -> None:
         """Change what is observed; an empty set stops all work.
@@ -233,10 +268,12 @@ class TreeObserver:
         """
         wanted = frozenset(categories) & OBSERVABLE_CATEGORIES
         self._categories = wanted
-        self._descriptors.reset(
-            files=EventCategory.FILE in wanted, network=EventCategory.NETWORK in wanted
-        )
-        self._activity.forget_all()
+        if wanted or self._parts is not None:
+            _, descriptors, activity = self._load()
+            descriptors.reset(
+                files=EventCategory.FILE in wanted, network=EventCategory.NETWORK in wanted
+            )
+            activity.forget_all()
         if not wanted:
             if self._active_scope is not None:
                 self._active_scope.cancel()
@@ -275,6 +312,8 @@ class TreeObserver:
         Returns:
             A new set the caller may keep.
         """
+        if self._parts is None:
+            return set()
         return self._tree.descendants() | self._tree.awaiting_reap()
 
     async def settle(self, *, exit_codes: Mapping[int, int] | None = None) -> None:
@@ -339,7 +378,7 @@ class TreeObserver:
             polls=self._polls,
             connector_records=self._connector_records,
             lost_overruns=self._lost_overruns,
-            known_descendants=self._tree.descendant_count(),
+            known_descendants=0 if self._parts is None else self._tree.descendant_count(),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -409,6 +448,8 @@ class TreeObserver:
             self._backend_choice == "auto" and self._fallback_reason is not None
         ):
             return None
+        from ._connector import ConnectorUnavailableError, ProcConnector, open_connector_socket
+
         factory: Callable[[], ConnectorSocket] = self._connector_factory or open_connector_socket
         try:
             # The subscription waits (briefly) for the kernel's ack.
@@ -421,6 +462,7 @@ class TreeObserver:
         return ProcConnector(sock)
 
     async def _run_active(self, task_status: trio.TaskStatus[None] | None) -> None:
+        self._load()
         connector = await self._open_connector()
         self._backend_in_use = "poll" if connector is None else "connector"
         drained = False
@@ -622,15 +664,18 @@ class TreeObserver:
     # ------------------------------------------------------- the connector
 
     def _batch_events(self, batch: ConnectorBatch) -> list[ObserverEvent]:
+        from ._connector import ExitRecord, ForkRecord
+
         self._connector_records += len(batch.records)
         events: list[ObserverEvent] = []
+        members = self._tree
         for record in batch.records:
             if isinstance(record, ForkRecord):
-                events.extend(self._tree.on_fork(record))
+                events.extend(members.on_fork(record))
             elif isinstance(record, ExitRecord):
-                events.extend(self._tree.on_exit(record))
+                events.extend(members.on_exit(record))
             else:
-                events.extend(self._tree.on_exec(record))
+                events.extend(members.on_exec(record))
         if batch.overruns:
             self._lost_overruns += batch.overruns
             events.append(self._loss_event(None))
