@@ -105,3 +105,12 @@ def test_handshake_checks_protocol_and_version() -> None:
         check_hello({**hello(), "version": 99})
     with pytest.raises(ProtocolError, match="first frame"):
         check_hello({"type": "request"})
+
+
+@pytest.mark.parametrize("kind", [["request"], {"a": 1}])
+def test_an_unhashable_frame_type_is_an_unknown_frame(kind: object) -> None:
+    # Found by the fuzz above: `kind not in FRAME_TYPES` raised TypeError for
+    # a list, which the daemon would have turned into an internal error.
+    with pytest.raises(ProtocolError) as info:
+        FrameDecoder().feed(frame(json.dumps({"type": kind}).encode()))
+    assert info.value.code == "unknown-frame"

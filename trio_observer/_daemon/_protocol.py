@@ -142,7 +142,7 @@ def parse(body: bytes) -> dict[str, Any]:
             "malformed-frame", f"frame must be a JSON object, not {type(message).__name__}"
         )
     kind = message.get("type")
-    if kind not in FRAME_TYPES:
+    if not isinstance(kind, str) or kind not in FRAME_TYPES:
         allowed = ", ".join(sorted(FRAME_TYPES))
         raise ProtocolError("unknown-frame", f"unknown frame type {kind!r} (known: {allowed})")
     if kind == "request":
