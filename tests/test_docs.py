@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -40,3 +41,37 @@ def test_api_reference_is_current() -> None:
     assert (ROOT / "docs" / "api.md").read_text() == gen_api.render(), (
         "docs/api.md is stale: run python scripts/gen_api.py"
     )
+
+
+# Imports everything first: uid 65534 may not read the interpreter's files.
+AS_NOBODY = """
+import os
+from trio_observer import negotiate_capabilities
+import trio_observer._linux._connector
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+assert open("/proc/self/status").read().count("CapEff:\\t0000000000000000") == 1
+print(negotiate_capabilities().render_summary())
+"""
+
+
+def _process_line(summary: str) -> str:
+    return next(line for line in summary.splitlines() if line.startswith("process "))
+
+
+def test_connector_needs_no_capability_here() -> None:
+    """docs/observation.md: on this kernel the connector works as nobody."""
+    if sys.platform != "linux" or os.getuid() != 0:
+        pytest.skip("needs Linux and root, to drop to uid 65534")
+    from trio_observer import negotiate_capabilities
+
+    as_root = _process_line(negotiate_capabilities().render_summary())
+    if "proc-connector" not in as_root:
+        pytest.skip(f"no process connector here even as root: {as_root}")
+    result = subprocess.run(
+        [sys.executable, "-c", AS_NOBODY], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    as_nobody = _process_line(result.stdout)
+    assert "proc-connector" in as_nobody, f"{os.uname().release}: {as_nobody}"
