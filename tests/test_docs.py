@@ -32,6 +32,22 @@ def test_example_runs(where: str, code: str) -> None:
     assert result.returncode == 0, f"{where} failed:\n{result.stderr.decode()}"
 
 
+def test_examples_pass_mypy_strict(tmp_path: Path) -> None:
+    """The examples are written as a strict user must write them.
+
+    One mypy run over all of them (one file each, in a temp dir), with the
+    project's cache so that a re-run checks only what changed.
+    """
+    api = pytest.importorskip("mypy.api")
+    for number, (where, code) in enumerate(examples()):
+        name = re.sub(r"\W", "_", where)
+        (tmp_path / f"ex{number:03d}_{name}.py").write_text(code)
+    out, err, status = api.run(
+        ["--strict", "--cache-dir", str(ROOT / ".mypy_cache"), str(tmp_path)]
+    )
+    assert status == 0, f"mypy --strict on the docs' examples:\n{out}{err}"
+
+
 def test_api_reference_is_current() -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
