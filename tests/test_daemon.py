@@ -268,21 +268,36 @@ async def test_two_clients_one_never_reading(daemon: DaemonProcess) -> None:
             await reader.create_session("default")
             # A client that subscribes and never reads a byte again.
             sock = trio.socket.socket(socket.AF_UNIX)
-            await sock.connect(str(daemon.path))
-            request = {"type": "request", "id": 1, "method": "subscribe", "params": {"capacity": 2}}
-            await sock.send(encode(hello()) + encode(request))
-            stream = await reader.subscribe(capacity=256)
-            await run_batch(reader, 20)
-            got = 0
-            async for frame in stream:
-                assert isinstance(remote_item(frame), RemoteEvent)
-                got += 1
-                if got == 40:
-                    break
-            subs = (await reader.request("subscriptions"))["subscriptions"]
-            stuck = next(s for s in subs if s["id"] != stream.result["id"])
-            assert stuck["missed_events"] > 0
-            sock.close()
+            with sock:
+                await sock.connect(str(daemon.path))
+                request = {
+                    "type": "request",
+                    "id": 1,
+                    "method": "subscribe",
+                    "params": {"capacity": 2},
+                }
+                await sock.send(encode(hello()) + encode(request))
+                # Its sink exists once the reply is here; events before that
+                # would not be the stuck sink's to miss.
+                decoder = FrameDecoder()
+                replied = False
+                while not replied:
+                    data = await sock.recv(65536)
+                    assert data, "the daemon closed the stuck client's connection"
+                    replied = any(
+                        f.get("type") == "reply" and f.get("id") == 1 for f in decoder.feed(data)
+                    )
+                stream = await reader.subscribe(capacity=256)
+                await run_batch(reader, 20)
+                got = 0
+                async for frame in stream:
+                    assert isinstance(remote_item(frame), RemoteEvent)
+                    got += 1
+                    if got == 40:
+                        break
+                subs = (await reader.request("subscriptions"))["subscriptions"]
+                stuck = next(s for s in subs if s["id"] != stream.result["id"])
+                assert stuck["missed_events"] > 0
 
 
 async def test_sigterm_stops_every_session_and_leaves_nothing(tmp_path: Path) -> None:
