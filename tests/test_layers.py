@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trio_observer"
 LAYERS = {
     "_events": 0,
     "_checks": 0,
+    "_grace": 0,
     "_sink": 1,
     "_pty": 1,
     "_spawn": 1,
