@@ -14,9 +14,9 @@ import trio
 from ._checks import check_seconds
 from ._events import TerminationOutcome
 from ._grace import Grace, terminate_then_kill
+from ._linux import spawn_on_pty
 from ._output import OutputLog
 from ._pty import PtySize, PtyStream, open_pty
-from ._spawn import spawn_on_pty
 
 # Every child of a session carries this variable, so that a descendant the
 # session adopts (as child subreaper) after it left the process group can

@@ -16,9 +16,15 @@ from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_seconds
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, lifecycle_event
 from ._grace import Grace
-from ._linux import _process_tree
-from ._linux._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
-from ._linux._tree import OBSERVABLE_CATEGORIES, TreeObserver
+from ._linux import (
+    CONTAINMENTS,
+    OBSERVABLE_CATEGORIES,
+    CgroupContainment,
+    TreeObserver,
+    choose_containment,
+    stop_leftovers,
+    subreaper,
+)
 from ._output import OutputLog, pump_stream
 from ._process import (
     SESSION_ENV_VAR,
@@ -483,7 +489,7 @@ class Session:
             # to its group or environment; the group/marker sweep below is
             # the second.
             await self._containment.stop(self._grace.seconds)
-        await _process_tree.stop_leftovers(
+        await stop_leftovers(
             groups=self._groups,
             known=self._tree.known_descendants(),
             marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
@@ -625,14 +631,14 @@ async def open_session(
     # Before the nursery opens, so that an unavailable cgroup is a plain
     # error and not one wrapped in an exception group.
     chosen = await choose_containment(containment, os.urandom(6).hex())
-    _process_tree.subreaper.acquire()
+    subreaper.acquire()
     try:
         async with _session_scope(
             grace_period, poll_interval, track_descendants, chosen
         ) as session:
             yield session
     finally:
-        _process_tree.subreaper.release()
+        subreaper.release()
         if chosen is not None:
             chosen.close()
 
