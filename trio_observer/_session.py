@@ -581,6 +581,13 @@ async def open_session(
     pipes are closed. A consumer that must see the teardown of a cancelled
     session opens its sink outside the block (see ``docs/guide.md``).
 
+    A KeyboardInterrupt (Ctrl-C) that arrives during this teardown does not
+    skip it: it ends the grace period, so everything still running and
+    every leftover gets SIGKILL at once, and it is raised once the sweep
+    is done. However often Ctrl-C is pressed, the teardown still stops and
+    reaps the whole tree, with no more waiting than SIGKILL and the
+    observer's last drain take.
+
     Args:
       grace_period: Seconds a process tree gets between SIGTERM and
         SIGKILL. The default, 5 seconds, is what most service managers give;
