@@ -178,3 +178,73 @@ def test_a_long_start_loop_under_a_low_fd_limit_does_not_pile_up(tmp_path: Path)
     )
     result = subprocess.run([PY, "-c", script], capture_output=True, timeout=240)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+# A session tearing down a tree that ignores SIGTERM (a root, and a daemon
+# in a session of its own) with a long grace period, and Ctrl-C pressed
+# while the teardown waits: the sweep must still run, at once with SIGKILL.
+_CTRL_C_DURING_TEARDOWN = """
+import os, signal, subprocess, sys
+import trio, trio.testing
+from trio_observer import open_session
+
+pid_file, presses = sys.argv[1], int(sys.argv[2])
+ROOT = '''
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+DAEMON = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
+daemon = subprocess.Popen([sys.executable, "-c", DAEMON], start_new_session=True)
+print(daemon.pid, flush=True)
+time.sleep(300)
+'''
+
+@trio.lowlevel.enable_ki_protection
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+
+async def press():
+    for _ in range(presses):
+        # Every task blocked: the teardown is waiting out the grace period.
+        await trio.testing.wait_all_tasks_blocked()
+        ctrl_c()
+
+async def main():
+    async with trio.open_nursery() as outer:
+        async with open_session(grace_period=120) as session:
+            root = await session.start_process([sys.executable, "-c", ROOT], stdout=subprocess.PIPE)
+            line = b""
+            while not line.endswith(b"\\n"):
+                line += await root.stdout.receive_some()
+            with open(pid_file, "w") as f:
+                f.write(f"{root.pid} {line.decode()}")
+            outer.start_soon(press)
+            session.cancel_scope.cancel()
+
+try:
+    trio.run(main)
+except* KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 3])
+def test_ctrl_c_during_the_teardown_still_sweeps_the_tree(tmp_path: Path, presses: int) -> None:
+    pid_file = tmp_path / "pids"
+    try:
+        result = subprocess.run(
+            [PY, "-c", _CTRL_C_DURING_TEARDOWN, str(pid_file), str(presses)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            # Half the grace period: only a teardown that Ctrl-C cut short
+            # (SIGKILL at once) ends in time.
+            timeout=60,
+        )
+    finally:
+        text = pid_file.read_text() if pid_file.exists() else ""
+        pids = [int(word) for word in text.split()]
+        survivors = [pid for pid in pids if not _gone(pid)]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+    assert result.stdout.decode().split() == ["interrupted"], result.stderr.decode()
+    assert len(pids) == 2
+    assert survivors == []

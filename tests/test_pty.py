@@ -20,8 +20,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_observer._linux._spawn import spawn_on_pty
 from trio_observer._pty import PtySize, PtyStream, get_size, open_pty, resize
-from trio_observer._spawn import spawn_on_pty
 from trio_observer._terminal import (
     copy_input,
     copy_output,

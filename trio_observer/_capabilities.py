@@ -163,7 +163,7 @@ def _connector_reason(proc_root: str) -> str | None:
         # The connector reports the real system's pids, which a substitute
         # /proc does not describe.
         return f"the process connector does not describe {proc_root!r}"
-    from ._linux._connector import probe_connector
+    from ._linux import probe_connector
 
     return probe_connector()
 
@@ -209,9 +209,9 @@ def negotiate_capabilities(
         )
 
     # Pure Python, importable anywhere; /proc itself is read only there.
-    from ._linux import _procfs
+    from ._linux import net_tables_readable, others_fds_readable, unusable_reason
 
-    no_proc = _procfs.unusable_reason(proc_root)
+    no_proc = unusable_reason(proc_root)
     if no_proc is not None:
         for category in (EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK):
             put(category, CapabilitySupport.UNAVAILABLE, None, no_proc)
@@ -234,7 +234,7 @@ def negotiate_capabilities(
             f"(connector: {refused})",
         )
 
-    others = scope is TraceScope.SYSTEM_WIDE and not _procfs.others_fds_readable(proc_root)
+    others = scope is TraceScope.SYSTEM_WIDE and not others_fds_readable(proc_root)
     only_ours = (
         "; only this user's processes: other users' /proc/<pid>/fd needs CAP_SYS_PTRACE"
         if others
@@ -246,7 +246,7 @@ def negotiate_capabilities(
         "proc-fd-snapshot",
         "snapshots of /proc/<pid>/fd miss files opened and closed between two scans" + only_ours,
     )
-    if _procfs.net_tables_readable(proc_root):
+    if net_tables_readable(proc_root):
         put(
             EventCategory.NETWORK,
             CapabilitySupport.PARTIAL,

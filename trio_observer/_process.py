@@ -13,9 +13,10 @@ import trio
 
 from ._checks import check_seconds
 from ._events import TerminationOutcome
+from ._grace import Grace, terminate_then_kill
+from ._linux import spawn_on_pty
 from ._output import OutputLog
 from ._pty import PtySize, PtyStream, open_pty
-from ._spawn import spawn_on_pty
 
 # Every child of a session carries this variable, so that a descendant the
 # session adopts (as child subreaper) after it left the process group can
@@ -334,30 +335,23 @@ class Process:
             self._termination = TerminationOutcome.SOFT_EXIT
         self._exited.set()
 
-    async def _supervise(self, grace: float) -> None:
+    async def _supervise(self, grace_period: float | Grace) -> None:
         """Wait for the exit and reap; if cancelled, stop the tree first."""
         try:
             await self._wait_exit()
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self._stop(grace)
+                await self._stop_tree(grace_period, self._wait_exit)
                 self._reap()
             raise
         self._reap()
 
-    async def _stop(self, grace: float) -> None:
-        await self._stop_tree(grace, self._wait_exit)
-
-    async def _stop_tree(self, grace_period: float, wait: Callable[[], Awaitable[object]]) -> None:
-        """The one way a process tree is stopped: SIGTERM to the group, up
-        to ``grace_period`` seconds of the trio clock for ``wait`` to
-        return, then SIGKILL and ``wait`` again."""
-        self._request_stop(signal.SIGTERM)
-        with trio.move_on_after(grace_period) as scope:
-            await wait()
-        if scope.cancelled_caught:
-            self._request_stop(signal.SIGKILL)
-            await wait()
+    async def _stop_tree(
+        self, grace_period: float | Grace, wait: Callable[[], Awaitable[object]]
+    ) -> None:
+        """Stop the process group by :func:`terminate_then_kill`, the routine
+        the final sweep uses too; ``wait`` returns once the process exited."""
+        await terminate_then_kill(self._request_stop, wait, grace_period)
 
     def _close_streams(self) -> None:
         for stream in (self.stdin, self.stdout, self.stderr):

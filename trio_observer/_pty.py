@@ -1,6 +1,6 @@
 """Pseudo-terminals: creation, spawning on a controlling tty, resize, EIO as EOF.
 
-The child is started on the slave by :func:`trio_observer._spawn.spawn_on_pty`
+The child is started on the slave by :func:`trio_observer._linux._spawn.spawn_on_pty`
 (``posix_spawn`` with ``setsid``; see that module for why not ``pty.fork``).
 """
 

@@ -15,9 +15,16 @@ from . import _run_process
 from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_seconds
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, lifecycle_event
-from ._linux import _process_tree
-from ._linux._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
-from ._linux._tree import OBSERVABLE_CATEGORIES, TreeObserver
+from ._grace import Grace
+from ._linux import (
+    CONTAINMENTS,
+    OBSERVABLE_CATEGORIES,
+    CgroupContainment,
+    TreeObserver,
+    choose_containment,
+    stop_leftovers,
+    subreaper,
+)
 from ._output import OutputLog, pump_stream
 from ._process import (
     SESSION_ENV_VAR,
@@ -66,6 +73,8 @@ class Session:
         self._groups: set[int] = set()
         self._readers: dict[trio.CancelScope, trio.Event] = {}
         self._grace_period = grace_period
+        # What the teardown gives; a second Ctrl-C during it cuts it short.
+        self._grace = Grace(grace_period)
         self._id = ObserverSubscriberId.new().as_str()
         self._observers = ObserverRegistry(
             category_check=_refuse_unavailable,
@@ -336,7 +345,7 @@ class Session:
         # Everything that could write to the captured streams is gone by
         # now, so the readers reach end-of-stream on their own; a writer
         # the session could not attribute gets one grace period.
-        deadline = trio.current_time() + self._grace_period
+        deadline = trio.current_time() + self._grace.seconds
         for scope, done in list(self._readers.items()):
             scope.deadline = deadline
             await done.wait()
@@ -421,7 +430,7 @@ class Session:
             cancelled = False
             try:
                 with supervision:
-                    await process._supervise(self._grace_period)
+                    await process._supervise(self._grace)
                 if supervision.cancelled_caught:
                     cancelled = True
             except trio.Cancelled:
@@ -482,12 +491,12 @@ class Session:
             # First line: the cgroup holds every descendant, whatever it did
             # to its group or environment; the group/marker sweep below is
             # the second.
-            await self._containment.stop(self._grace_period)
-        await _process_tree.stop_leftovers(
+            await self._containment.stop(self._grace.seconds)
+        await stop_leftovers(
             groups=self._groups,
             known=self._tree.known_descendants(),
             marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
-            grace=self._grace_period,
+            grace_period=self._grace,
             exit_codes=exit_codes,
         )
 
@@ -499,8 +508,45 @@ class Session:
         self._tree_scope.deadline = trio.current_time() + self._drain_patience()
         await self._tree.finish()
 
+    @trio.lowlevel.enable_ki_protection
+    async def _teardown(self, done: trio.Event) -> None:
+        # A task of its own, shielded and protected from KeyboardInterrupt:
+        # trio delivers Ctrl-C to the main task only, which may be the one
+        # tearing the session down, and a shield does not stop it. Run in
+        # the main task, the sweep would be skipped and a child escape.
+        try:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._wait_for_processes()
+                    exit_codes: dict[int, int] = {}
+                    await self._stop_leftovers(exit_codes)
+                    await self._drain_readers()
+                    await self._finish_observing()
+                finally:
+                    # Before the sinks close: nothing may emit into them after.
+                    self._close()
+        finally:
+            done.set()
+
+    @trio.lowlevel.enable_ki_protection
+    async def _wait_for_teardown(self, done: trio.Event) -> None:
+        # A Ctrl-C while the teardown runs does not skip the sweep: it ends
+        # the grace period (SIGKILL now, to everything still running and to
+        # every leftover), so however often the user presses it, the
+        # session ends within one SIGKILL round; then it is re-raised.
+        interrupted = False
+        with trio.CancelScope(shield=True):
+            while not done.is_set():
+                try:
+                    await done.wait()
+                except KeyboardInterrupt:
+                    interrupted = True
+                    self._grace.hurry()
+        if interrupted:
+            raise KeyboardInterrupt
+
     def _drain_patience(self) -> float:
-        return max(self._grace_period, _MIN_DRAIN_SECONDS)
+        return max(self._grace.seconds, _MIN_DRAIN_SECONDS)
 
     def _close(self) -> None:
         self._tree_scope.cancel()
@@ -537,6 +583,13 @@ async def open_session(
     sink is closed, so consumers' ``async for`` loops end, and the session's
     pipes are closed. A consumer that must see the teardown of a cancelled
     session opens its sink outside the block (see ``docs/guide.md``).
+
+    A KeyboardInterrupt (Ctrl-C) that arrives during this teardown does not
+    skip it: it ends the grace period, so everything still running and
+    every leftover gets SIGKILL at once, and it is raised once the sweep
+    is done. However often Ctrl-C is pressed, the teardown still stops and
+    reaps the whole tree, with no more waiting than SIGKILL and the
+    observer's last drain take.
 
     Args:
       grace_period: Seconds a process tree gets between SIGTERM and
@@ -588,19 +641,20 @@ async def open_session(
     # Before the nursery opens, so that an unavailable cgroup is a plain
     # error and not one wrapped in an exception group.
     chosen = await choose_containment(containment, os.urandom(6).hex())
-    _process_tree.subreaper.acquire()
+    subreaper.acquire()
     try:
         async with _session_scope(
             grace_period, poll_interval, track_descendants, chosen
         ) as session:
             yield session
     finally:
-        _process_tree.subreaper.release()
+        subreaper.release()
         if chosen is not None:
             chosen.close()
 
 
 @asynccontextmanager
+@trio.lowlevel.enable_ki_protection
 async def _session_scope(
     grace_period: float,
     poll_interval: float,
@@ -623,16 +677,9 @@ async def _session_scope(
             raise
         finally:
             session._closing = True
-            with trio.CancelScope(shield=True):
-                try:
-                    await session._wait_for_processes()
-                    exit_codes: dict[int, int] = {}
-                    await session._stop_leftovers(exit_codes)
-                    await session._drain_readers()
-                    await session._finish_observing()
-                finally:
-                    # Before the sinks close: nothing may emit into them after.
-                    session._close()
+            done = trio.Event()
+            nursery.start_soon(session._teardown, done)
+            await session._wait_for_teardown(done)
 
 
 _capabilities: CapabilityReport | None = None

@@ -13,12 +13,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import signal
 from collections.abc import Iterable
 from typing import Final
 
 import trio
 
+from .._grace import Grace, terminate_then_kill
 from ._procfs import ProcStat, read_children, scan_all
 
 PROC: Final = "/proc"
@@ -216,13 +216,13 @@ async def stop_leftovers(
     *,
     groups: Iterable[int],
     marker: bytes,
-    grace: float,
+    grace_period: float | Grace,
     known: Iterable[int] = (),
     exclude: Iterable[int] = (),
     proc_root: str = PROC,
     exit_codes: dict[int, int] | None = None,
 ) -> int:
-    """SIGTERM the session's leftover processes, SIGKILL them after ``grace``.
+    """SIGTERM the session's leftover processes, SIGKILL them after ``grace_period``.
 
     Repeats until a scan finds nothing (a dying tree may still fork), reaps
     the ones that became this process's children, and returns how many
@@ -239,7 +239,7 @@ async def stop_leftovers(
     if nothing_can_be_left(groups=groups, known=known, marker=marker, proc_root=proc_root):
         return 0
     stopped: set[int] = set()
-    sig = signal.SIGTERM
+    grace: float | Grace = grace_period
     for _ in range(8):
         # A thread: the scan reads every process on the machine, tens of
         # milliseconds with thousands of them, which the trio thread must
@@ -254,16 +254,18 @@ async def stop_leftovers(
         if not alive:
             break
         stopped.update(alive)
-        for pid in alive:
-            _signal(pid, sig)
-        if sig == signal.SIGTERM:
-            with trio.move_on_after(grace):
-                await _wait_gone(alive)
-        else:
+
+        def send(sig: int, alive: list[int] = alive) -> None:
+            for pid in alive:
+                _signal(pid, sig)
+
+        async def wait(alive: list[int] = alive) -> None:
             await _wait_gone(alive)
+
+        await terminate_then_kill(send, wait, grace)
         reap_zombie_children(alive, exit_codes)
         # Whatever is still there after the first round gets no more grace.
-        sig = signal.SIGKILL
+        grace = 0.0
     return len(stopped)
 
 
