@@ -14,8 +14,14 @@ import trio
 from . import _run_process
 from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_seconds
-from ._events import EventCategory, ObserverEvent, ObserverEventKind, lifecycle_event
-from ._linux import _process_tree
+from ._events import (
+    EventCategory,
+    ObserverEvent,
+    ObserverEventKind,
+    ResourceUsage,
+    lifecycle_event,
+)
+from ._linux import _cgroup_usage, _process_tree
 from ._linux._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
 from ._linux._tree import OBSERVABLE_CATEGORIES, TreeObserver
 from ._output import OutputLog, pump_stream
@@ -87,6 +93,8 @@ class Session:
         self._closing = False
         # The session's cgroup, when containment is by cgroup (set at open).
         self._containment: CgroupContainment | None = None
+        # What the reaped processes cost, for resources() without a cgroup.
+        self._spent = ResourceUsage()
 
     def _check_open(self) -> None:
         if self._closing:
@@ -149,6 +157,21 @@ class Session:
         commands does not accumulate them.
         """
         return tuple(self._running)
+
+    def resources(self) -> ResourceUsage:
+        """What the session's processes have cost so far.
+
+        With cgroup containment, the session's cgroup: every process it
+        ever held, descendants included. Otherwise the processes the session
+        started, reaped and running, summed (CPU) or the largest (peak RSS).
+
+        Returns:
+            A :class:`ResourceUsage`; fields the kernel does not give are
+            ``None``.
+        """
+        if self._containment is not None:
+            return _cgroup_usage.group_usage(self._containment.group)
+        return _cgroup_usage.total([self._spent, *(p.resources() for p in self._running)])
 
     async def start_process(
         self,
@@ -296,7 +319,7 @@ class Session:
         self._tree.add_root(process.pid)
         self._groups.add(process.pid)
         if self._containment is not None:
-            self._containment.place(process.pid)
+            process._leaf = self._containment.place(process.pid)
         started = trio.Event()
         supervision = trio.CancelScope()
         self._running[process] = trio.Event()
@@ -438,6 +461,7 @@ class Session:
                         ppid=os.getpid(),
                         exit_code=process.returncode,
                         termination=process.termination,
+                        resources=process._usage,
                     )
                     if cancelled:
                         # Tearing down: a BLOCK consumer may be cancelled
@@ -448,6 +472,8 @@ class Session:
         finally:
             self._running.pop(process).set()
             self._reaped.add(process)
+            if process._usage is not None:
+                self._spent = _cgroup_usage.total([self._spent, process._usage])
 
     async def _emit_exited(self, event: ObserverEvent, started: trio.Event) -> None:
         # A BLOCK sink gets EXITED only after STARTED: if STARTED is still
