@@ -109,7 +109,12 @@ def test_cli_containment_cgroup_refused_in_one_line_where_unavailable(tmp_path: 
         text=True,
         timeout=120,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(tmp_path), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+            ),
+        },
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
