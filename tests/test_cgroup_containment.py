@@ -15,8 +15,8 @@ from trio_observer._linux import _cgroup
 from trio_observer._linux._cgroup_containment import (
     CgroupContainment,
     open_cgroup_containment,
-    reap_with_usage,
 )
+from trio_observer._linux._cgroup_usage import reap_usage
 from trio_observer._linux._procfs import read_stat
 
 SUPPORT = _cgroup.probe()
@@ -114,9 +114,11 @@ def test_rusage_of_a_child_that_burns_cpu_and_memory() -> None:
         "while time.process_time() - t < 0.5: pass\n"
     )
     child = subprocess.Popen([sys.executable, "-c", code])
-    usage = reap_with_usage(child.pid)
-    child.returncode = usage.returncode
-    assert usage.returncode == 0
+    child.returncode, usage = reap_usage(child.pid)
+    assert child.returncode == 0
+    assert usage.user_seconds is not None
+    assert usage.system_seconds is not None
+    assert usage.max_rss_bytes is not None
     assert usage.user_seconds + usage.system_seconds >= 0.45
     assert usage.max_rss_bytes >= 200 * 1024 * 1024
     # Not the parent's figures: this process never held 200 MiB twice over.
@@ -126,6 +128,5 @@ def test_rusage_of_a_child_that_burns_cpu_and_memory() -> None:
 def test_rusage_reports_a_signal_as_negative() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     os.kill(child.pid, signal.SIGKILL)
-    usage = reap_with_usage(child.pid)
-    child.returncode = usage.returncode
-    assert usage.returncode == -signal.SIGKILL
+    child.returncode, _ = reap_usage(child.pid)
+    assert child.returncode == -signal.SIGKILL

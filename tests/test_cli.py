@@ -135,7 +135,9 @@ def test_capabilities_command() -> None:
     assert result.returncode == 0
     lines = result.stdout.decode().splitlines()
     assert lines[0] == "scope: launched-process-tree"
-    assert [line.split()[0] for line in lines[2:]] == ["lifecycle", "process", "file", "network"]
+    assert [line.split()[0] for line in lines[2:-2]] == ["lifecycle", "process", "file", "network"]
+    assert lines[-2].startswith("containment: ")
+    assert lines[-1].startswith("limits: ")
 
 
 def test_process_category_reports_descendants(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import trio
 
+import trio_observer._linux
 from trio_observer import open_session
 from trio_observer._linux import _process_tree, _procfs
 
@@ -96,9 +97,16 @@ async def test_closing_a_session_that_left_nothing_does_not_scan_the_machine(
     assert len(scans) >= 1
 
 
-def test_capabilities_name_the_containment_and_what_escapes_it() -> None:
+def test_capabilities_name_the_containment_and_what_escapes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from trio_observer import CapabilitySupport, negotiate_capabilities
+    from trio_observer._linux import _cgroup
 
+    # Where no cgroup can be made (no v2 hierarchy in this mountinfo);
+    # tests/test_cgroup_capabilities.py checks the cgroup row.
+    probe = _cgroup.probe
+    monkeypatch.setattr(trio_observer._linux, "probe_cgroup", lambda: probe(mountinfo=""))
     report = negotiate_capabilities()
     assert report.containment.name == "process-groups+marker"
     assert report.containment.support is CapabilitySupport.PARTIAL

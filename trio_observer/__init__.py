@@ -23,6 +23,7 @@ from ._events import EventCategory as EventCategory
 from ._events import EventGrade as EventGrade
 from ._events import ObserverEvent as ObserverEvent
 from ._events import ObserverEventKind as ObserverEventKind
+from ._events import ResourceUsage as ResourceUsage
 from ._events import TerminationOutcome as TerminationOutcome
 from ._expect import ExpectEOF as ExpectEOF
 from ._expect import ExpectMatch as ExpectMatch
@@ -82,6 +83,7 @@ __all__ = [
     "RemoteEvent",
     "RemoteMissed",
     "RemoteStream",
+    "ResourceUsage",
     "Session",
     "Subscription",
     "TerminationOutcome",

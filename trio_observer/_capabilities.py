@@ -76,14 +76,27 @@ class CategoryCapability:
 @final
 @dataclass(frozen=True, slots=True)
 class ContainmentCapability:
-    """How a session keeps its process trees from escaping it."""
+    """How a session can keep its process trees from escaping it.
+
+    The best strategy this machine allows: what
+    ``open_session(containment="auto")`` uses (the default,
+    ``"process-group"``, always has the escape of the process-group row).
+    """
 
     name: str
-    """The strategy (``"process-groups+marker"``)."""
+    """The strategy (``"cgroup"`` or ``"process-groups+marker"``)."""
     support: CapabilitySupport
-    """How well it contains."""
+    """How well it contains: ``SUPPORTED`` (exact) for a cgroup."""
     reason: str
-    """What can escape it, in a sentence."""
+    """What can escape it, or why nothing can, in a sentence; for process
+    groups also what would make cgroup containment possible."""
+    path: str | None = None
+    """For ``"cgroup"``: the cgroup directory below which sessions go."""
+    controllers: tuple[str, ...] = ()
+    """The cgroup controllers that cgroup offers its children, sorted."""
+    limits: str = "limits need cgroup containment"
+    """Which limits (``memory.max``, ``pids.max``, ``cpu.max``) can be set,
+    or why none can."""
 
 
 PROCESS_GROUP_CONTAINMENT: Final = ContainmentCapability(
@@ -153,6 +166,10 @@ class CapabilityReport(Mapping[EventCategory, CategoryCapability]):
         for row in rows:
             cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
             lines.append("  ".join([*cells, row[3]]))
+        held = self.containment
+        where = f" at {held.path}" if held.path else ""
+        lines.append(f"containment: {held.name} ({held.support.value}){where}: {held.reason}")
+        lines.append(f"limits: {held.limits}")
         return "\n".join(lines)
 
 
@@ -168,6 +185,46 @@ def _connector_reason(proc_root: str) -> str | None:
     return probe_connector()
 
 
+_LIMIT_CONTROLLERS: Final = {"memory": "memory.max", "pids": "pids.max", "cpu": "cpu.max"}
+
+
+def _containment() -> ContainmentCapability:
+    if not sys.platform.startswith("linux"):
+        return PROCESS_GROUP_CONTAINMENT
+    from ._linux import probe_cgroup
+
+    support = probe_cgroup()
+    if not support.available:
+        return ContainmentCapability(
+            PROCESS_GROUP_CONTAINMENT.name,
+            PROCESS_GROUP_CONTAINMENT.support,
+            f"{PROCESS_GROUP_CONTAINMENT.reason}; no cgroup containment: {support.reason}",
+            limits=f"limits need cgroup containment, which is not available: {support.reason}",
+        )
+    offered = sorted(support.controllers)
+    usable = [
+        f"{name} ({_LIMIT_CONTROLLERS[name]})" for name in offered if name in _LIMIT_CONTROLLERS
+    ]
+    if usable:
+        limits = "available: " + ", ".join(usable)
+    else:
+        limits = (
+            "none: memory, pids and cpu limits need those controllers in "
+            f"{support.parent}/cgroup.controllers, which offers only "
+            f"{', '.join(offered) or 'none'}"
+        )
+    kill = "cgroup.kill" if support.kill else "SIGKILL to every member while frozen"
+    return ContainmentCapability(
+        "cgroup",
+        CapabilitySupport.SUPPORTED,
+        "every descendant stays in the session's cgroup whatever it does to its group, "
+        f"session or environment; stopped by freeze, SIGTERM, then {kill}",
+        path=str(support.parent),
+        controllers=tuple(offered),
+        limits=limits,
+    )
+
+
 def negotiate_capabilities(
     scope: TraceScope = TraceScope.LAUNCHED_PROCESS_TREE, *, proc_root: str = "/proc"
 ) -> CapabilityReport:
@@ -175,7 +232,8 @@ def negotiate_capabilities(
 
     Probes the platform: whether ``proc_root`` is readable, whether the
     netlink process connector accepts a subscription (it opens and closes a
-    socket), and for :attr:`TraceScope.SYSTEM_WIDE` whether other users'
+    socket), whether a cgroup can be made below this process's own (it
+    makes and removes one), and for :attr:`TraceScope.SYSTEM_WIDE` whether other users'
     descriptors are readable. Call it once and keep the report.
 
     Args:
@@ -215,7 +273,7 @@ def negotiate_capabilities(
     if no_proc is not None:
         for category in (EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK):
             put(category, CapabilitySupport.UNAVAILABLE, None, no_proc)
-        return CapabilityReport(scope, MappingProxyType(caps))
+        return CapabilityReport(scope, MappingProxyType(caps), _containment())
 
     refused = _connector_reason(proc_root)
     if refused is None:
@@ -261,4 +319,4 @@ def negotiate_capabilities(
             None,
             f"no readable socket tables under {proc_root!r}/net",
         )
-    return CapabilityReport(scope, MappingProxyType(caps))
+    return CapabilityReport(scope, MappingProxyType(caps), _containment())

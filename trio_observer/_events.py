@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final, final
 
 import trio
@@ -93,6 +93,7 @@ _OPTIONAL_KEYS: Final = (
     "local_address",
     "remote_address",
     "count",
+    "resources",
 )
 
 
@@ -103,6 +104,38 @@ def _wall_time_ms() -> float:
 def trio_time_ms() -> float:
     """The trio clock in milliseconds: what ``timestamp_ms`` holds."""
     return trio.current_time() * 1000.0
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceUsage:
+    """What a process (or a session) cost, as far as the kernel says.
+
+    Every field is ``None`` where the kernel does not give it here: the
+    ``cgroup_*`` fields need cgroup containment, ``memory_peak_bytes`` and
+    ``pids_peak`` also the memory and pids controllers.
+    """
+
+    user_seconds: float | None = None
+    """CPU seconds in user mode: after the exit from ``wait4`` (the process
+    and the children it reaped), while running from ``/proc/<pid>/stat``."""
+    system_seconds: float | None = None
+    """CPU seconds in the kernel, from the same source."""
+    max_rss_bytes: int | None = None
+    """Peak resident set size of the process itself (``ru_maxrss``, or
+    ``VmHWM`` while running)."""
+    cgroup_user_seconds: float | None = None
+    """User CPU seconds of the whole tree, living and dead (``cpu.stat``)."""
+    cgroup_system_seconds: float | None = None
+    """System CPU seconds of the whole tree (``cpu.stat``)."""
+    memory_peak_bytes: int | None = None
+    """Peak memory of the tree (``memory.peak``)."""
+    pids_peak: int | None = None
+    """Peak number of processes in the tree (``pids.peak``)."""
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Return the fields that have a value: the JSON form of ``resources``."""
+        return {f.name: value for f in fields(self) if (value := getattr(self, f.name)) is not None}
 
 
 @final
@@ -157,6 +190,8 @@ class ObserverEvent:
     """For connected sockets: the peer, in the same form."""
     count: int | None = None
     """For ``OBSERVATION_LOST``: how many records were lost, if known."""
+    resources: ResourceUsage | None = None
+    """For ``EXITED``: what the process cost, where the kernel says."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return the event as a JSON-ready dict with stable keys.
@@ -186,6 +221,8 @@ def _plain(value: object) -> object:
         return value.value
     if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, ResourceUsage):
+        return value.to_dict()
     return value
 
 
@@ -209,6 +246,7 @@ def lifecycle_event(
     argv: tuple[str, ...] | None = None,
     exit_code: int | None = None,
     termination: TerminationOutcome | None = None,
+    resources: ResourceUsage | None = None,
 ) -> ObserverEvent:
     """Build the start, exec or exit event of a process: the one place that does.
 
@@ -231,4 +269,5 @@ def lifecycle_event(
         argv=argv,
         exit_code=exit_code,
         termination=termination,
+        resources=resources,
     )

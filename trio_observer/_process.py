@@ -12,9 +12,9 @@ from typing import IO, Any, Final, final
 import trio
 
 from ._checks import check_seconds
-from ._events import TerminationOutcome
+from ._events import ResourceUsage, TerminationOutcome
 from ._grace import Grace, terminate_then_kill
-from ._linux import spawn_on_pty
+from ._linux import Cgroup, reap_usage, running_usage, spawn_on_pty, with_cgroup
 from ._output import OutputLog
 from ._pty import PtySize, PtyStream, open_pty
 
@@ -131,7 +131,7 @@ class Process:
         *,
         pid: int,
         argv: tuple[str, ...],
-        reap: Callable[[], int],
+        reap: Callable[[], tuple[int, ResourceUsage]],
         pgid: int,
         stdin: trio.abc.SendStream | None,
         stdout: trio.abc.ReceiveStream | None,
@@ -164,6 +164,10 @@ class Process:
         # can be told apart from a natural one.
         self._stop_requested = False
         self._kill_sent = False
+        # The leaf cgroup, when the session contains by cgroup (set by the
+        # session right after the spawn), and what the process cost.
+        self._leaf: Cgroup | None = None
+        self._usage: ResourceUsage | None = None
 
     def __repr__(self) -> str:
         state = "running" if self._returncode is None else f"exited {self._returncode}"
@@ -192,6 +196,22 @@ class Process:
     def termination(self) -> TerminationOutcome | None:
         """How the process ended, once it was reaped, else None."""
         return self._termination
+
+    def resources(self) -> ResourceUsage:
+        """What the process has cost so far, where the kernel says.
+
+        While it runs: its own CPU time and peak RSS from ``/proc/<pid>``,
+        and with cgroup containment the tree's figures from its leaf
+        cgroup. Once reaped: the ``wait4`` rusage (with the leaf's figures
+        at the reap), the same value the ``EXITED`` event carries.
+
+        Returns:
+            A :class:`ResourceUsage`; fields the kernel does not give are
+            ``None``.
+        """
+        if self._usage is not None:
+            return self._usage
+        return with_cgroup(running_usage(self._pid), self._leaf)
 
     async def wait(self) -> int:
         """Wait until the process has been reaped and return its exit code.
@@ -322,7 +342,8 @@ class Process:
             await trio.to_thread.run_sync(_wait_no_reap, self._pid, abandon_on_cancel=True)
 
     def _reap(self) -> None:
-        self._returncode = self._reap_now()
+        self._returncode, usage = self._reap_now()
+        self._usage = with_cgroup(usage, self._leaf)
         if self._pidfd is not None:
             # Fd numbers are reused: forget it before anyone can trip on it.
             fd, self._pidfd = self._pidfd, None
@@ -441,10 +462,12 @@ def spawn_with_pipes(
         for fd in child_fds:
             os.close(fd)
 
-    def reap() -> int:
-        # Popen reaps, so its own bookkeeping (and its __del__) never
-        # races us for the status.
-        return popen.wait()
+    def reap() -> tuple[int, ResourceUsage]:
+        # wait4 for the rusage; Popen is told the status, so that its own
+        # bookkeeping (and its __del__) never waits on a pid reused since.
+        returncode, usage = reap_usage(popen.pid)
+        popen.returncode = returncode
+        return returncode, usage
 
     process = Process(
         pid=popen.pid,
@@ -508,9 +531,8 @@ def spawn_with_pty(
         os.close(master_fd)
         raise
 
-    def reap() -> int:
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status)
+    def reap() -> tuple[int, ResourceUsage]:
+        return reap_usage(pid)
 
     stream = PtyStream(master_fd)
     process = Process(

@@ -14,7 +14,13 @@ import trio
 from . import _run_process
 from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_seconds
-from ._events import EventCategory, ObserverEvent, ObserverEventKind, lifecycle_event
+from ._events import (
+    EventCategory,
+    ObserverEvent,
+    ObserverEventKind,
+    ResourceUsage,
+    lifecycle_event,
+)
 from ._grace import Grace
 from ._linux import (
     CONTAINMENTS,
@@ -22,8 +28,10 @@ from ._linux import (
     CgroupContainment,
     TreeObserver,
     choose_containment,
+    group_usage,
     stop_leftovers,
     subreaper,
+    total_usage,
 )
 from ._output import OutputLog, pump_stream
 from ._process import (
@@ -99,6 +107,8 @@ class Session:
         self._closing = False
         # The session's cgroup, when containment is by cgroup (set at open).
         self._containment: CgroupContainment | None = None
+        # What the reaped processes cost, for resources() without a cgroup.
+        self._spent = ResourceUsage()
 
     def _check_open(self) -> None:
         if self._closing:
@@ -161,6 +171,21 @@ class Session:
         commands does not accumulate them.
         """
         return tuple(self._running)
+
+    def resources(self) -> ResourceUsage:
+        """What the session's processes have cost so far.
+
+        With cgroup containment, the session's cgroup: every process it
+        ever held, descendants included. Otherwise the processes the session
+        started, reaped and running, summed (CPU) or the largest (peak RSS).
+
+        Returns:
+            A :class:`ResourceUsage`; fields the kernel does not give are
+            ``None``.
+        """
+        if self._containment is not None:
+            return group_usage(self._containment.group)
+        return total_usage([self._spent, *(p.resources() for p in self._running)])
 
     async def start_process(
         self,
@@ -308,7 +333,7 @@ class Session:
         self._tree.add_root(process.pid)
         self._groups.add(process.pid)
         if self._containment is not None:
-            self._containment.place(process.pid)
+            process._leaf = self._containment.place(process.pid)
         started = trio.Event()
         supervision = trio.CancelScope()
         self._running[process] = trio.Event()
@@ -450,6 +475,7 @@ class Session:
                         ppid=self._pid,
                         exit_code=process.returncode,
                         termination=process.termination,
+                        resources=process._usage,
                     )
                     if cancelled:
                         # Tearing down: a BLOCK consumer may be cancelled
@@ -460,6 +486,8 @@ class Session:
         finally:
             self._running.pop(process).set()
             self._reaped.add(process)
+            if process._usage is not None:
+                self._spent = total_usage([self._spent, process._usage])
 
     async def _emit_exited(self, event: ObserverEvent, started: trio.Event) -> None:
         # A BLOCK sink gets EXITED only after STARTED: if STARTED is still

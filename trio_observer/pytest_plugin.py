@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from ._expect import Pattern
-from ._linux._procfs import read_cmdline, read_stat, scan_all
+from ._linux import PROC, read_cmdline, read_stat, scan_all
 from ._process import CAPTURE, Process
 from ._session import Session, open_session
 
@@ -41,7 +41,7 @@ def _open_fds() -> dict[str, str]:
 
 def _describe(process: Process) -> str:
     """Name a session process still there at teardown: live or zombie."""
-    stat = read_stat("/proc", process.pid)
+    stat = read_stat(PROC, process.pid)
     if process.poll() is not None or (stat is not None and stat.is_dead):
         return f"zombie at teardown (exited, not reaped): {process!r}"
     return f"still running at teardown: {process!r}"
@@ -50,7 +50,7 @@ def _describe(process: Process) -> str:
 def _own_children() -> dict[int, tuple[int, int]]:
     """This process's children by pid, with their identity (a pid is reused)."""
     me = os.getpid()
-    return {pid: stat.identity for pid, stat in scan_all("/proc").items() if stat.ppid == me}
+    return {pid: stat.identity for pid, stat in scan_all(PROC).items() if stat.ppid == me}
 
 
 def _settle_children(before: dict[int, tuple[int, int]]) -> list[str]:
@@ -63,10 +63,10 @@ def _settle_children(before: dict[int, tuple[int, int]]) -> list[str]:
     for pid, identity in _own_children().items():
         if before.get(pid) == identity:
             continue
-        stat = read_stat("/proc", pid)
+        stat = read_stat(PROC, pid)
         if stat is None:
             continue
-        argv = " ".join(read_cmdline("/proc", pid) or (stat.comm,))
+        argv = " ".join(read_cmdline(PROC, pid) or (stat.comm,))
         if stat.is_dead:
             problems.append(f"zombie child (exited, not reaped): pid {pid} ({stat.comm})")
         else:

@@ -15,6 +15,7 @@ import trio
 from .._capabilities import UnsupportedCategoryError, negotiate_capabilities
 from .._checks import check_seconds
 from .._events import EventCategory, TerminationOutcome
+from .._linux import CONTAINMENTS, probe_cgroup
 from .._process import Process
 from .._pty import PtySize
 from .._session import Session, open_session
@@ -95,6 +96,16 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "window size follows yours), so interactive programs work"
         ),
     )
+    run.add_argument(
+        "--containment",
+        choices=CONTAINMENTS,
+        default="process-group",
+        help=(
+            "how the session holds CMD's tree: cgroup (nothing escapes; an error where "
+            "no cgroup can be made), auto (a cgroup where possible) or process-group "
+            "(default)"
+        ),
+    )
     _otlp.add_arguments(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
@@ -121,6 +132,11 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             except UnsupportedCategoryError as exc:
                 say(str(exc))
                 return 2
+    if args.containment == "cgroup":
+        support = probe_cgroup()
+        if not support.available:
+            say(f"--containment cgroup is not available: {support.reason}")
+            return 2
     with contextlib.ExitStack() as stack:
         writer = _EventWriter(sys.stderr.fileno(), "standard error")
         if args.events:
@@ -134,7 +150,16 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if exporter is False:
             return 2
         try:
-            return trio.run(_run, cmd, categories, writer, args.grace_period, args.pty, exporter)
+            return trio.run(
+                _run,
+                cmd,
+                categories,
+                writer,
+                args.grace_period,
+                args.pty,
+                exporter,
+                args.containment,
+            )
         finally:
             writer.summary()
 
@@ -146,13 +171,14 @@ async def _run(
     grace_period: float,
     use_pty: bool,
     exporter: _otlp.OTelExporter | None = None,
+    containment: str = "process-group",
 ) -> int:
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
     process: Process | None = None
     async with trio.open_nursery() as helpers:
         try:
-            async with open_session(grace_period=grace_period) as session:
+            async with open_session(grace_period=grace_period, containment=containment) as session:
                 await helpers.start(_write_events, session, categories, writer)
                 if exporter is not None:
                     await helpers.start(_otlp.export, exporter, session, categories)

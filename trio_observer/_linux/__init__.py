@@ -9,10 +9,20 @@ the probes behind the capability report. Nothing outside this package reads
 ``/proc`` or ``/sys``, opens netlink sockets or calls libc through ctypes.
 """
 
+from ._cgroup import Cgroup
+from ._cgroup import probe as probe_cgroup
 from ._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
-from ._connector import probe_connector
+from ._cgroup_usage import group_usage, reap_usage, running_usage, with_cgroup
+from ._cgroup_usage import total as total_usage
 from ._process_tree import PROC, is_subreaper, stop_leftovers, subreaper
-from ._procfs import net_tables_readable, others_fds_readable, unusable_reason
+from ._procfs import (
+    net_tables_readable,
+    others_fds_readable,
+    read_cmdline,
+    read_stat,
+    scan_all,
+    unusable_reason,
+)
 from ._spawn import spawn_on_pty
 from ._tree import OBSERVABLE_CATEGORIES, TreeObserver
 
@@ -20,15 +30,36 @@ __all__ = [
     "CONTAINMENTS",
     "OBSERVABLE_CATEGORIES",
     "PROC",
+    "Cgroup",
     "CgroupContainment",
     "TreeObserver",
     "choose_containment",
+    "group_usage",
     "is_subreaper",
     "net_tables_readable",
     "others_fds_readable",
+    "probe_cgroup",
     "probe_connector",
+    "read_cmdline",
+    "read_stat",
+    "reap_usage",
+    "running_usage",
+    "scan_all",
     "spawn_on_pty",
     "stop_leftovers",
     "subreaper",
+    "total_usage",
     "unusable_reason",
+    "with_cgroup",
 ]
+
+
+def probe_connector() -> str | None:
+    """Check whether the process connector can be used (``None``), or say why not.
+
+    Imported on call: a session that observes no tree never loads the
+    connector (the CLI's start-up time depends on it).
+    """
+    from ._connector import probe_connector as probe
+
+    return probe()

@@ -3,55 +3,21 @@
 A session (or the CLI) opens one with :func:`open_cgroup_containment`; it
 cleans up leftovers of crashed sessions, makes the session's cgroup and
 gives every placed process a leaf of its own (per-process accounting and
-kill). Also the reap that reports what a process cost (``wait4`` rusage),
-which works on any containment.
+kill). What a process cost is read by ``_cgroup_usage``.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import final
 
 import trio
 
 from . import _cgroup
 from ._cgroup import Cgroup, CgroupUnavailableError
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ReapedUsage:
-    """What one reaped process cost, from ``wait4``'s rusage."""
-
-    returncode: int
-    """As ``subprocess`` reports it: negative for a signal."""
-    user_seconds: float
-    """CPU seconds in user mode (the process and its reaped children)."""
-    system_seconds: float
-    """CPU seconds in the kernel."""
-    max_rss_bytes: int
-    """Peak resident set size (Linux reports kibibytes; converted)."""
-
-
-def reap_with_usage(pid: int) -> ReapedUsage:
-    """Reap ``pid`` (blocking) and return its status and rusage."""
-    _, status, usage = os.wait4(pid, 0)
-    return usage_of(status, usage)
-
-
-def usage_of(status: int, usage: resource.struct_rusage) -> ReapedUsage:
-    """Turn a ``wait4`` result into a :class:`ReapedUsage`."""
-    return ReapedUsage(
-        returncode=os.waitstatus_to_exitcode(status),
-        user_seconds=usage.ru_utime,
-        system_seconds=usage.ru_stime,
-        max_rss_bytes=usage.ru_maxrss * 1024,
-    )
 
 
 def _reap_if_ours(pidfd: int) -> None:
