@@ -148,7 +148,20 @@ def _copy_size(user_fd: int, pty: PtyStream) -> None:
         pty.resize(size)
 
 
-async def _read_user(fd: int, never_blocks: bool) -> bytes:
+async def read_user(fd: int, never_blocks: bool) -> bytes:
+    """Read what the user typed (or piped) on ``fd``, without changing its flags.
+
+    Args:
+        fd: The user's input, usually ``0``.
+        never_blocks: ``fd_never_blocks(fd)``, computed once by the caller.
+
+    Returns:
+        Up to one read's worth of bytes; ``b""`` at end of input or when the
+        user's terminal hung up.
+
+    Raises:
+        OSError: If reading ``fd`` fails otherwise.
+    """
     if never_blocks:
         await trio.lowlevel.checkpoint()
     else:
@@ -162,7 +175,7 @@ async def _read_user(fd: int, never_blocks: bool) -> bytes:
         raise
 
 
-def _never_blocks(fd: int) -> bool:
+def fd_never_blocks(fd: int) -> bool:
     """Whether epoll refuses ``fd`` because its I/O never blocks.
 
     That is regular files and devices without poll support such as
@@ -240,11 +253,11 @@ async def copy_input(user_fd: int, pty: PtyStream) -> None:
     Raises:
         OSError: If reading ``user_fd`` fails.
     """
-    never_blocks = _never_blocks(user_fd)
+    never_blocks = fd_never_blocks(user_fd)
     interactive = os.isatty(user_fd)
     try:
         while True:
-            data = await _read_user(user_fd, never_blocks)
+            data = await read_user(user_fd, never_blocks)
             if not data:
                 if not interactive:
                     await pty.send_eof()
@@ -273,7 +286,7 @@ async def copy_output(pty: PtyStream, user_fd: int) -> None:
             the reader of a pipe went away).
         trio.ClosedResourceError: If ``pty`` is closed meanwhile.
     """
-    never_blocks = _never_blocks(user_fd)
+    never_blocks = fd_never_blocks(user_fd)
     while True:
         data = await pty.receive_some()
         if not data:
@@ -283,7 +296,7 @@ async def copy_output(pty: PtyStream, user_fd: int) -> None:
 
 async def write_all(fd: int, data: bytes) -> None:
     """Write all of ``data`` to the user's ``fd`` without changing its flags."""
-    await _write_user(fd, data, _never_blocks(fd))
+    await _write_user(fd, data, fd_never_blocks(fd))
 
 
 async def _write_user(fd: int, data: bytes, never_blocks: bool) -> None:

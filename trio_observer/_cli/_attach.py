@@ -17,7 +17,7 @@ from typing import Final
 import trio
 
 from .._daemon._client import DaemonClient, RemoteStream
-from .._terminal import _never_blocks, _read_user, raw_terminal, terminal_size, write_all
+from .._terminal import fd_never_blocks, raw_terminal, read_user, terminal_size, write_all
 from ._client_cmds import _client_parser, _handler
 from ._prog import PROG
 
@@ -47,8 +47,11 @@ async def _attach(
         )
     with raw_terminal(user_in):
         async with trio.open_nursery() as nursery:
-            if stream.result["writer"]:
-                nursery.start_soon(_keys, client, args, user_in, nursery.cancel_scope)
+            writer = bool(stream.result["writer"])
+            # A watcher reads its keys too, for the detach key; only the
+            # writer's reach the process.
+            nursery.start_soon(_keys, client, args, user_in, writer, nursery.cancel_scope)
+            if writer:
                 nursery.start_soon(_resizes, client, args, user_in)
             await _screen(stream, user_out)
             nursery.cancel_scope.cancel()
@@ -63,12 +66,16 @@ async def _screen(stream: RemoteStream, user_out: int) -> None:
 
 
 async def _keys(
-    client: DaemonClient, args: argparse.Namespace, user_in: int, scope: trio.CancelScope
+    client: DaemonClient,
+    args: argparse.Namespace,
+    user_in: int,
+    writer: bool,
+    scope: trio.CancelScope,
 ) -> None:
-    never_blocks = _never_blocks(user_in)
-    while data := await _read_user(user_in, never_blocks):
+    never_blocks = fd_never_blocks(user_in)
+    while data := await read_user(user_in, never_blocks):
         head, detach, _ = data.partition(DETACH_KEY)
-        if head:
+        if head and writer:
             await client.send_input(args.name, head, session=args.session)
         if detach:
             scope.cancel()

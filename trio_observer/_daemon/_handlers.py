@@ -396,6 +396,11 @@ async def _resume(connection: Connection, params: dict[str, Any], reply: Reply, 
     await _pump(connection, remote, rid, reply, from_seq)
 
 
+# Frames per send_all while streaming a subscription: large enough to
+# amortise the syscall, small enough to keep one write's memory bounded.
+_BATCH: Final = 64
+
+
 async def _pump(
     connection: Connection, remote: RemoteSubscription, rid: int, reply: Reply, from_seq: int
 ) -> None:
@@ -405,10 +410,14 @@ async def _pump(
     await remote.take_over(connection)
     try:
         await reply(remote.status())
-        for frame in remote.replay(from_seq):
-            await connection.send({**frame, "id": rid})
+        replayed = [{**frame, "id": rid} for frame in remote.replay(from_seq)]
+        for start in range(0, len(replayed), _BATCH):
+            await connection.send_many(replayed[start : start + _BATCH])
         while (live := await remote.next_frame()) is not None:
-            await connection.send({**live, "id": rid})
+            # Whatever else the sink holds goes out in the same send_all:
+            # one syscall and one lock round per batch, not per event.
+            batch = [live, *remote.ready_frames(_BATCH - 1)]
+            await connection.send_many([{**frame, "id": rid} for frame in batch])
         await connection.send({"type": "end", "id": rid, "status": remote.status()})
     finally:
         remote.release(connection)

@@ -48,7 +48,15 @@ class Connection:
             write was interrupted half-way (the stream is then out of step
             and was closed).
         """
-        data = _protocol.encode(message)
+        await self.send_many([message])
+
+    async def send_many(self, messages: list[dict[str, Any]]) -> None:
+        """Write several frames with one ``send_all`` (a stream's batch).
+
+        Raises:
+          trio.BrokenResourceError: as :meth:`send`.
+        """
+        data = b"".join(map(_protocol.encode, messages))
         async with self._lock:
             if self.closed:
                 raise trio.BrokenResourceError("the client's connection is closed")

@@ -251,6 +251,25 @@ class RemoteSubscription:
         except trio.EndOfChannel:
             self.ended = True
             return None
+        return self._frame(item)
+
+    def ready_frames(self, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` frames the sink already holds, without waiting.
+
+        The end of the stream is left for :meth:`next_frame` to report.
+        """
+        subscription = self.subscription
+        assert subscription is not None
+        frames: list[dict[str, Any]] = []
+        while len(frames) < limit:
+            try:
+                item = subscription.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            frames.append(self._frame(item))
+        return frames
+
+    def _frame(self, item: ObserverEvent | MissedEvents) -> dict[str, Any]:
         frame: dict[str, Any]
         if isinstance(item, MissedEvents):
             self.next_seq += item.count
