@@ -9,6 +9,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -527,3 +528,25 @@ def test_cli_autostarts_a_daemon_that_outlives_it(tmp_path: Path) -> None:
         assert readable, "the daemon did not exit after daemon stop"
     finally:
         os.close(pidfd)
+
+
+async def test_a_connection_reset_by_its_client_leaves_the_daemon_serving(
+    daemon: DaemonProcess,
+) -> None:
+    # Found in the attach tests: a client whose socket was reset (closed
+    # with unread data, or killed) made receive_some raise inside the
+    # connection's nursery, and the error took the whole daemon down.
+    with trio.fail_after(60):
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(daemon.path))
+            sock.sendall(encode(hello()))
+            # Closing with the daemon's hello unread makes the kernel send
+            # a reset instead of an orderly end.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # Wait for the daemon's answer, so that there is unread data.
+            await trio.lowlevel.wait_readable(sock)
+            sock.close()
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.create_session("default")
+        assert daemon.process.poll() is None

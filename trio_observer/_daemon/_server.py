@@ -170,7 +170,10 @@ class Daemon:
                 )
                 return
             await _run_connection(connection, handle)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client went away, perhaps while one of its requests was
+            # answering (that error comes out of the requests' nursery):
+            # only this connection ends, never the daemon.
             pass
         finally:
             connection.close()
@@ -182,7 +185,12 @@ async def _run_connection(connection: Connection, handle: Any) -> None:
     async with trio.open_nursery() as requests:
         try:
             while True:
-                data = await connection.stream.receive_some(65536)
+                try:
+                    data = await connection.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    # Reset by the peer (a client killed mid-request): the
+                    # same as an orderly end of the connection.
+                    break
                 if not data:
                     break
                 for message in decoder.iter_feed(data):
