@@ -113,9 +113,12 @@ async def test_exited_carries_rusage_and_leaf_figures_with_a_cgroup() -> None:
     assert usage.cgroup_user_seconds is not None
     assert usage.cgroup_system_seconds is not None
     assert usage.cgroup_user_seconds + usage.cgroup_system_seconds >= 0.3
-    # The session's cgroup holds every process it ever had.
+    # The session's cgroup holds every process it ever had. The kernel adds
+    # a leaf's time into its parent lazily (rstat), so the parent read just
+    # after the leaf may trail it by a fraction of a tick (seen: 0.29838 vs
+    # 0.298583 s); 10 ms is well under one process's share.
     assert whole.cgroup_user_seconds is not None
-    assert whole.cgroup_user_seconds >= usage.cgroup_user_seconds
+    assert whole.cgroup_user_seconds >= usage.cgroup_user_seconds - 0.01
     # Peaks need their controllers; this machine offers only what it offers.
     if "memory" not in SUPPORT.controllers:
         assert usage.memory_peak_bytes is None
