@@ -112,3 +112,21 @@ async def observing(observer: TreeObserver) -> AsyncIterator[None]:
 
 async def settle() -> None:
     await trio.testing.wait_all_tasks_blocked()
+
+
+def fake_tree_observer(
+    proc_root: str, collector: Collector, *categories: EventCategory, root: int = 100
+) -> TreeObserver:
+    """A polling observer of ``categories`` over a fake ``/proc``, rooted at ``root``.
+
+    The interval is 1 s on the trio clock: tests drive scans with
+    ``mock_clock.jump(1.0)``.
+    """
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=frozenset(categories),
+        proc_root=proc_root,
+        poll_interval=1.0,
+    )
+    observer.add_root(root)
+    return observer

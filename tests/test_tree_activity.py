@@ -12,11 +12,17 @@ import trio
 import trio.testing
 
 from tests._fakeproc import FakeProc, set_schedstat
-from tests._tree_helpers import PROCESS, Collector, K, child, observing, settle
+from tests._tree_helpers import (
+    Collector,
+    K,
+    child,
+    fake_tree_observer,
+    observing,
+    settle,
+)
 from trio_observer._events import EventCategory
 from trio_observer._linux import _activity
 from trio_observer._linux._activity import VERIFY_EVERY, ActivityWatch
-from trio_observer._linux._tree import TreeObserver
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -106,13 +112,7 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
         set_schedstat(fake, pid, 1000, 1)
     fake.set_fd(101, 3, "/data/a")
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit,
-        categories=frozenset({EventCategory.FILE}),
-        proc_root=fake.path,
-        poll_interval=1.0,
-    )
-    observer.add_root(100)
+    observer = fake_tree_observer(fake.path, collector, EventCategory.FILE)
 
     async with observing(observer):
         await settle()
@@ -158,10 +158,7 @@ async def test_fake_zombie_of_a_quiet_parent_is_reported_once(
         fake.add(101, 100)
         set_schedstat(fake, 101, 1000, 1)
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
-    )
-    observer.add_root(100)
+    observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
     async with observing(observer):
         await settle()
         mock_clock.jump(1.0)

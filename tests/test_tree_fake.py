@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from tests._fakeproc import TCP_HEADER, FakeProc, inet_hex, tcp_line
-from tests._tree_helpers import PROCESS, Collector, K, observing, settle
+from tests._tree_helpers import PROCESS, Collector, K, fake_tree_observer, observing, settle
 from trio_observer._events import EventCategory, ObserverEvent
 from trio_observer._linux._tree import TreeObserver
 
@@ -25,10 +25,7 @@ async def test_pid_reuse_is_an_exit_and_a_start(
     fake.add(100, 1, starttime=10)
     fake.add(101, 100, starttime=20)
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
-    )
-    observer.add_root(100)
+    observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
     async with observing(observer):
         await settle()
         assert collector.kinds(101) == [K.DESCENDANT_STARTED]
@@ -59,10 +56,7 @@ async def test_reparented_descendants_stay_in_the_tree(
     fake.add(102, 101)
     fake.add(200, 1)  # not ours
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
-    )
-    observer.add_root(100)
+    observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
     async with observing(observer):
         await settle()
         assert observer.known_descendants() == {101, 102}
@@ -96,10 +90,7 @@ async def test_zombies_report_their_exit_status_once(
     fake.add(100, 1)
     fake.add(101, 100)
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit, categories=PROCESS, proc_root=fake.path, poll_interval=1.0
-    )
-    observer.add_root(100)
+    observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
     async with observing(observer):
         await settle()
         fake.add(101, 100, state="Z", exit_status=3 << 8)
@@ -240,13 +231,7 @@ async def test_fake_files_open_reopen_close_and_exit(
     fake.set_fd(101, 4, "anon_inode:[eventfd]")
     fake.set_fd(101, 5, "socket:[99]")
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit,
-        categories=frozenset({EventCategory.FILE}),
-        proc_root=fake.path,
-        poll_interval=1.0,
-    )
-    observer.add_root(100)
+    observer = fake_tree_observer(fake.path, collector, EventCategory.FILE)
 
     async with observing(observer):
         await settle()
@@ -288,13 +273,7 @@ async def test_fake_sockets_are_joined_with_the_net_tables(
         + tcp_line(2, inet_hex("::", 0), inet_hex("::", 0), 0x07, 503),
     )
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit,
-        categories=frozenset({EventCategory.NETWORK}),
-        proc_root=fake.path,
-        poll_interval=1.0,
-    )
-    observer.add_root(100)
+    observer = fake_tree_observer(fake.path, collector, EventCategory.NETWORK)
     async with observing(observer):
         await settle()
         assert [
