@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -175,41 +174,6 @@ async def test_place_moves_children_forked_before(session_group: Cgroup) -> None
     with trio.fail_after(30):
         await session_group.wait_empty()
     child.wait()
-
-
-@needs_cgroup
-async def test_stop_kills_sigterm_ignoring_tree_after_grace(session_group: Cgroup) -> None:
-    code = (
-        "import os, signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "for _ in range(3):\n"
-        "    if os.fork() == 0:\n"
-        "        os.setsid()\n"
-        "        time.sleep(60)\n"
-        "        os._exit(0)\n"
-        "print('up', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    child = _spawn(code, stdout=subprocess.PIPE)
-    session_group.leaf("p").place(child.pid)
-    assert child.stdout is not None
-    assert child.stdout.readline() == b"up\n"
-    assert len(session_group.members()) >= 2
-    with trio.fail_after(30):
-        await _cgroup.stop(session_group, grace=0.2)
-    assert session_group.members() == []
-    assert child.wait() == -signal.SIGKILL
-
-
-@needs_cgroup
-async def test_stop_lets_a_polite_tree_exit_on_sigterm(session_group: Cgroup) -> None:
-    child = _spawn("import time; print('up', flush=True); time.sleep(60)", stdout=subprocess.PIPE)
-    session_group.leaf("p").place(child.pid)
-    assert child.stdout is not None
-    child.stdout.readline()
-    with trio.fail_after(30):
-        await _cgroup.stop(session_group, grace=30)
-    assert child.wait() == -signal.SIGTERM
 
 
 @needs_cgroup

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +98,35 @@ def test_cli_containment_cgroup_stops_an_env_i_setsid_escape(tmp_path: Path) -> 
     escaped = int(pid_file.read_text())
     stat = read_stat("/proc", escaped)
     assert stat is None or stat.state in ("Z", "X"), "the escaped grandchild survived the run"
+
+
+# The same grandchild ignoring SIGTERM: only cgroup.kill stops it.
+STUBBORN_ESCAPE = (
+    "import subprocess, sys, time\n"
+    "code = ('import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); '\n"
+    "        'open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)')\n"
+    "subprocess.Popen(['env', '-i', 'setsid', sys.executable, '-c', code, sys.argv[1]])\n"
+    "while True:\n"
+    "    try:\n"
+    "        if open(sys.argv[1]).read(): break\n"
+    "    except FileNotFoundError: pass\n"
+    "    time.sleep(0.01)\n"
+)
+
+
+@needs_cgroup
+def test_cli_reports_the_exit_of_a_grandchild_the_cgroup_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    result = _cli(
+        *("--containment", "cgroup", "--category", "process", "--grace-period", "0.5"),
+        *("--", sys.executable, "-c", STUBBORN_ESCAPE, str(pid_file)),
+    )
+    assert result.returncode == 0, result.stderr
+    escaped = int(pid_file.read_text())
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    exits = [e["exit_code"] for e in events if e["kind"] == "descendant-exited"]
+    mine = [e for e in events if e["kind"] == "descendant-exited" and e["pid"] == escaped]
+    assert [e["exit_code"] for e in mine] == [-signal.SIGKILL], exits
 
 
 def test_cli_containment_cgroup_refused_in_one_line_where_unavailable(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+from trio_observer._grace import Grace
 from trio_observer._linux import _cgroup
 from trio_observer._linux._cgroup_containment import (
     CgroupContainment,
@@ -35,6 +37,10 @@ ESCAPERS = (
 
 def _popen(code: str, *args: str, stdout: int | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=stdout)
+
+
+def _true() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["true"])
 
 
 def _running(pid: int) -> bool:
@@ -130,3 +136,114 @@ def test_rusage_reports_a_signal_as_negative() -> None:
     os.kill(child.pid, signal.SIGKILL)
     child.returncode, _ = reap_usage(child.pid)
     assert child.returncode == -signal.SIGKILL
+
+
+# A root that ignores SIGTERM, with children in sessions of their own that
+# ignore it too: only the kill after the grace period stops them.
+STUBBORN_TREE = (
+    "import os, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "for _ in range(3):\n"
+    "    if os.fork() == 0:\n"
+    "        os.setsid()\n"
+    "        time.sleep(60)\n"
+    "        os._exit(0)\n"
+    "print('up', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def _started(code: str) -> subprocess.Popen[bytes]:
+    child = _popen(code, stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"up\n"
+    child.stdout.close()
+    return child
+
+
+@needs_cgroup
+async def test_stop_kills_a_sigterm_ignoring_tree_after_the_grace() -> None:
+    async with open_cgroup_containment("5706") as containment:
+        child = _popen(STUBBORN_TREE, stdout=subprocess.PIPE)
+        containment.place(child.pid)
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"up\n"
+        child.stdout.close()
+        members = containment.members()
+        assert len(members) == 4
+        exit_codes: dict[int, int] = {}
+        with trio.fail_after(30):
+            await containment.stop(0.2, exit_codes)
+        assert containment.members() == []
+        assert not any(_running(pid) for pid in members)
+        # The root is this process's child: reaped by the stop, its code kept.
+        assert exit_codes == {child.pid: -signal.SIGKILL}
+        child.returncode = exit_codes[child.pid]
+
+
+@needs_cgroup
+async def test_stop_lets_a_polite_process_exit_on_sigterm() -> None:
+    async with open_cgroup_containment("9017e") as containment:
+        child = _started("import time; print('up', flush=True); time.sleep(60)")
+        containment.place(child.pid)
+        exit_codes: dict[int, int] = {}
+        with trio.fail_after(30):
+            await containment.stop(30, exit_codes)
+        assert exit_codes == {child.pid: -signal.SIGTERM}
+        child.returncode = exit_codes[child.pid]
+
+
+@needs_cgroup
+async def test_a_hurried_grace_ends_the_stop_with_the_kill_at_once() -> None:
+    # The session's Grace: a Ctrl-C during the teardown hurries it, and the
+    # cgroup's stop must not wait out its own copy of the seconds.
+    async with open_cgroup_containment("60a") as containment:
+        child = _started(
+            "import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('up', flush=True); time.sleep(600)\n"
+        )
+        containment.place(child.pid)
+        grace = Grace(600)
+        exit_codes: dict[int, int] = {}
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(containment.stop, grace, exit_codes)
+                # Blocked: the stop is waiting out the grace period.
+                await trio.testing.wait_all_tasks_blocked()
+                assert containment.populated()
+                grace.hurry()
+        assert exit_codes == {child.pid: -signal.SIGKILL}
+        child.returncode = exit_codes[child.pid]
+
+
+@needs_cgroup
+async def test_leaves_of_reaped_processes_are_removed_in_batches() -> None:
+    async with open_cgroup_containment("ba7c4") as containment:
+        names: list[str] = []
+        for _ in range(70):
+            child = _true()
+            leaf = containment.place(child.pid)
+            names.append(leaf.path.name)
+            child.wait()
+            containment.release(child.pid)
+        left = {p.name for p in containment.group.path.iterdir() if p.is_dir()}
+        # The first batch went when it was full; the rest waits for close.
+        assert left == set(names[64:])
+        path = containment.group.path
+    assert not path.exists()
+
+
+@needs_cgroup
+async def test_a_reused_pid_gets_a_leaf_of_its_own() -> None:
+    async with open_cgroup_containment("d1d") as containment:
+        first = _started("import time; print('up', flush=True); time.sleep(60)")
+        leaf = containment.place(first.pid)
+        containment.release(first.pid)
+        # The same pid again while the old leaf (still holding its process)
+        # is there: a pid reused before the batch removal.
+        again = containment.place(first.pid)
+        assert again.path != leaf.path
+        assert again.members() == [first.pid]
+        first.kill()
+        first.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 import trio
 
 import trio_observer
-from trio_observer._linux import _cgroup
+from trio_observer import EventCategory, ObserverEventKind
+from trio_observer._linux import _cgroup, _connector
+from trio_observer._linux._connector import ConnectorUnavailableError
 from trio_observer._linux._procfs import read_stat
 
 SUPPORT = _cgroup.probe()
@@ -31,6 +34,17 @@ ESCAPE = (
 def _running(pid: int) -> bool:
     stat = read_stat("/proc", pid)
     return stat is not None and stat.state not in ("Z", "X")
+
+
+def _kill_and_reap(pids: list[int]) -> None:
+    # Orphans of the session's tree were re-parented to this process (the
+    # session's child subreaper): reaped here, or they stay zombies.
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # reaped by init: the orphan left before the session
 
 
 def _our_session_cgroups() -> list[Path]:
@@ -74,13 +88,268 @@ async def test_process_group_containment_misses_the_escape(tmp_path: Path) -> No
     try:
         assert _running(escaped)
     finally:
-        os.kill(escaped, signal.SIGKILL)
+        _kill_and_reap([escaped])
 
 
 @needs_cgroup
-async def test_session_cgroup_removed_after_failure() -> None:
-    with pytest.RaisesGroup(KeyError):
-        async with trio_observer.open_session(containment="cgroup") as session:
-            await session.start_process([sys.executable, "-c", "import time; time.sleep(60)"])
-            raise KeyError("boom")
+@pytest.mark.parametrize("outcome", ["success", "failure", "cancellation"])
+async def test_session_cgroup_removed_after(outcome: str) -> None:
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with trio.fail_after(60), trio.CancelScope() as scope:
+        try:
+            async with trio_observer.open_session(containment="cgroup", grace_period=10) as session:
+                process = await session.start_process(sleeper)
+                assert _our_session_cgroups() != []
+                if outcome == "success":
+                    process.kill()
+                elif outcome == "failure":
+                    raise KeyError("boom")
+                else:
+                    scope.cancel()
+                    await trio.sleep_forever()
+        except* KeyError:
+            assert outcome == "failure"
     assert _our_session_cgroups() == []
+    assert not _running(process.pid)
+
+
+# 100 `env -i setsid` grandchildren (own group, own session, no marker),
+# their pids written to a file, and the root exits.
+ESCAPERS = (
+    "import subprocess, sys\n"
+    "pids = [subprocess.Popen(['env', '-i', 'setsid', 'sleep', '60']).pid for _ in range(100)]\n"
+    "open(sys.argv[1], 'w').write(' '.join(map(str, pids)))\n"
+)
+
+
+async def _hundred_escapers(pid_file: Path, **options: object) -> list[int]:
+    async with trio_observer.open_session(grace_period=10, **options) as session:  # type: ignore[arg-type]
+        process = await session.start_process([sys.executable, "-c", ESCAPERS, str(pid_file)])
+        with trio.fail_after(60):
+            assert await process.wait() == 0
+        pids = [int(p) for p in pid_file.read_text().split()]  # noqa: ASYNC240 (a tmp file)
+        assert len(pids) == 100
+    return pids
+
+
+@needs_cgroup
+async def test_hundred_env_i_setsid_escapes_caught_by_the_cgroup(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        pids = await _hundred_escapers(tmp_path / "pids", containment="cgroup")
+    assert [pid for pid in pids if _running(pid)] == []
+
+
+async def test_hundred_env_i_setsid_escapes_with_process_groups(tmp_path: Path) -> None:
+    # The documented escape: without tracking nothing knows them, so all
+    # survive the session; the test cleans up after it.
+    with trio.fail_after(120):
+        pids = await _hundred_escapers(tmp_path / "pids", containment="process-group")
+    survivors = [pid for pid in pids if _running(pid)]
+    _kill_and_reap(survivors)
+    assert len(survivors) == 100
+
+
+async def test_tracking_catches_the_escapes_the_connector_sees(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN; polling misses some")
+    with trio.fail_after(120):
+        pids = await _hundred_escapers(
+            tmp_path / "pids", containment="process-group", track_descendants=True
+        )
+    survivors = [pid for pid in pids if _running(pid)]
+    _kill_and_reap(survivors)
+    assert survivors == []
+
+
+# The classic daemon: fork, setsid, fork again, the middle one exits, the
+# environment cleared by execve; the grandchild writes its pid.
+DOUBLE_FORK = (
+    "import os, sys, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+    "        os.execve(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)'], {})\n"
+    "    os._exit(0)\n"
+    "os.wait()\n"
+    "while not os.path.exists(sys.argv[1]) or not open(sys.argv[1]).read(): time.sleep(0.01)\n"
+)
+
+
+@needs_cgroup
+async def test_a_double_forked_daemon_is_stopped(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    with trio.fail_after(60):
+        async with trio_observer.open_session(containment="cgroup", grace_period=10) as session:
+            process = await session.start_process(
+                [sys.executable, "-c", DOUBLE_FORK, str(pid_file)]
+            )
+            assert await process.wait() == 0
+            daemon = int(pid_file.read_text())
+            stat = read_stat("/proc", daemon)
+            assert stat is not None
+            assert stat.sid != process.pid
+            assert stat.pgid != process.pid
+    assert not _running(daemon)
+
+
+# An `env -i setsid` grandchild that ignores SIGTERM: only cgroup.kill after
+# the grace period stops it. It writes its pid once SIGTERM is ignored.
+STUBBORN_ESCAPE = (
+    "import subprocess, sys, time\n"
+    "code = ('import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); '\n"
+    "        'open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)')\n"
+    "subprocess.Popen(['env', '-i', 'setsid', sys.executable, '-c', code, sys.argv[1]])\n"
+    "while True:\n"
+    "    try:\n"
+    "        if open(sys.argv[1]).read(): break\n"
+    "    except FileNotFoundError: pass\n"
+    "    time.sleep(0.01)\n"
+)
+
+
+@needs_cgroup
+@pytest.mark.parametrize("backend", ["connector", "poll"])
+async def test_the_cgroup_stop_reports_the_grandchild_it_killed(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend == "connector" and os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    if backend == "poll":
+
+        def refuse() -> None:
+            raise ConnectorUnavailableError("refused by the test: polling")
+
+        monkeypatch.setattr(_connector, "open_connector_socket", refuse)
+    pid_file = tmp_path / "pid"
+    events: list[trio_observer.ObserverEvent] = []
+
+    async def consume(
+        session: trio_observer.Session, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with session.observers.subscribe(
+            [EventCategory.PROCESS],
+            capacity=4096,
+            backpressure=trio_observer.ObserverBackpressure.BLOCK,
+        ) as subscription:
+            task_status.started()
+            async for event in subscription:
+                assert isinstance(event, trio_observer.ObserverEvent)
+                events.append(event)
+
+    with trio.fail_after(60):
+        async with (
+            trio.open_nursery() as outer,
+            trio_observer.open_session(containment="cgroup", grace_period=0.5) as session,
+        ):
+            await outer.start(consume, session)
+            process = await session.start_process(
+                [sys.executable, "-c", STUBBORN_ESCAPE, str(pid_file)]
+            )
+            assert await process.wait() == 0
+            escaped = int(pid_file.read_text())
+    assert not _running(escaped)
+    exits = [
+        e.exit_code
+        for e in events
+        if e.kind is ObserverEventKind.DESCENDANT_EXITED and e.pid == escaped
+    ]
+    assert exits == [-signal.SIGKILL]
+
+
+# A session whose root leaves a SIGTERM-ignoring `env -i setsid` grandchild
+# and exits: the teardown's cgroup stop waits out a long grace period, and
+# Ctrl-C pressed then must end it with cgroup.kill at once.
+_CTRL_C_DURING_CGROUP_GRACE = f"""
+import os, signal, sys
+import trio, trio.testing
+from trio_observer import open_session
+
+STUBBORN_ESCAPE = {STUBBORN_ESCAPE!r}
+
+@trio.lowlevel.enable_ki_protection
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+
+async def press():
+    # Every task blocked: the teardown is waiting out the grace period.
+    await trio.testing.wait_all_tasks_blocked()
+    ctrl_c()
+
+async def main():
+    async with trio.open_nursery() as outer:
+        async with open_session(containment="cgroup", grace_period=120) as session:
+            root = await session.start_process([sys.executable, "-c", STUBBORN_ESCAPE, sys.argv[1]])
+            assert await root.wait() == 0
+            outer.start_soon(press)
+
+try:
+    trio.run(main)
+except* KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@needs_cgroup
+def test_ctrl_c_during_the_cgroup_grace_kills_at_once(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _CTRL_C_DURING_CGROUP_GRACE, str(pid_file)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            # Half the grace period: only a stop that Ctrl-C cut short ends
+            # in time.
+            timeout=60,
+        )
+    finally:
+        escaped = int(pid_file.read_text()) if pid_file.exists() else None
+        if escaped is not None and _running(escaped):
+            os.kill(escaped, signal.SIGKILL)
+    assert result.stdout.decode().split() == ["interrupted"], result.stderr.decode()
+    assert escaped is not None
+    assert not _running(escaped)
+
+
+# A program that opens a session with a cgroup, starts a sleeper in it,
+# says where both are, and waits to be SIGKILLed (no teardown runs).
+_CRASHING_OWNER = """
+import sys, trio, trio_observer
+
+async def main():
+    async with trio_observer.open_session(containment="cgroup") as session:
+        p = await session.start_process([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(p.pid, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+def _popen_owner() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", _CRASHING_OWNER], stdout=subprocess.PIPE)
+
+
+@needs_cgroup
+async def test_a_crashed_sessions_cgroup_is_cleaned_up_by_the_next_session() -> None:
+    assert SUPPORT.parent is not None
+    owner = _popen_owner()
+    assert owner.stdout is not None
+    with trio.fail_after(60):
+        line = await trio.to_thread.run_sync(owner.stdout.readline)
+    owner.stdout.close()
+    sleeper = int(line)
+    # The sleeper's leaf, from the kernel: <parent>/<session cgroup>/p<pid>.
+    own = _cgroup.own_cgroup(Path(f"/proc/{sleeper}/cgroup").read_text())  # noqa: ASYNC240
+    assert own is not None
+    path = SUPPORT.parent / Path(own).parent.name
+    assert path.name.startswith(_cgroup.NAME_PREFIX)
+    owner.kill()
+    owner.wait()
+    # Its sleeper outlived it, still in the crashed session's cgroup.
+    assert _running(sleeper)
+    assert path.exists()
+    with trio.fail_after(60):
+        async with trio_observer.open_session(containment="cgroup"):
+            assert not path.exists()
+    assert not _running(sleeper)

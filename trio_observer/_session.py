@@ -484,6 +484,8 @@ class Session:
                     else:
                         await self._emit_exited(event, started)
         finally:
+            if self._containment is not None and process.returncode is not None:
+                self._containment.release(process.pid)
             self._running.pop(process).set()
             self._reaped.add(process)
             if process._usage is not None:
@@ -516,10 +518,11 @@ class Session:
         with trio.move_on_after(self._drain_patience()):
             await self._tree.settle(exit_codes=exit_codes)
         if self._containment is not None:
-            # First line: the cgroup holds every descendant, whatever it did
-            # to its group or environment; the group/marker sweep below is
-            # the second.
-            await self._containment.stop(self._grace.seconds)
+            # First line: the cgroup's own list of members holds every
+            # descendant, whatever it did to its group or environment. The
+            # group/marker sweep below is the second line, for what could
+            # fork out in the placement window (docs/containment.md).
+            await self._containment.stop(self._grace, exit_codes)
         await stop_leftovers(
             groups=self._groups,
             known=self._tree.known_descendants(),

@@ -141,6 +141,58 @@ def _owner_start_time(pid: int) -> int:
     return stat.starttime if stat is not None else 0
 
 
+def read_file(path: str, *, dir_fd: int | None = None) -> str | None:
+    """A kernfs file's content, ``None`` if it does not exist.
+
+    ``os.open`` and ``os.read`` rather than ``pathlib``: on the reap path
+    of every process the text layer costs more than the kernel's read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, value: str, *, dir_fd: int | None = None) -> None:
+    """Write ``value`` to a kernfs file in one ``write`` (the kernel wants one)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def move_tree(procs_fd: int, pid: int) -> list[int]:
+    """Move ``pid`` and the children it already has through ``procs_fd``.
+
+    ``procs_fd`` is an open ``cgroup.procs``. Once a process is inside,
+    everything it forks is born inside, so walking the children after the
+    move catches the ones forked before it. Returns the pids moved.
+    """
+    moved: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            os.write(procs_fd, b"%d" % current)
+        except ProcessLookupError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                continue
+            raise
+        moved.append(current)
+        todo.extend(read_children("/proc", current) or ())
+    return moved
+
+
 @final
 class Cgroup:
     """One cgroup v2 directory: place processes, stop them, read their cost."""
@@ -171,15 +223,11 @@ class Cgroup:
         return Cgroup(path)
 
     def _write(self, name: str, value: str) -> None:
-        with open(self.path / name, "w") as f:
-            f.write(value)
+        write_file(f"{self.path}/{name}", value)
 
     def read(self, name: str) -> str | None:
         """A control file's content, ``None`` if it does not exist."""
-        try:
-            return (self.path / name).read_text()
-        except FileNotFoundError:
-            return None
+        return read_file(f"{self.path}/{name}")
 
     def place(self, pid: int) -> list[int]:
         """Move ``pid`` and the children it already has into this cgroup.
@@ -188,21 +236,11 @@ class Cgroup:
         walking the children after the move catches the ones forked before
         it. Returns the pids moved.
         """
-        moved: list[int] = []
-        todo = [pid]
-        while todo:
-            current = todo.pop()
-            try:
-                self._write("cgroup.procs", str(current))
-            except ProcessLookupError:
-                continue
-            except OSError as exc:
-                if exc.errno == errno.ESRCH:
-                    continue
-                raise
-            moved.append(current)
-            todo.extend(read_children("/proc", current) or ())
-        return moved
+        fd = os.open(f"{self.path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            return move_tree(fd, pid)
+        finally:
+            os.close(fd)
 
     def cgroups(self) -> list[Cgroup]:
         """This cgroup and all below it, deepest first (the order to remove)."""
@@ -407,23 +445,3 @@ async def clean_leftovers(parent: Path) -> list[Path]:
             continue
         removed.append(group.path)
     return removed
-
-
-async def stop(group: Cgroup, grace: float) -> None:
-    """Stop every member: freeze, SIGTERM all, thaw, grace, ``cgroup.kill``, wait.
-
-    Freezing first means no member forks between the listing and the
-    signal; the grace period runs on the trio clock.
-    """
-    if not group.populated():
-        return
-    group.freeze()
-    try:
-        group.signal_all(signal.SIGTERM)
-    finally:
-        group.thaw()
-    with trio.move_on_after(grace):
-        await group.wait_empty()
-        return
-    group.kill()
-    await group.wait_empty()

@@ -1,13 +1,14 @@
 """The cgroup containment strategy a session holds: place, stop, members, close.
 
-A session (or the CLI) opens one with :func:`open_cgroup_containment`; it
-cleans up leftovers of crashed sessions, makes the session's cgroup and
-gives every placed process a leaf of its own (per-process accounting and
-kill). What a process cost is read by ``_cgroup_usage``.
+A session (or the CLI) opens one with :func:`choose_containment`; it cleans
+up leftovers of crashed sessions, makes the session's cgroup and gives
+every placed process a leaf of its own (per-process accounting and kill).
+What a process cost is read by ``_cgroup_usage``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -16,15 +17,24 @@ from typing import final
 
 import trio
 
+from .._grace import Grace, terminate_then_kill
 from . import _cgroup
 from ._cgroup import Cgroup, CgroupUnavailableError
 
+_BATCH = 64
+"""Leaves of reaped processes removed together (see ``release``)."""
 
-def _reap_if_ours(pidfd: int) -> None:
+
+def _reap_if_ours(pid: int, pidfd: int, exit_codes: dict[int, int] | None) -> None:
     try:
-        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
     except ChildProcessError:
-        pass  # not ours, or reaped already by its owner
+        return  # not ours, or reaped already by its owner
+    if result is None or exit_codes is None:
+        return
+    # Killed or dumped: -signal, as subprocess and the rest of the session say.
+    code = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
+    exit_codes[pid] = code
 
 
 @final
@@ -33,8 +43,12 @@ class CgroupContainment:
 
     def __init__(self, group: Cgroup) -> None:
         self.group = group
+        # Leaves are made and filled relative to the session's directory:
+        # one path lookup fewer per file on the spawn path.
+        self._dir_fd: int | None = os.open(group.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._leaves: dict[int, Cgroup] = {}
-        self._closed = False
+        self._released: list[str] = []
+        self._placed = 0
 
     def place(self, pid: int) -> Cgroup:
         """Move ``pid`` (and any child it already has) into a leaf of its own.
@@ -42,51 +56,121 @@ class CgroupContainment:
         Called right after the vfork-based spawn returns: the window in which
         the child could fork outside is the time between ``execve`` and this
         write, before the program's own start-up has run.
+
+        Raises:
+            trio.ClosedResourceError: The containment was closed.
         """
-        leaf = self.group.leaf(f"p{pid}")
-        leaf.place(pid)
-        self._leaves[pid] = leaf
+        dir_fd = self._open_dir()
+        self._placed += 1
+        name = f"p{pid}"
+        try:
+            os.mkdir(name, dir_fd=dir_fd)
+        except FileExistsError:
+            # An earlier process with this pid left its leaf (not removed
+            # yet, or a descendant of it is still inside): never share one.
+            name = f"p{pid}.{self._placed}"
+            os.mkdir(name, dir_fd=dir_fd)
+        fd = os.open(f"{name}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            _cgroup.move_tree(fd, pid)
+        finally:
+            os.close(fd)
+        leaf = self._leaves[pid] = Cgroup(self.group.path / name)
+        # After the move, while the child is still starting up: removing the
+        # leaves of processes reaped earlier overlaps with its exec.
+        if len(self._released) >= _BATCH:
+            self._remove_released()
         return leaf
 
+    def _open_dir(self) -> int:
+        if self._dir_fd is None:
+            raise trio.ClosedResourceError("this session's cgroup has been removed")
+        return self._dir_fd
+
     def leaf_of(self, pid: int) -> Cgroup | None:
-        """The leaf a placed process lives in."""
+        """The leaf a placed process lives in (until it is released)."""
         return self._leaves.get(pid)
 
+    def release(self, pid: int) -> None:
+        """Forget the leaf of a reaped process; it is removed in a later batch.
+
+        Not at once: an ``rmdir`` per process on its reap would be in the
+        way of the ``EXITED`` event. The leaves are removed together, after
+        the next placements, and the rest when the session closes. A leaf
+        that still holds a descendant stays until then.
+        """
+        leaf = self._leaves.pop(pid, None)
+        if leaf is not None:
+            self._released.append(leaf.path.name)
+
+    def _remove_released(self) -> None:
+        dir_fd = self._open_dir()
+        kept: list[str] = []
+        for name in self._released:
+            try:
+                os.rmdir(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                kept.append(name)  # a descendant is still inside
+        self._released = kept
+
     def members(self) -> list[int]:
-        """Every living process of the session, from ``cgroup.procs``."""
+        """Every living process of the session, from ``cgroup.procs``.
+
+        One read per leaf, no ``/proc`` scan: the kernel's own list.
+        """
         return self.group.members()
 
-    async def stop(self, grace_period: float) -> None:
+    def populated(self) -> bool:
+        """Whether any process is still in the session's cgroup (one read)."""
+        return self.group.populated()
+
+    async def stop(
+        self, grace_period: float | Grace, exit_codes: dict[int, int] | None = None
+    ) -> None:
         """Freeze, SIGTERM all, thaw, grace on the trio clock, ``cgroup.kill``, wait, reap.
 
-        Members are listed while frozen (nobody can fork then) and held by
-        pidfds, so that those that are this process's children (orphans
-        adopted as child subreaper) are reaped and not left as zombies;
-        ``populated 0`` comes before a process becomes a zombie.
+        The grace is :func:`~trio_observer._grace.terminate_then_kill`'s, so
+        a :class:`Grace` that is hurried (a Ctrl-C during the teardown) ends
+        it here as everywhere else. Members are listed while frozen (nobody
+        can fork then) and held by pidfds, so that those that are this
+        process's children (orphans adopted as child subreaper) are reaped
+        and not left as zombies; ``populated 0`` comes before a process
+        becomes a zombie. The exit code of each one reaped goes into
+        ``exit_codes``, so the tree observer can report it.
         """
-        if not self.group.populated():
+        group = self.group
+        if not group.populated():
+            await trio.lowlevel.checkpoint()
             return
         pidfds: dict[int, int] = {}
-        try:
-            self.group.freeze()
+
+        def send(sig: int) -> None:
+            # Frozen, so that the list is complete: a member cannot fork
+            # between the read of cgroup.procs and the signal.
+            group.freeze()
             try:
                 self._hold(pidfds)
-                self.group.signal_all(signal.SIGTERM)
+                if sig == signal.SIGKILL:
+                    group.kill()
+                else:
+                    for fd in pidfds.values():
+                        try:
+                            signal.pidfd_send_signal(fd, sig)
+                        except ProcessLookupError:
+                            pass
             finally:
-                self.group.thaw()
-            with trio.move_on_after(grace_period):
-                await self.group.wait_empty()
-            if self.group.populated():
-                self.group.freeze()
-                try:
-                    self._hold(pidfds)
-                finally:
-                    self.group.thaw()
-                self.group.kill()
-                await self.group.wait_empty()
-            for fd in pidfds.values():
+                # Frozen members get the signal once they run again.
+                group.thaw()
+
+        try:
+            await terminate_then_kill(send, group.wait_empty, grace_period)
+            for pid, fd in pidfds.items():
                 await trio.lowlevel.wait_readable(fd)
-                _reap_if_ours(fd)
+                _reap_if_ours(pid, fd, exit_codes)
         finally:
             for fd in pidfds.values():
                 os.close(fd)
@@ -106,9 +190,12 @@ class CgroupContainment:
         that still holds an exiting member is left for the next session's
         leftover sweep rather than waited for without a checkpoint.
         """
-        if self._closed:
+        if self._dir_fd is None:
             return
-        self._closed = True
+        fd, self._dir_fd = self._dir_fd, None
+        os.close(fd)
+        self._leaves.clear()
+        self._released.clear()
         if self.group.populated():
             self.group.kill()
         try:
@@ -121,20 +208,20 @@ class CgroupContainment:
 async def open_cgroup_containment(session_id: str) -> AsyncIterator[CgroupContainment]:
     """A session's cgroup for the duration of the block, removed after it.
 
+    What is still inside when the block ends is killed and waited for (at
+    most 5 seconds) before the cgroup is removed.
+
     Raises:
         CgroupUnavailableError: This process may not create cgroups here;
             the message says why and what would make it possible.
     """
-    support = _cgroup.probe()
-    if not support.available or support.parent is None:
-        raise CgroupUnavailableError(f"cgroup containment is not available: {support.reason}")
-    await _cgroup.clean_leftovers(support.parent)
-    containment = CgroupContainment(Cgroup.create_session(support.parent, session_id))
+    containment = await choose_containment("cgroup", session_id)
+    assert containment is not None
     try:
         yield containment
     finally:
         with trio.CancelScope(shield=True):
-            if containment.group.populated():
+            if containment.populated():
                 containment.group.kill()
                 with trio.move_on_after(5):
                     await containment.group.wait_empty()
