@@ -1,36 +1,44 @@
 """Section ``cgroup``: containment by cgroup v2 against process groups.
 
-Measured at the mechanism level (``trio_observer._linux._cgroup_containment``,
-not through ``open_session``):
-
-- spawn + reap ``/bin/true`` in its own process group with ``wait4``, with
-  and without placing it in a leaf cgroup of its own (mkdir, write
-  ``cgroup.procs``, rmdir after the reap);
+- spawn + reap ``/bin/true`` through a session, ``containment="cgroup"``
+  against ``"process-group"`` (the same ``start_process`` + ``wait``);
+- the same at the mechanism level: ``subprocess.Popen`` in its own process
+  group and ``wait4``, with and without what the session adds for a cgroup
+  (``CgroupContainment.place``, the leaf's figures at the reap, ``release``);
 - stopping a 200-process tree that ignores SIGTERM, from the end of the
-  grace period to the last member gone: ``cgroup.kill`` + ``populated 0``
-  vs a sweep that scans ``/proc`` for the tree's process group and
-  SIGKILLs what it finds until nothing is left;
-- 100 ``env -i setsid`` escapes: how many each containment still holds.
+  grace period to the last member reaped: ``CgroupContainment.stop`` (freeze,
+  SIGTERM, thaw, ``cgroup.kill``, ``populated 0``, reap) against the
+  session's process-group sweep (``stop_leftovers``), both with the grace
+  period over (the tree has had its SIGTERM);
+- 100 ``env -i setsid`` escapes left by a session's process: how many each
+  containment stops by the end of the session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
+import trio.testing
 
-from trio_observer._linux import _cgroup
+import trio_observer
+from trio_observer._linux import _cgroup, subreaper
 from trio_observer._linux._cgroup_containment import CgroupContainment, open_cgroup_containment
-from trio_observer._linux._procfs import read_stat, scan_all
+from trio_observer._linux._cgroup_usage import from_rusage, with_cgroup
+from trio_observer._linux._process_tree import stop_leftovers
+from trio_observer._linux._procfs import read_stat
 
-from ._core import Config, Report, Row, Target, best, interleave, time_row
+from ._core import Config, Report, Row, Target, best, interleave, interleave_async, time_row
 
 TRUE = shutil.which("true") or "/bin/true"
+MARKER = "TRIO_OBSERVER_SESSION=be9c4"
 
 TREE = (
     "import os, signal, sys, time\n"
@@ -46,9 +54,8 @@ TREE = (
 
 ESCAPERS = (
     "import subprocess, sys\n"
-    "for _ in range(int(sys.argv[1])):\n"
-    "    subprocess.Popen(['env', '-i', 'setsid', 'sleep', '600'])\n"
-    "print('spawned', flush=True)\n"
+    "pids = [subprocess.Popen(['env', '-i', 'setsid', 'sleep', '600']).pid for _ in range(100)]\n"
+    "open(sys.argv[1], 'w').write(' '.join(map(str, pids)))\n"
 )
 
 
@@ -65,54 +72,121 @@ def _spawn_block(count: int, containment: CgroupContainment | None) -> float:
     for _ in range(count):
         popen = subprocess.Popen([TRUE], process_group=0)
         leaf = containment.place(popen.pid) if containment is not None else None
-        _, status, _ = os.wait4(popen.pid, 0)
+        _, status, rusage = os.wait4(popen.pid, 0)
         popen.returncode = os.waitstatus_to_exitcode(status)
-        if leaf is not None:
-            leaf.path.rmdir()
+        with_cgroup(from_rusage(rusage), leaf)
+        if containment is not None:
+            containment.release(popen.pid)
     return (time.perf_counter() - start) / count
+
+
+async def _session_spawn(config: Config) -> tuple[Row, str]:
+    per_block = config.pick(10, 3)
+    rounds = config.pick(40, 2)
+    async with (
+        trio_observer.open_session(containment="cgroup") as cgroup,
+        trio_observer.open_session(containment="process-group") as groups,
+    ):
+
+        def block(session: trio_observer.Session) -> Callable[[], Awaitable[float]]:
+            async def timed() -> float:
+                # Untimed: the previous block's supervisors finish first.
+                await trio.testing.wait_all_tasks_blocked()
+                start = time.perf_counter()
+                for _ in range(per_block):
+                    process = await session.start_process([TRUE])
+                    await process.wait()
+                return (time.perf_counter() - start) / per_block
+
+            return timed
+
+        trials = {"cgroup": block(cgroup), "process-group": block(groups)}
+        await interleave_async(trials, 1)
+        samples = await interleave_async(trials, rounds)
+    row = time_row(
+        "spawn+reap true in a session: containment cgroup vs process-group",
+        best(samples["cgroup"]),
+        best(samples["process-group"]),
+        Target("<=", 1.10),
+    )
+    return row, f"session spawn: median of {rounds} rounds x {per_block}, interleaved"
 
 
 def _start_tree(size: int) -> subprocess.Popen[bytes]:
     tree = subprocess.Popen(
-        [sys.executable, "-c", TREE, str(size)], stdout=subprocess.PIPE, process_group=0
+        [sys.executable, "-c", TREE, str(size)],
+        stdout=subprocess.PIPE,
+        process_group=0,
+        env={**os.environ, MARKER.split("=")[0]: MARKER.split("=")[1]},
     )
     assert tree.stdout is not None
     tree.stdout.readline()
     tree.stdout.close()
+    # The grace period is over: every member has had (and ignored) SIGTERM.
+    os.killpg(tree.pid, signal.SIGTERM)
     return tree
 
 
-def _run_escapers(containment: CgroupContainment) -> subprocess.Popen[bytes]:
-    escaper = subprocess.Popen(
-        [sys.executable, "-c", ESCAPERS, "100"], stdout=subprocess.PIPE, process_group=0
+async def _stop_rows(config: Config, containment: CgroupContainment) -> tuple[Row, str]:
+    rounds = config.pick(3, 1)
+    size = config.pick(200, 20)
+    by_cgroup: list[float] = []
+    by_sweep: list[float] = []
+    # Orphans of the tree come here to be reaped, as in a session.
+    subreaper.acquire()
+    try:
+        for _ in range(rounds):
+            tree = _start_tree(size)
+            containment.place(tree.pid)
+            exit_codes: dict[int, int] = {}
+            start = time.perf_counter()
+            await containment.stop(0.0, exit_codes)
+            by_cgroup.append(time.perf_counter() - start)
+            tree.returncode = exit_codes.get(tree.pid, 0)
+
+            tree = _start_tree(size)
+            start = time.perf_counter()
+            await stop_leftovers(
+                groups=[tree.pid], marker=MARKER.encode(), grace_period=0.0, exit_codes={}
+            )
+            by_sweep.append(time.perf_counter() - start)
+            tree.wait()
+    finally:
+        subreaper.release()
+    row = time_row(
+        f"stop {size}-process SIGTERM-ignoring tree after grace, to last reap: "
+        "cgroup vs process-group sweep",
+        best(by_cgroup),
+        best(by_sweep),
     )
-    containment.place(escaper.pid)
-    assert escaper.stdout is not None
-    escaper.stdout.readline()
-    escaper.stdout.close()
-    escaper.wait()
-    return escaper
+    return row, f"stop: median of {rounds}"
 
 
-def _sweep_group(pgid: int) -> None:
-    # What a process-group sweep does: it cannot kill a group atomically
-    # against forks, so it scans and kills until a scan finds nothing.
-    while True:
-        found = [pid for pid, stat in scan_all("/proc").items() if stat.pgid == pgid]
-        alive = [pid for pid in found if (s := read_stat("/proc", pid)) and not s.is_dead]
-        if not alive:
-            return
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+async def _escapes(pid_file: str, containment: str) -> int:
+    async with trio_observer.open_session(containment=containment, grace_period=5) as session:
+        process = await session.start_process([sys.executable, "-c", ESCAPERS, pid_file])
+        await process.wait()
+    return _stop_survivors(pid_file)
+
+
+def _stop_survivors(pid_file: str) -> int:
+    # How many of the escapers the session stopped; the rest are killed now.
+    with open(pid_file) as f:
+        pids = [int(p) for p in f.read().split()]
+    survivors = [pid for pid in pids if (s := read_stat("/proc", pid)) and not s.is_dead]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+        try:
+            os.waitpid(pid, 0)  # an orphan the session adopted as subreaper
+        except ChildProcessError:
+            pass
+    return len(pids) - len(survivors)
 
 
 async def _measure(config: Config) -> Report:
+    session_row, session_note = await _session_spawn(config)
     per_block = config.pick(20, 3)
     rounds = config.pick(30, 2)
-    size = config.pick(200, 20)
     async with open_cgroup_containment("be9c4") as containment:
         samples = interleave(
             {
@@ -121,64 +195,35 @@ async def _measure(config: Config) -> Report:
             },
             rounds,
         )
-        spawn_row = time_row(
-            "spawn+reap true: cgroup leaf vs process group",
+        mechanism_row = time_row(
+            "spawn+reap true, mechanism: Popen+place+usage+release vs Popen",
             best(samples["cgroup"]),
             best(samples["process-group"]),
             Target("<=", 1.10),
         )
-
-        stop_rounds = config.pick(3, 1)
-        cgroup_stop: list[float] = []
-        group_stop: list[float] = []
-        for _ in range(stop_rounds):
-            tree = _start_tree(size)
-            containment.place(tree.pid)
-            # The grace period (zero here) after SIGTERM to every member.
-            containment.group.freeze()
-            containment.group.signal_all(signal.SIGTERM)
-            containment.group.thaw()
-            start = time.perf_counter()
-            containment.group.kill()
-            await containment.group.wait_empty()
-            cgroup_stop.append(time.perf_counter() - start)
-            tree.wait()
-
-            tree = _start_tree(size)
-            os.killpg(tree.pid, signal.SIGTERM)
-            start = time.perf_counter()
-            _sweep_group(tree.pid)
-            group_stop.append(time.perf_counter() - start)
-            tree.wait()
-
-        escaper = _run_escapers(containment)
-        in_cgroup = len(containment.members())
-        in_group = sum(
-            1
-            for stat in scan_all("/proc").values()
-            if stat.pgid == escaper.pid and not stat.is_dead
-        )
-        containment.group.kill()
-        await containment.group.wait_empty()
-
+        stop_row, stop_note = await _stop_rows(config, containment)
+    pid_file = f"/tmp/trio-observer-bench-escapes-{os.getpid()}"
+    try:
+        caught = {mode: await _escapes(pid_file, mode) for mode in ("cgroup", "process-group")}
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file)
     return Report(
         rows=[
-            spawn_row,
-            time_row(
-                f"stop {size}-process SIGTERM-ignoring tree after grace: cgroup.kill vs sweep",
-                best(cgroup_stop),
-                best(group_stop),
-            ),
+            session_row,
+            mechanism_row,
+            stop_row,
             Row(
-                "env -i setsid escapes held, of 100: cgroup vs process group",
-                str(in_cgroup),
-                str(in_group),
+                "env -i setsid escapes caught, of 100: containment cgroup vs process-group",
+                str(caught["cgroup"]),
+                str(caught["process-group"]),
                 None,
             ),
         ],
         notes=[
-            "mechanism level (_linux/_cgroup_containment), not through open_session",
-            f"spawn: best of {rounds} rounds x {per_block}, interleaved; "
-            f"stop: best of {stop_rounds}",
+            session_note,
+            f"mechanism spawn: median of {rounds} rounds x {per_block}, interleaved",
+            stop_note,
+            "escapes: through open_session, no sink, track_descendants off",
         ],
     )

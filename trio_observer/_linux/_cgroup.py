@@ -189,8 +189,27 @@ def move_tree(procs_fd: int, pid: int) -> list[int]:
                 continue
             raise
         moved.append(current)
-        todo.extend(read_children("/proc", current) or ())
+        todo.extend(_children(current))
     return moved
+
+
+def _children(pid: int) -> list[int]:
+    # The usual case in one read: a process just past execve has one
+    # thread, which the task directory's link count says (2 + threads)
+    # without listing it; with more, every thread's file is read.
+    try:
+        single = os.stat(f"/proc/{pid}/task").st_nlink == 3
+    except OSError:
+        return []  # gone (or no procfs): nothing left to move
+    if single:
+        try:
+            text = read_file(f"/proc/{pid}/task/{pid}/children")
+        except OSError:
+            return []  # torn down mid-read
+        if text is not None:
+            return [int(word) for word in text.split()]
+        # No file: the thread went, or the kernel has no children files.
+    return read_children("/proc", pid) or []
 
 
 @final

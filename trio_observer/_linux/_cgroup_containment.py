@@ -48,39 +48,46 @@ class CgroupContainment:
         self._dir_fd: int | None = os.open(group.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._leaves: dict[int, Cgroup] = {}
         self._released: list[str] = []
-        self._placed = 0
+        # The leaf the next process goes into, made ahead: (name, its
+        # cgroup.procs opened for writing).
+        self._spare: tuple[str, int] | None = None
+        self._made = 0
 
     def place(self, pid: int) -> Cgroup:
         """Move ``pid`` (and any child it already has) into a leaf of its own.
 
         Called right after the vfork-based spawn returns: the window in which
         the child could fork outside is the time between ``execve`` and this
-        write, before the program's own start-up has run.
+        write, before the program's own start-up has run. The leaf was made
+        (and its ``cgroup.procs`` opened) after the previous placement, so
+        the window is one ``write``; the next leaf is made after it, while
+        this child is still starting up.
 
         Raises:
             trio.ClosedResourceError: The containment was closed.
         """
         dir_fd = self._open_dir()
-        self._placed += 1
-        name = f"p{pid}"
+        if self._spare is None:
+            self._spare = self._make_leaf(dir_fd)
+        name, procs_fd = self._spare
+        self._spare = None
         try:
-            os.mkdir(name, dir_fd=dir_fd)
-        except FileExistsError:
-            # An earlier process with this pid left its leaf (not removed
-            # yet, or a descendant of it is still inside): never share one.
-            name = f"p{pid}.{self._placed}"
-            os.mkdir(name, dir_fd=dir_fd)
-        fd = os.open(f"{name}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            _cgroup.move_tree(fd, pid)
+            _cgroup.move_tree(procs_fd, pid)
         finally:
-            os.close(fd)
+            os.close(procs_fd)
         leaf = self._leaves[pid] = Cgroup(self.group.path / name)
-        # After the move, while the child is still starting up: removing the
-        # leaves of processes reaped earlier overlaps with its exec.
+        # Removing leaves waits for the kernel's cgroup lock, which a
+        # removal holds a while after it returns: in batches, after the move.
         if len(self._released) >= _BATCH:
             self._remove_released()
+        self._spare = self._make_leaf(dir_fd)
         return leaf
+
+    def _make_leaf(self, dir_fd: int) -> tuple[str, int]:
+        self._made += 1
+        name = f"l{self._made}"
+        os.mkdir(name, dir_fd=dir_fd)
+        return name, os.open(f"{name}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
 
     def _open_dir(self) -> int:
         if self._dir_fd is None:
@@ -194,6 +201,9 @@ class CgroupContainment:
             return
         fd, self._dir_fd = self._dir_fd, None
         os.close(fd)
+        if self._spare is not None:
+            os.close(self._spare[1])
+            self._spare = None
         self._leaves.clear()
         self._released.clear()
         if self.group.populated():
