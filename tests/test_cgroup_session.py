@@ -353,3 +353,59 @@ async def test_a_crashed_sessions_cgroup_is_cleaned_up_by_the_next_session() -> 
         async with trio_observer.open_session(containment="cgroup"):
             assert not path.exists()
     assert not _running(sleeper)
+
+
+# A session in a pid namespace of its own: the pid in its cgroup's name is
+# that namespace's, meaningless (or somebody else's) out here.
+_NAMESPACED_OWNER = """
+import sys, trio, trio_observer
+
+async def main():
+    async with trio_observer.open_session(containment="cgroup") as session:
+        p = await session.start_process(["sleep", "60"])
+        # The sleeper's leaf, as the kernel says (the cgroup namespace is ours).
+        print(open(f"/proc/{p.pid}/cgroup").read().split("0::", 1)[1].strip(), flush=True)
+        sys.stdin.readline()
+        p.kill()
+
+trio.run(main)
+"""
+
+
+def _popen_namespaced_owner() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _NAMESPACED_OWNER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+
+
+@needs_cgroup
+async def test_a_living_session_in_another_pid_namespace_is_no_leftover() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("unshare --pid needs root")
+    assert SUPPORT.parent is not None
+    owner = _popen_namespaced_owner()
+    assert owner.stdin is not None
+    assert owner.stdout is not None
+    try:
+        with trio.fail_after(60):
+            line = await trio.to_thread.run_sync(owner.stdout.readline)
+        assert line, "the namespaced session did not start"
+        own = _cgroup.own_cgroup(f"0::{line.decode().strip()}")
+        assert own is not None
+        leaf = _cgroup.Cgroup(SUPPORT.parent / own.lstrip("/"))
+        assert leaf.path.parent.name.startswith(_cgroup.NAME_PREFIX)
+        sleeper = leaf.members()
+        assert len(sleeper) == 1
+        with trio.fail_after(60):
+            async with trio_observer.open_session(containment="cgroup"):
+                pass
+        # Its cgroup, and the sleeper in it, survived our leftover sweep.
+        assert leaf.members() == sleeper
+    finally:
+        owner.stdin.close()
+        with trio.fail_after(60):
+            await trio.to_thread.run_sync(owner.wait)
+        owner.stdout.close()
+    assert owner.returncode == 0

@@ -10,6 +10,7 @@ has gone.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import select
@@ -430,8 +431,38 @@ def _events(text: str) -> dict[str, str]:
     return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
 
 
+def lock_session(fd: int) -> None:
+    """Mark a session cgroup as owned: ``flock`` on its open directory.
+
+    The kernel drops the lock when the owner's last descriptor of it
+    closes, which its death does; :func:`leftover_sessions` tries it, so an
+    owner in another pid namespace (whose pid in the name means nothing
+    here) is not taken for dead.
+    """
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return True  # gone meanwhile, or not ours to judge: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def leftover_sessions(parent: Path) -> list[Cgroup]:
-    """Session cgroups below ``parent`` whose owner process is gone."""
+    """Session cgroups below ``parent`` whose owner process is gone.
+
+    Gone means both: no process with the pid and start time in the name
+    (as this process's ``/proc`` sees it), and nobody holds the cgroup's
+    lock (:func:`lock_session`).
+    """
     found: list[Cgroup] = []
     try:
         entries = list(parent.iterdir())
@@ -443,7 +474,7 @@ def leftover_sessions(parent: Path) -> list[Cgroup]:
             continue
         pid, start = int(match.group(1)), int(match.group(2))
         stat = read_stat("/proc", pid)
-        if stat is None or stat.starttime != start:
+        if (stat is None or stat.starttime != start) and not _locked(entry):
             found.append(Cgroup(entry))
     return found
 

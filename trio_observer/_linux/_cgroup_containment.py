@@ -46,6 +46,9 @@ class CgroupContainment:
         # Leaves are made and filled relative to the session's directory:
         # one path lookup fewer per file on the spawn path.
         self._dir_fd: int | None = os.open(group.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Held until close (or death): a session in another pid namespace
+        # cannot tell from the name whether we live.
+        _cgroup.lock_session(self._dir_fd)
         self._leaves: dict[int, Cgroup] = {}
         self._released: list[str] = []
         # The leaf the next process goes into, made ahead: (name, its
