@@ -188,7 +188,7 @@ import os, signal, subprocess, sys
 import trio, trio.testing
 from trio_observer import open_session
 
-pid_file, presses = sys.argv[1], int(sys.argv[2])
+pid_file, presses, containment = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ROOT = '''
 import signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -210,7 +210,7 @@ async def press():
 
 async def main():
     async with trio.open_nursery() as outer:
-        async with open_session(grace_period=120) as session:
+        async with open_session(grace_period=120, containment=containment) as session:
             root = await session.start_process([sys.executable, "-c", ROOT], stdout=subprocess.PIPE)
             line = b""
             while not line.endswith(b"\\n"):
@@ -227,12 +227,15 @@ except* KeyboardInterrupt:
 """
 
 
+@pytest.mark.parametrize("containment", ["process-group", "auto"])
 @pytest.mark.parametrize("presses", [1, 3])
-def test_ctrl_c_during_the_teardown_still_sweeps_the_tree(tmp_path: Path, presses: int) -> None:
+def test_ctrl_c_during_the_teardown_still_sweeps_the_tree(
+    tmp_path: Path, presses: int, containment: str
+) -> None:
     pid_file = tmp_path / "pids"
     try:
         result = subprocess.run(
-            [PY, "-c", _CTRL_C_DURING_TEARDOWN, str(pid_file), str(presses)],
+            [PY, "-c", _CTRL_C_DURING_TEARDOWN, str(pid_file), str(presses), containment],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             # Half the grace period: only a teardown that Ctrl-C cut short

@@ -262,7 +262,7 @@ async def test_descendants_left_behind_are_stopped_when_the_block_ends() -> None
     # it) and its parent exits: it is adopted by this process, the child
     # subreaper, and recognised by the session id in its environment.
     script = SPAWN_GRANDCHILD.format(extra=", start_new_session=True", then="")
-    async with open_session() as session:
+    async with open_session(containment="process-group") as session:
         process = await session.start_process([PY, "-c", script], stdout=subprocess.PIPE)
         assert process.stdout is not None
         grandchild = int(await read_line(process.stdout))
@@ -273,7 +273,7 @@ async def test_descendants_left_behind_are_stopped_when_the_block_ends() -> None
 
 async def test_process_group_leftovers_are_stopped() -> None:
     script = SPAWN_GRANDCHILD.format(extra="", then="")
-    async with open_session() as session:
+    async with open_session(containment="process-group") as session:
         process = await session.start_process([PY, "-c", script], stdout=subprocess.PIPE)
         assert process.stdout is not None
         grandchild = int(await read_line(process.stdout))
@@ -424,7 +424,7 @@ EXACT_PROCESS_EVENTS = negotiate_capabilities()[EventCategory.PROCESS].backend =
     ],
 )
 async def test_track_descendants_reaps_daemons_that_exit(track: bool) -> None:
-    async with open_session(track_descendants=track) as session:
+    async with open_session(track_descendants=track, containment="process-group") as session:
         process = await session.start_process(
             [PY, "-c", DAEMONIZE], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )

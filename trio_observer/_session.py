@@ -592,7 +592,7 @@ async def open_session(
     grace_period: float = 5.0,
     poll_interval: float = 0.02,
     track_descendants: bool = False,
-    containment: str = "process-group",
+    containment: str = "auto",
 ) -> AsyncIterator[Session]:
     """Open a session: a nursery-like scope for processes.
 
@@ -640,12 +640,14 @@ async def open_session(
         child of this process, because a zombie cannot be told apart from a
         child that other code in the program started.
       containment: How the session holds its processes (see
-        ``docs/containment.md``). ``"process-group"`` (the default for now):
-        process groups and an environment marker. ``"cgroup"``: a cgroup v2
-        of the session's own with a leaf per process, stopped by
+        ``docs/containment.md``). ``"auto"`` (the default): a cgroup where
+        this process may make one, else process groups, as
+        ``negotiate_capabilities().containment`` says. ``"cgroup"``: a
+        cgroup v2 of the session's own with a leaf per process, stopped by
         ``cgroup.kill``; a process that leaves its group and clears its
-        environment is still caught. ``"auto"``: a cgroup where this process
-        may make one, else process groups.
+        environment is still caught, and an error says why where no cgroup
+        can be made. ``"process-group"``: process groups and an environment
+        marker only; ``env -i setsid`` escapes them (see ``docs/guide.md``).
 
     Raises:
       TypeError: ``grace_period`` or ``poll_interval`` is not a number, or

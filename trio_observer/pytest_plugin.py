@@ -90,7 +90,10 @@ async def observer_session() -> AsyncIterator[Session]:
     named in the failure (then stopped, with its whole tree, as the session
     always does); so is every file descriptor the test opened and did not
     close. The tree is stopped also when the test fails or is interrupted,
-    since the session's block ends either way.
+    since the session's block ends either way. The session contains by
+    cgroup where this process may make one (``open_session``'s default,
+    ``containment="auto"``), so even a daemon that left with
+    ``env -i setsid`` is stopped.
     """
     fds = _open_fds()
     children = _own_children()

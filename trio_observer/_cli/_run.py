@@ -99,11 +99,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--containment",
         choices=CONTAINMENTS,
-        default="process-group",
+        default="auto",
         help=(
-            "how the session holds CMD's tree: cgroup (nothing escapes; an error where "
-            "no cgroup can be made), auto (a cgroup where possible) or process-group "
-            "(default)"
+            "how the session holds CMD's tree: auto (default: a cgroup where this "
+            "process may make one, else process groups), cgroup (nothing escapes; an "
+            "error where no cgroup can be made) or process-group (env -i setsid escapes)"
         ),
     )
     _otlp.add_arguments(run)
@@ -171,7 +171,7 @@ async def _run(
     grace_period: float,
     use_pty: bool,
     exporter: _otlp.OTelExporter | None = None,
-    containment: str = "process-group",
+    containment: str = "auto",
 ) -> int:
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
