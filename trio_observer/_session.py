@@ -292,6 +292,10 @@ class Session:
         # delivers it at the caller's next checkpoint instead, when the
         # process is already the session's.
         args, cwd, env, backlog_bytes = spec.argv, spec.cwd, spec.env, spec.backlog_bytes
+        if self._containment is not None:
+            # Before the spawn: a leaf that cannot be made is an error with
+            # nothing started, not a process outside its cgroup.
+            self._containment.prepare()
         if spec.pty is not None:
             process, pty_stream = spawn_with_pty(
                 args,

@@ -8,7 +8,7 @@ What a process cost is read by ``_cgroup_usage``.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -69,9 +69,8 @@ class CgroupContainment:
         Raises:
             trio.ClosedResourceError: The containment was closed.
         """
-        dir_fd = self._open_dir()
-        if self._spare is None:
-            self._spare = self._make_leaf(dir_fd)
+        self.prepare()
+        assert self._spare is not None
         name, procs_fd = self._spare
         self._spare = None
         try:
@@ -83,14 +82,34 @@ class CgroupContainment:
         # removal holds a while after it returns: in batches, after the move.
         if len(self._released) >= _BATCH:
             self._remove_released()
-        self._spare = self._make_leaf(dir_fd)
+        with contextlib.suppress(OSError):
+            # Failing here (out of fds, say) is not this process's fault:
+            # prepare() before the next spawn raises it, before anything runs.
+            self.prepare()
         return leaf
 
-    def _make_leaf(self, dir_fd: int) -> tuple[str, int]:
+    def prepare(self) -> None:
+        """Make the leaf the next :meth:`place` uses, unless it is made already.
+
+        The session calls it before each spawn, so that what can fail here
+        (``mkdir``, ``open``) fails before there is a process to leave behind.
+
+        Raises:
+            OSError: The leaf could not be made.
+            trio.ClosedResourceError: The containment was closed.
+        """
+        if self._spare is not None:
+            return
+        dir_fd = self._open_dir()
         self._made += 1
         name = f"l{self._made}"
         os.mkdir(name, dir_fd=dir_fd)
-        return name, os.open(f"{name}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            procs_fd = os.open(f"{name}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            os.rmdir(name, dir_fd=dir_fd)
+            raise
+        self._spare = (name, procs_fd)
 
     def _open_dir(self) -> int:
         if self._dir_fd is None:
@@ -121,10 +140,10 @@ class CgroupContainment:
                 os.rmdir(name, dir_fd=dir_fd)
             except FileNotFoundError:
                 pass
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    raise
-                kept.append(name)  # a descendant is still inside
+            except OSError:
+                # EBUSY: a descendant is still inside. Tried again at close;
+                # never an error here, after a process was placed.
+                kept.append(name)
         self._released = kept
 
     def members(self) -> list[int]:
