@@ -417,14 +417,16 @@ async def test_a_leaf_that_cannot_be_made_fails_the_start_before_the_spawn() -> 
     async with trio_observer.open_session(containment="cgroup", grace_period=10) as session:
         first = await session.start_process(sleeper)
         own = _cgroup.own_cgroup(Path(f"/proc/{first.pid}/cgroup").read_text())  # noqa: ASYNC240
-        assert own is not None and SUPPORT.parent is not None
+        assert own is not None
+        assert SUPPORT.parent is not None
         group = SUPPORT.parent / Path(own).parent.relative_to("/")
         # The kernel's own limit on cgroups below the session's: no more.
-        made = sum(1 for entry in group.iterdir() if entry.is_dir())  # noqa: ASYNC240
-        (group / "cgroup.max.descendants").write_text(str(made))  # noqa: ASYNC240
+        made = sum(1 for entry in group.iterdir() if entry.is_dir())
+        (group / "cgroup.max.descendants").write_text(str(made))
         # The leaf made ahead is used; making the next one fails quietly.
         second = await session.start_process(sleeper)
-        with pytest.raises(OSError):
+        # EAGAIN from mkdir: cgroup.max.descendants reached.
+        with pytest.raises(BlockingIOError, match="Resource temporarily unavailable"):
             await session.start_process(sleeper)
         # Nothing was started by the failed call; both others are contained.
         assert set(session.processes) == {first, second}
