@@ -142,14 +142,14 @@ def _owner_start_time(pid: int) -> int:
     return stat.starttime if stat is not None else 0
 
 
-def read_file(path: str, *, dir_fd: int | None = None) -> str | None:
+def read_file(path: str) -> str | None:
     """A kernfs file's content, ``None`` if it does not exist.
 
     ``os.open`` and ``os.read`` rather than ``pathlib``: on the reap path
     of every process the text layer costs more than the kernel's read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
@@ -161,9 +161,9 @@ def read_file(path: str, *, dir_fd: int | None = None) -> str | None:
         os.close(fd)
 
 
-def write_file(path: str, value: str, *, dir_fd: int | None = None) -> None:
+def write_file(path: str, value: str) -> None:
     """Write ``value`` to a kernfs file in one ``write`` (the kernel wants one)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, value.encode())
     finally:

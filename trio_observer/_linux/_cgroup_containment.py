@@ -45,10 +45,15 @@ class CgroupContainment:
         self.group = group
         # Leaves are made and filled relative to the session's directory:
         # one path lookup fewer per file on the spawn path.
-        self._dir_fd: int | None = os.open(group.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        # Held until close (or death): a session in another pid namespace
-        # cannot tell from the name whether we live.
-        _cgroup.lock_session(self._dir_fd)
+        dir_fd = os.open(group.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # Held until close (or death): a session in another pid
+            # namespace cannot tell from the name whether we live.
+            _cgroup.lock_session(dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._dir_fd: int | None = dir_fd
         self._leaves: dict[int, Cgroup] = {}
         self._released: list[str] = []
         # The leaf the next process goes into, made ahead: (name, its
@@ -123,10 +128,11 @@ class CgroupContainment:
     def release(self, pid: int) -> None:
         """Forget the leaf of a reaped process; it is removed in a later batch.
 
-        Not at once: an ``rmdir`` per process on its reap would be in the
-        way of the ``EXITED`` event. The leaves are removed together, after
-        the next placements, and the rest when the session closes. A leaf
-        that still holds a descendant stays until then.
+        Not at once: after an ``rmdir`` the kernel holds its cgroup lock
+        for an RCU grace period, and the next placement would wait for it.
+        The leaves are removed 64 at a time, after a placement, and the rest
+        when the session closes. A leaf that still holds a descendant stays
+        until then.
         """
         leaf = self._leaves.pop(pid, None)
         if leaf is not None:
