@@ -52,9 +52,16 @@ TREE = (
     "time.sleep(600)\n"
 )
 
+# Each escaper in its own session before the root exits (until then the
+# group sweep would still find it).
 ESCAPERS = (
-    "import subprocess, sys\n"
+    "import subprocess, sys, time\n"
     "pids = [subprocess.Popen(['env', '-i', 'setsid', 'sleep', '600']).pid for _ in range(100)]\n"
+    "def sid(pid):\n"
+    "    text = open(f'/proc/{pid}/stat').read()\n"
+    "    return int(text[text.rindex(')') + 2:].split()[3])\n"
+    "for pid in pids:\n"
+    "    while sid(pid) != pid: time.sleep(0.01)\n"
     "open(sys.argv[1], 'w').write(' '.join(map(str, pids)))\n"
 )
 

@@ -114,10 +114,16 @@ async def test_session_cgroup_removed_after(outcome: str) -> None:
 
 
 # 100 `env -i setsid` grandchildren (own group, own session, no marker),
-# their pids written to a file, and the root exits.
+# their pids written to a file once each one is in its own session (until
+# then the group sweep would still find it), and the root exits.
 ESCAPERS = (
-    "import subprocess, sys\n"
+    "import subprocess, sys, time\n"
     "pids = [subprocess.Popen(['env', '-i', 'setsid', 'sleep', '60']).pid for _ in range(100)]\n"
+    "def sid(pid):\n"
+    "    text = open(f'/proc/{pid}/stat').read()\n"
+    "    return int(text[text.rindex(')') + 2:].split()[3])\n"
+    "for pid in pids:\n"
+    "    while sid(pid) != pid: time.sleep(0.01)\n"
     "open(sys.argv[1], 'w').write(' '.join(map(str, pids)))\n"
 )
 
