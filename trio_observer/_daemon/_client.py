@@ -208,14 +208,22 @@ class DaemonClient:
         *,
         grace_period: float = 5.0,
         track_descendants: bool = False,
+        containment: str = "auto",
         exist_ok: bool = False,
     ) -> dict[str, Any]:
-        """Open a named session in the daemon."""
+        """Open a named session in the daemon.
+
+        ``containment`` is as for :func:`open_session`; the reply's
+        ``containment`` says which one the session got (``"auto"`` becomes
+        ``"cgroup"`` or ``"process-group"``). With ``"cgroup"``, the next
+        daemon stops the session's processes if this one is killed.
+        """
         return await self.request(
             "create_session",
             name=name,
             grace_period=grace_period,
             track_descendants=track_descendants,
+            containment=containment,
             exist_ok=exist_ok,
         )
 

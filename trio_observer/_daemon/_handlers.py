@@ -118,6 +118,7 @@ async def _create_session(
         raise RequestError("bad-params", "param 'name' must not be empty")
     grace = _seconds(params, "grace_period", 5.0)
     track = param(params, "track_descendants", bool, False)
+    containment = param(params, "containment", str, "auto")
     exist_ok = param(params, "exist_ok", bool, False)
     daemon = connection.daemon
     existing = daemon.sessions.get(name)
@@ -126,9 +127,10 @@ async def _create_session(
             raise RequestError("session-exists", f"a session named {name!r} exists already")
         await reply(existing.describe())
         return
-    await reply(
-        (await daemon.create_session(name, grace_period=grace, track_descendants=track)).describe()
+    created = await daemon.create_session(
+        name, grace_period=grace, track_descendants=track, containment=containment
     )
+    await reply(created.describe())
 
 
 async def _sessions(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:

@@ -18,9 +18,10 @@ from typing import Any
 
 import trio
 
+from .._linux import clean_leftovers, leftover_sessions, probe_cgroup
 from . import _protocol
 from ._paths import peer_uid, prepare_directory
-from ._sessions import DaemonSession
+from ._sessions import DaemonSession, resolve_containment
 
 logger = logging.getLogger("trio_observer.daemon")
 
@@ -86,12 +87,25 @@ class Daemon:
         self._session_nursery: trio.Nursery | None = None
 
     async def create_session(
-        self, name: str, *, grace_period: float = 5.0, track_descendants: bool = False
+        self,
+        name: str,
+        *,
+        grace_period: float = 5.0,
+        track_descendants: bool = False,
+        containment: str = "auto",
     ) -> DaemonSession:
-        """Open the session called ``name`` and run it until closed."""
+        """Open the session called ``name`` and run it until closed.
+
+        Raises:
+          RequestError: ``containment`` is unknown, or ``"cgroup"`` where
+            none can be made.
+        """
         assert self._session_nursery is not None
         daemon_session = DaemonSession(
-            name, grace_period=grace_period, track_descendants=track_descendants
+            name,
+            grace_period=grace_period,
+            track_descendants=track_descendants,
+            containment=resolve_containment(containment),
         )
         self.sessions[name] = daemon_session
         try:
@@ -119,6 +133,9 @@ class Daemon:
     async def run(self, *, handle_signals: bool, task_status: trio.TaskStatus[Daemon]) -> None:
         listener = await _listen(self.socket_path)
         try:
+            # Before the first client: what a killed daemon left running is
+            # stopped before this one answers (see docs/daemon.md).
+            await _stop_leftovers()
             async with trio.open_nursery() as sessions:
                 self._session_nursery = sessions
                 async with trio.open_nursery() as connections:
@@ -219,6 +236,28 @@ async def _run_connection(connection: Connection, handle: Any) -> None:
             # they started in sessions goes on.
             requests.cancel_scope.cancel()
             connection.close()
+
+
+async def _stop_leftovers() -> None:
+    """Kill the processes of session cgroups whose owner died, and remove the cgroups.
+
+    The same sweep any session with cgroup containment makes when it opens,
+    run at start so that a daemon killed with SIGKILL is cleaned up after
+    by the next one even before it opens a session. Process-group sessions
+    leave nothing to find: their processes survive a SIGKILLed daemon.
+    """
+    support = probe_cgroup()
+    if not support.available or support.parent is None:
+        logger.info("no cgroup containment here (%s): no leftovers to look for", support.reason)
+        return
+    for group in leftover_sessions(support.parent):
+        logger.warning(
+            "stopping %s, left by a session whose owner is gone: pids %s",
+            group.path,
+            " ".join(map(str, group.members())) or "(none)",
+        )
+    for path in await clean_leftovers(support.parent):
+        logger.warning("removed %s", path)
 
 
 async def _listen(path: Path) -> trio.socket.SocketType:

@@ -20,6 +20,7 @@ from typing import Any, Final
 import trio
 
 from .._events import EventCategory, ObserverEvent
+from .._linux import CONTAINMENTS, probe_cgroup
 from .._output import OutputLog
 from .._process import CAPTURE, Process
 from .._pty import PtySize
@@ -320,13 +321,45 @@ async def _first(*events: trio.Event) -> None:
             nursery.start_soon(wait)
 
 
+def resolve_containment(requested: str) -> str:
+    """What ``requested`` (one of ``CONTAINMENTS``) gives here: ``"cgroup"`` or ``"process-group"``.
+
+    Resolved by the daemon rather than left to ``open_session``, so that
+    the session list says which one each session holds.
+
+    Raises:
+      RequestError: ``requested`` is not a containment, or is ``"cgroup"``
+        where no cgroup can be made (the message says why).
+    """
+    if requested not in CONTAINMENTS:
+        raise RequestError(
+            "bad-params",
+            f"param 'containment' must be one of {', '.join(map(repr, CONTAINMENTS))}, "
+            f"not {requested!r:.40}",
+        )
+    if requested == "process-group":
+        return requested
+    support = probe_cgroup()
+    if support.available:
+        return "cgroup"
+    if requested == "cgroup":
+        raise RequestError(
+            "containment-unavailable", f"containment 'cgroup' is not available: {support.reason}"
+        )
+    return "process-group"
+
+
 class DaemonSession:
     """One named :func:`open_session` run by the daemon."""
 
-    def __init__(self, name: str, *, grace_period: float, track_descendants: bool) -> None:
+    def __init__(
+        self, name: str, *, grace_period: float, track_descendants: bool, containment: str
+    ) -> None:
         self.name = name
         self.grace_period = grace_period
         self.track_descendants = track_descendants
+        # Resolved already: "cgroup" or "process-group" (resolve_containment).
+        self.containment = containment
         self.created_at = time.time()
         self.processes: dict[str, ProcessRecord] = {}
         self.subscriptions: dict[str, RemoteSubscription] = {}
@@ -345,7 +378,9 @@ class DaemonSession:
         """Run the session until :meth:`close`; leaving stops and reaps everything."""
         try:
             async with open_session(
-                grace_period=self.grace_period, track_descendants=self.track_descendants
+                grace_period=self.grace_period,
+                track_descendants=self.track_descendants,
+                containment=self.containment,
             ) as session:
                 self._session = session
                 async with trio.open_nursery() as nursery:
@@ -447,6 +482,7 @@ class DaemonSession:
             "id": self._session.id if self._session is not None else None,
             "grace_period": self.grace_period,
             "track_descendants": self.track_descendants,
+            "containment": self.containment,
             "created_at": self.created_at,
             "closing": self.closing,
             "processes": [record.describe() for record in self.processes.values()],

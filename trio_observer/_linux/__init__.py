@@ -9,7 +9,7 @@ the probes behind the capability report. Nothing outside this package reads
 ``/proc`` or ``/sys``, opens netlink sockets or calls libc through ctypes.
 """
 
-from ._cgroup import Cgroup
+from ._cgroup import Cgroup, clean_leftovers, leftover_sessions
 from ._cgroup import probe as probe_cgroup
 from ._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
 from ._cgroup_usage import group_usage, reap_usage, running_usage, with_cgroup
@@ -34,8 +34,10 @@ __all__ = [
     "CgroupContainment",
     "TreeObserver",
     "choose_containment",
+    "clean_leftovers",
     "group_usage",
     "is_subreaper",
+    "leftover_sessions",
     "net_tables_readable",
     "others_fds_readable",
     "probe_cgroup",
