@@ -440,6 +440,11 @@ async def test_block_subscription_without_client_is_removed_after_detach_timeout
             assert received == status["delivered_events"] == 1
             assert resumed.end is not None
             assert resumed.end["status"]["ended"] is True
+            # Drained after its removal: its end frame said why; it is no
+            # longer listed.
+            assert resumed.end["status"]["removed"].startswith("detach timeout")
+            with pytest.raises(DaemonError, match="no-such-subscription"):
+                await client.subscription_status(sub_id)
 
 
 async def test_frames_lost_in_a_dying_connection_are_resent_or_counted(

@@ -421,6 +421,10 @@ async def _pump(
             batch = [live, *remote.ready_frames(_BATCH - 1)]
             await connection.send_many([{**frame, "id": rid} for frame in batch])
         await connection.send({"type": "end", "id": rid, "status": remote.status()})
+        if remote.removed_reason is not None:
+            # Removed and drained: this client has had everything, and the
+            # end frame's status says why it ended.
+            remote.session.forget(remote)
     finally:
         remote.release(connection)
 
@@ -443,7 +447,7 @@ async def _unsubscribe(
 ) -> None:
     remote = _subscription(connection, params)
     remote.remove("unsubscribed")
-    del remote.session.subscriptions[remote.id]
+    remote.session.forget(remote)
     await reply(remote.status())
 
 

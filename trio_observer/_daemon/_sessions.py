@@ -9,6 +9,7 @@ so that its sink outlives every connection.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -27,6 +28,8 @@ from .._pty import PtySize
 from .._session import Session, open_session
 from .._sink import ObserverBackpressure, ObserverSinkStatus
 from .._subscription import MissedEvents, Subscription
+
+logger = logging.getLogger("trio_observer.daemon")
 
 
 class RequestError(Exception):
@@ -94,6 +97,8 @@ def _log_counts(log: OutputLog) -> dict[str, int]:
 
 
 RESEND_DEFAULT: Final = 256
+REMOVED_KEPT: Final = 16
+"""Removed subscriptions a session keeps listed (and resumable) at most."""
 
 
 class RemoteSubscription:
@@ -128,6 +133,7 @@ class RemoteSubscription:
         self.sent: deque[tuple[int, dict[str, Any]]] = deque(maxlen=max(resend, 1))
         self.next_seq = 0
         self.sent_frames = 0
+        self.events_framed = 0
         self.missed_in_resend = 0
         self._resend_counted_to = 0
         self.ended = False
@@ -153,6 +159,8 @@ class RemoteSubscription:
                 await self._wait_for_removal()
         finally:
             self._finished.set()
+        # Unregistered now; what the channel holds can still be resumed.
+        self.session.note_removed(self)
 
     async def _wait_for_removal(self) -> None:
         while not self._remove.is_set():
@@ -283,9 +291,16 @@ class RemoteSubscription:
         else:
             frame = {"type": "stream", "seq": self.next_seq, "event": item.to_dict()}
             self.next_seq += 1
+            self.events_framed += 1
         self.sent.append((int(frame["seq"]), frame))
         self.sent_frames += 1
         return frame
+
+    def unread(self) -> int:
+        """Events the sink took that no client has been handed yet."""
+        if self.subscription is None:
+            return 0
+        return self.subscription.status().delivered_events - self.events_framed
 
     def status(self) -> dict[str, Any]:
         """The counters a client sees."""
@@ -363,6 +378,10 @@ class DaemonSession:
         self.created_at = time.time()
         self.processes: dict[str, ProcessRecord] = {}
         self.subscriptions: dict[str, RemoteSubscription] = {}
+        # Ids of removed subscriptions still listed, oldest removal first.
+        self._removed: deque[str] = deque()
+        self.forgotten_subscriptions = 0
+        self.forgotten_events = 0
         self._session: Session | None = None
         self._nursery: trio.Nursery | None = None
         self._counter = 0
@@ -475,6 +494,38 @@ class DaemonSession:
         self.subscriptions[remote.id] = remote
         return remote
 
+    def note_removed(self, remote: RemoteSubscription) -> None:
+        """Keep ``remote`` listed (resumable) among the last ``REMOVED_KEPT`` removed.
+
+        Beyond that many, the oldest removed subscription no client is
+        streaming is forgotten; the events it still held are counted in
+        ``forgotten_events`` and logged, so that they are not lost uncounted.
+        """
+        if self.closing or remote.id not in self.subscriptions:
+            return
+        self._removed.append(remote.id)
+        excess = len(self._removed) - REMOVED_KEPT
+        if excess <= 0:
+            return
+        for old_id in [i for i in self._removed if not self.subscriptions[i].attached][:excess]:
+            old = self.subscriptions[old_id]
+            unread = old.unread()
+            self.forget(old)
+            self.forgotten_subscriptions += 1
+            self.forgotten_events += unread
+            logger.warning(
+                "session %r: forgot removed subscription %s (%s) with %d unread event(s)",
+                self.name,
+                old_id,
+                old.removed_reason,
+                unread,
+            )
+
+    def forget(self, remote: RemoteSubscription) -> None:
+        """Drop ``remote`` from the list (unsubscribed, or drained after its removal)."""
+        if self.subscriptions.pop(remote.id, None) is not None and remote.id in self._removed:
+            self._removed.remove(remote.id)
+
     def describe(self) -> dict[str, Any]:
         """The session as ``sessions`` lists it."""
         return {
@@ -487,4 +538,6 @@ class DaemonSession:
             "closing": self.closing,
             "processes": [record.describe() for record in self.processes.values()],
             "subscriptions": sorted(self.subscriptions),
+            "forgotten_subscriptions": self.forgotten_subscriptions,
+            "forgotten_events": self.forgotten_events,
         }
