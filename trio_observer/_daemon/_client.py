@@ -245,12 +245,15 @@ class DaemonClient:
         env: dict[str, str] | None = None,
         pty: bool | tuple[int, int] = False,
         backlog_bytes: int | None = None,
+        stdin: str = "null",
     ) -> dict[str, Any]:
         """Start ``argv`` in ``session`` (``"default"`` is created on first use).
 
         The process runs on when this client goes away. Without ``pty`` its
-        stdout and stderr are captured; with ``pty=True`` or ``(rows,
-        cols)`` it runs on a terminal you can :meth:`attach` to.
+        stdout and stderr are captured, and its stdin is ``/dev/null``, or
+        with ``stdin="pipe"`` a pipe that :meth:`send_input` writes to;
+        with ``pty=True`` or ``(rows, cols)`` it runs on a terminal you can
+        :meth:`attach` to.
         """
         pty_param: bool | dict[str, int] = (
             {"rows": pty[0], "cols": pty[1]} if isinstance(pty, tuple) else pty
@@ -264,6 +267,7 @@ class DaemonClient:
             env=env,
             pty=pty_param,
             backlog_bytes=backlog_bytes,
+            stdin=None if stdin == "null" else stdin,
         )
 
     async def signal(
@@ -357,10 +361,22 @@ class DaemonClient:
             "attach", session=session, process=name, write=write, offset=offset
         )
 
-    async def send_input(self, name: str, data: bytes, *, session: str = "default") -> None:
-        """Type ``data`` into an attached terminal (this client must be its writer)."""
+    async def send_input(
+        self, name: str, data: bytes, *, session: str = "default", eof: bool = False
+    ) -> None:
+        """Write ``data`` to the process's input.
+
+        A PTY process: type into its attached terminal (this client must be
+        its writer). A process started with ``stdin="pipe"``: write to its
+        stdin, from any client; each call's data arrives whole, and
+        ``eof=True`` then closes the pipe (the program reads end of file).
+        """
         await self.request(
-            "input", session=session, process=name, data=base64.b64encode(data).decode()
+            "input",
+            session=session,
+            process=name,
+            data=base64.b64encode(data).decode(),
+            eof=eof or None,
         )
 
     async def resize(self, name: str, rows: int, cols: int, *, session: str = "default") -> None:

@@ -174,6 +174,13 @@ async def _start(connection: Connection, params: dict[str, Any], reply: Reply, r
             raise RequestError("bad-params", "pty rows and cols must be 1..65535")
         pty = PtySize(rows=rows, cols=cols)
     backlog = _int(params, "backlog_bytes", 1 << 20, minimum=1)
+    stdin = param(params, "stdin", str, "null")
+    if stdin not in ("null", "pipe"):
+        raise RequestError(
+            "bad-params", f"param 'stdin' must be 'null' or 'pipe', not {stdin!r:.40}"
+        )
+    if stdin == "pipe" and pty is not None:
+        raise RequestError("bad-params", "param 'stdin': a PTY process reads its terminal")
     session_name = param(params, "session", str, DEFAULT_SESSION)
     daemon = connection.daemon
     daemon_session = daemon.sessions.get(session_name)
@@ -182,7 +189,13 @@ async def _start(connection: Connection, params: dict[str, Any], reply: Reply, r
             raise RequestError("no-such-session", f"no session named {session_name!r}")
         daemon_session = await daemon.create_session(DEFAULT_SESSION)
     record = await daemon_session.start(
-        argv, name=name, cwd=cwd, env=env, pty=pty, backlog_bytes=backlog
+        argv,
+        name=name,
+        cwd=cwd,
+        env=env,
+        pty=pty,
+        backlog_bytes=backlog,
+        stdin_pipe=stdin == "pipe",
     )
     await reply({"session": daemon_session.name, **record.describe()})
 
@@ -322,15 +335,44 @@ def _terminal(connection: Connection, params: dict[str, Any]) -> tuple[ProcessRe
 
 async def _input(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
     try:
-        data = base64.b64decode(param(params, "data", str), validate=True)
+        data = base64.b64decode(param(params, "data", str, ""), validate=True)
     except binascii.Error:
         raise RequestError("bad-params", "param 'data' must be base64") from None
-    _, pty = _terminal(connection, params)
-    try:
-        await pty.write(data)
-    except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as exc:
-        raise RequestError("terminal-closed", f"the terminal is closed: {exc}") from None
-    await reply({"written": len(data)})
+    eof = param(params, "eof", bool, False)
+    record = _process(connection, params)
+    if record.pty:
+        if eof:
+            raise RequestError("bad-params", "param 'eof': a terminal has no end of input")
+        _, pty = _terminal(connection, params)
+        try:
+            await pty.write(data)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as exc:
+            raise RequestError("terminal-closed", f"the terminal is closed: {exc}") from None
+        await reply({"written": len(data)})
+        return
+    await _pipe_input(record, data, eof=eof)
+    await reply({"written": len(data), "closed": eof})
+
+
+async def _pipe_input(record: ProcessRecord, data: bytes, *, eof: bool) -> None:
+    stdin = record.process.stdin
+    if stdin is None:
+        raise RequestError(
+            "no-stdin",
+            f"process {record.name!r} reads /dev/null; start it with stdin 'pipe' to write to it",
+        )
+    # Any client may write to a pipe (there is no attach to hold it); the
+    # lock keeps each request's data whole.
+    async with record.input_lock:
+        try:
+            if data:
+                await stdin.send_all(data)
+            if eof:
+                await stdin.aclose()
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as exc:
+            raise RequestError(
+                "stdin-closed", f"the stdin of {record.name!r} is closed: {exc}"
+            ) from None
 
 
 async def _resize(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:

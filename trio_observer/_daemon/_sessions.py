@@ -51,6 +51,9 @@ class ProcessRecord:
         self.exited_at: float | None = None
         # The connection allowed to type into the terminal (one at a time).
         self.writer: object | None = None
+        # Held for the whole of one input request, so that the data of two
+        # clients writing to one stdin pipe never interleave.
+        self.input_lock = trio.Lock()
 
     def log(self, stream: str) -> OutputLog:
         """The log of ``stream`` ("stdout", "stderr" or "pty")."""
@@ -88,6 +91,7 @@ class ProcessRecord:
             "started_at": self.started_at,
             "exited_at": self.exited_at,
             "pty": self.pty,
+            "stdin": "pty" if self.pty else "pipe" if process.stdin is not None else "null",
             "streams": {name: _log_counts(self.log(name)) for name in self.streams()},
         }
 
@@ -425,8 +429,13 @@ class DaemonSession:
         env: Mapping[str, str] | None,
         pty: PtySize | None,
         backlog_bytes: int,
+        stdin_pipe: bool = False,
     ) -> ProcessRecord:
-        """Start a process in the session under a unique name."""
+        """Start a process in the session under a unique name.
+
+        Without a PTY, stdin is ``/dev/null``, or with ``stdin_pipe`` a pipe
+        that ``input`` requests write to.
+        """
         if self.closing:
             raise RequestError("session-closed", f"session {self.name!r} is closing")
         if name is None:
@@ -447,7 +456,7 @@ class DaemonSession:
             else:
                 process = await self.session.start_process(
                     argv,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                     stdout=CAPTURE,
                     stderr=CAPTURE,
                     cwd=cwd,
