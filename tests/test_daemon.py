@@ -555,3 +555,22 @@ async def test_a_connection_reset_by_its_client_leaves_the_daemon_serving(
         async with trio_observer.connect(daemon.path, autostart=False) as client:
             await client.create_session("default")
         assert daemon.process.poll() is None
+
+
+async def test_cancelling_a_stream_leaves_the_connection_in_step(
+    daemon: DaemonProcess,
+) -> None:
+    """Found by the fuzz: a cancel that landed in the middle of a write
+    closed the whole connection; the daemon now finishes the frame."""
+    script = "import sys; sys.stdout.write('x' * 3_000_000); sys.stdout.flush()"
+    with trio.fail_after(120):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.start([PY, "-c", script], name="big", backlog_bytes=3_000_000)
+            await client.wait("big")
+            for _ in range(10):
+                stream = await client.stream("output", process="big")
+                first = await stream.__anext__()
+                assert first["offset"] == 0
+                # Cancelled while the daemon writes the other frames.
+                await stream.aclose()
+                assert "pid" in await client.status()

@@ -92,6 +92,10 @@ class RemoteStream:
     async def aclose(self) -> None:
         """Ask the daemon to end the stream (its ``end`` frame is discarded)."""
         if self.end is None:
+            # Forgotten first: frames already on their way are dropped, not
+            # queued for a reader that will never come.
+            self._client._forget(self._rid)
+            self.end = {"type": "end", "id": self._rid, "cancelled": True}
             await self._client.request("cancel", request=self._rid)
 
 

@@ -106,6 +106,13 @@ async def _status(connection: Connection, params: dict[str, Any], reply: Reply, 
 
 
 async def _shutdown(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
+    if params:
+        # Stopping every session cannot be undone: a request that says
+        # more than "shutdown" (a newer client's option, a mistake) is
+        # refused rather than taken as a plain shutdown.
+        raise RequestError(
+            "bad-params", f"shutdown takes no params, got {', '.join(map(repr, params))[:80]}"
+        )
     await reply({"stopping": True})
     connection.daemon.stop_requested.set()
 

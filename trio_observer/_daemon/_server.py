@@ -14,7 +14,7 @@ import os
 import signal
 import socket as stdlib_socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -28,6 +28,10 @@ logger = logging.getLogger("trio_observer.daemon")
 
 class DaemonAlreadyRunning(RuntimeError):
     """Another daemon already answers on the socket."""
+
+
+FINISH_WRITE_SECONDS: Final = 5.0
+"""How long a cancelled write may take to finish the frames it started."""
 
 
 class Connection:
@@ -52,22 +56,49 @@ class Connection:
         await self.send_many([message])
 
     async def send_many(self, messages: list[dict[str, Any]]) -> None:
-        """Write several frames with one ``send_all`` (a stream's batch).
+        """Write several frames with one write loop (a stream's batch).
+
+        A cancellation (the client cancelled the request) that comes once
+        part of the frames is out does not cut a frame in two: the rest is
+        written, shielded, if the client takes it within
+        ``FINISH_WRITE_SECONDS``; only a client that does not read then
+        loses its connection (the stream would be out of step).
 
         Raises:
           trio.BrokenResourceError: as :meth:`send`.
         """
-        data = b"".join(map(_protocol.encode, messages))
+        data = memoryview(b"".join(map(_protocol.encode, messages)))
         async with self._lock:
             if self.closed:
                 raise trio.BrokenResourceError("the client's connection is closed")
+            sent = 0
             try:
-                await self.stream.send_all(data)
+                while sent < len(data):
+                    sent += await self._send_some(data[sent:])
+            except trio.Cancelled:
+                # Nothing out yet: the stream is in step, the connection stays.
+                if sent and not await self._finish(data[sent:]):
+                    self.close()
+                raise
             except BaseException:
-                # Part of a frame may have gone out: nothing after it could
-                # be parsed, so the connection ends here.
                 self.close()
                 raise
+
+    async def _finish(self, rest: memoryview) -> bool:
+        """Write ``rest`` of a cancelled write, shielded but bounded; say whether it went."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + FINISH_WRITE_SECONDS):
+            try:
+                while rest:
+                    rest = rest[await self._send_some(rest) :]
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        return not rest
+
+    async def _send_some(self, data: memoryview) -> int:
+        try:
+            return await self.stream.socket.send(data)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the client's connection broke: {exc}") from exc
 
     def close(self) -> None:
         """Close the socket; the tasks using it fail and end."""
