@@ -33,13 +33,24 @@ class DaemonProcess:
         self.process = process
 
 
-def start_daemon(path: Path) -> DaemonProcess:
+def start_daemon(path: Path, *options: str, env: dict[str, str] | None = None) -> DaemonProcess:
     read_fd, write_fd = os.pipe()
     process = subprocess.Popen(
-        [PY, "-m", "trio_observer", "daemon", "--socket", str(path), "--ready-fd", str(write_fd)],
+        [
+            PY,
+            "-m",
+            "trio_observer",
+            "daemon",
+            "--socket",
+            str(path),
+            "--ready-fd",
+            str(write_fd),
+            *options,
+        ],
         pass_fds=[write_fd],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
     )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:

@@ -471,8 +471,10 @@ async def _connect(path: Path) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-async def start_daemon(path: Path) -> None:
+async def start_daemon(path: Path, options: Sequence[str] = ()) -> None:
     """Start ``trio-observer daemon`` in the background and wait until it listens.
+
+    ``options`` are more of the daemon's command-line options (``--otlp``).
 
     The daemon detaches (a new session, reparented away from us) and tells
     us through a pipe when its socket is ready, so nothing polls.
@@ -493,6 +495,7 @@ async def start_daemon(path: Path) -> None:
                 "--detach",
                 "--ready-fd",
                 str(write_fd),
+                *options,
             ],
             pass_fds=[write_fd],
             stdin=subprocess.DEVNULL,

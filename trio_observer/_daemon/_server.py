@@ -14,7 +14,7 @@ import os
 import signal
 import socket as stdlib_socket
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -22,6 +22,9 @@ from .._linux import clean_leftovers, leftover_sessions, probe_cgroup
 from . import _protocol
 from ._paths import peer_uid, prepare_directory
 from ._sessions import DaemonSession, resolve_containment
+
+if TYPE_CHECKING:
+    from .._otel import OTelExporter
 
 logger = logging.getLogger("trio_observer.daemon")
 
@@ -110,8 +113,9 @@ class Connection:
 class Daemon:
     """Named sessions and the connections that use them."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, exporter: OTelExporter | None = None) -> None:
         self.socket_path = socket_path
+        self.exporter = exporter
         self.sessions: dict[str, DaemonSession] = {}
         self.stop_requested = trio.Event()
         self.started_at = trio.current_time()
@@ -137,6 +141,7 @@ class Daemon:
             grace_period=grace_period,
             track_descendants=track_descendants,
             containment=resolve_containment(containment),
+            exporter=self.exporter,
         )
         self.sessions[name] = daemon_session
         try:
@@ -338,12 +343,15 @@ async def serve(
     socket_path: Path,
     *,
     handle_signals: bool = True,
+    exporter: OTelExporter | None = None,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a daemon on ``socket_path`` until it is told to stop.
 
     A ``shutdown`` request, or SIGTERM/SIGINT when ``handle_signals``,
     stops it: every session is closed with its grace period and everything
-    is reaped before this returns.
+    is reaped before this returns. With ``exporter``, every session's
+    lifecycle events are also exported to OpenTelemetry.
     """
-    await Daemon(socket_path).run(handle_signals=handle_signals, task_status=task_status)
+    daemon = Daemon(socket_path, exporter)
+    await daemon.run(handle_signals=handle_signals, task_status=task_status)

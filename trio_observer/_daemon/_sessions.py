@@ -16,7 +16,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -28,6 +28,9 @@ from .._pty import PtySize
 from .._session import Session, open_session
 from .._sink import ObserverBackpressure, ObserverSinkStatus
 from .._subscription import MissedEvents, Subscription
+
+if TYPE_CHECKING:
+    from .._otel import OTelExporter
 
 logger = logging.getLogger("trio_observer.daemon")
 
@@ -372,9 +375,17 @@ class DaemonSession:
     """One named :func:`open_session` run by the daemon."""
 
     def __init__(
-        self, name: str, *, grace_period: float, track_descendants: bool, containment: str
+        self,
+        name: str,
+        *,
+        grace_period: float,
+        track_descendants: bool,
+        containment: str,
+        exporter: OTelExporter | None = None,
     ) -> None:
         self.name = name
+        # Where the session's lifecycle events also go (``daemon --otlp``).
+        self._exporter = exporter
         self.grace_period = grace_period
         self.track_descendants = track_descendants
         # Resolved already: "cgroup" or "process-group" (resolve_containment).
@@ -400,12 +411,20 @@ class DaemonSession:
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Run the session until :meth:`close`; leaving stops and reaps everything."""
         try:
-            async with open_session(
-                grace_period=self.grace_period,
-                track_descendants=self.track_descendants,
-                containment=self.containment,
-            ) as session:
+            # The exporter runs outside the session's block, so that the
+            # session's cancellation does not end it before the teardown's
+            # events (it ends when the session closes its sinks).
+            async with (
+                trio.open_nursery() as outside,
+                open_session(
+                    grace_period=self.grace_period,
+                    track_descendants=self.track_descendants,
+                    containment=self.containment,
+                ) as session,
+            ):
                 self._session = session
+                if self._exporter is not None:
+                    await outside.start(self._exporter.export_session, session)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     task_status.started()
