@@ -133,7 +133,12 @@ class DaemonClient:
                     rid = frame.get("id")
                     channel = self._pending.get(rid) if isinstance(rid, int) else None
                     if channel is not None:
-                        await channel[0].send(frame)
+                        # Without a checkpoint while the reader keeps up: a
+                        # yield per frame would cost a scheduling round each.
+                        try:
+                            channel[0].send_nowait(frame)
+                        except trio.WouldBlock:
+                            await channel[0].send(frame)
                     elif frame["type"] == "error":
                         raise DaemonError(frame["code"], frame["message"])
         except (
