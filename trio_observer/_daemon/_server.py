@@ -286,14 +286,18 @@ async def _stop_leftovers() -> None:
     if not support.available or support.parent is None:
         logger.info("no cgroup containment here (%s): no leftovers to look for", support.reason)
         return
-    for group in leftover_sessions(support.parent):
-        logger.warning(
-            "stopping %s, left by a session whose owner is gone: pids %s",
-            group.path,
-            " ".join(map(str, group.members())) or "(none)",
-        )
-    for path in await clean_leftovers(support.parent):
-        logger.warning("removed %s", path)
+    try:
+        for group in leftover_sessions(support.parent):
+            logger.warning(
+                "stopping %s, left by a session whose owner is gone: pids %s",
+                group.path,
+                " ".join(map(str, group.members())) or "(none)",
+            )
+        for path in await clean_leftovers(support.parent):
+            logger.warning("removed %s", path)
+    except OSError as exc:
+        # Serving matters more: the next session's own sweep tries again.
+        logger.error("could not stop the leftovers below %s: %s", support.parent, exc)
 
 
 async def _listen(path: Path) -> trio.socket.SocketType:
