@@ -79,7 +79,8 @@ class Connection:
                 while sent < len(data):
                     sent += await self._send_some(data[sent:])
             except trio.Cancelled:
-                # Nothing out yet: the stream is in step, the connection stays.
+                # With nothing out yet the stream is still in step; with
+                # part out, the rest must follow or the connection go.
                 if sent and not await self._finish(data[sent:]):
                     self.close()
                 raise
