@@ -272,6 +272,19 @@ async def test_expect_literal_straddling_chunks() -> None:
     assert log.snapshot()[match.start : match.end] == b"ready"
 
 
+async def test_expect_takes_a_string_literally_and_a_compiled_regex_as_a_regex() -> None:
+    # Unlike pexpect's expect(), which compiles a str: here "1+1" is text.
+    log = OutputLog()
+    log.feed_nowait(b"11 then 1+1=2\n")
+    log.close()
+    literals: list[str | bytes] = ["1+1", b"1+1"]
+    for literal in literals:
+        match = await log.expect(literal, since=0)
+        assert (match.start, match.data, match.match) == (8, b"1+1", None)
+    regex = await log.expect(re.compile(rb"1+"), since=0)
+    assert (regex.start, regex.data) == (0, b"11")
+
+
 async def test_expect_regex_and_chaining_with_since() -> None:
     log = OutputLog()
     log.feed_nowait(b"port=80")
