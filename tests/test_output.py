@@ -424,6 +424,25 @@ async def test_wait_for_idle_waits_out_the_last_burst(
         assert trio.current_time() - start == pytest.approx(3.0)
 
 
+async def test_the_pump_dates_each_read_by_the_run_s_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # pump_stream reads the clock through its own method (not through
+    # feed_nowait): idle detection must still follow the run's MockClock.
+    log = OutputLog()
+    send, receive = trio.testing.lockstep_stream_one_way_pair()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump_stream, receive, log)
+        await send.send_all(b"first")
+        await trio.sleep(3)
+        await send.send_all(b"second")  # lockstep: the pump has taken it
+        await log.wait_for_idle(5.0)
+        assert trio.current_time() - start == pytest.approx(8.0)
+        await send.aclose()
+    assert log.snapshot() == b"firstsecond"
+
+
 async def test_wait_for_idle_returns_at_once_when_already_quiet(
     mock_clock: trio.testing.MockClock,
 ) -> None:

@@ -100,9 +100,9 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return item
-        lot = self._log._data_lot
+        wait_for_data = self._log._wait_for_data
         while True:
-            await lot.park()
+            await wait_for_data()
             try:
                 return self.receive_nowait()
             except trio.WouldBlock:
