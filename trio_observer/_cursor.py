@@ -100,9 +100,9 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return item
-        wait_for_data = self._log._wait_for_data
+        lot = self._log._data_lot
         while True:
-            await wait_for_data()
+            await lot.park()
             try:
                 return self.receive_nowait()
             except trio.WouldBlock:

@@ -2,8 +2,8 @@
 
 A search reads the log through a cursor of its own, so it never takes data
 from another reader, and keeps at most ``max_bytes`` of history, like the
-backlog it reads. This module only looks at the log through its cursor and its
-``_wait_for_data()``; it imports ``_output`` for type checking only, so that
+backlog it reads. This module only looks at the log through its cursor and
+its wakeup lot; it imports ``_output`` for type checking only, so that
 ``_output`` can import it.
 """
 
@@ -164,6 +164,7 @@ async def search(
     timeout_at = deadline("timeout", timeout)
     reader = log.cursor(position)
     max_bytes = log.max_bytes
+    lot = log._data_lot
     buffer = bytearray()
     base = position  # absolute offset of buffer[0]
     missed = 0
@@ -226,7 +227,7 @@ async def search(
                 base += excess
                 for compiled in patterns:
                     compiled.scan = max(0, compiled.scan - excess)
-            await log._wait_for_data()
+            await lot.park()
     raise ExpectTimeout(
         f"{pattern!r} did not appear within {timeout} seconds",
         seen=bytes(buffer),

@@ -67,7 +67,6 @@ class OutputLog:
         "_tail",
         "_tees",
         "_total",
-        "_waiting",
     )
 
     def __init__(self, *, max_bytes: int = 1 << 20) -> None:
@@ -92,10 +91,6 @@ class OutputLog:
         self._expect_at = 0
         self._closed = False
         self._data_lot = trio.lowlevel.ParkingLot()
-        # How many readers are in wait_for_data(): a plain int for the
-        # writer to test, as ParkingLot.__bool__ is a Python call that cost
-        # a tenth of appending a chunk.
-        self._waiting = 0
         self._close_lot = trio.lowlevel.ParkingLot()
         self._room_lot = trio.lowlevel.ParkingLot()
         self._tees: list[ByteTee] = []
@@ -194,7 +189,7 @@ class OutputLog:
         if total - self._start > self._max:
             self._evict()
         self._last_feed = now
-        if self._waiting:
+        if self._data_lot:
             self._data_lot.unpark_all()
         if self._tees:
             for tee in self._tees:
@@ -253,15 +248,6 @@ class OutputLog:
                 self.feed_nowait(data)
             raise
         self.feed_nowait(data)
-
-    async def _wait_for_data(self) -> None:
-        # Every reader waiting for bytes (or the end) parks here, so that
-        # the writer wakes the lot only when someone is in it.
-        self._waiting += 1
-        try:
-            await self._data_lot.park()
-        finally:
-            self._waiting -= 1
 
     def _must_wait(self) -> bool:
         if self._blocking_tees:
