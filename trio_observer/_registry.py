@@ -23,6 +23,12 @@ from ._subscription import MissedEvents, Subscription
 
 _ALL_CATEGORIES: Final = tuple(EventCategory)
 
+# One frozenset per distinct set of categories (there are 16), shared by
+# every sink that wants that set: a set of one costs 216 bytes, more than
+# the pair each route holds per sink, and a sink's size is a documented
+# figure.
+_CATEGORY_SETS: Final[dict[frozenset[EventCategory], frozenset[EventCategory]]] = {}
+
 
 @final
 class ObserverRegistry:
@@ -516,4 +522,4 @@ def _check_categories(categories: Iterable[EventCategory]) -> frozenset[EventCat
         if not isinstance(category, EventCategory):
             allowed = ", ".join(f"EventCategory.{c.name}" for c in EventCategory)
             raise TypeError(f"categories: {category!r} is not an EventCategory ({allowed})")
-    return wanted
+    return _CATEGORY_SETS.setdefault(wanted, wanted)
