@@ -63,3 +63,18 @@ async def test_stdin_defaults_to_dev_null_and_is_checked(
                     await client.request("start", argv=[PY, "-c", "pass"], stdin=bad)
             with pytest.raises(DaemonError, match=r"bad-params.*stdin"):
                 await client.request("start", argv=[PY, "-c", "pass"], stdin="pipe", pty=True)
+
+
+async def test_input_that_is_not_base64_is_bad_params(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    # Found by the handler fuzz: a non-ASCII str makes b64decode raise a
+    # plain ValueError (not binascii.Error), which became an internal error.
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.start([PY, "-c", ECHO], name="bad-input", stdin="pipe")
+            for bad in ("\x80", "not base64!", "abc"):
+                with pytest.raises(DaemonError, match=r"bad-params.*base64"):
+                    await client.request("input", process="bad-input", data=bad)
+            await client.send_input("bad-input", b"ok\n", eof=True)
+            assert (await client.wait("bad-input"))["exit_code"] == 0

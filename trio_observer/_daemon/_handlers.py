@@ -9,7 +9,6 @@ handler then sends ``stream`` frames with the request's id and one
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import os
 import signal
@@ -343,7 +342,7 @@ def _terminal(connection: Connection, params: dict[str, Any]) -> tuple[ProcessRe
 async def _input(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
     try:
         data = base64.b64decode(param(params, "data", str, ""), validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a str that is not ASCII
         raise RequestError("bad-params", "param 'data' must be base64") from None
     eof = param(params, "eof", bool, False)
     record = _process(connection, params)
