@@ -59,11 +59,12 @@ class CgroupBusyError(CgroupUnavailableError):
             "the kernel enables controllers only for the children of a cgroup that holds "
             'none (its "no internal processes" rule)'
         )
-        self.group = group
         self.holders = holders
+        """The processes in the cgroup itself, when the kernel refused."""
 
 
 def describe_pids(pids: list[int]) -> str:
+    """``pid 12 (this process), 40``: the first few, for an error message."""
     me = os.getpid()
     named = [f"{p} (this process)" if p == me else str(p) for p in pids[:5]]
     return "pid " + ", ".join(named) + (f" and {len(pids) - 5} more" if len(pids) > 5 else "")
@@ -124,8 +125,7 @@ def unavailable_reason(controller: str, group: Cgroup, mountinfo: str | None = N
             "serves one hierarchy at a time; cgroup v2 gets it once that hierarchy is "
             f"unmounted with no cgroups left in it, or at boot with cgroup_no_v1={controller}"
         )
-    if not (group.path / "cgroup.type").exists():
-        # Only the root cgroup has no cgroup.type.
+    if group.is_root():
         return f"{text}: this kernel does not offer it"
     return (
         f"{text}: the parent must enable it (+{controller} in "
@@ -376,6 +376,15 @@ class Cgroup:
         """The controllers this cgroup may enable for its children (``cgroup.controllers``)."""
         return frozenset((self.read("cgroup.controllers") or "").split())
 
+    def procs(self) -> list[int]:
+        """The processes in this cgroup itself, not below it (``cgroup.procs``)."""
+        return [int(p) for p in (self.read("cgroup.procs") or "").split()]
+
+    def is_root(self) -> bool:
+        """Whether this is the hierarchy's root (exempt from "no internal processes")."""
+        # Every cgroup but the root has a cgroup.type.
+        return not (self.path / "cgroup.type").exists()
+
     def set_limits(self, limits: Limits) -> None:
         """Write ``limits`` (``memory.max``, ``pids.max``, ``cpu.max``) here.
 
@@ -391,10 +400,14 @@ class Cgroup:
             controller = name.split(".", 1)[0]
             if controller not in offered:
                 parent = Cgroup(self.path.parent)
+                why = (
+                    f"; {unavailable_reason(controller, parent)}"
+                    if controller not in parent.controllers()
+                    else ""
+                )
                 raise CgroupUnavailableError(
                     f"cannot set {name} on {self.path}: the {controller} controller is not "
-                    f"enabled in {parent.path}/cgroup.subtree_control; "
-                    + unavailable_reason(controller, parent)
+                    f"enabled in {parent.path}/cgroup.subtree_control{why}"
                 )
             self._write(name, value)
 
@@ -421,8 +434,7 @@ class Cgroup:
             self._write("cgroup.subtree_control", " ".join(f"+{n}" for n in sorted(wanted)))
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                holders = [int(p) for p in (self.read("cgroup.procs") or "").split()]
-                raise CgroupBusyError(self, wanted, holders) from exc
+                raise CgroupBusyError(self, wanted, self.procs()) from exc
             raise
 
     def remove(self) -> None:

@@ -59,9 +59,8 @@ def enable_below_self(own: Cgroup, names: frozenset[str], *, move_self_to_leaf: 
 
 def _busy_note(own: Cgroup) -> str | None:
     """What the no-internal-processes rule would refuse in ``own``, if anything."""
-    holders = [int(p) for p in (own.read("cgroup.procs") or "").split()]
-    # The root cgroup is exempt from the rule (only it has no cgroup.type).
-    if not holders or not (own.path / "cgroup.type").exists():
+    holders = own.procs()
+    if not holders or own.is_root():
         return None
     return f"{own.path} holds processes ({describe_pids(holders)}); {_advice(own, holders)}"
 
