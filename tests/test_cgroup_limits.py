@@ -419,7 +419,7 @@ async def test_cpu_max_is_written(where: str) -> None:
 CHECK_IN_CGROUP = """
 import json, sys
 import trio
-from trio_observer import Limits, open_session
+from trio_observer import Limits, negotiate_capabilities, open_session
 
 async def main():
     sys.stdin.readline()  # placed in the test cgroup by now
@@ -431,7 +431,8 @@ async def main():
             error = None
     except RuntimeError as exc:
         error = str(exc)
-    print(json.dumps({"error": error, "cgroup": open("/proc/self/cgroup").read()}))
+    print(json.dumps({"error": error, "cgroup": open("/proc/self/cgroup").read(),
+                      "report": negotiate_capabilities().containment.limits}))
 
 trio.run(main)
 """
@@ -494,6 +495,12 @@ def test_own_cgroup_holding_processes_gets_advice(test_cgroup: Cgroup, mode: str
     assert "no internal processes" in error or "once it is offered" in error
     assert "move_self_to_leaf=True" in error
     assert f"mkdir {test_cgroup.path}/leaf" in error
+    # The capability report gives the same advice, without writing.
+    report = result["report"]
+    assert report is not None
+    assert "pids.max: " in report
+    assert f"{test_cgroup.path} holds processes (pid " in report
+    assert "move_self_to_leaf=True" in report
     # Never moved without being asked, nor when moving would not help.
     assert result["cgroup"] is not None
     assert f"0::/{test_cgroup.path.name}\n" in result["cgroup"]
@@ -583,6 +590,49 @@ def test_cli_limit_that_cannot_be_kept_stops_the_run_in_one_line(
     assert reason is not None
     assert reason in lines[0]
     assert not marker.exists(), "CMD ran although its limit could not be kept"
+
+
+def _cli_without_a_cgroup(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # A /proc/self/cgroup-like file without a v2 entry, read for real by
+    # the child through a sitecustomize that points probe() at it.
+    (tmp_path / "sitecustomize.py").write_text(
+        "from trio_observer._linux import _cgroup\n"
+        "_probe = _cgroup.probe\n"
+        "_cgroup.probe = lambda: _probe(cgroup_file='1:pids:/\\n')\n"
+        "import trio_observer._linux\n"
+        "trio_observer._linux.probe_cgroup = _cgroup.probe\n"
+    )
+    path = os.pathsep.join([str(tmp_path), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])
+    return subprocess.run(
+        [sys.executable, "-m", "trio_observer", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+
+
+@pytest.mark.parametrize(
+    ("containment", "words"),
+    [
+        ((), "limits need a cgroup, but it is not available: this process has no cgroup v2"),
+        (("--containment", "auto"), "limits need cgroup containment: containment='cgroup' is"),
+        (("--containment", "cgroup"), "--containment cgroup is not available: this process has"),
+    ],
+)
+def test_cli_limits_without_a_cgroup_stop_the_run_in_one_line(
+    tmp_path: Path, containment: tuple[str, ...], words: str
+) -> None:
+    marker = tmp_path / "ran"
+    result = _cli_without_a_cgroup(
+        tmp_path, *containment, "--pids-max", "5", "--", "touch", str(marker)
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert words in lines[0]
+    assert not marker.exists()
 
 
 def _exited_line(stderr: str) -> dict[str, object]:
