@@ -698,8 +698,10 @@ async def open_session(
         without being asked; the error then says what to do.
 
     Raises:
-      TypeError: ``grace_period`` or ``poll_interval`` is not a number, or
-        ``track_descendants`` is not a bool.
+      TypeError: ``grace_period`` or ``poll_interval`` is not a number,
+        ``track_descendants`` or ``move_self_to_leaf`` is not a bool, or
+        ``limits`` is not a :class:`Limits` (its fields are checked when it
+        is built).
       ValueError: ``grace_period`` is negative, NaN or an int too large for
         a float (``math.inf`` waits for SIGTERM forever); ``poll_interval``
         is not a finite number of seconds > 0; ``containment`` is not one of
