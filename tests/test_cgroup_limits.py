@@ -271,6 +271,14 @@ async def test_a_refused_process_limit_leaves_the_session_going(pty: bool) -> No
     }
 
 
+@needs_cgroup
+async def test_limits_on_an_ended_session_are_refused_as_closed() -> None:
+    async with open_session(containment="cgroup") as session:
+        pass
+    with pytest.raises(trio.ClosedResourceError, match="this session has ended"):
+        await session.start_process([sys.executable, "-c", "pass"], limits=Limits(pids_max=4))
+
+
 async def test_process_limits_on_a_process_group_session_are_a_value_error() -> None:
     async with open_session() as session:
         with pytest.raises(ValueError, match="containment='process-group'"):

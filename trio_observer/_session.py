@@ -307,7 +307,8 @@ class Session:
     def _prepare_limits(self, limits: Limits) -> None:
         # Before the spawn: a limit that cannot be kept refuses the start,
         # and writing the leaf's limits after the spawn cannot fail for
-        # want of a controller.
+        # want of a controller. An ended session's cgroup is gone: say so.
+        self._check_open()
         if self._containment is None:
             if self._containment_mode == "process-group":
                 raise ValueError(
