@@ -216,7 +216,8 @@ async def test_every_missing_limit_is_named() -> None:
         message
     )
     for controller in ("memory", "pids", "cpu"):
-        if REASONS[controller] is not None:
+        why = REASONS[controller]
+        if why is not None and "is not available" in why:
             assert f"the {controller} controller is not available" in message
 
 
@@ -497,7 +498,9 @@ def test_own_cgroup_holding_processes_gets_advice(test_cgroup: Cgroup, mode: str
         return
     error = result["error"]
     assert error is not None
-    assert f"{test_cgroup.path} holds processes (pid " in error
+    # Refused by the kernel (EBUSY) where pids is offered, else foreseen.
+    assert str(test_cgroup.path) in error
+    assert "holds processes (pid " in error
     assert "(this process)" in error
     assert "no internal processes" in error or "once it is offered" in error
     assert "move_self_to_leaf=True" in error
