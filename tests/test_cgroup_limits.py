@@ -272,6 +272,14 @@ async def test_a_refused_process_limit_leaves_the_session_going(pty: bool) -> No
     }
 
 
+async def test_run_process_takes_limits_through_start_process() -> None:
+    async with open_session() as session:
+        with pytest.raises(ValueError, match="containment='process-group'"):
+            await session.run_process([sys.executable, "-c", "pass"], limits=Limits(pids_max=4))
+        done = await session.run_process([sys.executable, "-c", "pass"], limits=Limits())
+        assert done.returncode == 0
+
+
 @needs_cgroup
 async def test_limits_on_an_ended_session_are_refused_as_closed() -> None:
     async with open_session(containment="cgroup") as session:

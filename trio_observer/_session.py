@@ -427,6 +427,7 @@ class Session:
         stderr: StdioArg = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
         task_status: trio.TaskStatus[Process] = trio.TASK_STATUS_IGNORED,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run a command in the session and wait for it, as ``trio.run_process`` does.
@@ -455,6 +456,7 @@ class Session:
           stderr: Likewise for stderr.
           cwd: The child's working directory.
           env: The child's environment (see :meth:`start_process`).
+          limits: Limits for the process's tree (see :meth:`start_process`).
           task_status: Set by ``nursery.start``.
 
         Returns:
@@ -481,6 +483,7 @@ class Session:
             stderr=stderr,
             cwd=cwd,
             env=env,
+            limits=limits,
             task_status=task_status,
         )
 
