@@ -52,31 +52,35 @@ class _Record:
     # reaped a read fails (ESRCH) or is empty, so it can never show the
     # counters of a later process that reused the pid.
     fds: list[int]
-    counters: tuple[tuple[int, int], ...]
+    # The bytes each thread's file held at the baseline, compared as they
+    # are: equal bytes mean equal counters, and any other change (the run
+    # delay moves only around a switch-in or a migration) errs towards
+    # "ran". Parsing is only needed once, to refuse zeros.
+    counters: list[bytes]
     quiet_passes: int
     seen: int
 
 
-def _read_counters(path: str) -> tuple[int, int] | None:
+def _read_counters(path: str) -> bytes:
     # Threads past MAX_KEPT_FDS: one open, read and close per pass.
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return None
+        return b""
     try:
-        data = os.read(fd, 128)
+        return os.read(fd, 128)
     except OSError:
-        return None
+        return b""
     finally:
         os.close(fd)
-    return parse_run_counters(data)
 
 
-def _pread_counters(fd: int) -> tuple[int, int] | None:
+def _pread_counters(fd: int) -> bytes:
+    # Empty for a task reaped since the descriptor was opened.
     try:
-        return parse_run_counters(os.pread(fd, 128, 0))
+        return os.pread(fd, 128, 0)
     except OSError:
-        return None
+        return b""
 
 
 @final
@@ -100,6 +104,12 @@ class ActivityWatch:
         self._records: dict[int, _Record] = {}
         self._kept_fds = 0
         self._pass = 0
+        self.unchanged_due: set[int] = set()
+        """The pids the last :meth:`update` reported active only because
+        their periodic full look was due: their counters did not move, so
+        they did not run (they neither forked, exec'd nor exited); only what
+        another process can change about them (their descriptors) needs
+        the look."""
 
     @property
     def kept_fds(self) -> int:
@@ -135,13 +145,26 @@ class ActivityWatch:
         this_pass = self._pass
         records = self._records
         quiet: set[int] = set()
+        due: set[int] = set()
+        self.unchanged_due = due
         looked = 0
+        pread = os.pread
         for pid in pids:
             looked += 1
             record = records.get(pid)
             if record is not None:
                 record.seen = this_pass
-                if self._unchanged(record):
+                fds = record.fds
+                if len(fds) == 1 and fds[0] >= 0:
+                    # The common case, inline (it runs for every process of
+                    # the tree every pass): one thread, a kept descriptor.
+                    try:
+                        unchanged = pread(fds[0], 128, 0) == record.counters[0]
+                    except OSError:
+                        unchanged = False
+                else:
+                    unchanged = self._unchanged(record)
+                if unchanged:
                     if record.quiet_passes < self._verify_every:
                         record.quiet_passes += 1
                         quiet.add(pid)
@@ -150,6 +173,7 @@ class ActivityWatch:
                         # threads: only a running thread makes or ends one)
                         # are as recorded: keep the descriptors.
                         record.quiet_passes = 0
+                        due.add(pid)
                     continue
                 self._close(record)
                 del records[pid]
@@ -162,10 +186,9 @@ class ActivityWatch:
         return quiet
 
     def _unchanged(self, record: _Record) -> bool:
-        counters = record.counters
-        for i, fd in enumerate(record.fds):
-            now = _pread_counters(fd) if fd >= 0 else _read_counters(record.paths[i])
-            if now is None or now != counters[i]:
+        for fd, path, before in zip(record.fds, record.paths, record.counters, strict=True):
+            now = _pread_counters(fd) if fd >= 0 else _read_counters(path)
+            if now != before:
                 return False
         return True
 
@@ -181,8 +204,7 @@ class ActivityWatch:
         if not threads:
             return None
         paths = tuple(run_counters_path(self._proc_root, pid, tid) for tid in threads)
-        record = _Record(paths, [], (), 0, this_pass)
-        counters: list[tuple[int, int]] = []
+        record = _Record(paths, [], [], 0, this_pass)
         for path in paths:
             fd = -1
             if self._kept_fds < MAX_KEPT_FDS:
@@ -193,15 +215,14 @@ class ActivityWatch:
                     return None
                 self._kept_fds += 1
             record.fds.append(fd)
-            pair = _pread_counters(fd) if fd >= 0 else _read_counters(path)
-            if pair is None:
+            data = _pread_counters(fd) if fd >= 0 else _read_counters(path)
+            if parse_run_counters(data) is None:
                 self._close(record)
                 return None
-            counters.append(pair)
+            record.counters.append(data)
         # A thread created after the listing by a thread whose counters were
         # read later would be unwatched: list again and give up if it moved.
         if read_thread_ids(self._proc_root, pid) != threads:
             self._close(record)
             return None
-        record.counters = tuple(counters)
         return record

@@ -127,16 +127,40 @@ def parse_stat(text: str) -> ProcStat:
     )
 
 
-def _read_text(path: str) -> str | None:
+# Larger than any stat, children or ordinary command line, so that one read
+# returns the whole file: a /proc file read short of the size asked is at
+# its end.
+_READ_SIZE: Final = 16384
+
+
+def _read_bytes(path: str) -> bytes | None:
+    # os.open and os.read rather than open(): a buffered file object costs
+    # an fstat, a second read to see the end, and the object itself, on a
+    # path taken for every process a scan looks at.
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except _RACES:
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        # ESRCH and friends from a task that is being torn down.
+        # Gone, another user's, or ESRCH and friends from a task that is
+        # being torn down.
         return None
-    return data.decode("utf-8", "surrogateescape")
+    try:
+        data = os.read(fd, _READ_SIZE)
+        if len(data) < _READ_SIZE:
+            return data
+        chunks = [data]
+        while data:
+            data = os.read(fd, _READ_SIZE)
+            chunks.append(data)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: str) -> str | None:
+    data = _read_bytes(path)
+    return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
 def read_stat(proc_root: str, pid: int) -> ProcStat | None:
@@ -357,12 +381,8 @@ def environ_has(proc_root: str, pid: int, entry: bytes) -> bool:
         ``False`` also when the environment is unreadable, or empty (a
         zombie's memory is gone).
     """
-    try:
-        with open(f"{proc_root}/{pid}/environ", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return entry in data.split(b"\0")
+    data = _read_bytes(f"{proc_root}/{pid}/environ")
+    return data is not None and entry in data.split(b"\0")
 
 
 def read_proc_file(path: str) -> str | None:

@@ -278,7 +278,9 @@ class TreeObserver:
             if self._active_scope is not None:
                 self._active_scope.cancel()
         else:
-            self._wake.set()
+            # Also out of a nap without a deadline (connector, PROCESS
+            # alone): FILE or NETWORK wanted now are scanned on the clock.
+            self._interrupt()
 
     async def wait_active(self) -> None:
         """Wait until the wanted categories are being observed.
@@ -483,7 +485,9 @@ class TreeObserver:
                     await self._catch_up(connector)
                     self._answer_settle_requests()
                     continue
-                with trio.CancelScope(deadline=next_poll) as self._nap:
+                with trio.CancelScope(
+                    deadline=self._nap_deadline(connector, next_poll)
+                ) as self._nap:
                     if connector is None:
                         await trio.sleep_forever()
                     else:
@@ -516,6 +520,18 @@ class TreeObserver:
             self._activity.forget_all()
             if connector is not None:
                 connector.close()
+
+    def _nap_deadline(self, connector: ProcConnector | None, next_poll: float) -> float:
+        # The connector reports the tree as it changes: with nothing to scan
+        # on the clock (PROCESS alone) and nobody to reap, waking every
+        # interval would cost a wake-up of the whole loop for nothing.
+        if (
+            connector is not None
+            and not self._categories - {EventCategory.PROCESS}
+            and not self._tree.reap_pending
+        ):
+            return math.inf
+        return next_poll
 
     def _answer_settle_requests(self) -> None:
         requests, self._settle_requests = self._settle_requests, []
@@ -645,12 +661,21 @@ class TreeObserver:
         network = EventCategory.NETWORK in self._categories
         # Before anything is read: a process that runs after this is active
         # in the next pass (see ._activity).
-        quiet = self._activity.update(self._tree.pids())
+        activity = self._activity
+        quiet = activity.update(self._tree.pids())
         if scan_tree:
             # Only the poll backend looks at the tree every pass, which is
             # what makes "quiet since the last pass" mean "no fork since the
             # children were last read". A connector rescan walks everything.
-            events.extend(self._tree.scan(set() if self._backend_in_use == "connector" else quiet))
+            # The periodic full look is for what others change (descriptors):
+            # a process whose counters did not move did not fork or exit.
+            if self._backend_in_use == "connector":
+                tree_quiet: set[int] = set()
+            elif activity.unchanged_due:
+                tree_quiet = quiet | activity.unchanged_due
+            else:
+                tree_quiet = quiet
+            events.extend(self._tree.scan(tree_quiet))
         if files or network:
             procs = self._tree.tracked()
             events.extend(self._descriptors.scan(procs, files=files, network=network, quiet=quiet))
