@@ -385,6 +385,24 @@ def environ_has(proc_root: str, pid: int, entry: bytes) -> bool:
     return data is not None and entry in data.split(b"\0")
 
 
+def read_cgroup_path(proc_root: str, pid: int) -> str | None:
+    """Return the cgroup v2 path of ``pid`` (the ``0::`` line of ``/proc/<pid>/cgroup``).
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+
+    Returns:
+        The path below the v2 hierarchy's root (``"/a/b"``), or ``None``
+        when the process is gone or has no v2 line.
+    """
+    text = _read_text(f"{proc_root}/{pid}/cgroup")
+    for line in (text or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
 def read_proc_file(path: str) -> str | None:
     """Read a text file under ``/proc``, ``None`` if it is gone or unreadable.
 

@@ -121,6 +121,14 @@ class TreeObserver:
             ``DESCENDANT_STARTED``: an orphan re-parented to this process (a
             child subreaper) before a scan saw it under its own parent.
             ``None`` (the default) adopts nothing.
+        cgroup_members: Lists the live processes of the session's cgroup
+            (``cgroup.procs`` of its subtree), or returns ``None`` while the
+            session has no cgroup. With a list, a scan takes in every listed
+            process it does not know, whatever it did to its group, session
+            or environment (an orphaned ``env -i setsid`` grandchild), with
+            the root whose leaf holds it; ``adopt_marker`` is then not
+            needed. ``None`` (the default): membership is what the walk from
+            the roots and the marker find.
         reap_adopted: Reap (``waitpid``) a descendant that exits as a zombie
             child of this process, after its ``DESCENDANT_EXITED`` (and its
             exit code) is taken. Roots are never reaped here: they are the
@@ -144,6 +152,7 @@ class TreeObserver:
         backend: Backend = "auto",
         connector_factory: Callable[[], ConnectorSocket] | None = None,
         adopt_marker: bytes | None = None,
+        cgroup_members: Callable[[], list[int] | None] | None = None,
         reap_adopted: bool = False,
     ) -> None:
         if not poll_interval > 0 or math.isinf(poll_interval):
@@ -161,6 +170,7 @@ class TreeObserver:
             self._backend_choice = "poll"
         self._connector_factory = connector_factory
         self._adopt_marker = adopt_marker
+        self._cgroup_members = cgroup_members
         self._reap_adopted = reap_adopted
         # The members, descriptors and activity parts, made (and their
         # modules imported) by _load once something is wanted. Until then
@@ -203,6 +213,7 @@ class TreeObserver:
                 descriptors=descriptors,
                 adopt_marker=self._adopt_marker,
                 reap_adopted=self._reap_adopted,
+                cgroup_members=self._cgroup_members,
             )
             for pid in self._idle_roots:
                 members.add_root(pid, read_now=False)

@@ -32,6 +32,7 @@ from ._procfs import (
     ProcStat,
     environ_has,
     has_children_files,
+    read_cgroup_path,
     read_children,
     read_cmdline,
     read_stat,
@@ -88,6 +89,7 @@ class TreeMembers:
             process's exit.
         adopt_marker: See :class:`~._tree.TreeObserver`.
         reap_adopted: See :class:`~._tree.TreeObserver`.
+        cgroup_members: See :class:`~._tree.TreeObserver`.
     """
 
     def __init__(
@@ -97,8 +99,13 @@ class TreeMembers:
         descriptors: DescriptorTracker,
         adopt_marker: bytes | None,
         reap_adopted: bool,
+        cgroup_members: Callable[[], list[int] | None] | None = None,
     ) -> None:
         self._proc_root = proc_root
+        self._cgroup_members = cgroup_members
+        # The cgroup of each root, read at the first scan that sees it (it
+        # is placed in its leaf after add_root), to tell an orphan's root.
+        self._root_cgroups: dict[int, str | None] = {}
         self._descriptors = descriptors
         self._roots: dict[int, TreeNode] = {}
         self._members: dict[int, TreeNode] = {}
@@ -144,6 +151,7 @@ class TreeMembers:
     def discard_root(self, pid: int) -> None:
         """Forget a root without reporting anything (see ``TreeObserver``)."""
         self._roots.pop(pid, None)
+        self._root_cgroups.pop(pid, None)
         self._main_thread_gone.discard(pid)
 
     def descendants(self) -> set[int]:
@@ -225,6 +233,11 @@ class TreeMembers:
             root.starttime = stat.starttime
             scan.parents[pid] = pid
             scan.walk.add(pid)
+            if self._cgroup_members is not None and pid not in self._root_cgroups:
+                # Kept past the root's exit: its orphans stay in its leaf.
+                self._root_cgroups[pid] = read_cgroup_path(self._proc_root, pid)
+                if len(self._root_cgroups) > _SEEN_DEAD:
+                    del self._root_cgroups[next(iter(self._root_cgroups))]
 
     def _refresh_members(self, view: _ProcView, quiet: set[int], scan: _Scan) -> None:
         """Report the members that exited and the execs of those that ran."""
@@ -275,7 +288,9 @@ class TreeMembers:
         else:
             queue = [pid for pid in scan.parents if pid in scan.walk]
         starts: list[ObserverEvent] = []
-        if self._adopt_marker is not None and (queue or scan.lost):
+        look = bool(queue) or scan.lost
+        exact = self._cgroup_members() if look and self._cgroup_members is not None else None
+        if exact is None and look and self._adopt_marker is not None:
             starts.extend(
                 self._adopt(view.children_of(self._self_pid), view.stat_of, scan.parents, queue)
             )
@@ -297,7 +312,54 @@ class TreeMembers:
                 scan.parents[child] = node.root_pid
                 queue.append(child)
                 starts.append(self._started_event(node, None))
+        if exact is not None:
+            starts.extend(self._take_in_members(exact, view.stat_of, scan.parents))
         return starts
+
+    def _take_in_members(
+        self,
+        listed: list[int],
+        stat_of: Callable[[int], ProcStat | None],
+        parents: dict[int, int | None],
+    ) -> list[ObserverEvent]:
+        """Take in what the session's cgroup holds and the walk did not find.
+
+        The walk finds a child under its parent; what it cannot find is a
+        process that left its parent's side (an orphan re-parented to this
+        process or to init, its group, session and environment its own).
+        The cgroup holds it all the same. Oldest first, so that a parent
+        taken in here comes before its children.
+        """
+        unknown = [
+            stat
+            for pid in listed
+            if pid not in self._members
+            and pid not in self._roots
+            and (stat := stat_of(pid)) is not None
+            and not stat.is_dead
+        ]
+        unknown.sort(key=lambda stat: (stat.starttime, stat.pid))
+        events: list[ObserverEvent] = []
+        for stat in unknown:
+            root_pid = (
+                parents[stat.ppid] if stat.ppid in parents else self._root_by_cgroup(stat.pid)
+            )
+            node = TreeNode(stat.pid, stat.starttime, stat.ppid, root_pid)
+            self._members[stat.pid] = node
+            self._note_main_thread(stat)
+            parents[stat.pid] = root_pid
+            events.append(self._started_event(node, None))
+        return events
+
+    def _root_by_cgroup(self, pid: int) -> int | None:
+        """The root whose cgroup (its leaf) holds ``pid``, if one does."""
+        where = read_cgroup_path(self._proc_root, pid)
+        if where is None:
+            return None
+        for root, leaf in self._root_cgroups.items():
+            if leaf is not None and (where == leaf or where.startswith(leaf + "/")):
+                return root
+        return None
 
     def _unseen_zombie(self, node: TreeNode, stat: ProcStat, scan: _Scan) -> list[ObserverEvent]:
         """Report a zombie child found by the walk, unless already reported."""
