@@ -433,7 +433,7 @@ def read_thread_ids(proc_root: str, pid: int) -> list[int] | None:
 
 
 def run_counters_path(proc_root: str, pid: int, tid: int) -> str:
-    """Return the path :func:`read_run_counters` reads for thread ``tid`` of ``pid``.
+    """Return the ``schedstat`` file of thread ``tid`` of ``pid`` (see :func:`parse_run_counters`).
 
     Args:
         proc_root: Where ``/proc`` is mounted (or a fake tree).
@@ -449,48 +449,25 @@ def run_counters_path(proc_root: str, pid: int, tid: int) -> str:
     return f"{proc_root}/{pid}/task/{tid}/schedstat"
 
 
-def read_run_counters(proc_root: str, pid: int, tid: int) -> tuple[int, int] | None:
-    """Read how long and how often thread ``tid`` of ``pid`` has run.
+def parse_run_counters(data: bytes) -> tuple[int, int] | None:
+    """Parse how long and how often a thread has run, from its ``schedstat`` file.
 
-    From ``/proc/<pid>/task/<tid>/schedstat`` (``CONFIG_SCHED_INFO``): the
+    ``/proc/<pid>/task/<tid>/schedstat`` (``CONFIG_SCHED_INFO``) holds the
     nanoseconds spent on a CPU (``se.sum_exec_runtime``, brought up to date
     whenever the thread leaves the CPU and at every scheduler tick while it
-    runs) and the number of times it was put on a CPU (``pcount``, counted
-    at every switch-in). A thread whose pair is unchanged between two reads
-    was not switched in between them.
-
-    Args:
-        proc_root: Where ``/proc`` is mounted (or a fake tree).
-        pid: The process.
-        tid: One of its threads (``pid`` itself for the main thread).
-
-    Returns:
-        ``(runtime_ns, times_scheduled)``, or ``None`` when the thread is
-        gone or the kernel does not keep the counters (it then shows zeros,
-        which would make every thread look idle forever).
-    """
-    try:
-        fd = os.open(run_counters_path(proc_root, pid, tid), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return parse_run_counters(os.read(fd, 128))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def parse_run_counters(data: bytes) -> tuple[int, int] | None:
-    """Parse what a ``schedstat`` file holds (see :func:`read_run_counters`).
+    runs), the time spent waiting for one, and the number of times it was
+    put on a CPU (``pcount``, counted at every switch-in). A thread whose
+    counters are unchanged between two reads was not switched in between
+    them.
 
     Args:
         data: The file's bytes; empty when read through a descriptor kept
             open past the thread's end.
 
     Returns:
-        ``(runtime_ns, times_scheduled)``, or ``None`` for zeros, an empty
-        read or anything malformed.
+        ``(runtime_ns, times_scheduled)``, or ``None`` for zeros (no
+        accounting in this kernel, which would make every thread look idle
+        forever), an empty read or anything malformed.
     """
     fields = data.split()
     if len(fields) < 3:
