@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     # together they cost more to import than the rest of a session, which
     # most sessions (no tree category wanted) would pay for nothing.
     from ._activity import ActivityWatch
+    from ._cgroup import Cgroup
     from ._connector import ConnectorBatch, ConnectorSocket, ProcConnector
     from ._descriptors import DescriptorTracker
     from ._tree_members import TreeMembers
@@ -121,14 +122,17 @@ class TreeObserver:
             ``DESCENDANT_STARTED``: an orphan re-parented to this process (a
             child subreaper) before a scan saw it under its own parent.
             ``None`` (the default) adopts nothing.
-        cgroup_members: Lists the live processes of the session's cgroup
-            (``cgroup.procs`` of its subtree), or returns ``None`` while the
-            session has no cgroup. With a list, a scan takes in every listed
-            process it does not know, whatever it did to its group, session
-            or environment (an orphaned ``env -i setsid`` grandchild), with
-            the root whose leaf holds it; ``adopt_marker`` is then not
-            needed. ``None`` (the default): membership is what the walk from
-            the roots and the marker find.
+        cgroup: Returns the session's cgroup, which holds every process of
+            the tree, or ``None`` while the session has none. With one, a
+            scan takes in every process of its ``cgroup.procs`` (subtree
+            included) that it does not know, whatever it did to its group,
+            session or environment (an orphaned ``env -i setsid``
+            grandchild), with the root whose leaf holds it; ``adopt_marker``
+            is then not needed. And a periodic pass first reads the
+            cgroup's ``cpu.stat``: if the tree's CPU time did not move, no
+            process of it ran, and the pass reads nothing else. ``None``
+            (the default): membership is what the walk from the roots and
+            the marker find, and every pass checks every thread.
         reap_adopted: Reap (``waitpid``) a descendant that exits as a zombie
             child of this process, after its ``DESCENDANT_EXITED`` (and its
             exit code) is taken. Roots are never reaped here: they are the
@@ -152,7 +156,7 @@ class TreeObserver:
         backend: Backend = "auto",
         connector_factory: Callable[[], ConnectorSocket] | None = None,
         adopt_marker: bytes | None = None,
-        cgroup_members: Callable[[], list[int] | None] | None = None,
+        cgroup: Callable[[], Cgroup | None] | None = None,
         reap_adopted: bool = False,
     ) -> None:
         if not poll_interval > 0 or math.isinf(poll_interval):
@@ -170,7 +174,11 @@ class TreeObserver:
             self._backend_choice = "poll"
         self._connector_factory = connector_factory
         self._adopt_marker = adopt_marker
-        self._cgroup_members = cgroup_members
+        self._cgroup = cgroup
+        self._cpu_stat: tuple[Cgroup, str] | None = None
+        # A root added since the last full pass: the next one may not be
+        # skipped on the cgroup's word (the root may not be in it yet).
+        self._roots_added = False
         self._reap_adopted = reap_adopted
         # The members, descriptors and activity parts, made (and their
         # modules imported) by _load once something is wanted. Until then
@@ -213,13 +221,25 @@ class TreeObserver:
                 descriptors=descriptors,
                 adopt_marker=self._adopt_marker,
                 reap_adopted=self._reap_adopted,
-                cgroup_members=self._cgroup_members,
+                cgroup_members=None if self._cgroup is None else self._cgroup_members,
             )
             for pid in self._idle_roots:
                 members.add_root(pid, read_now=False)
             self._idle_roots.clear()
             self._parts = (members, descriptors, ActivityWatch(self._proc_root))
         return self._parts
+
+    def _cgroup_members(self) -> list[int] | None:
+        group = None if self._cgroup is None else self._cgroup()
+        return None if group is None else group.members()
+
+    def _group_cpu_stat(self) -> str | None:
+        group = None if self._cgroup is None else self._cgroup()
+        if group is None:
+            return None
+        if self._cpu_stat is None or self._cpu_stat[0] is not group:
+            self._cpu_stat = (group, str(group.path / "cpu.stat"))
+        return self._cpu_stat[1]
 
     @property
     def _tree(self) -> TreeMembers:
@@ -248,6 +268,7 @@ class TreeObserver:
         """
         # While idle, nothing is read: the first scan fills in the details,
         # so a spawn costs no /proc read unless someone observes the tree.
+        self._roots_added = True
         if self._parts is None:
             self._idle_roots[pid] = None
         else:
@@ -511,7 +532,7 @@ class TreeObserver:
                 if trio.current_time() < next_poll:
                     continue
                 if connector is None:
-                    await self._pass(scan_tree=True)
+                    await self._pass(scan_tree=True, may_skip=True)
                 elif self._categories - {EventCategory.PROCESS}:
                     # No rescan of the tree for a new root: add_root comes
                     # before the next checkpoint and records are handled only
@@ -519,7 +540,7 @@ class TreeObserver:
                     # with the records still queued: it took a child reaped
                     # since for an exit without a code, and a zombie already
                     # reported for a new one (a second, inferred pair).
-                    await self._pass(scan_tree=False)
+                    await self._pass(scan_tree=False, may_skip=True)
                 next_poll = trio.current_time() + self._poll_interval
         finally:
             self._nap = None
@@ -665,14 +686,27 @@ class TreeObserver:
             elif event.kind is ObserverEventKind.DESCENDANT_STARTED:
                 ended.pop(event.pid, None)
 
-    def _pass_events(self, *, scan_tree: bool) -> list[ObserverEvent]:
+    def _pass_events(self, *, scan_tree: bool, may_skip: bool = False) -> list[ObserverEvent]:
+        activity = self._activity
+        # Before anything is read: a process that runs after this is active
+        # in the next pass (see ._activity).
+        cpu_stat = self._group_cpu_stat()
+        if (
+            cpu_stat is not None
+            and activity.group_unchanged(cpu_stat)
+            and may_skip
+            and not self._roots_added
+        ):
+            # Nothing of the tree ran: nothing it does itself can have
+            # changed, and the full looks that are due come at the next
+            # pass that reads.
+            activity.skip_pass()
+            return []
+        self._roots_added = False
         self._polls += 1
         events: list[ObserverEvent] = []
         files = EventCategory.FILE in self._categories
         network = EventCategory.NETWORK in self._categories
-        # Before anything is read: a process that runs after this is active
-        # in the next pass (see ._activity).
-        activity = self._activity
         quiet = activity.update(self._tree.pids())
         if scan_tree:
             # Only the poll backend looks at the tree every pass, which is
@@ -692,8 +726,8 @@ class TreeObserver:
             events.extend(self._descriptors.scan(procs, files=files, network=network, quiet=quiet))
         return self._with_exit_codes(events)
 
-    async def _pass(self, *, scan_tree: bool) -> None:
-        await self._emit_all(self._pass_events(scan_tree=scan_tree))
+    async def _pass(self, *, scan_tree: bool, may_skip: bool = False) -> None:
+        await self._emit_all(self._pass_events(scan_tree=scan_tree, may_skip=may_skip))
         if self._tree.reap_pending:
             self._tree.reap()
 
