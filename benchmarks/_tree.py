@@ -1,15 +1,19 @@
 """Sections ``tree-cpu``, ``tree-latency``, ``tree-pass``, ``tree-scale``: observing a tree.
 
-The session does not start a :class:`TreeObserver` by itself yet, so these
-sections drive one directly, as the session would: ``add_root(pid)`` for a
-process we spawned, then ``await nursery.start(observer.run)``.
+These sections drive a :class:`TreeObserver` directly, as the session does:
+``add_root(pid)`` for a process we spawned, then ``await
+nursery.start(observer.run)``. Where this machine lets us make a cgroup, the
+tree is also placed in one of its own and observed with
+``TreeObserver(cgroup=...)``, as a session with containment by cgroup does
+("in a cgroup" rows).
 
 ``tree-cpu``: a Python root with 49 idle ``sleep`` children (50 processes);
 this process's CPU time (``time.process_time()``, all threads) over a window
 of wall time while observing PROCESS, FILE and NETWORK at the default
 interval, with the connector backend and with the poll backend, against the
 same window with no observer. Reported as the fraction of one core the
-observer adds (observing minus idle, over wall time).
+observer adds (observing minus idle, over wall time), beside a bare trio
+loop that only wakes every interval (the floor any such observer stands on).
 
 ``tree-latency``: a root that, per line on stdin, forks a child that sleeps
 and prints ``FORK <pid> <ns before fork> <ns after fork>`` (monotonic clock,
