@@ -123,12 +123,12 @@ class TreeObserver:
             child subreaper) before a scan saw it under its own parent.
             ``None`` (the default) adopts nothing.
         cgroup: Returns the session's cgroup, which holds every process of
-            the tree, or ``None`` while the session has none. With one, a
-            scan takes in every process of its ``cgroup.procs`` (subtree
-            included) that it does not know, whatever it did to its group,
-            session or environment (an orphaned ``env -i setsid``
-            grandchild), with the root whose leaf holds it; ``adopt_marker``
-            is then not needed. And a periodic pass first reads the
+            the tree (each root and its descendants in a cgroup of the
+            root's own below it), or ``None`` while the session has none.
+            With one, an orphan re-parented to this process is the tree's
+            if it is in a root's cgroup, whatever it did to its group,
+            session or environment (an ``env -i setsid`` double fork), and
+            ``adopt_marker`` is not read. And a periodic pass first reads the
             cgroup's ``cpu.stat``: if the tree's CPU time did not move, no
             process of it ran, and the pass reads nothing else. ``None``
             (the default): membership is what the walk from the roots and
@@ -221,7 +221,7 @@ class TreeObserver:
                 descriptors=descriptors,
                 adopt_marker=self._adopt_marker,
                 reap_adopted=self._reap_adopted,
-                cgroup_members=None if self._cgroup is None else self._cgroup_members,
+                in_cgroup=None if self._cgroup is None else self._has_cgroup,
             )
             for pid in self._idle_roots:
                 members.add_root(pid, read_now=False)
@@ -229,9 +229,8 @@ class TreeObserver:
             self._parts = (members, descriptors, ActivityWatch(self._proc_root))
         return self._parts
 
-    def _cgroup_members(self) -> list[int] | None:
-        group = None if self._cgroup is None else self._cgroup()
-        return None if group is None else group.members()
+    def _has_cgroup(self) -> bool:
+        return self._cgroup is not None and self._cgroup() is not None
 
     def _group_cpu_stat(self) -> str | None:
         group = None if self._cgroup is None else self._cgroup()

@@ -89,7 +89,9 @@ class TreeMembers:
             process's exit.
         adopt_marker: See :class:`~._tree.TreeObserver`.
         reap_adopted: See :class:`~._tree.TreeObserver`.
-        cgroup_members: See :class:`~._tree.TreeObserver`.
+        in_cgroup: Tells whether the tree is in a cgroup now (see
+            ``cgroup`` in :class:`~._tree.TreeObserver`): an unknown child of
+            this process is then the tree's if it is in a root's cgroup.
     """
 
     def __init__(
@@ -99,12 +101,13 @@ class TreeMembers:
         descriptors: DescriptorTracker,
         adopt_marker: bytes | None,
         reap_adopted: bool,
-        cgroup_members: Callable[[], list[int] | None] | None = None,
+        in_cgroup: Callable[[], bool] | None = None,
     ) -> None:
         self._proc_root = proc_root
-        self._cgroup_members = cgroup_members
+        self._in_cgroup = in_cgroup
         # The cgroup of each root, read at the first scan that sees it (it
-        # is placed in its leaf after add_root), to tell an orphan's root.
+        # is placed in its leaf after add_root): an orphan in one of them is
+        # the tree's, and that root's.
         self._root_cgroups: dict[int, str | None] = {}
         self._descriptors = descriptors
         self._roots: dict[int, TreeNode] = {}
@@ -233,7 +236,7 @@ class TreeMembers:
             root.starttime = stat.starttime
             scan.parents[pid] = pid
             scan.walk.add(pid)
-            if self._cgroup_members is not None and pid not in self._root_cgroups:
+            if pid not in self._root_cgroups and self._in_cgroup is not None and self._in_cgroup():
                 # Kept past the root's exit: its orphans stay in its leaf.
                 self._root_cgroups[pid] = read_cgroup_path(self._proc_root, pid)
                 if len(self._root_cgroups) > _SEEN_DEAD:
@@ -288,11 +291,16 @@ class TreeMembers:
         else:
             queue = [pid for pid in scan.parents if pid in scan.walk]
         starts: list[ObserverEvent] = []
-        look = bool(queue) or scan.lost
-        exact = self._cgroup_members() if look and self._cgroup_members is not None else None
-        if exact is None and look and self._adopt_marker is not None:
+        by_cgroup = self._in_cgroup is not None and self._in_cgroup()
+        if (queue or scan.lost) and (by_cgroup or self._adopt_marker is not None):
             starts.extend(
-                self._adopt(view.children_of(self._self_pid), view.stat_of, scan.parents, queue)
+                self._adopt(
+                    view.children_of(self._self_pid),
+                    view.stat_of,
+                    scan.parents,
+                    queue,
+                    by_cgroup=by_cgroup,
+                )
             )
         while queue:
             parent = queue.pop()
@@ -312,44 +320,7 @@ class TreeMembers:
                 scan.parents[child] = node.root_pid
                 queue.append(child)
                 starts.append(self._started_event(node, None))
-        if exact is not None:
-            starts.extend(self._take_in_members(exact, view.stat_of, scan.parents))
         return starts
-
-    def _take_in_members(
-        self,
-        listed: list[int],
-        stat_of: Callable[[int], ProcStat | None],
-        parents: dict[int, int | None],
-    ) -> list[ObserverEvent]:
-        """Take in what the session's cgroup holds and the walk did not find.
-
-        The walk finds a child under its parent; what it cannot find is a
-        process that left its parent's side (an orphan re-parented to this
-        process or to init, its group, session and environment its own).
-        The cgroup holds it all the same. Oldest first, so that a parent
-        taken in here comes before its children.
-        """
-        unknown = [
-            stat
-            for pid in listed
-            if pid not in self._members
-            and pid not in self._roots
-            and (stat := stat_of(pid)) is not None
-            and not stat.is_dead
-        ]
-        unknown.sort(key=lambda stat: (stat.starttime, stat.pid))
-        events: list[ObserverEvent] = []
-        for stat in unknown:
-            root_pid = (
-                parents[stat.ppid] if stat.ppid in parents else self._root_by_cgroup(stat.pid)
-            )
-            node = TreeNode(stat.pid, stat.starttime, stat.ppid, root_pid)
-            self._members[stat.pid] = node
-            self._note_main_thread(stat)
-            parents[stat.pid] = root_pid
-            events.append(self._started_event(node, None))
-        return events
 
     def _root_by_cgroup(self, pid: int) -> int | None:
         """The root whose cgroup (its leaf) holds ``pid``, if one does."""
@@ -405,30 +376,44 @@ class TreeMembers:
         stat_of: Callable[[int], ProcStat | None],
         parents: dict[int, int | None],
         queue: list[int],
+        *,
+        by_cgroup: bool,
     ) -> list[ObserverEvent]:
-        """Take in the marked, unknown children of this process (orphans)."""
-        assert self._adopt_marker is not None
+        """Take in the unknown children of this process (orphans) that are the tree's.
+
+        With ``by_cgroup``, those in the cgroup of one of the roots (exact:
+        no process leaves its cgroup by changing its group, session or
+        environment), else those whose environment holds the marker.
+        """
         events: list[ObserverEvent] = []
         for pid in candidates:
             if pid in self._members or pid in self._roots:
                 continue
             stat = stat_of(pid)
             if stat is None or stat.is_dead or stat.ppid != self._self_pid:
-                # A zombie's environment is gone: it cannot be recognised.
+                # A zombie's environment is gone, and it has left its
+                # cgroup: it cannot be recognised.
                 continue
             if stat.identity in self._not_ours:
                 continue
-            if not environ_has(self._proc_root, pid, self._adopt_marker):
-                self._not_ours.add(stat.identity)
-                continue
             root_pid: int | None = None
-            for root in self._roots:
-                root_stat = stat_of(root)
-                if root_stat is not None and (
-                    root_stat.pgid == stat.pgid or root_stat.sid == stat.sid
-                ):
-                    root_pid = root
-                    break
+            if by_cgroup:
+                root_pid = self._root_by_cgroup(pid)
+                if root_pid is None:
+                    self._not_ours.add(stat.identity)
+                    continue
+            else:
+                assert self._adopt_marker is not None
+                if not environ_has(self._proc_root, pid, self._adopt_marker):
+                    self._not_ours.add(stat.identity)
+                    continue
+                for root in self._roots:
+                    root_stat = stat_of(root)
+                    if root_stat is not None and (
+                        root_stat.pgid == stat.pgid or root_stat.sid == stat.sid
+                    ):
+                        root_pid = root
+                        break
             node = TreeNode(pid, stat.starttime, stat.ppid, root_pid)
             self._members[pid] = node
             parents[pid] = root_pid
