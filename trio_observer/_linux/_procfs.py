@@ -127,16 +127,16 @@ def parse_stat(text: str) -> ProcStat:
     )
 
 
-# Larger than any stat, children or ordinary command line, so that one read
-# returns the whole file: a /proc file read short of the size asked is at
-# its end.
 _READ_SIZE: Final = 16384
 
 
-def _read_bytes(path: str) -> bytes | None:
+def _read_bytes(path: str, *, one_record: bool = False) -> bytes | None:
     # os.open and os.read rather than open(): a buffered file object costs
-    # an fstat, a second read to see the end, and the object itself, on a
-    # path taken for every process a scan looks at.
+    # an fstat and the object itself, on a path taken for every process a
+    # scan looks at. Read to the empty read: a seq_file (the socket tables,
+    # children) hands out about a page per read, so a short read is not the
+    # end. One record (stat) is made whole at the first read, and is never
+    # near the size asked.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -145,7 +145,7 @@ def _read_bytes(path: str) -> bytes | None:
         return None
     try:
         data = os.read(fd, _READ_SIZE)
-        if len(data) < _READ_SIZE:
+        if one_record or not data:
             return data
         chunks = [data]
         while data:
@@ -158,8 +158,8 @@ def _read_bytes(path: str) -> bytes | None:
         os.close(fd)
 
 
-def _read_text(path: str) -> str | None:
-    data = _read_bytes(path)
+def _read_text(path: str, *, one_record: bool = False) -> str | None:
+    data = _read_bytes(path, one_record=one_record)
     return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
@@ -173,7 +173,7 @@ def read_stat(proc_root: str, pid: int) -> ProcStat | None:
     Returns:
         The parsed stat, or ``None`` if the process is gone or unreadable.
     """
-    text = _read_text(f"{proc_root}/{pid}/stat")
+    text = _read_text(f"{proc_root}/{pid}/stat", one_record=True)
     if not text:
         return None
     try:
