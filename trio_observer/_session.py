@@ -101,6 +101,8 @@ class Session:
             # Orphans of the tree come to this process (child subreaper):
             # recognise them by the session id, and reap them as they exit.
             adopt_marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
+            # With a cgroup, membership is the cgroup's: exact, marker or not.
+            cgroup=lambda: None if self._containment is None else self._containment.group,
             reap_adopted=True,
         )
         # Shielded: a cancelled session still has its teardown to report
