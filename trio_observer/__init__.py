@@ -28,6 +28,7 @@ from ._events import TerminationOutcome as TerminationOutcome
 from ._expect import ExpectEOF as ExpectEOF
 from ._expect import ExpectMatch as ExpectMatch
 from ._expect import ExpectTimeout as ExpectTimeout
+from ._limits import Limits as Limits
 from ._otel import OTelExporter as OTelExporter
 from ._otel import OTelExportStatus as OTelExportStatus
 from ._output import OutputLog as OutputLog
@@ -64,6 +65,7 @@ __all__ = [
     "ExpectEOF",
     "ExpectMatch",
     "ExpectTimeout",
+    "Limits",
     "MissedBytes",
     "MissedEvents",
     "OTelExportStatus",

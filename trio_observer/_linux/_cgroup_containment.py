@@ -13,13 +13,16 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import trio
 
 from .._grace import Grace, terminate_then_kill
 from . import _cgroup
 from ._cgroup import Cgroup, CgroupUnavailableError
+
+if TYPE_CHECKING:
+    from .._limits import Limits
 
 _BATCH = 64
 """Leaves of reaped processes removed together (see ``release``)."""
@@ -61,7 +64,7 @@ class CgroupContainment:
         self._spare: tuple[str, int] | None = None
         self._made = 0
 
-    def place(self, pid: int) -> Cgroup:
+    def place(self, pid: int, limits: Limits | None = None) -> Cgroup:
         """Move ``pid`` (and any child it already has) into a leaf of its own.
 
         Called right after the vfork-based spawn returns: the window in which
@@ -69,7 +72,10 @@ class CgroupContainment:
         write, before the program's own start-up has run. The leaf was made
         (and its ``cgroup.procs`` opened) after the previous placement, so
         the window is one ``write``; the next leaf is made after it, while
-        this child is still starting up.
+        this child is still starting up. ``limits`` are written on the leaf
+        before the move, so the process never runs in it unlimited (their
+        controllers were enabled before the spawn, see
+        ``_cgroup_limits.prepare``).
 
         Raises:
             trio.ClosedResourceError: The containment was closed.
@@ -78,11 +84,14 @@ class CgroupContainment:
         assert self._spare is not None
         name, procs_fd = self._spare
         self._spare = None
+        leaf = Cgroup(self.group.path / name)
         try:
+            if limits is not None:
+                leaf.set_limits(limits)
             _cgroup.move_tree(procs_fd, pid)
         finally:
             os.close(procs_fd)
-        leaf = self._leaves[pid] = Cgroup(self.group.path / name)
+        self._leaves[pid] = leaf
         # Removing leaves waits for the kernel's cgroup lock, which a
         # removal holds a while after it returns: in batches, after the move.
         if len(self._released) >= _BATCH:
