@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Literal, final
+from typing import TYPE_CHECKING, Literal, final
 
 import trio
 
 from ._checks import check_int
 from ._cursor import OutputCursor
-from ._expect import ExpectMatch, Pattern, compile_patterns, deadline, search
 from ._sink import ObserverBackpressure, check_backpressure
 from ._tee import ByteTee
+
+if TYPE_CHECKING:
+    # At run time imported by expect() and wait_for_idle(): a session whose
+    # output nobody searches does not load it (nor does every CLI run).
+    from ._expect import ExpectMatch, Pattern
 
 _READ_SIZE = 65536
 # Reads shorter than this are gathered into one tail buffer instead of being
@@ -404,6 +408,8 @@ class OutputLog:
             outside ``0..total_bytes``; ``timeout`` is negative; the list
             of patterns is empty.
         """
+        from ._expect import compile_patterns, search
+
         patterns, _ = compile_patterns(pattern, encoding)
         position = self._resolve_since(since)
         found = await search(self, pattern, patterns, position, timeout, encoding)
@@ -451,6 +457,8 @@ class OutputLog:
         """
         if not quiet >= 0:
             raise ValueError(f"quiet must be a number of seconds >= 0, not {quiet!r}")
+        from ._expect import deadline
+
         timeout_at = deadline("timeout", timeout)
         if self._last_feed is None:
             self._last_feed = trio.current_time()

@@ -7,12 +7,11 @@ import subprocess
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import trio
 
 from . import _run_process
-from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_seconds
 from ._events import (
     EventCategory,
@@ -45,6 +44,9 @@ from ._pty import PtySize
 from ._registry import ObserverRegistry
 from ._sink import ObserverSubscriberId
 from ._start_args import StartArguments, check_start_arguments
+
+if TYPE_CHECKING:
+    from ._capabilities import CapabilityReport
 
 _MIN_DRAIN_SECONDS = 1.0
 """How long, at least, the tree observer may wait on a full BLOCK sink for
@@ -719,6 +721,9 @@ def _refuse_unavailable(categories: frozenset[EventCategory]) -> None:
     if categories <= {EventCategory.LIFECYCLE}:
         return
     if _capabilities is None:
+        # Imported here: a session that wants only LIFECYCLE never needs it.
+        from ._capabilities import negotiate_capabilities
+
         _capabilities = negotiate_capabilities()
     for category in categories:
         _capabilities.require(category)
