@@ -1,8 +1,9 @@
 """What ``import trio_observer`` and a plain ``trio-observer run`` must not import.
 
 The tree observer's parts are imported when a tree category is wanted (or
-descendants are tracked); the daemon, OpenTelemetry export, expect, the
-terminal code and the capability probes when something uses them. So the
+descendants are tracked); the daemon, OpenTelemetry export, expect, output
+cursors and tees, the terminal code and the capability probes when
+something uses them. So the
 CLI's start-up, and every session nobody observes, does not pay for them.
 Checked in a fresh interpreter: this one has them imported already by other
 tests.
@@ -31,6 +32,9 @@ _UNNEEDED = (
     "trio_observer._daemon._client",
     "trio_observer._daemon._server",
     "trio_observer._expect",
+    "trio_observer._cursor",
+    "trio_observer._lines",
+    "trio_observer._tee",
     "trio_observer._capabilities",
     "trio_observer._terminal",
     "trio_observer._cli._daemon",

@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING, Literal, final
 import trio
 
 from ._checks import check_int
-from ._cursor import OutputCursor
 from ._sink import ObserverBackpressure, check_backpressure
-from ._tee import ByteTee
 
 if TYPE_CHECKING:
-    # At run time imported by expect() and wait_for_idle(): a session whose
-    # output nobody searches does not load it (nor does every CLI run).
+    # At run time each is imported by the methods that make one (cursor,
+    # open_tee, expect, wait_for_idle): a program that captures nothing,
+    # such as every CLI run, does not load them.
+    from ._cursor import OutputCursor
     from ._expect import ExpectMatch, Pattern
+    from ._tee import ByteTee
 
 _READ_SIZE = 65536
 # Reads shorter than this are gathered into one tail buffer instead of being
@@ -336,6 +337,8 @@ class OutputLog:
           ValueError: ``start`` is another string, or an offset outside
             ``0..total_bytes``.
         """
+        from ._cursor import OutputCursor
+
         if start == "oldest":
             return OutputCursor(self, self._start)
         if start == "now":
@@ -428,6 +431,8 @@ class OutputLog:
     def _resolve_since(self, since: OutputCursor | int | None) -> int:
         if since is None:
             return self.expect_position
+        from ._cursor import OutputCursor
+
         if isinstance(since, OutputCursor):
             if since._log is not self:
                 raise ValueError("since: the cursor belongs to another OutputLog")
@@ -516,6 +521,8 @@ class OutputLog:
             an :class:`ObserverBackpressure`.
           ValueError: ``capacity`` is less than 1.
         """
+        from ._tee import ByteTee
+
         check_int("capacity", capacity, minimum=1)
         check_backpressure(backpressure)
         tee = ByteTee(
