@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from trio_observer import Limits
 from trio_observer._linux import _cgroup
 from trio_observer._linux._cgroup import Cgroup, CgroupUnavailableError
 
@@ -270,7 +271,7 @@ def test_limits_without_controllers_say_what_is_missing(session_group: Cgroup) -
     if "pids" in offered:
         pytest.skip("pids is enabled here; the error path needs it absent")
     with pytest.raises(CgroupUnavailableError, match=r"pids\.max.*pids controller"):
-        leaf.set_limits(pids_max=10)
+        leaf.set_limits(Limits(pids_max=10))
 
 
 @needs_cgroup
@@ -280,7 +281,7 @@ async def test_pids_max_contains_a_fork_loop(session_group: Cgroup) -> None:
     except CgroupUnavailableError as exc:
         pytest.skip(f"pids controller cannot be enabled here: {exc}")
     leaf = session_group.leaf("p")
-    leaf.set_limits(pids_max=20)
+    leaf.set_limits(Limits(pids_max=20))
     child = _spawn(
         "import os, sys\nn = 0\nwhile True:\n"
         "    try:\n        pid = os.fork()\n    except OSError:\n        break\n"

@@ -11,7 +11,7 @@ import pytest
 
 import trio_observer._linux
 from trio_observer import CapabilitySupport, negotiate_capabilities
-from trio_observer._linux import _cgroup
+from trio_observer._linux import _cgroup, limit_support
 from trio_observer._linux._procfs import read_stat
 
 SUPPORT = _cgroup.probe()
@@ -27,15 +27,19 @@ def test_containment_row_is_cgroup_where_one_can_be_made() -> None:
     assert held.support is CapabilitySupport.SUPPORTED
     assert held.path == str(SUPPORT.parent)
     assert held.controllers == tuple(sorted(SUPPORT.controllers))
-    limit_controllers = {"memory", "pids", "cpu"} & SUPPORT.controllers
-    if limit_controllers:
-        assert held.limits.startswith("available: ")
-        for name in limit_controllers:
-            assert f"{name}.max" in held.limits
-    else:
-        # This machine's cgroup offers only hugetlb: the report says so.
-        assert held.limits.startswith("none: ")
-        assert f"offers only {', '.join(sorted(SUPPORT.controllers)) or 'none'}" in held.limits
+    # Each limit a session could set is listed, each other one with why not
+    # (on the development machine: bound to cgroup v1, with its mount).
+    reasons = limit_support(SUPPORT)
+    usable = [name for name, why in reasons.items() if why is None]
+    assert held.limits.startswith("available: " if usable else "none: ")
+    for name, why in reasons.items():
+        if why is None:
+            assert f"{name} ({name}.max)" in held.limits
+        else:
+            assert f"{name}.max: {why}" in held.limits
+            bound = _cgroup.v1_mount(name)
+            if name not in SUPPORT.controllers and bound is not None:
+                assert f"bound to cgroup v1 (mounted at {bound})" in why
 
 
 def test_without_a_cgroup_the_row_says_what_would_make_one(

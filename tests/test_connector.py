@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from tests._fakeproc import FakeProc
-from tests._tree_helpers import PROCESS, Collector, child, observing
+from tests._tree_helpers import PROCESS, Collector, child, observing, settle
 from trio_observer._events import EventCategory, EventGrade, ObserverEventKind
 from trio_observer._linux._connector import (
     PROC_CN_MCAST_LISTEN,
@@ -227,6 +227,39 @@ async def test_overrun_is_reported_counted_and_resynchronised(tmp_path: Path) ->
         (K.DESCENDANT_STARTED, 102),
         (K.DESCENDANT_EXITED, 101),
     ]
+
+
+async def test_process_only_sleeps_until_a_record_and_wakes_for_files(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # With PROCESS alone the connector says everything: no timer may be
+    # armed (a wake-up every interval costs a busy machine's CPU for
+    # nothing). Wanting FILE later must start the scans on the clock at
+    # once, without waiting for some record to arrive.
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = TreeObserver(
+        emit=collector.emit,
+        categories=PROCESS,
+        proc_root=proc.path,
+        backend="connector",
+        connector_factory=lambda: sock,
+        poll_interval=1.0,
+    )
+    observer.add_root(100)
+    async with observing(observer):
+        mock_clock.jump(1.0)
+        await settle()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == float("inf")
+        proc.set_fd(100, 3, "/data/a")
+        observer.set_categories(frozenset({EventCategory.PROCESS, EventCategory.FILE}))
+        await settle()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline <= 1.0
+        mock_clock.jump(1.0)
+        await settle()
+        assert [(e.kind, e.path) for e in collector.events] == [(K.FILE_OPEN, "/data/a")]
 
 
 async def test_threads_strangers_and_an_exit_before_its_fork(tmp_path: Path) -> None:

@@ -33,13 +33,24 @@ class DaemonProcess:
         self.process = process
 
 
-def start_daemon(path: Path) -> DaemonProcess:
+def start_daemon(path: Path, *options: str, env: dict[str, str] | None = None) -> DaemonProcess:
     read_fd, write_fd = os.pipe()
     process = subprocess.Popen(
-        [PY, "-m", "trio_observer", "daemon", "--socket", str(path), "--ready-fd", str(write_fd)],
+        [
+            PY,
+            "-m",
+            "trio_observer",
+            "daemon",
+            "--socket",
+            str(path),
+            "--ready-fd",
+            str(write_fd),
+            *options,
+        ],
         pass_fds=[write_fd],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
     )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:
@@ -440,6 +451,11 @@ async def test_block_subscription_without_client_is_removed_after_detach_timeout
             assert received == status["delivered_events"] == 1
             assert resumed.end is not None
             assert resumed.end["status"]["ended"] is True
+            # Drained after its removal: its end frame said why; it is no
+            # longer listed.
+            assert resumed.end["status"]["removed"].startswith("detach timeout")
+            with pytest.raises(DaemonError, match="no-such-subscription"):
+                await client.subscription_status(sub_id)
 
 
 async def test_frames_lost_in_a_dying_connection_are_resent_or_counted(
@@ -550,3 +566,22 @@ async def test_a_connection_reset_by_its_client_leaves_the_daemon_serving(
         async with trio_observer.connect(daemon.path, autostart=False) as client:
             await client.create_session("default")
         assert daemon.process.poll() is None
+
+
+async def test_cancelling_a_stream_leaves_the_connection_in_step(
+    daemon: DaemonProcess,
+) -> None:
+    """Found by the fuzz: a cancel that landed in the middle of a write
+    closed the whole connection; the daemon now finishes the frame."""
+    script = "import sys; sys.stdout.write('x' * 3_000_000); sys.stdout.flush()"
+    with trio.fail_after(120):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.start([PY, "-c", script], name="big", backlog_bytes=3_000_000)
+            await client.wait("big")
+            for _ in range(10):
+                stream = await client.stream("output", process="big")
+                first = await stream.__anext__()
+                assert first["offset"] == 0
+                # Cancelled while the daemon writes the other frames.
+                await stream.aclose()
+                assert "pid" in await client.status()

@@ -17,6 +17,7 @@ LAYERS = {
     "_events": 0,
     "_checks": 0,
     "_grace": 0,
+    "_limits": 0,
     "_sink": 1,
     "_pty": 1,
     "_linux": 1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import sys
 
 import pytest
 import trio
@@ -170,6 +171,73 @@ async def test_an_abandoned_lines_iterator_is_finalized_quietly() -> None:
         break
     gc.collect()
     await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_lines_loop_leaves_trio_s_async_generator_hooks_in_place() -> None:
+    # Each loop steps its generator once with the hooks swapped out; they
+    # must be trio's again right after, for every other async generator.
+    hooks = sys.get_asyncgen_hooks()
+    assert hooks.finalizer is not None  # trio's
+    log = OutputLog()
+    log.feed_nowait(b"a\n")
+    lines = log.cursor().lines()
+    loop = aiter(lines)
+    assert sys.get_asyncgen_hooks() == hooks
+    assert await anext(loop) == "a"
+    assert sys.get_asyncgen_hooks() == hooks
+
+
+async def test_a_lines_loop_cancelled_while_waiting_resumes_in_the_next_loop() -> None:
+    log = OutputLog()
+    lines = log.cursor().lines()
+    got: list[str | OutputGap] = []
+    log.feed_nowait(b"one\ntwo\npart")
+    with trio.CancelScope() as scope:
+        async for line in lines:
+            got.append(line)
+            if line == "two":
+                # The next step has to wait for a chunk: it is cancelled there.
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert got == ["one", "two"]
+    log.feed_nowait(b"ial\nthree\n")
+    log.close()
+    assert [line async for line in lines] == ["partial", "three"]
+
+
+async def test_a_lines_loop_checkpoints_per_chunk_not_per_buffered_line() -> None:
+    # The contract of test_lines_checkpoints_per_chunk_not_per_buffered_line,
+    # through async for (which runs on a generator, not on __anext__).
+    log = OutputLog()
+    log.feed_nowait(b"one\ntwo\nthree\n")
+    lines = log.cursor().lines()
+    got: list[str | OutputGap] = []
+    with trio.CancelScope() as scope:
+        async for line in lines:
+            got.append(line)
+            if line == "one":
+                log.feed_nowait(b"four\n")  # a chunk of its own
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert got == ["one", "two", "three"]
+    log.close()
+    assert [line async for line in lines] == ["four"]
+
+
+async def test_stepping_by_hand_and_looping_share_one_position() -> None:
+    log = OutputLog()
+    log.feed_nowait(b"a\nb\nc\n")
+    log.feed_nowait(b"d\n" * 2048)  # another chunk (4 KiB: kept as its own)
+    log.close()
+    lines = log.cursor().lines()
+    assert await lines.__anext__() == "a"
+    async for line in lines:
+        assert line == "b"
+        break
+    assert await lines.__anext__() == "c"
+    assert [line async for line in lines] == ["d"] * 2048
+    with pytest.raises(StopAsyncIteration):
+        await lines.__anext__()
 
 
 # -- line_batches ----------------------------------------------------------

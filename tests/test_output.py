@@ -272,6 +272,19 @@ async def test_expect_literal_straddling_chunks() -> None:
     assert log.snapshot()[match.start : match.end] == b"ready"
 
 
+async def test_expect_takes_a_string_literally_and_a_compiled_regex_as_a_regex() -> None:
+    # Unlike pexpect's expect(), which compiles a str: here "1+1" is text.
+    log = OutputLog()
+    log.feed_nowait(b"11 then 1+1=2\n")
+    log.close()
+    literals: list[str | bytes] = ["1+1", b"1+1"]
+    for literal in literals:
+        match = await log.expect(literal, since=0)
+        assert (match.start, match.data, match.match) == (8, b"1+1", None)
+    regex = await log.expect(re.compile(rb"1+"), since=0)
+    assert (regex.start, regex.data) == (0, b"11")
+
+
 async def test_expect_regex_and_chaining_with_since() -> None:
     log = OutputLog()
     log.feed_nowait(b"port=80")
@@ -409,6 +422,25 @@ async def test_wait_for_idle_waits_out_the_last_burst(
         await log.wait_for_idle(1.0)
         # Last output at +2.0, then one quiet second.
         assert trio.current_time() - start == pytest.approx(3.0)
+
+
+async def test_the_pump_dates_each_read_by_the_run_s_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # pump_stream reads the clock through its own method (not through
+    # feed_nowait): idle detection must still follow the run's MockClock.
+    log = OutputLog()
+    send, receive = trio.testing.lockstep_stream_one_way_pair()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump_stream, receive, log)
+        await send.send_all(b"first")
+        await trio.sleep(3)
+        await send.send_all(b"second")  # lockstep: the pump has taken it
+        await log.wait_for_idle(5.0)
+        assert trio.current_time() - start == pytest.approx(8.0)
+        await send.aclose()
+    assert log.snapshot() == b"firstsecond"
 
 
 async def test_wait_for_idle_returns_at_once_when_already_quiet(

@@ -26,6 +26,7 @@ from trio_observer._linux._procfs import (
     read_children,
     read_cmdline,
     read_fds,
+    read_proc_file,
     read_stat,
     scan_all,
 )
@@ -251,3 +252,23 @@ def test_read_socket_tables_sees_a_real_listener() -> None:
         assert entry.protocol == "tcp"
         assert entry.role == "listen"
         assert entry.local_address == f"127.0.0.1:{port}"
+
+
+def test_a_table_longer_than_a_page_is_read_whole() -> None:
+    # The kernel hands out a seq_file (a socket table, a children list)
+    # about a page per read: a short read is not the end of it.
+    listeners = []
+    try:
+        for _ in range(80):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            listeners.append(listener)
+        text = read_proc_file(f"/proc/{os.getpid()}/net/tcp")
+        assert text is not None
+        assert len(text.encode()) > 3 * 4096
+        table = parse_inet_table(text, "tcp")
+        assert {os.fstat(s.fileno()).st_ino for s in listeners} <= table.keys()
+    finally:
+        for listener in listeners:
+            listener.close()

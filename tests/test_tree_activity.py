@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,8 +21,11 @@ from tests._tree_helpers import (
     settle,
 )
 from trio_observer._events import EventCategory
-from trio_observer._linux import _activity
+from trio_observer._linux import _activity, _cgroup
 from trio_observer._linux._activity import VERIFY_EVERY, ActivityWatch
+from trio_observer._linux._cgroup import Cgroup
+from trio_observer._linux._procfs import read_stat
+from trio_observer._linux._tree import TreeObserver
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -49,9 +52,19 @@ async def sleepers(count: int) -> AsyncIterator[list[trio.Process]]:
 
 async def until_quiet(watch: ActivityWatch, pids: list[int]) -> None:
     # Python is still starting up at first; a real process's state has no
-    # trio event to wait on.
+    # trio event to wait on. Asleep first: two equal reads alone can be a
+    # process that waited for a CPU of this busy machine in between.
+    for pid in pids:
+        await asleep(pid)
     with trio.fail_after(20):
         while watch.update(pids) != set(pids):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def asleep(pid: int) -> None:
+    # Blocked in its read of stdin: it cannot run until it is sent a line.
+    with trio.fail_after(20):
+        while (stat := read_stat("/proc", pid)) is None or stat.state != "S":  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 
@@ -205,3 +218,104 @@ async def test_a_real_sleeping_process_is_quiet_until_it_runs() -> None:
             assert await proc.receive_line() == "ack"
         # It ran after the last look: active, whatever state it is in now.
         assert watch.update([proc.pid]) == set()
+
+
+CGROUP = _cgroup.probe()
+needs_cgroup = pytest.mark.skipif(
+    not CGROUP.available, reason=f"no writable cgroup v2 hierarchy: {CGROUP.reason}"
+)
+
+# Opens the file named on each line it reads, keeps it open, and says so.
+OPENER = """
+import sys
+held = []
+print("ready", flush=True)
+for line in sys.stdin:
+    held.append(open(line.strip()))
+    print("opened", flush=True)
+"""
+
+
+@asynccontextmanager
+async def in_a_cgroup(pid: int) -> AsyncIterator[Cgroup]:
+    assert CGROUP.parent is not None
+    group = Cgroup.create_session(CGROUP.parent, "feedbeef")
+    try:
+        group.leaf(f"p{pid}").place(pid)
+        yield group
+    finally:
+        group.kill()
+        with trio.CancelScope(shield=True), trio.fail_after(10):
+            await group.wait_empty()
+        group.remove()
+
+
+@needs_cgroup
+@pytest.mark.usefixtures("no_leaks")
+async def test_the_cgroup_check_sees_a_run_and_is_bounded() -> None:
+    watch = ActivityWatch("/proc", verify_every=5)
+    try:
+        async with child(OPENER) as proc, in_a_cgroup(proc.pid) as group:
+            assert await proc.receive_line() == "ready"
+            cpu_stat = str(group.path / "cpu.stat")
+            await asleep(proc.pid)
+            assert not watch.group_unchanged(cpu_stat)  # the first read: a baseline
+            assert watch.group_unchanged(cpu_stat)
+            await proc.send("/dev/zero")
+            assert await proc.receive_line() == "opened"
+            await asleep(proc.pid)
+            # It ran (and has left its CPU, so its time is added).
+            assert not watch.group_unchanged(cpu_stat)
+            # At most verify_every passes in a row are skipped.
+            for _ in range(5):
+                assert watch.group_unchanged(cpu_stat)
+                watch.skip_pass()
+            assert not watch.group_unchanged(cpu_stat)
+            watch.update([])
+            assert watch.group_unchanged(cpu_stat)
+            watch.forget_all()
+            assert not watch.group_unchanged(cpu_stat)  # a new baseline
+    finally:
+        watch.forget_all()
+
+
+@needs_cgroup
+@pytest.mark.usefixtures("no_leaks")
+async def test_a_quiet_cgroup_skips_passes_and_loses_no_open(tmp_path: Path) -> None:
+    opened_file = tmp_path / "data"
+    opened_file.touch()
+    collector = Collector()
+    async with child(OPENER) as proc, in_a_cgroup(proc.pid) as group:
+        observer = TreeObserver(
+            emit=collector.emit,
+            categories=frozenset({EventCategory.PROCESS, EventCategory.FILE}),
+            backend="poll",
+            cgroup=lambda: group,
+        )
+        observer.add_root(proc.pid)
+        assert await proc.receive_line() == "ready"
+        await asleep(proc.pid)
+        await observer._pass(scan_tree=True)
+
+        async def passes_until(done: Callable[[int], bool]) -> None:
+            with trio.fail_after(20):
+                while True:
+                    before = observer.statistics().polls
+                    await observer._pass(scan_tree=True, may_skip=True)
+                    if done(observer.statistics().polls - before):
+                        return
+                    await trio.sleep(0.01)
+
+        # Asleep in its read: the passes read nothing but cpu.stat.
+        await observer._pass(scan_tree=True, may_skip=True)
+        assert observer.statistics().polls == 1
+        await observer._pass(scan_tree=True, may_skip=True)
+        assert observer.statistics().polls == 1
+        await proc.send(str(opened_file))
+        assert await proc.receive_line() == "opened"
+        await passes_until(lambda read: any(e.path == str(opened_file) for e in collector.events))
+        opened = [
+            e for e in collector.events if e.kind is K.FILE_OPEN and e.path == str(opened_file)
+        ]
+        assert [(e.pid, e.path) for e in opened] == [(proc.pid, str(opened_file))]
+        observer._activity.forget_all()  # what run() does when it stops

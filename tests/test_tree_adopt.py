@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from subprocess import PIPE
 
 import pytest
 import trio
 import trio.testing
 
+import trio_observer
 from tests._tree_helpers import PROCESS, PY, Collector, K, observing
+from trio_observer import EventCategory, ObserverEvent
 from trio_observer._events import EventGrade
+from trio_observer._linux import _cgroup, _connector
+from trio_observer._linux._connector import ConnectorUnavailableError
 from trio_observer._linux._procfs import read_stat
 from trio_observer._linux._tree import TreeObserver
 
@@ -170,3 +175,57 @@ async def test_unmarked_orphans_are_not_adopted(mock_clock: trio.testing.MockClo
                 if stream is not None:
                     await stream.aclose()
             libc.prctl(36, was.value, 0, 0, 0)
+
+
+# The root stays; its child double-forks out of the root's group and session
+# with an empty environment (no marker) and leaves the grandchild orphaned
+# (re-parented to the session, a child subreaper) before any scan can see it
+# under its parent. The grandchild's command line carries a token to find it.
+DOUBLE_FORK_ROOT = """
+import subprocess, sys, time
+grandchild = "import os, sys, time\\nif os.fork():\\n    os._exit(0)\\ntime.sleep(60)\\n"
+subprocess.run(["env", "-i", "setsid", sys.executable, "-c", grandchild, sys.argv[1]])
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not _cgroup.probe().available, reason="no writable cgroup v2 hierarchy here")
+async def test_cgroup_membership_finds_an_env_i_setsid_double_fork(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Polling, as without CAP_NET_ADMIN: the connector would see the forks.
+    def refuse(*, ack_timeout: float = 1.0) -> None:
+        raise ConnectorUnavailableError("refused by the test: polling")
+
+    monkeypatch.setattr(_connector, "open_connector_socket", refuse)
+    token = f"token-{os.getpid()}-{tmp_path.name}"
+    async with (
+        trio_observer.open_session(
+            containment="cgroup", track_descendants=True, grace_period=1, poll_interval=0.05
+        ) as session,
+        session.observers.subscribe([EventCategory.PROCESS], capacity=1024) as events,
+    ):
+        root = await session.start_process([PY, "-c", DOUBLE_FORK_ROOT, token])
+        with trio.fail_after(30):
+            async for event in events:
+                assert isinstance(event, ObserverEvent)
+                if (
+                    event.kind is K.DESCENDANT_STARTED
+                    and event.argv is not None
+                    and token in event.argv
+                    and event.ppid != root.pid  # the orphan, not the intermediate
+                ):
+                    break
+        assert session._tree.statistics().backend == "poll"
+        stat = read_stat("/proc", event.pid)
+        assert stat is not None
+        # Out of the root's group and session, and not its child any more.
+        assert (stat.ppid, stat.pgid == root.pid, stat.sid == root.pid) == (
+            os.getpid(),
+            False,
+            False,
+        )
+        assert event.root_pid == root.pid
+        assert event.pid in session._tree.known_descendants()
+        # The root (and, by the cgroup, the grandchild) ends with the session.
+        root.kill()

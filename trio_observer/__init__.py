@@ -37,6 +37,7 @@ if _typing.TYPE_CHECKING:
     from ._expect import ExpectEOF as ExpectEOF
     from ._expect import ExpectMatch as ExpectMatch
     from ._expect import ExpectTimeout as ExpectTimeout
+    from ._limits import Limits as Limits
     from ._otel import OTelExporter as OTelExporter
     from ._otel import OTelExportStatus as OTelExportStatus
     from ._output import OutputLog as OutputLog
@@ -73,6 +74,7 @@ _MODULE_OF: dict[str, str] = {
     "ExpectEOF": "._expect",
     "ExpectMatch": "._expect",
     "ExpectTimeout": "._expect",
+    "Limits": "._limits",
     "MissedBytes": "._tee",
     "MissedEvents": "._subscription",
     "OTelExportStatus": "._otel",
@@ -120,6 +122,7 @@ __all__ = [
     "ExpectEOF",
     "ExpectMatch",
     "ExpectTimeout",
+    "Limits",
     "MissedBytes",
     "MissedEvents",
     "OTelExportStatus",

@@ -95,8 +95,10 @@ class ContainmentCapability:
     controllers: tuple[str, ...] = ()
     """The cgroup controllers that cgroup offers its children, sorted."""
     limits: str = "limits need cgroup containment"
-    """Which limits (``memory.max``, ``pids.max``, ``cpu.max``) can be set,
-    or why none can."""
+    """Which limits (``memory.max``, ``pids.max``, ``cpu.max``) a session
+    could set (``available: ...``), and for each one it could not, why: the
+    checks ``limits=`` makes, without writing. On a hybrid machine, for
+    example, a controller bound to cgroup v1 is named with its v1 mount."""
 
 
 PROCESS_GROUP_CONTAINMENT: Final = ContainmentCapability(
@@ -185,13 +187,20 @@ def _connector_reason(proc_root: str) -> str | None:
     return probe_connector()
 
 
-_LIMIT_CONTROLLERS: Final = {"memory": "memory.max", "pids": "pids.max", "cpu": "cpu.max"}
+def _limits_line(reasons: Mapping[str, str | None]) -> str:
+    from ._linux import LIMIT_FILES
+
+    usable = [f"{name} ({LIMIT_FILES[name]})" for name, why in reasons.items() if why is None]
+    refused = [f"{LIMIT_FILES[name]}: {why}" for name, why in reasons.items() if why is not None]
+    if not usable:
+        return "none: " + "; ".join(refused)
+    return "available: " + ", ".join(usable) + "".join(f"; not {r}" for r in refused)
 
 
 def _containment() -> ContainmentCapability:
     if not sys.platform.startswith("linux"):
         return PROCESS_GROUP_CONTAINMENT
-    from ._linux import probe_cgroup
+    from ._linux import limit_support, probe_cgroup
 
     support = probe_cgroup()
     if not support.available:
@@ -201,18 +210,6 @@ def _containment() -> ContainmentCapability:
             f"{PROCESS_GROUP_CONTAINMENT.reason}; no cgroup containment: {support.reason}",
             limits=f"limits need cgroup containment, which is not available: {support.reason}",
         )
-    offered = sorted(support.controllers)
-    usable = [
-        f"{name} ({_LIMIT_CONTROLLERS[name]})" for name in offered if name in _LIMIT_CONTROLLERS
-    ]
-    if usable:
-        limits = "available: " + ", ".join(usable)
-    else:
-        limits = (
-            "none: memory, pids and cpu limits need those controllers in "
-            f"{support.parent}/cgroup.controllers, which offers only "
-            f"{', '.join(offered) or 'none'}"
-        )
     kill = "cgroup.kill" if support.kill else "SIGKILL to every member while frozen"
     return ContainmentCapability(
         "cgroup",
@@ -220,8 +217,8 @@ def _containment() -> ContainmentCapability:
         "every descendant stays in the session's cgroup whatever it does to its group, "
         f"session or environment; stopped by freeze, SIGTERM, then {kill}",
         path=str(support.parent),
-        controllers=tuple(offered),
-        limits=limits,
+        controllers=tuple(sorted(support.controllers)),
+        limits=_limits_line(limit_support(support)),
     )
 
 

@@ -134,10 +134,13 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
         output that never sends a ``"\\n"``, such as a progress bar
         redrawn with ``"\\r"``, cannot pile up unbounded.
 
-        Each line costs one ``async for`` step (a coroutine, about 0.1 us
-        on CPython 3.11), more than iterating a file object costs per line;
-        when throughput matters, use :meth:`line_batches`, which awaits
-        once per chunk.
+        A line already decoded is served without a checkpoint; reading the
+        next chunk from the cursor is one (a cancellation point and a
+        schedule point), so a loop lets other tasks run, and can be
+        cancelled, once per chunk (up to 64 KiB), and whenever it waits.
+        Each line still costs one ``async for`` step, more than iterating a
+        file object costs per line; when throughput matters, use
+        :meth:`line_batches`, which steps once per chunk.
 
         Args:
           encoding: A codec name known to :mod:`codecs`.

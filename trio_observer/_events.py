@@ -112,8 +112,8 @@ class ResourceUsage:
     """What a process (or a session) cost, as far as the kernel says.
 
     Every field is ``None`` where the kernel does not give it here: the
-    ``cgroup_*`` fields need cgroup containment, ``memory_peak_bytes`` and
-    ``pids_peak`` also the memory and pids controllers.
+    ``cgroup_*`` fields need cgroup containment, ``memory_peak_bytes``,
+    ``oom_kills`` and ``pids_peak`` also the memory and pids controllers.
     """
 
     user_seconds: float | None = None
@@ -132,6 +132,10 @@ class ResourceUsage:
     """Peak memory of the tree (``memory.peak``)."""
     pids_peak: int | None = None
     """Peak number of processes in the tree (``pids.peak``)."""
+    oom_kills: int | None = None
+    """Processes of the tree the kernel's OOM killer killed (``oom_kill`` of
+    ``memory.events``), for example above a ``Limits.memory_max``; when the
+    process's own exit code is also ``-9`` (SIGKILL), it was most likely one."""
 
     def to_dict(self) -> dict[str, float | int]:
         """Return the fields that have a value: the JSON form of ``resources``."""

@@ -12,6 +12,8 @@ it imports ``_cursor`` for type checking only, so ``_cursor`` can import it.
 from __future__ import annotations
 
 import codecs
+import sys
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -177,28 +179,76 @@ class LineBatches:
 class LineReader:
     """The iterator behind :meth:`OutputCursor.lines`: :class:`LineBatches`, one line at a time.
 
-    Each batch is reversed once so that every step while lines are
-    buffered is one ``pop()`` and no await: the ``async for`` protocol
-    itself (a coroutine per step) is then most of the cost per line.
+    ``async for`` runs on an async generator that :meth:`__aiter__` makes
+    afresh for each loop (see :func:`_unhooked`): a step of an async
+    generator that yields a line already in hand is 10 to 40 % cheaper
+    than calling an ``async def __anext__``, which creates a coroutine per
+    step. The state lives here, not in the generator, so a loop left by
+    ``break`` or cancelled while it waited loses nothing, and the next loop
+    over this object goes on where it stopped. :meth:`__anext__`, for
+    callers that step by hand, serves the same lines.
     """
 
     __slots__ = ("_batches", "_ready")
 
     def __init__(self, batches: LineBatches) -> None:
         self._batches = batches
-        self._ready: list[str] = []
+        # The rest of the current batch: an iterator, so that a generator
+        # left in the middle of a batch leaves its position here.
+        self._ready: Iterator[str] = iter(())
 
-    def __aiter__(self) -> LineReader:
-        return self
+    def __aiter__(self) -> AsyncIterator[str | OutputGap]:
+        return _unhooked(self._serve())
 
     async def __anext__(self) -> str | OutputGap:
-        ready = self._ready
-        if ready:
-            return ready.pop()
+        for line in self._ready:
+            return line
         # StopAsyncIteration from the batches ends this iterator too.
         item = await self._batches.__anext__()
         if isinstance(item, list):
-            item.reverse()
-            self._ready = item
-            return item.pop()
+            self._ready = ready = iter(item)
+            return next(ready)  # a batch is never empty
         return item
+
+    async def _serve(self) -> AsyncGenerator[str | OutputGap, None]:
+        yield ""  # the priming step taken by _unhooked(), never seen by a loop
+        batches = self._batches
+        while True:
+            # No await while lines are in hand: the only checkpoint is
+            # reading the next chunk, in LineBatches (as in __anext__).
+            for line in self._ready:
+                yield line
+            try:
+                item = await batches.__anext__()
+            except StopAsyncIteration:
+                return
+            if isinstance(item, list):
+                self._ready = iter(item)
+            else:
+                yield item
+
+
+def _unhooked(
+    generator: AsyncGenerator[str | OutputGap, None],
+) -> AsyncGenerator[str | OutputGap, None]:
+    """Take the first (priming) step of ``generator`` with no async-generator hooks installed.
+
+    An async generator registers with the event loop's hooks at its first
+    step, and trio's finalizer warns (a ``ResourceWarning``, an error under
+    ``filterwarnings = error``) about each one collected before it was
+    exhausted, which leaving a loop with ``break`` makes normal. Stepped
+    first here, the generator is unknown to trio: when collected it is
+    closed the default way, by ``GeneratorExit`` at its ``yield``, which
+    is all the cleanup it needs (it holds no resource; the state it reads
+    is its :class:`LineReader`'s). The hooks are restored before any other
+    code runs.
+    """
+    hooks = sys.get_asyncgen_hooks()
+    sys.set_asyncgen_hooks(firstiter=None, finalizer=None)
+    try:
+        generator.asend(None).__await__().send(None)
+    except StopIteration:
+        pass
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+    return generator

@@ -214,6 +214,14 @@ class OTelExportStatus:
     refused them or could not be reached)."""
     first_export_error: str | None
     """What went wrong with the first failed batch, for the report."""
+    starts_forgotten: int = 0
+    """Starts no exit was paired with: the exporter remembers at most
+    ``max_tracked`` running processes, and a start beyond that forgets the
+    oldest (its exit was most likely missed), as does a start whose pid the
+    exporter still remembers (the pid was reused). Each is taken off
+    ``trio_observer.processes.running`` when forgotten, so that count is
+    exactly the starts seen minus the exits paired minus this; a forgotten
+    process's exit, if it comes, is counted in ``processes.exited`` only."""
 
 
 @final
@@ -240,10 +248,17 @@ class OTelExporter:
       command_args: Also record ``process.command_args``, the full command
         line. Off by default, as the process semantic conventions ask:
         command lines often carry secrets.
+      max_tracked: How many started, not yet exited processes the exporter
+        remembers, to pair each exit with its start (for the running count
+        and the duration). A process whose exit the exporter missed (its
+        sink was full) would otherwise be remembered for ever; beyond this
+        many, the oldest is forgotten and counted in ``starts_forgotten``.
 
     Raises:
       ImportError: opentelemetry-api is not installed; the message names the
         ``otel`` extra.
+      TypeError, ValueError: ``command_args`` is not a bool, or
+        ``max_tracked`` is not an int >= 1.
     """
 
     def __init__(
@@ -252,9 +267,14 @@ class OTelExporter:
         logger_provider: LoggerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         command_args: bool = False,
+        max_tracked: int = 65536,
     ) -> None:
         if not isinstance(command_args, bool):
             raise TypeError(f"command_args must be a bool, not {command_args!r}")
+        if not isinstance(max_tracked, int) or isinstance(max_tracked, bool):
+            raise TypeError(f"max_tracked must be an int, not {max_tracked!r}")
+        if max_tracked < 1:
+            raise ValueError(f"max_tracked must be >= 1, not {max_tracked}")
         logs_api, metrics_api = _import_api()
         # Absolute, and here: the package is fully imported by now.
         from trio_observer import __version__
@@ -317,7 +337,11 @@ class OTelExporter:
         self._exported = 0
         self._export_failures = 0
         self._first_export_error: str | None = None
-        self._start_ms: dict[int, float] = {}
+        # pid -> start time of the processes seen starting and not exiting,
+        # oldest first (dicts keep insertion order): bounded, see _forget.
+        self._start_ms: dict[int, tuple[float, dict[str, str]]] = {}
+        self._max_tracked = max_tracked
+        self._starts_forgotten = 0
         self._logs: dict[OutputLog, tuple[str, int]] = {}
 
     def status(self) -> OTelExportStatus:
@@ -330,6 +354,7 @@ class OTelExporter:
                 self._exported,
                 self._export_failures,
                 self._first_export_error,
+                self._starts_forgotten,
             )
 
     def count_exports(self, log_exporter: LogRecordExporter) -> LogRecordExporter:
@@ -352,22 +377,33 @@ class OTelExporter:
           ImportError: the SDK is not installed (it is what calls exporters).
         """
         try:
-            from opentelemetry.sdk._logs.export import LogRecordExporter
+            from opentelemetry.sdk._logs import export as sdk_export
         except ImportError as exc:
             raise ImportError(
                 "count_exports() wraps an OpenTelemetry SDK exporter: "
                 "pip install 'trio-observer[otel-cli]'"
             ) from exc
+        # LogRecordExportResult since SDK 1.40; LogExportResult (deprecated
+        # since) before it. Both have SUCCESS and FAILURE.
+        result_type: Any = getattr(sdk_export, "LogRecordExportResult", None)
+        if result_type is None:
+            result_type = sdk_export.LogExportResult
+        failure = result_type.FAILURE
         owner = self
 
-        class CountingExporter(LogRecordExporter):
+        class CountingExporter(sdk_export.LogRecordExporter):
             def export(self, batch: Any) -> Any:
-                result: Any = None
+                # The processor calling us reads a result, never None: an
+                # exception (the receiver unreachable, a bug) is a FAILURE,
+                # counted like one the exporter returned.
                 try:
                     result = log_exporter.export(batch)
-                    error = None if result.name == "SUCCESS" else f"export returned {result.name}"
+                    name = getattr(result, "name", None)
+                    error = None if name == "SUCCESS" else f"export returned {name or repr(result)}"
                 except Exception as exc:
-                    error = repr(exc)
+                    result, error = failure, repr(exc)
+                if error is not None and getattr(result, "name", None) != "FAILURE":
+                    result = failure
                 owner._count_export(len(batch), error)
                 return result
 
@@ -492,7 +528,13 @@ class OTelExporter:
         if event.kind in _STARTS:
             self._running.add(1, category)
             self._started.add(1, category)
-            self._start_ms[event.pid] = event.timestamp_ms
+            if event.pid in self._start_ms:
+                # The pid was reused: the exit of the process that had it
+                # was missed.
+                self._forget(event.pid)
+            elif len(self._start_ms) >= self._max_tracked:
+                self._forget(next(iter(self._start_ms)))
+            self._start_ms[event.pid] = (event.timestamp_ms, category)
         elif event.kind in _EXITS:
             attributes = {**category, "trio_observer.exit.class": exit_class(event.exit_code)}
             if event.termination is not None:
@@ -502,10 +544,15 @@ class OTelExporter:
             if started is not None:
                 # Only a start this exporter saw: an exit whose start was
                 # missed would take the running count below zero.
-                self._running.add(-1, category)
-                self._duration.record(max(0.0, event.timestamp_ms - started) / 1000.0, category)
+                self._running.add(-1, started[1])
+                self._duration.record(max(0.0, event.timestamp_ms - started[0]) / 1000.0, category)
         elif event.kind is ObserverEventKind.OBSERVATION_LOST and event.count:
             self._lost.add(event.count, category)
+
+    def _forget(self, pid: int) -> None:
+        _, category = self._start_ms.pop(pid)
+        self._running.add(-1, category)
+        self._starts_forgotten += 1
 
     def _watch_output(self, session: Session, pid: int) -> None:
         for process in session.processes:

@@ -23,6 +23,12 @@ from ._subscription import MissedEvents, Subscription
 
 _ALL_CATEGORIES: Final = tuple(EventCategory)
 
+# One frozenset per distinct set of categories (there are 16), shared by
+# every sink that wants that set: a set of one costs 216 bytes, more than
+# the pair each route holds per sink, and a sink's size is a documented
+# figure.
+_CATEGORY_SETS: Final[dict[frozenset[EventCategory], frozenset[EventCategory]]] = {}
+
 
 @final
 class ObserverRegistry:
@@ -65,8 +71,8 @@ class ObserverRegistry:
         # The same split in two: plain connected DROP_OLDEST sinks, which
         # emit() serves in a tight loop, and the rest (BLOCK, tagged, or
         # disconnected), which need the general path.
-        self._routes: dict[EventCategory, tuple[tuple[_Sink, ...], tuple[_Sink, ...]]] = (
-            dict.fromkeys(_ALL_CATEGORIES, ((), ()))
+        self._routes: dict[EventCategory, tuple[_Plain, tuple[_Sink, ...]]] = dict.fromkeys(
+            _ALL_CATEGORIES, ((), ())
         )
         # One bound method for every sink to call when it finds its receiver
         # gone, rather than one per sink: a sink's size is a documented figure.
@@ -107,6 +113,7 @@ class ObserverRegistry:
         sink_id, receive_channel = self._add(categories, capacity, backpressure, tagged=False)
         return sink_id, receive_channel  # type: ignore[return-value]
 
+    @trio.lowlevel.enable_ki_protection
     def _add(
         self,
         categories: Iterable[EventCategory],
@@ -115,6 +122,9 @@ class ObserverRegistry:
         *,
         tagged: bool,
     ) -> tuple[ObserverSubscriberId, trio.MemoryReceiveChannel[object]]:
+        # Protected from KeyboardInterrupt, as remove() and close() are: a
+        # sink registered but not yet in the routes would be skipped by
+        # every emit without a count.
         wanted = _check_categories(categories)
         check_int("capacity", capacity, minimum=0)
         check_backpressure(backpressure)
@@ -130,6 +140,7 @@ class ObserverRegistry:
         self._interest_changed()
         return sink_id, receive_channel
 
+    @trio.lowlevel.enable_ki_protection
     def remove(self, sink_id: ObserverSubscriberId) -> bool:
         """Unregister a sink and close its sending side.
 
@@ -254,6 +265,7 @@ class ObserverRegistry:
         """True once :meth:`close` was called."""
         return self._closed
 
+    @trio.lowlevel.enable_ki_protection
     def close(self) -> None:
         """Close every sink's sending side and refuse new sinks.
 
@@ -273,7 +285,7 @@ class ObserverRegistry:
             wanting = tuple(s for s in sinks if category in s.categories)
             self._by_category[category] = wanting
             self._routes[category] = (
-                tuple(s for s in wanting if s.plain),
+                tuple((s, s.send_nowait) for s in wanting if s.plain),
                 tuple(s for s in wanting if not s.plain),
             )
 
@@ -283,7 +295,19 @@ class ObserverRegistry:
             self._on_interest_changed()
 
     # -- emitting -------------------------------------------------------
+    #
+    # Every emit path is protected from KeyboardInterrupt: a Ctrl-C landing
+    # between a send_nowait() that put the event in a channel and the
+    # counter that records it would leave that sink's counts short. With
+    # protection trio delivers it at the caller's next checkpoint instead
+    # (or where emit waits, which counts what it had not delivered). In
+    # trio 0.35 the decorator only marks the code object, so it costs
+    # nothing per call (docs/performance.md).
+    #
+    # The plain route's loop is written out in emit() and emit_nowait():
+    # one call per event was a fifth of the budget the target leaves.
 
+    @trio.lowlevel.enable_ki_protection
     def emit_nowait(self, event: ObserverEvent) -> None:
         """Deliver ``event`` to every matching sink without waiting.
 
@@ -295,10 +319,21 @@ class ObserverRegistry:
         if not self._sinks:
             return
         plain, general = self._routes[event.category]
-        _offer_plain(plain, event)
-        for sink in general:
-            sink.offer(event, may_wait=False)
+        for sink, send_nowait in plain:
+            try:
+                send_nowait(event)
+            except trio.WouldBlock:
+                sink.missed += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # A disconnect rebuilds the routes; this loop holds the old tuple.
+                sink.count_failure(exc)
+            else:
+                sink.delivered += 1
+        if general:
+            for sink in general:
+                sink.offer(event, may_wait=False)
 
+    @trio.lowlevel.enable_ki_protection
     async def emit(self, event: ObserverEvent) -> None:
         """Deliver ``event`` to every sink whose categories include it.
 
@@ -306,7 +341,8 @@ class ObserverRegistry:
         sinks that are full are waited on, one after another, only after
         every other sink has had its chance; so however slow a ``BLOCK``
         consumer is, every other sink has the event delivered or counted
-        before this call starts to wait.
+        before this call starts to wait. A sink registered while this call
+        waits does not get the event: its delivery had begun.
 
         With no matching sink this returns at once, without a checkpoint:
         it is on the spawn and reap paths, and an idle registry must cost
@@ -317,18 +353,18 @@ class ObserverRegistry:
 
         Cancellation while waiting counts the event as missed on every
         ``BLOCK`` sink that had not received it yet, then raises
-        ``trio.Cancelled``.
+        ``trio.Cancelled``. A ``KeyboardInterrupt`` never lands between
+        delivering to a sink and counting it: it is raised where this call
+        waits, or at the caller's next checkpoint.
         """
         if not self._sinks:
             return
         # Both routes are read before delivering: a sink that disconnects
         # now moves to the general route, and must not be counted twice.
         plain, general = self._routes[event.category]
-        # _offer_plain() written out: emit() runs once per event, and the
-        # extra call was a measurable part of its cost.
-        for sink in plain:
+        for sink, send_nowait in plain:
             try:
-                sink.send_nowait(event)
+                send_nowait(event)
             except trio.WouldBlock:
                 sink.missed += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -338,6 +374,7 @@ class ObserverRegistry:
         if general:
             await _emit_general(general, event)
 
+    @trio.lowlevel.enable_ki_protection
     async def emit_many(self, events: Iterable[ObserverEvent]) -> None:
         """Deliver several events, in order, as :meth:`emit` delivers each.
 
@@ -349,6 +386,12 @@ class ObserverRegistry:
         events: await registry.emit(event)``; the one difference is that a
         ``DROP_OLDEST`` sink may get the rest of a run before a full
         ``BLOCK`` sink is waited on for its first event.
+
+        Sinks may come and go while this waits on a ``BLOCK`` sink. One
+        registered meanwhile gets the events whose delivery had not begun
+        (those after the one being waited on), in order, and counts only
+        those; one removed meanwhile is offered nothing more and counts
+        nothing more.
 
         Cancellation while waiting on a ``BLOCK`` sink counts that event as
         :meth:`emit` does, and every event of the batch not yet offered to a
@@ -370,28 +413,65 @@ class ObserverRegistry:
             while stop < end and batch[stop].category is category:
                 stop += 1
             run = batch[start:stop] if start or stop < end else batch
-            plain, general = self._routes[category]
-            for sink in plain:
-                _offer_run(sink, run)
+            routes = self._routes[category]
+            plain, general = routes
+            for sink, send_nowait in plain:
+                _offer_run(sink, send_nowait, run)
             if general:
-                for index, event in enumerate(run):
-                    try:
-                        await _emit_general(general, event)
-                    except BaseException:
-                        # The plain sinks have this run already.
-                        for _ in run[index + 1 :]:
-                            for sink in general:
-                                sink.count_missed()
-                        for unsent in batch[stop:]:
-                            for sink in self._by_category[unsent.category]:
-                                sink.count_missed()
-                        raise
+                served: set[_Sink] | None = None
+                index = 0
+                try:
+                    while index < len(run):
+                        await _emit_general(general, run[index])
+                        index += 1
+                        if self._routes[category] is not routes:
+                            # Sinks came or went while that event waited.
+                            if served is None:
+                                served = {sink for sink, _ in plain}
+                            routes = self._routes[category]
+                            general = _rejoin(routes, served, run[index:])
+                except BaseException:
+                    # The plain sinks have this run already.
+                    for _ in run[index + 1 :]:
+                        for sink in general:
+                            sink.count_missed()
+                    for unsent in batch[stop:]:
+                        for sink in self._by_category[unsent.category]:
+                            sink.count_missed()
+                    raise
             start = stop
 
 
-def _offer_run(sink: _Sink, run: Sequence[ObserverEvent]) -> None:
-    # _offer_plain turned inside out for emit_many: one sink, many events.
-    send_nowait = sink.send_nowait
+_Plain = tuple[tuple[_Sink, Callable[[object], None]], ...]
+"""The plain route: each connected, untagged DROP_OLDEST sink with its bound
+``send_nowait`` (unpacked from a pair, it is one attribute lookup fewer per
+sink and event than ``sink.send_nowait``)."""
+
+
+def _rejoin(
+    routes: tuple[_Plain, tuple[_Sink, ...]], served: set[_Sink], rest: Sequence[ObserverEvent]
+) -> tuple[_Sink, ...]:
+    """Bring a run's delivery up to date with the current ``routes``.
+
+    ``served`` are the sinks that took the whole run on the plain route. A
+    plain sink registered since gets ``rest`` now (and joins ``served``).
+    Returns the general sinks for ``rest``: those still registered that are
+    not served, new ones included; one that was plain and disconnected
+    since was served already, and one removed since is left out.
+    """
+    plain, general = routes
+    for sink, send_nowait in plain:
+        if sink not in served:
+            served.add(sink)
+            _offer_run(sink, send_nowait, rest)
+    return tuple(sink for sink in general if sink not in served)
+
+
+def _offer_run(
+    sink: _Sink, send_nowait: Callable[[object], None], run: Sequence[ObserverEvent]
+) -> None:
+    # emit()'s plain loop turned inside out for emit_many: one sink, many
+    # events, and `delivered` counted once per run.
     delivered = 0
     for event in run:
         try:
@@ -403,22 +483,6 @@ def _offer_run(sink: _Sink, run: Sequence[ObserverEvent]) -> None:
         else:
             delivered += 1
     sink.delivered += delivered
-
-
-def _offer_plain(sinks: tuple[_Sink, ...], event: ObserverEvent) -> None:
-    # The one hot loop: _Sink.offer() inlined for connected, untagged
-    # DROP_OLDEST sinks (no numbering, no policy to look at), with every
-    # failure counted by the sink's own routine.
-    for sink in sinks:
-        try:
-            sink.send_nowait(event)
-        except trio.WouldBlock:
-            sink.missed += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            # A disconnect rebuilds the routes; this loop holds the old tuple.
-            sink.count_failure(exc)
-        else:
-            sink.delivered += 1
 
 
 async def _emit_general(sinks: tuple[_Sink, ...], event: ObserverEvent) -> None:
@@ -458,4 +522,4 @@ def _check_categories(categories: Iterable[EventCategory]) -> frozenset[EventCat
         if not isinstance(category, EventCategory):
             allowed = ", ".join(f"EventCategory.{c.name}" for c in EventCategory)
             raise TypeError(f"categories: {category!r} is not an EventCategory ({allowed})")
-    return wanted
+    return _CATEGORY_SETS.setdefault(wanted, wanted)

@@ -17,6 +17,7 @@ import trio
 from ._process import Process, StdioArg
 
 if TYPE_CHECKING:
+    from ._limits import Limits
     from ._session import Session
 
 _BYTES = (bytes, bytearray, memoryview)
@@ -35,6 +36,7 @@ async def run_process(
     stderr: StdioArg,
     cwd: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None,
+    limits: Limits | None,
     task_status: trio.TaskStatus[Process],
 ) -> subprocess.CompletedProcess[bytes]:
     """See :meth:`Session.run_process`."""
@@ -68,6 +70,7 @@ async def run_process(
         stderr=subprocess.PIPE if capture_stderr else stderr,
         cwd=cwd,
         env=env,
+        limits=limits,
     )
     # Captured output is the caller's result, so it is kept whole (a list of
     # chunks, as trio does), never in a bounded OutputLog.

@@ -21,13 +21,17 @@ from ._events import (
     lifecycle_event,
 )
 from ._grace import Grace
+from ._limits import Limits, check_limits
 from ._linux import (
     CONTAINMENTS,
     OBSERVABLE_CATEGORIES,
     CgroupContainment,
+    CgroupUnavailableError,
     TreeObserver,
-    choose_containment,
+    choose_limited_containment,
     group_usage,
+    prepare_limits,
+    probe_cgroup,
     stop_leftovers,
     subreaper,
     total_usage,
@@ -99,6 +103,8 @@ class Session:
             # Orphans of the tree come to this process (child subreaper):
             # recognise them by the session id, and reap them as they exit.
             adopt_marker=f"{SESSION_ENV_VAR}={self._id}".encode(),
+            # With a cgroup, membership is the cgroup's: exact, marker or not.
+            cgroup=lambda: None if self._containment is None else self._containment.group,
             reap_adopted=True,
         )
         # Shielded: a cancelled session still has its teardown to report
@@ -111,8 +117,11 @@ class Session:
         self._started_any = False
         # Set when the block ends: from then on the session only winds down.
         self._closing = False
-        # The session's cgroup, when containment is by cgroup (set at open).
+        # The session's cgroup, when containment is by cgroup (set at open),
+        # and what start_process(limits=...) needs to know to keep a limit.
         self._containment: CgroupContainment | None = None
+        self._containment_mode = "process-group"
+        self._move_self_to_leaf = False
         # What the reaped processes cost, for resources() without a cgroup.
         self._spent = ResourceUsage()
 
@@ -205,6 +214,7 @@ class Session:
         env: Mapping[str, str] | None = None,
         pty: bool | PtySize = False,
         backlog_bytes: int = 1 << 20,
+        limits: Limits | None = None,
     ) -> Process:
         """Start a process in the session and return its handle at once.
 
@@ -233,6 +243,10 @@ class Session:
             at ``None``. See ``process.pty``.
           backlog_bytes: How many of the newest bytes each captured stream
             (or the terminal) keeps; 1 MiB by default.
+          limits: A :class:`Limits` for this process and its descendants
+            (its leaf cgroup), within the session's own limits. They are
+            in place before the process is moved into its leaf, so it
+            never runs there unlimited. Needs cgroup containment.
 
         Returns:
           The :class:`Process`.
@@ -242,8 +256,14 @@ class Session:
           ValueError: ``argv`` is empty, an argument, ``cwd`` or an ``env``
             entry holds a NUL byte, an ``env`` key is empty or holds ``=``,
             an fd given for a stream is not open, ``backlog_bytes`` < 1, or
-            ``pty`` was combined with stdin/stdout/stderr. Every argument is
-            checked before the call waits for anything, so nothing starts.
+            ``pty`` was combined with stdin/stdout/stderr, or ``limits`` were
+            given to a session opened with ``containment="process-group"``.
+            Every argument is checked before the call waits for anything, so
+            nothing starts.
+          RuntimeError: ``limits`` cannot be kept here: the session fell
+            back to process groups, or a controller cannot be enabled (the
+            message names it, says what ``cgroup.controllers`` lists and
+            why). Nothing starts; the session and its other processes go on.
           FileNotFoundError: the program does not exist (no event is
             emitted; the session and its other processes go on).
           trio.ClosedResourceError: the session has ended.
@@ -257,7 +277,10 @@ class Session:
             env=env,
             pty=pty,
             backlog_bytes=backlog_bytes,
+            limits=limits,
         )
+        if spec.limits is not None:
+            self._prepare_limits(spec.limits)
         args = spec.argv
         # A full checkpoint (trio's rule for async functions), split the way
         # trio's own operations split it: a start that is cancelled, or a
@@ -299,6 +322,24 @@ class Session:
             supervision.cancel()
             raise
         return process
+
+    def _prepare_limits(self, limits: Limits) -> None:
+        # Before the spawn: a limit that cannot be kept refuses the start,
+        # and writing the leaf's limits after the spawn cannot fail for
+        # want of a controller. An ended session's cgroup is gone: say so.
+        self._check_open()
+        if self._containment is None:
+            if self._containment_mode == "process-group":
+                raise ValueError(
+                    "limits need cgroup containment, and this session was opened with "
+                    "containment='process-group'; open it with containment='cgroup' "
+                    "(or 'auto' where a cgroup can be made)"
+                )
+            raise CgroupUnavailableError(
+                "limits need cgroup containment, and this session (containment='auto') "
+                f"fell back to process groups: {probe_cgroup().reason}"
+            )
+        prepare_limits(self._containment.group, limits, move_self_to_leaf=self._move_self_to_leaf)
 
     @trio.lowlevel.enable_ki_protection
     def _launch(self, spec: StartArguments) -> tuple[Process, trio.Event, trio.CancelScope]:
@@ -350,7 +391,7 @@ class Session:
         self._tree.add_root(process.pid)
         self._groups.add(process.pid)
         if self._containment is not None:
-            process._leaf = self._containment.place(process.pid)
+            process._leaf = self._containment.place(process.pid, spec.limits)
         started = trio.Event()
         supervision = trio.CancelScope()
         self._running[process] = trio.Event()
@@ -405,6 +446,7 @@ class Session:
         stderr: StdioArg = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
         task_status: trio.TaskStatus[Process] = trio.TASK_STATUS_IGNORED,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run a command in the session and wait for it, as ``trio.run_process`` does.
@@ -433,6 +475,7 @@ class Session:
           stderr: Likewise for stderr.
           cwd: The child's working directory.
           env: The child's environment (see :meth:`start_process`).
+          limits: Limits for the process's tree (see :meth:`start_process`).
           task_status: Set by ``nursery.start``.
 
         Returns:
@@ -459,6 +502,7 @@ class Session:
             stderr=stderr,
             cwd=cwd,
             env=env,
+            limits=limits,
             task_status=task_status,
         )
 
@@ -607,6 +651,8 @@ async def open_session(
     poll_interval: float = 0.02,
     track_descendants: bool = False,
     containment: str = "process-group",
+    limits: Limits | None = None,
+    move_self_to_leaf: bool = False,
 ) -> AsyncIterator[Session]:
     """Open a session: a nursery-like scope for processes.
 
@@ -660,16 +706,34 @@ async def open_session(
         ``cgroup.kill``; a process that leaves its group and clears its
         environment is still caught. ``"auto"``: a cgroup where this process
         may make one, else process groups.
+      limits: A :class:`Limits` on the session's cgroup: all its processes
+        and their descendants together (``start_process`` takes limits for
+        one process too). Needs cgroup containment; with ``"auto"`` a limit
+        makes a cgroup required rather than fall back to process groups.
+        The controllers are enabled in this process's own cgroup, where
+        they stay on after the session.
+      move_self_to_leaf: Allow the session to move this process into a
+        leaf cgroup of its own (``trio-observer-self``, beside the session
+        cgroups) when a limit's controller must be enabled in this
+        process's cgroup and this process is the only one in it: the
+        kernel enables controllers only for the children of a cgroup that
+        holds no processes. Off by default, so that nothing is moved
+        without being asked; the error then says what to do.
 
     Raises:
-      TypeError: ``grace_period`` or ``poll_interval`` is not a number, or
-        ``track_descendants`` is not a bool.
+      TypeError: ``grace_period`` or ``poll_interval`` is not a number,
+        ``track_descendants`` or ``move_self_to_leaf`` is not a bool, or
+        ``limits`` is not a :class:`Limits` (its fields are checked when it
+        is built).
       ValueError: ``grace_period`` is negative, NaN or an int too large for
         a float (``math.inf`` waits for SIGTERM forever); ``poll_interval``
         is not a finite number of seconds > 0; ``containment`` is not one of
-        ``"auto"``, ``"cgroup"``, ``"process-group"``.
-      RuntimeError: ``containment="cgroup"`` where no cgroup can be made;
-        the message says why and what would make it possible.
+        ``"auto"``, ``"cgroup"``, ``"process-group"``; ``limits`` with
+        ``containment="process-group"``.
+      RuntimeError: ``containment="cgroup"`` (or ``limits``) where no cgroup
+        can be made, or a limit's controller cannot be enabled; the message
+        says why (for example the controller is bound to cgroup v1) and
+        what would make it possible.
     """
     grace_period = check_seconds("grace_period", grace_period)
     poll_interval = check_seconds(
@@ -683,14 +747,28 @@ async def open_session(
         raise ValueError(
             f"containment must be one of {', '.join(map(repr, CONTAINMENTS))}, got {containment!r}"
         )
+    checked_limits = check_limits(limits)
+    if not isinstance(move_self_to_leaf, bool):
+        raise TypeError(
+            f"move_self_to_leaf must be True or False, not {type(move_self_to_leaf).__name__}"
+        )
+    if checked_limits is not None and containment == "process-group":
+        raise ValueError(
+            "limits need cgroup containment: pass containment='cgroup' (or 'auto'), "
+            "not 'process-group'"
+        )
     # Before the nursery opens, so that an unavailable cgroup is a plain
     # error and not one wrapped in an exception group.
-    chosen = await choose_containment(containment, os.urandom(6).hex())
+    chosen = await choose_limited_containment(
+        containment, os.urandom(6).hex(), checked_limits, move_self_to_leaf=move_self_to_leaf
+    )
     subreaper.acquire()
     try:
         async with _session_scope(
             grace_period, poll_interval, track_descendants, chosen
         ) as session:
+            session._containment_mode = containment
+            session._move_self_to_leaf = move_self_to_leaf
             yield session
     finally:
         subreaper.release()

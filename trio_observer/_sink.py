@@ -156,10 +156,6 @@ class _Sink:
         """What to put in the channel for ``event``, numbered but unclaimed."""
         return (self.sequence, event) if self.tagged else event
 
-    def count_delivered(self) -> None:
-        self.sequence += 1
-        self.delivered += 1
-
     def count_missed(self) -> None:
         self.sequence += 1
         self.missed += 1
@@ -186,7 +182,8 @@ class _Sink:
             self.count_missed()
             return MISSED
         try:
-            self.send_nowait(self.item(event))
+            # item() written out: a BLOCK sink takes every event through here.
+            self.send_nowait((self.sequence, event) if self.tagged else event)
         except trio.WouldBlock:
             if may_wait and self.backpressure is ObserverBackpressure.BLOCK:
                 return FULL
@@ -195,7 +192,8 @@ class _Sink:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.count_failure(exc)
             return MISSED
-        self.count_delivered()
+        self.sequence += 1
+        self.delivered += 1
         return DELIVERED
 
     async def send(self, event: ObserverEvent) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import final
 
 from ._checks import check_int
+from ._limits import Limits, check_limits
 from ._process import CAPTURE, StdioArg
 from ._pty import PtySize
 
@@ -40,6 +41,8 @@ class StartArguments:
     env: dict[str, str] | None
     pty: PtySize | None
     backlog_bytes: int
+    limits: Limits | None
+    """``None`` when no limit is set (``Limits()`` included)."""
 
 
 def check_start_arguments(
@@ -52,6 +55,7 @@ def check_start_arguments(
     env: Mapping[str, str] | None = None,
     pty: bool | PtySize = False,
     backlog_bytes: int = 1 << 20,
+    limits: Limits | None = None,
 ) -> StartArguments:
     """Check every argument of ``start_process``; ``run_process`` calls it too.
 
@@ -96,6 +100,7 @@ def check_start_arguments(
         env=checked_env,
         pty=size,
         backlog_bytes=backlog_bytes,
+        limits=check_limits(limits),
         **streams,
     )
 

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from .._daemon._client import DaemonError, connect, start_daemon
 from .._daemon._paths import UnsafeSocketDirectory, prepare_directory, resolve_socket_path
 from .._daemon._server import DaemonAlreadyRunning, serve
+from . import _otlp
 from ._prog import PROG
+
+if TYPE_CHECKING:
+    # _otlp imports the exporter only where --otlp builds it.
+    from ._otlp import OTelExporter
 
 
 def add_socket_option(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +49,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     daemon.set_defaults(handler=command)
     daemon.add_argument("action", nargs="?", choices=["start", "stop", "status"])
     add_socket_option(daemon)
+    _otlp.add_arguments(daemon)
     daemon.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -49,11 +58,13 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``trio-observer daemon``; returns the exit status."""
     path = resolve_socket_path(args.socket)
     if args.action is None:
-        return _foreground(path, detach=args.detach, ready_fd=args.ready_fd)
-    return trio.run(_manage, args.action, path)
+        return _foreground(path, args, detach=args.detach, ready_fd=args.ready_fd)
+    if args.action != "start" and args.otlp is not None:
+        parser.error(f"daemon {args.action}: --otlp is for the daemon itself or 'daemon start'")
+    return trio.run(_manage, args.action, path, _otlp.passed_on(args))
 
 
-def _foreground(path: Path, *, detach: bool, ready_fd: int | None) -> int:
+def _foreground(path: Path, args: argparse.Namespace, *, detach: bool, ready_fd: int | None) -> int:
     if detach and os.fork() != 0:
         # The parent returns at once; the daemon is reparented away from
         # whoever started us, so that it never becomes their zombie.
@@ -68,15 +79,23 @@ def _foreground(path: Path, *, detach: bool, ready_fd: int | None) -> int:
             return 1
         _to_log_file(path)
 
-    async def main() -> None:
+    async def main(exporter: OTelExporter | None) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, path)
+            await nursery.start(partial(serve, path, exporter=exporter))
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)
 
     try:
-        trio.run(main)
+        # The OTLP pipeline outlives the daemon's trio run: it is flushed,
+        # and its losses reported (in the log), once every session is down.
+        with contextlib.ExitStack() as stack:
+            exporter = _otlp.open_from_args(args, stack)
+            if exporter is False:
+                if ready_fd is not None:
+                    os.write(ready_fd, b"error: --otlp needs the otel-cli extra\n")
+                return 2
+            trio.run(main, exporter)
     except (DaemonAlreadyRunning, UnsafeSocketDirectory, OSError) as exc:
         print(f"{PROG} daemon: {exc}", file=sys.stderr)
         if ready_fd is not None:
@@ -95,7 +114,7 @@ def _to_log_file(path: Path) -> None:
     os.close(log)
 
 
-async def _manage(action: str, path: Path) -> int:
+async def _manage(action: str, path: Path, daemon_args: list[str]) -> int:
     try:
         if action == "start":
             try:
@@ -103,7 +122,7 @@ async def _manage(action: str, path: Path) -> int:
                     print(json.dumps(await client.status()))
                     return 0
             except (FileNotFoundError, ConnectionRefusedError):
-                await start_daemon(path)
+                await start_daemon(path, daemon_args)
             async with connect(path, autostart=False) as client:
                 print(json.dumps(await client.status()))
             return 0

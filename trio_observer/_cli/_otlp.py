@@ -52,6 +52,14 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
+def passed_on(args: argparse.Namespace) -> list[str]:
+    """The ``--otlp`` options of ``args`` as words, for a daemon started in the background."""
+    if args.otlp is None:
+        return []
+    words = ["--otlp", args.otlp] if args.otlp else ["--otlp"]
+    return [*words, "--otlp-command-args"] if args.otlp_command_args else words
+
+
 def open_from_args(
     args: argparse.Namespace, stack: contextlib.ExitStack
 ) -> OTelExporter | Literal[False] | None:

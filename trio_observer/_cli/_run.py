@@ -7,14 +7,15 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
-from typing import Final
+from collections.abc import Callable, Iterator
+from typing import Any, Final
 
 import trio
 
 from .._checks import check_seconds
 from .._events import EventCategory, TerminationOutcome
-from .._linux import CONTAINMENTS, probe_cgroup
+from .._limits import Limits
+from .._linux import CONTAINMENTS, CgroupUnavailableError, probe_cgroup
 from .._process import Process
 from .._pty import PtySize
 from .._session import Session, open_session
@@ -44,6 +45,48 @@ def _seconds(text: str) -> float:
         return check_seconds("--grace-period", float(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0") from exc
+
+
+_SIZE_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _limit(field: str, parse: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: ``parse``, then the check of ``Limits`` (one wording)."""
+
+    def convert(text: str) -> float:
+        try:
+            value = parse(text)
+            checked: dict[str, Any] = {field: value}
+            Limits(**checked)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+        return value
+
+    return convert
+
+
+def _size(text: str) -> int:
+    digits = text.strip()
+    unit = digits[-1:].lower() if digits[-1:].isalpha() else ""
+    if unit not in _SIZE_UNITS:
+        raise ValueError("a size is a number of bytes with an optional K, M or G suffix")
+    number = digits[: len(digits) - len(unit)]
+    if not number.isdigit():
+        raise ValueError("a size is a number of bytes with an optional K, M or G suffix")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("N is a whole number of processes, such as 64")
+    return int(text)
+
+
+def _cpus(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("CPUS is a number of CPUs, such as 0.5 or 2") from None
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,11 +140,44 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--containment",
         choices=CONTAINMENTS,
-        default="process-group",
+        default=None,
         help=(
             "how the session holds CMD's tree: cgroup (nothing escapes; an error where "
             "no cgroup can be made), auto (a cgroup where possible) or process-group "
-            "(default)"
+            "(default, or cgroup when a limit is given)"
+        ),
+    )
+    limits = run.add_argument_group(
+        "limits",
+        "limits on CMD and everything it starts, together (the session's cgroup); they "
+        "need cgroup containment and the cgroup v2 controller of each, and where one "
+        "cannot be kept the command does not run (exit status 2, with the reason)",
+    )
+    limits.add_argument(
+        "--memory-max",
+        type=_limit("memory_max", _size),
+        metavar="SIZE",
+        help="memory.max: bytes, or with a K, M or G suffix (1024-based), e.g. 512M",
+    )
+    limits.add_argument(
+        "--pids-max",
+        type=_limit("pids_max", _count),
+        metavar="N",
+        help="pids.max: processes and threads at once; a fork beyond it fails",
+    )
+    limits.add_argument(
+        "--cpu-max",
+        type=_limit("cpu_max", _cpus),
+        metavar="CPUS",
+        help="cpu.max: CPUs' worth of time, e.g. 0.5 (from 0.01)",
+    )
+    limits.add_argument(
+        "--move-self-to-leaf",
+        action="store_true",
+        help=(
+            "where the controllers must be enabled in trio-observer's own cgroup and it "
+            "is the only process there, move it into a leaf cgroup of its own first "
+            "(the kernel's no-internal-processes rule); without it, that is an error"
         ),
     )
     _otlp.add_arguments(run)
@@ -132,10 +208,17 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             except UnsupportedCategoryError as exc:
                 say(str(exc))
                 return 2
-    if args.containment == "cgroup":
+    limits = Limits(memory_max=args.memory_max, pids_max=args.pids_max, cpu_max=args.cpu_max)
+    containment = args.containment or ("cgroup" if limits else "process-group")
+    if limits and containment == "process-group":
+        parser.error(
+            "run: --memory-max, --pids-max and --cpu-max need --containment cgroup or auto"
+        )
+    if containment == "cgroup":
         support = probe_cgroup()
         if not support.available:
-            say(f"--containment cgroup is not available: {support.reason}")
+            needs = "--containment cgroup" if args.containment else "limits need a cgroup, but it"
+            say(f"{needs} is not available: {support.reason}")
             return 2
     with contextlib.ExitStack() as stack:
         writer = _EventWriter(sys.stderr.fileno(), "standard error")
@@ -158,7 +241,9 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 args.grace_period,
                 args.pty,
                 exporter,
-                args.containment,
+                containment,
+                limits,
+                args.move_self_to_leaf,
             )
         finally:
             writer.summary()
@@ -172,13 +257,20 @@ async def _run(
     use_pty: bool,
     exporter: _otlp.OTelExporter | None = None,
     containment: str = "process-group",
+    limits: Limits | None = None,
+    move_self_to_leaf: bool = False,
 ) -> int:
     stopped_by: list[int] = []
     watch_signals = trio.CancelScope()
     process: Process | None = None
     async with trio.open_nursery() as helpers:
         try:
-            async with open_session(grace_period=grace_period, containment=containment) as session:
+            async with open_session(
+                grace_period=grace_period,
+                containment=containment,
+                limits=limits,
+                move_self_to_leaf=move_self_to_leaf,
+            ) as session:
                 await helpers.start(_write_events, session, categories, writer)
                 if exporter is not None:
                     await helpers.start(_otlp.export, exporter, session, categories)
@@ -206,6 +298,11 @@ async def _run(
                         await process.wait()
             # The session has ended: CMD and all it left behind are reaped,
             # and the event writer drains and stops by itself.
+        except CgroupUnavailableError as exc:
+            # Raised only as the session opens (from inside it, errors come
+            # in a group): a limit that cannot be kept, before CMD exists.
+            say(str(exc))
+            return 2
         finally:
             watch_signals.cancel()
     if process is None:

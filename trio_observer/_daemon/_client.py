@@ -92,6 +92,10 @@ class RemoteStream:
     async def aclose(self) -> None:
         """Ask the daemon to end the stream (its ``end`` frame is discarded)."""
         if self.end is None:
+            # Forgotten first: frames already on their way are dropped, not
+            # queued for a reader that will never come.
+            self._client._forget(self._rid)
+            self.end = {"type": "end", "id": self._rid, "cancelled": True}
             await self._client.request("cancel", request=self._rid)
 
 
@@ -129,7 +133,12 @@ class DaemonClient:
                     rid = frame.get("id")
                     channel = self._pending.get(rid) if isinstance(rid, int) else None
                     if channel is not None:
-                        await channel[0].send(frame)
+                        # Without a checkpoint while the reader keeps up: a
+                        # yield per frame would cost a scheduling round each.
+                        try:
+                            channel[0].send_nowait(frame)
+                        except trio.WouldBlock:
+                            await channel[0].send(frame)
                     elif frame["type"] == "error":
                         raise DaemonError(frame["code"], frame["message"])
         except (
@@ -208,14 +217,22 @@ class DaemonClient:
         *,
         grace_period: float = 5.0,
         track_descendants: bool = False,
+        containment: str = "auto",
         exist_ok: bool = False,
     ) -> dict[str, Any]:
-        """Open a named session in the daemon."""
+        """Open a named session in the daemon.
+
+        ``containment`` is as for :func:`open_session`; the reply's
+        ``containment`` says which one the session got (``"auto"`` becomes
+        ``"cgroup"`` or ``"process-group"``). With ``"cgroup"``, the next
+        daemon stops the session's processes if this one is killed.
+        """
         return await self.request(
             "create_session",
             name=name,
             grace_period=grace_period,
             track_descendants=track_descendants,
+            containment=containment,
             exist_ok=exist_ok,
         )
 
@@ -237,12 +254,15 @@ class DaemonClient:
         env: dict[str, str] | None = None,
         pty: bool | tuple[int, int] = False,
         backlog_bytes: int | None = None,
+        stdin: str = "null",
     ) -> dict[str, Any]:
         """Start ``argv`` in ``session`` (``"default"`` is created on first use).
 
         The process runs on when this client goes away. Without ``pty`` its
-        stdout and stderr are captured; with ``pty=True`` or ``(rows,
-        cols)`` it runs on a terminal you can :meth:`attach` to.
+        stdout and stderr are captured, and its stdin is ``/dev/null``, or
+        with ``stdin="pipe"`` a pipe that :meth:`send_input` writes to;
+        with ``pty=True`` or ``(rows, cols)`` it runs on a terminal you can
+        :meth:`attach` to.
         """
         pty_param: bool | dict[str, int] = (
             {"rows": pty[0], "cols": pty[1]} if isinstance(pty, tuple) else pty
@@ -256,6 +276,7 @@ class DaemonClient:
             env=env,
             pty=pty_param,
             backlog_bytes=backlog_bytes,
+            stdin=None if stdin == "null" else stdin,
         )
 
     async def signal(
@@ -349,10 +370,22 @@ class DaemonClient:
             "attach", session=session, process=name, write=write, offset=offset
         )
 
-    async def send_input(self, name: str, data: bytes, *, session: str = "default") -> None:
-        """Type ``data`` into an attached terminal (this client must be its writer)."""
+    async def send_input(
+        self, name: str, data: bytes, *, session: str = "default", eof: bool = False
+    ) -> None:
+        """Write ``data`` to the process's input.
+
+        A PTY process: type into its attached terminal (this client must be
+        its writer). A process started with ``stdin="pipe"``: write to its
+        stdin, from any client; each call's data arrives whole, and
+        ``eof=True`` then closes the pipe (the program reads end of file).
+        """
         await self.request(
-            "input", session=session, process=name, data=base64.b64encode(data).decode()
+            "input",
+            session=session,
+            process=name,
+            data=base64.b64encode(data).decode(),
+            eof=eof or None,
         )
 
     async def resize(self, name: str, rows: int, cols: int, *, session: str = "default") -> None:
@@ -443,8 +476,10 @@ async def _connect(path: Path) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-async def start_daemon(path: Path) -> None:
+async def start_daemon(path: Path, options: Sequence[str] = ()) -> None:
     """Start ``trio-observer daemon`` in the background and wait until it listens.
+
+    ``options`` are more of the daemon's command-line options (``--otlp``).
 
     The daemon detaches (a new session, reparented away from us) and tells
     us through a pipe when its socket is ready, so nothing polls.
@@ -465,6 +500,7 @@ async def start_daemon(path: Path) -> None:
                 "--detach",
                 "--ready-fd",
                 str(write_fd),
+                *options,
             ],
             pass_fds=[write_fd],
             stdin=subprocess.DEVNULL,

@@ -9,7 +9,6 @@ handler then sends ``stream`` frames with the request's id and one
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import os
 import signal
@@ -106,6 +105,13 @@ async def _status(connection: Connection, params: dict[str, Any], reply: Reply, 
 
 
 async def _shutdown(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
+    if params:
+        # Stopping every session cannot be undone: a request that says
+        # more than "shutdown" (a newer client's option, a mistake) is
+        # refused rather than taken as a plain shutdown.
+        raise RequestError(
+            "bad-params", f"shutdown takes no params, got {', '.join(map(repr, params))[:80]}"
+        )
     await reply({"stopping": True})
     connection.daemon.stop_requested.set()
 
@@ -118,6 +124,7 @@ async def _create_session(
         raise RequestError("bad-params", "param 'name' must not be empty")
     grace = _seconds(params, "grace_period", 5.0)
     track = param(params, "track_descendants", bool, False)
+    containment = param(params, "containment", str, "auto")
     exist_ok = param(params, "exist_ok", bool, False)
     daemon = connection.daemon
     existing = daemon.sessions.get(name)
@@ -126,9 +133,10 @@ async def _create_session(
             raise RequestError("session-exists", f"a session named {name!r} exists already")
         await reply(existing.describe())
         return
-    await reply(
-        (await daemon.create_session(name, grace_period=grace, track_descendants=track)).describe()
+    created = await daemon.create_session(
+        name, grace_period=grace, track_descendants=track, containment=containment
     )
+    await reply(created.describe())
 
 
 async def _sessions(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
@@ -172,6 +180,13 @@ async def _start(connection: Connection, params: dict[str, Any], reply: Reply, r
             raise RequestError("bad-params", "pty rows and cols must be 1..65535")
         pty = PtySize(rows=rows, cols=cols)
     backlog = _int(params, "backlog_bytes", 1 << 20, minimum=1)
+    stdin = param(params, "stdin", str, "null")
+    if stdin not in ("null", "pipe"):
+        raise RequestError(
+            "bad-params", f"param 'stdin' must be 'null' or 'pipe', not {stdin!r:.40}"
+        )
+    if stdin == "pipe" and pty is not None:
+        raise RequestError("bad-params", "param 'stdin': a PTY process reads its terminal")
     session_name = param(params, "session", str, DEFAULT_SESSION)
     daemon = connection.daemon
     daemon_session = daemon.sessions.get(session_name)
@@ -180,7 +195,13 @@ async def _start(connection: Connection, params: dict[str, Any], reply: Reply, r
             raise RequestError("no-such-session", f"no session named {session_name!r}")
         daemon_session = await daemon.create_session(DEFAULT_SESSION)
     record = await daemon_session.start(
-        argv, name=name, cwd=cwd, env=env, pty=pty, backlog_bytes=backlog
+        argv,
+        name=name,
+        cwd=cwd,
+        env=env,
+        pty=pty,
+        backlog_bytes=backlog,
+        stdin_pipe=stdin == "pipe",
     )
     await reply({"session": daemon_session.name, **record.describe()})
 
@@ -320,15 +341,44 @@ def _terminal(connection: Connection, params: dict[str, Any]) -> tuple[ProcessRe
 
 async def _input(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
     try:
-        data = base64.b64decode(param(params, "data", str), validate=True)
-    except binascii.Error:
+        data = base64.b64decode(param(params, "data", str, ""), validate=True)
+    except ValueError:  # binascii.Error, or a str that is not ASCII
         raise RequestError("bad-params", "param 'data' must be base64") from None
-    _, pty = _terminal(connection, params)
-    try:
-        await pty.write(data)
-    except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as exc:
-        raise RequestError("terminal-closed", f"the terminal is closed: {exc}") from None
-    await reply({"written": len(data)})
+    eof = param(params, "eof", bool, False)
+    record = _process(connection, params)
+    if record.pty:
+        if eof:
+            raise RequestError("bad-params", "param 'eof': a terminal has no end of input")
+        _, pty = _terminal(connection, params)
+        try:
+            await pty.write(data)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as exc:
+            raise RequestError("terminal-closed", f"the terminal is closed: {exc}") from None
+        await reply({"written": len(data)})
+        return
+    await _pipe_input(record, data, eof=eof)
+    await reply({"written": len(data), "closed": eof})
+
+
+async def _pipe_input(record: ProcessRecord, data: bytes, *, eof: bool) -> None:
+    stdin = record.process.stdin
+    if stdin is None:
+        raise RequestError(
+            "no-stdin",
+            f"process {record.name!r} reads /dev/null; start it with stdin 'pipe' to write to it",
+        )
+    # Any client may write to a pipe (there is no attach to hold it); the
+    # lock keeps each request's data whole.
+    async with record.input_lock:
+        try:
+            if data:
+                await stdin.send_all(data)
+            if eof:
+                await stdin.aclose()
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as exc:
+            raise RequestError(
+                "stdin-closed", f"the stdin of {record.name!r} is closed: {exc}"
+            ) from None
 
 
 async def _resize(connection: Connection, params: dict[str, Any], reply: Reply, rid: int) -> None:
@@ -419,6 +469,10 @@ async def _pump(
             batch = [live, *remote.ready_frames(_BATCH - 1)]
             await connection.send_many([{**frame, "id": rid} for frame in batch])
         await connection.send({"type": "end", "id": rid, "status": remote.status()})
+        if remote.removed_reason is not None:
+            # Removed and drained: this client has had everything, and the
+            # end frame's status says why it ended.
+            remote.session.forget(remote)
     finally:
         remote.release(connection)
 
@@ -441,7 +495,7 @@ async def _unsubscribe(
 ) -> None:
     remote = _subscription(connection, params)
     remote.remove("unsubscribed")
-    del remote.session.subscriptions[remote.id]
+    remote.session.forget(remote)
     await reply(remote.status())
 
 

@@ -14,19 +14,27 @@ import os
 import signal
 import socket as stdlib_socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from .._linux import clean_leftovers, leftover_sessions, probe_cgroup
 from . import _protocol
 from ._paths import peer_uid, prepare_directory
-from ._sessions import DaemonSession
+from ._sessions import DaemonSession, resolve_containment
+
+if TYPE_CHECKING:
+    from .._otel import OTelExporter
 
 logger = logging.getLogger("trio_observer.daemon")
 
 
 class DaemonAlreadyRunning(RuntimeError):
     """Another daemon already answers on the socket."""
+
+
+FINISH_WRITE_SECONDS: Final = 5.0
+"""How long a cancelled write may take to finish the frames it started."""
 
 
 class Connection:
@@ -51,22 +59,50 @@ class Connection:
         await self.send_many([message])
 
     async def send_many(self, messages: list[dict[str, Any]]) -> None:
-        """Write several frames with one ``send_all`` (a stream's batch).
+        """Write several frames with one write loop (a stream's batch).
+
+        A cancellation (the client cancelled the request) that comes once
+        part of the frames is out does not cut a frame in two: the rest is
+        written, shielded, if the client takes it within
+        ``FINISH_WRITE_SECONDS``; only a client that does not read then
+        loses its connection (the stream would be out of step).
 
         Raises:
           trio.BrokenResourceError: as :meth:`send`.
         """
-        data = b"".join(map(_protocol.encode, messages))
+        data = memoryview(b"".join(map(_protocol.encode, messages)))
         async with self._lock:
             if self.closed:
                 raise trio.BrokenResourceError("the client's connection is closed")
+            sent = 0
             try:
-                await self.stream.send_all(data)
+                while sent < len(data):
+                    sent += await self._send_some(data[sent:])
+            except trio.Cancelled:
+                # With nothing out yet the stream is still in step; with
+                # part out, the rest must follow or the connection go.
+                if sent and not await self._finish(data[sent:]):
+                    self.close()
+                raise
             except BaseException:
-                # Part of a frame may have gone out: nothing after it could
-                # be parsed, so the connection ends here.
                 self.close()
                 raise
+
+    async def _finish(self, rest: memoryview) -> bool:
+        """Write ``rest`` of a cancelled write, shielded but bounded; say whether it went."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + FINISH_WRITE_SECONDS):
+            try:
+                while rest:
+                    rest = rest[await self._send_some(rest) :]
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        return not rest
+
+    async def _send_some(self, data: memoryview) -> int:
+        try:
+            return await self.stream.socket.send(data)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the client's connection broke: {exc}") from exc
 
     def close(self) -> None:
         """Close the socket; the tasks using it fail and end."""
@@ -78,20 +114,35 @@ class Connection:
 class Daemon:
     """Named sessions and the connections that use them."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, exporter: OTelExporter | None = None) -> None:
         self.socket_path = socket_path
+        self.exporter = exporter
         self.sessions: dict[str, DaemonSession] = {}
         self.stop_requested = trio.Event()
         self.started_at = trio.current_time()
         self._session_nursery: trio.Nursery | None = None
 
     async def create_session(
-        self, name: str, *, grace_period: float = 5.0, track_descendants: bool = False
+        self,
+        name: str,
+        *,
+        grace_period: float = 5.0,
+        track_descendants: bool = False,
+        containment: str = "auto",
     ) -> DaemonSession:
-        """Open the session called ``name`` and run it until closed."""
+        """Open the session called ``name`` and run it until closed.
+
+        Raises:
+          RequestError: ``containment`` is unknown, or ``"cgroup"`` where
+            none can be made.
+        """
         assert self._session_nursery is not None
         daemon_session = DaemonSession(
-            name, grace_period=grace_period, track_descendants=track_descendants
+            name,
+            grace_period=grace_period,
+            track_descendants=track_descendants,
+            containment=resolve_containment(containment),
+            exporter=self.exporter,
         )
         self.sessions[name] = daemon_session
         try:
@@ -119,6 +170,9 @@ class Daemon:
     async def run(self, *, handle_signals: bool, task_status: trio.TaskStatus[Daemon]) -> None:
         listener = await _listen(self.socket_path)
         try:
+            # Before the first client: what a killed daemon left running is
+            # stopped before this one answers (see docs/daemon.md).
+            await _stop_leftovers()
             async with trio.open_nursery() as sessions:
                 self._session_nursery = sessions
                 async with trio.open_nursery() as connections:
@@ -221,6 +275,32 @@ async def _run_connection(connection: Connection, handle: Any) -> None:
             connection.close()
 
 
+async def _stop_leftovers() -> None:
+    """Kill the processes of session cgroups whose owner died, and remove the cgroups.
+
+    The same sweep any session with cgroup containment makes when it opens,
+    run at start so that a daemon killed with SIGKILL is cleaned up after
+    by the next one even before it opens a session. Process-group sessions
+    leave nothing to find: their processes survive a SIGKILLed daemon.
+    """
+    support = probe_cgroup()
+    if not support.available or support.parent is None:
+        logger.info("no cgroup containment here (%s): no leftovers to look for", support.reason)
+        return
+    try:
+        for group in leftover_sessions(support.parent):
+            logger.warning(
+                "stopping %s, left by a session whose owner is gone: pids %s",
+                group.path,
+                " ".join(map(str, group.members())) or "(none)",
+            )
+        for path in await clean_leftovers(support.parent):
+            logger.warning("removed %s", path)
+    except OSError as exc:
+        # Serving matters more: the next session's own sweep tries again.
+        logger.error("could not stop the leftovers below %s: %s", support.parent, exc)
+
+
 async def _listen(path: Path) -> trio.socket.SocketType:
     prepare_directory(path.parent)
     if _exists(path):
@@ -268,12 +348,15 @@ async def serve(
     socket_path: Path,
     *,
     handle_signals: bool = True,
+    exporter: OTelExporter | None = None,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a daemon on ``socket_path`` until it is told to stop.
 
     A ``shutdown`` request, or SIGTERM/SIGINT when ``handle_signals``,
     stops it: every session is closed with its grace period and everything
-    is reaped before this returns.
+    is reaped before this returns. With ``exporter``, every session's
+    lifecycle events are also exported to OpenTelemetry.
     """
-    await Daemon(socket_path).run(handle_signals=handle_signals, task_status=task_status)
+    daemon = Daemon(socket_path, exporter)
+    await daemon.run(handle_signals=handle_signals, task_status=task_status)

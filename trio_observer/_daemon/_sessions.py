@@ -9,23 +9,30 @@ so that its sink outlives every connection.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from .._events import EventCategory, ObserverEvent
+from .._linux import CONTAINMENTS, probe_cgroup
 from .._output import OutputLog
 from .._process import CAPTURE, Process
 from .._pty import PtySize
 from .._session import Session, open_session
 from .._sink import ObserverBackpressure, ObserverSinkStatus
 from .._subscription import MissedEvents, Subscription
+
+if TYPE_CHECKING:
+    from .._otel import OTelExporter
+
+logger = logging.getLogger("trio_observer.daemon")
 
 
 class RequestError(Exception):
@@ -47,6 +54,9 @@ class ProcessRecord:
         self.exited_at: float | None = None
         # The connection allowed to type into the terminal (one at a time).
         self.writer: object | None = None
+        # Held for the whole of one input request, so that the data of two
+        # clients writing to one stdin pipe never interleave.
+        self.input_lock = trio.Lock()
 
     def log(self, stream: str) -> OutputLog:
         """The log of ``stream`` ("stdout", "stderr" or "pty")."""
@@ -84,6 +94,7 @@ class ProcessRecord:
             "started_at": self.started_at,
             "exited_at": self.exited_at,
             "pty": self.pty,
+            "stdin": "pty" if self.pty else "pipe" if process.stdin is not None else "null",
             "streams": {name: _log_counts(self.log(name)) for name in self.streams()},
         }
 
@@ -93,6 +104,8 @@ def _log_counts(log: OutputLog) -> dict[str, int]:
 
 
 RESEND_DEFAULT: Final = 256
+REMOVED_KEPT: Final = 16
+"""Removed subscriptions a session keeps listed (and resumable) at most."""
 
 
 class RemoteSubscription:
@@ -127,6 +140,7 @@ class RemoteSubscription:
         self.sent: deque[tuple[int, dict[str, Any]]] = deque(maxlen=max(resend, 1))
         self.next_seq = 0
         self.sent_frames = 0
+        self.events_framed = 0
         self.missed_in_resend = 0
         self._resend_counted_to = 0
         self.ended = False
@@ -152,6 +166,8 @@ class RemoteSubscription:
                 await self._wait_for_removal()
         finally:
             self._finished.set()
+        # Unregistered now; what the channel holds can still be resumed.
+        self.session.note_removed(self)
 
     async def _wait_for_removal(self) -> None:
         while not self._remove.is_set():
@@ -282,9 +298,16 @@ class RemoteSubscription:
         else:
             frame = {"type": "stream", "seq": self.next_seq, "event": item.to_dict()}
             self.next_seq += 1
+            self.events_framed += 1
         self.sent.append((int(frame["seq"]), frame))
         self.sent_frames += 1
         return frame
+
+    def unread(self) -> int:
+        """Events the sink took that no client has been handed yet."""
+        if self.subscription is None:
+            return 0
+        return self.subscription.status().delivered_events - self.events_framed
 
     def status(self) -> dict[str, Any]:
         """The counters a client sees."""
@@ -320,16 +343,60 @@ async def _first(*events: trio.Event) -> None:
             nursery.start_soon(wait)
 
 
+def resolve_containment(requested: str) -> str:
+    """What ``requested`` (one of ``CONTAINMENTS``) gives here: ``"cgroup"`` or ``"process-group"``.
+
+    Resolved by the daemon rather than left to ``open_session``, so that
+    the session list says which one each session holds.
+
+    Raises:
+      RequestError: ``requested`` is not a containment, or is ``"cgroup"``
+        where no cgroup can be made (the message says why).
+    """
+    if requested not in CONTAINMENTS:
+        raise RequestError(
+            "bad-params",
+            f"param 'containment' must be one of {', '.join(map(repr, CONTAINMENTS))}, "
+            f"not {requested!r:.40}",
+        )
+    if requested == "process-group":
+        return requested
+    support = probe_cgroup()
+    if support.available:
+        return "cgroup"
+    if requested == "cgroup":
+        raise RequestError(
+            "containment-unavailable", f"containment 'cgroup' is not available: {support.reason}"
+        )
+    return "process-group"
+
+
 class DaemonSession:
     """One named :func:`open_session` run by the daemon."""
 
-    def __init__(self, name: str, *, grace_period: float, track_descendants: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        grace_period: float,
+        track_descendants: bool,
+        containment: str,
+        exporter: OTelExporter | None = None,
+    ) -> None:
         self.name = name
+        # Where the session's lifecycle events also go (``daemon --otlp``).
+        self._exporter = exporter
         self.grace_period = grace_period
         self.track_descendants = track_descendants
+        # Resolved already: "cgroup" or "process-group" (resolve_containment).
+        self.containment = containment
         self.created_at = time.time()
         self.processes: dict[str, ProcessRecord] = {}
         self.subscriptions: dict[str, RemoteSubscription] = {}
+        # Ids of removed subscriptions still listed, oldest removal first.
+        self._removed: deque[str] = deque()
+        self.forgotten_subscriptions = 0
+        self.forgotten_events = 0
         self._session: Session | None = None
         self._nursery: trio.Nursery | None = None
         self._counter = 0
@@ -344,10 +411,20 @@ class DaemonSession:
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Run the session until :meth:`close`; leaving stops and reaps everything."""
         try:
-            async with open_session(
-                grace_period=self.grace_period, track_descendants=self.track_descendants
-            ) as session:
+            # The exporter runs outside the session's block, so that the
+            # session's cancellation does not end it before the teardown's
+            # events (it ends when the session closes its sinks).
+            async with (
+                trio.open_nursery() as outside,
+                open_session(
+                    grace_period=self.grace_period,
+                    track_descendants=self.track_descendants,
+                    containment=self.containment,
+                ) as session,
+            ):
                 self._session = session
+                if self._exporter is not None:
+                    await outside.start(self._exporter.export_session, session)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     task_status.started()
@@ -371,8 +448,13 @@ class DaemonSession:
         env: Mapping[str, str] | None,
         pty: PtySize | None,
         backlog_bytes: int,
+        stdin_pipe: bool = False,
     ) -> ProcessRecord:
-        """Start a process in the session under a unique name."""
+        """Start a process in the session under a unique name.
+
+        Without a PTY, stdin is ``/dev/null``, or with ``stdin_pipe`` a pipe
+        that ``input`` requests write to.
+        """
         if self.closing:
             raise RequestError("session-closed", f"session {self.name!r} is closing")
         if name is None:
@@ -393,7 +475,7 @@ class DaemonSession:
             else:
                 process = await self.session.start_process(
                     argv,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                     stdout=CAPTURE,
                     stderr=CAPTURE,
                     cwd=cwd,
@@ -440,6 +522,38 @@ class DaemonSession:
         self.subscriptions[remote.id] = remote
         return remote
 
+    def note_removed(self, remote: RemoteSubscription) -> None:
+        """Keep ``remote`` listed (resumable) among the last ``REMOVED_KEPT`` removed.
+
+        Beyond that many, the oldest removed subscription no client is
+        streaming is forgotten; the events it still held are counted in
+        ``forgotten_events`` and logged, so that they are not lost uncounted.
+        """
+        if self.closing or remote.id not in self.subscriptions:
+            return
+        self._removed.append(remote.id)
+        excess = len(self._removed) - REMOVED_KEPT
+        if excess <= 0:
+            return
+        for old_id in [i for i in self._removed if not self.subscriptions[i].attached][:excess]:
+            old = self.subscriptions[old_id]
+            unread = old.unread()
+            self.forget(old)
+            self.forgotten_subscriptions += 1
+            self.forgotten_events += unread
+            logger.warning(
+                "session %r: forgot removed subscription %s (%s) with %d unread event(s)",
+                self.name,
+                old_id,
+                old.removed_reason,
+                unread,
+            )
+
+    def forget(self, remote: RemoteSubscription) -> None:
+        """Drop ``remote`` from the list (unsubscribed, or drained after its removal)."""
+        if self.subscriptions.pop(remote.id, None) is not None and remote.id in self._removed:
+            self._removed.remove(remote.id)
+
     def describe(self) -> dict[str, Any]:
         """The session as ``sessions`` lists it."""
         return {
@@ -447,8 +561,11 @@ class DaemonSession:
             "id": self._session.id if self._session is not None else None,
             "grace_period": self.grace_period,
             "track_descendants": self.track_descendants,
+            "containment": self.containment,
             "created_at": self.created_at,
             "closing": self.closing,
             "processes": [record.describe() for record in self.processes.values()],
             "subscriptions": sorted(self.subscriptions),
+            "forgotten_subscriptions": self.forgotten_subscriptions,
+            "forgotten_events": self.forgotten_events,
         }

@@ -9,9 +9,11 @@ the probes behind the capability report. Nothing outside this package reads
 ``/proc`` or ``/sys``, opens netlink sockets or calls libc through ctypes.
 """
 
-from ._cgroup import Cgroup
+from ._cgroup import Cgroup, CgroupUnavailableError, clean_leftovers, leftover_sessions
 from ._cgroup import probe as probe_cgroup
 from ._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
+from ._cgroup_limits import LIMIT_FILES, choose_limited_containment, limit_support
+from ._cgroup_limits import prepare as prepare_limits
 from ._cgroup_usage import group_usage, reap_usage, running_usage, with_cgroup
 from ._cgroup_usage import total as total_usage
 from ._process_tree import PROC, is_subreaper, stop_leftovers, subreaper
@@ -28,16 +30,23 @@ from ._tree import OBSERVABLE_CATEGORIES, TreeObserver
 
 __all__ = [
     "CONTAINMENTS",
+    "LIMIT_FILES",
     "OBSERVABLE_CATEGORIES",
     "PROC",
     "Cgroup",
     "CgroupContainment",
+    "CgroupUnavailableError",
     "TreeObserver",
     "choose_containment",
+    "choose_limited_containment",
+    "clean_leftovers",
     "group_usage",
     "is_subreaper",
+    "leftover_sessions",
+    "limit_support",
     "net_tables_readable",
     "others_fds_readable",
+    "prepare_limits",
     "probe_cgroup",
     "probe_connector",
     "read_cmdline",

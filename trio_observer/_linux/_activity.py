@@ -52,31 +52,37 @@ class _Record:
     # reaped a read fails (ESRCH) or is empty, so it can never show the
     # counters of a later process that reused the pid.
     fds: list[int]
-    counters: tuple[tuple[int, int], ...]
-    quiet_passes: int
+    # The bytes each thread's file held at the baseline, compared as they
+    # are: equal bytes mean equal counters, and any other change (the run
+    # delay moves only around a switch-in or a migration) errs towards
+    # "ran". Parsing is only needed once, to refuse zeros.
+    counters: list[bytes]
+    # The pass of the last full look (the baseline, or a due look): the next
+    # is due VERIFY_EVERY passes later, skipped passes included.
+    looked: int
     seen: int
 
 
-def _read_counters(path: str) -> tuple[int, int] | None:
+def _read_counters(path: str) -> bytes:
     # Threads past MAX_KEPT_FDS: one open, read and close per pass.
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return None
+        return b""
     try:
-        data = os.read(fd, 128)
+        return os.read(fd, 128)
     except OSError:
-        return None
+        return b""
     finally:
         os.close(fd)
-    return parse_run_counters(data)
 
 
-def _pread_counters(fd: int) -> tuple[int, int] | None:
+def _pread_counters(fd: int) -> bytes:
+    # Empty for a task reaped since the descriptor was opened.
     try:
-        return parse_run_counters(os.pread(fd, 128, 0))
+        return os.pread(fd, 128, 0)
     except OSError:
-        return None
+        return b""
 
 
 @final
@@ -100,6 +106,19 @@ class ActivityWatch:
         self._records: dict[int, _Record] = {}
         self._kept_fds = 0
         self._pass = 0
+        # The cgroup check (see group_unchanged): its cpu.stat, kept open,
+        # and what it read last.
+        self._group_fd = -1
+        self._group_path = ""
+        self._group_stat = b""
+        # Passes skipped in a row (see skip_pass).
+        self._skipped = 0
+        self.unchanged_due: set[int] = set()
+        """The pids the last :meth:`update` reported active only because
+        their periodic full look was due: their counters did not move, so
+        they did not run (they neither forked, exec'd nor exited); only what
+        another process can change about them (their descriptors) needs
+        the look."""
 
     @property
     def kept_fds(self) -> int:
@@ -111,6 +130,61 @@ class ActivityWatch:
         for record in self._records.values():
             self._close(record)
         self._records.clear()
+        self._forget_group()
+
+    def group_unchanged(self, cpu_stat: str) -> bool:
+        """Tell whether nothing in a cgroup has run since the previous call.
+
+        For a tree that is all in one cgroup (the session's), one read of
+        its ``cpu.stat`` (the CPU time of the whole subtree) instead of one
+        per thread: if it did not move, no process of the tree ran, so
+        every one is as quiet as :meth:`update` would find it. Call it
+        first in a pass; when it returns ``True``, call :meth:`skip_pass`
+        instead of :meth:`update`. Time a task spends on a CPU is added at
+        the next tick or when it leaves the CPU, so a task that was
+        switched in just before this read shows at the next one (as with
+        the per-thread counters, see :meth:`update`); the microsecond
+        granularity hides a run shorter than 1 us (no fork, exec or exit is
+        that short; the periodic full look catches the rest).
+
+        Args:
+            cpu_stat: The ``cpu.stat`` file of the tree's cgroup.
+
+        Returns:
+            ``True`` if it reads as at the previous call; ``False`` on the
+            first call, after :meth:`forget_all`, if it cannot be read, or
+            when ``verify_every`` passes in a row were skipped already.
+        """
+        if self._group_path != cpu_stat:
+            self._forget_group()
+            try:
+                self._group_fd = os.open(cpu_stat, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+            self._group_path = cpu_stat
+        now = _pread_counters(self._group_fd)
+        before, self._group_stat = self._group_stat, now
+        # Never more than the verification interval in a row: a process of
+        # the tree outside the cgroup (one that forked in the instant before
+        # its root was placed) and the changes others make are looked at on
+        # the usual schedule.
+        return bool(now) and now == before and self._skipped < self._verify_every
+
+    def skip_pass(self) -> None:
+        """Count a pass in which :meth:`group_unchanged` said nothing ran.
+
+        The periodic full looks stay on time: they are due by passes,
+        skipped ones included.
+        """
+        self._pass += 1
+        self._skipped += 1
+
+    def _forget_group(self) -> None:
+        if self._group_fd >= 0:
+            os.close(self._group_fd)
+        self._group_fd = -1
+        self._group_path = ""
+        self._group_stat = b""
 
     def update(self, pids: Iterable[int]) -> set[int]:
         """Look at ``pids`` and return those that are provably quiet.
@@ -132,24 +206,38 @@ class ActivityWatch:
             The quiet pids.
         """
         self._pass += 1
+        self._skipped = 0
         this_pass = self._pass
         records = self._records
         quiet: set[int] = set()
+        due: set[int] = set()
+        self.unchanged_due = due
         looked = 0
+        pread = os.pread
         for pid in pids:
             looked += 1
             record = records.get(pid)
             if record is not None:
                 record.seen = this_pass
-                if self._unchanged(record):
-                    if record.quiet_passes < self._verify_every:
-                        record.quiet_passes += 1
+                fds = record.fds
+                if len(fds) == 1 and fds[0] >= 0:
+                    # The common case, inline (it runs for every process of
+                    # the tree every pass): one thread, a kept descriptor.
+                    try:
+                        unchanged = pread(fds[0], 128, 0) == record.counters[0]
+                    except OSError:
+                        unchanged = False
+                else:
+                    unchanged = self._unchanged(record)
+                if unchanged:
+                    if this_pass - record.looked <= self._verify_every:
                         quiet.add(pid)
                     else:
                         # The full look is due, but the counters (and so the
                         # threads: only a running thread makes or ends one)
                         # are as recorded: keep the descriptors.
-                        record.quiet_passes = 0
+                        record.looked = this_pass
+                        due.add(pid)
                     continue
                 self._close(record)
                 del records[pid]
@@ -162,10 +250,9 @@ class ActivityWatch:
         return quiet
 
     def _unchanged(self, record: _Record) -> bool:
-        counters = record.counters
-        for i, fd in enumerate(record.fds):
-            now = _pread_counters(fd) if fd >= 0 else _read_counters(record.paths[i])
-            if now is None or now != counters[i]:
+        for fd, path, before in zip(record.fds, record.paths, record.counters, strict=True):
+            now = _pread_counters(fd) if fd >= 0 else _read_counters(path)
+            if now != before:
                 return False
         return True
 
@@ -181,8 +268,7 @@ class ActivityWatch:
         if not threads:
             return None
         paths = tuple(run_counters_path(self._proc_root, pid, tid) for tid in threads)
-        record = _Record(paths, [], (), 0, this_pass)
-        counters: list[tuple[int, int]] = []
+        record = _Record(paths, [], [], this_pass, this_pass)
         for path in paths:
             fd = -1
             if self._kept_fds < MAX_KEPT_FDS:
@@ -193,15 +279,14 @@ class ActivityWatch:
                     return None
                 self._kept_fds += 1
             record.fds.append(fd)
-            pair = _pread_counters(fd) if fd >= 0 else _read_counters(path)
-            if pair is None:
+            data = _pread_counters(fd) if fd >= 0 else _read_counters(path)
+            if parse_run_counters(data) is None:
                 self._close(record)
                 return None
-            counters.append(pair)
+            record.counters.append(data)
         # A thread created after the listing by a thread whose counters were
         # read later would be unwatched: list again and give up if it moved.
         if read_thread_ids(self._proc_root, pid) != threads:
             self._close(record)
             return None
-        record.counters = tuple(counters)
         return record

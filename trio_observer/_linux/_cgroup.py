@@ -16,11 +16,14 @@ import select
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import trio
 
 from ._procfs import read_children, read_stat
+
+if TYPE_CHECKING:
+    from .._limits import Limits
 
 ADVICE: Final = (
     "run inside a cgroup v2 subtree delegated to this user, for example "
@@ -29,6 +32,9 @@ ADVICE: Final = (
 """What makes cgroup containment available to an unprivileged user."""
 
 NAME_PREFIX: Final = "trio-observer-"
+SELF_LEAF: Final = "trio-observer-self"
+"""The leaf this process moves itself into when allowed to (``move_self_to_leaf``),
+so that its own cgroup holds no processes and may enable controllers."""
 _LEFTOVER_PATIENCE: Final = 5.0
 """Seconds to wait for a killed leftover to empty (its members are not our
 children, so their reapers decide when they leave)."""
@@ -37,6 +43,31 @@ _NAME_RE: Final = re.compile(r"^trio-observer-(\d+)\.(\d+)-[0-9a-f]+$")
 
 class CgroupUnavailableError(RuntimeError):
     """This process may not contain its children in a cgroup v2 here."""
+
+
+class CgroupBusyError(CgroupUnavailableError):
+    """Controllers cannot be enabled for a cgroup's children: it holds processes.
+
+    The kernel's "no internal processes" rule: a non-root cgroup that holds
+    processes itself may not hand controllers to its children.
+    """
+
+    def __init__(self, group: Cgroup, controllers: frozenset[str], holders: list[int]) -> None:
+        super().__init__(
+            f"cannot enable {', '.join(sorted(controllers))} in {group.path}/"
+            f"cgroup.subtree_control: the cgroup holds processes ({describe_pids(holders)}), and "
+            "the kernel enables controllers only for the children of a cgroup that holds "
+            'none (its "no internal processes" rule)'
+        )
+        self.holders = holders
+        """The processes in the cgroup itself, when the kernel refused."""
+
+
+def describe_pids(pids: list[int]) -> str:
+    """``pid 12 (this process), 40``: the first few, for an error message."""
+    me = os.getpid()
+    named = [f"{p} (this process)" if p == me else str(p) for p in pids[:5]]
+    return "pid " + ", ".join(named) + (f" and {len(pids) - 5} more" if len(pids) > 5 else "")
 
 
 def _unescape(field: str) -> str:
@@ -65,6 +96,41 @@ def find_hierarchy(mountinfo: str | None = None) -> tuple[Path, str] | None:
         fields = left.split()
         return Path(_unescape(fields[4])), _unescape(fields[3])
     return None
+
+
+def v1_mount(controller: str, mountinfo: str | None = None) -> Path | None:
+    """Where ``controller`` is bound to a cgroup v1 hierarchy, if it is."""
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fs = right.split()
+        # v1 mounts name their controllers in the super options.
+        if sep and fs[:1] == ["cgroup"] and len(fs) >= 3 and controller in fs[2].split(","):
+            return Path(_unescape(left.split()[4]))
+    return None
+
+
+def unavailable_reason(controller: str, group: Cgroup, mountinfo: str | None = None) -> str:
+    """Why ``group`` cannot hand ``controller`` to its children, and what would."""
+    listed = ", ".join(sorted(group.controllers())) or "none"
+    text = (
+        f"the {controller} controller is not available in {group.path} "
+        f"(its cgroup.controllers lists: {listed})"
+    )
+    bound = v1_mount(controller, mountinfo)
+    if bound is not None:
+        return (
+            f"{text}: it is bound to cgroup v1 (mounted at {bound}), and a controller "
+            "serves one hierarchy at a time; cgroup v2 gets it once that hierarchy is "
+            f"unmounted with no cgroups left in it, or at boot with cgroup_no_v1={controller}"
+        )
+    if group.is_root():
+        return f"{text}: this kernel does not offer it"
+    return (
+        f"{text}: the parent must enable it (+{controller} in "
+        f"{group.path.parent}/cgroup.subtree_control), or {ADVICE}"
+    )
 
 
 def own_cgroup(cgroup_file: str | None = None) -> str | None:
@@ -106,6 +172,9 @@ def probe(mountinfo: str | None = None, cgroup_file: str | None = None) -> Cgrou
     if root != "/" and own.startswith(root):
         own = own[len(root) :]
     parent = mount / own.lstrip("/")
+    if parent.name == SELF_LEAF:
+        # Moved there to free our cgroup for controllers: sessions go beside it.
+        parent = parent.parent
     try:
         controllers = frozenset((parent / "cgroup.controllers").read_text().split())
     except OSError as exc:
@@ -298,65 +367,74 @@ class Cgroup:
         return int(text) if text else None
 
     def oom_kills(self) -> int | None:
-        """OOM kills inside (``memory.events``), ``None`` without the controller."""
+        """Processes of the subtree the OOM killer killed (``oom_kill`` of
+        ``memory.events``), ``None`` without the memory controller."""
         text = self.read("memory.events")
         return int(_events(text).get("oom_kill", 0)) if text is not None else None
 
-    def set_limits(
-        self,
-        *,
-        memory_max: int | None = None,
-        pids_max: int | None = None,
-        cpu_max: tuple[int, int] | None = None,
-    ) -> None:
-        """Limit this cgroup; the controllers must be on in its parent.
+    def controllers(self) -> frozenset[str]:
+        """The controllers this cgroup may enable for its children (``cgroup.controllers``)."""
+        return frozenset((self.read("cgroup.controllers") or "").split())
+
+    def procs(self) -> list[int]:
+        """The processes in this cgroup itself, not below it (``cgroup.procs``)."""
+        return [int(p) for p in (self.read("cgroup.procs") or "").split()]
+
+    def is_root(self) -> bool:
+        """Whether this is the hierarchy's root (exempt from "no internal processes")."""
+        # Every cgroup but the root has a cgroup.type.
+        return not (self.path / "cgroup.type").exists()
+
+    def set_limits(self, limits: Limits) -> None:
+        """Write ``limits`` (``memory.max``, ``pids.max``, ``cpu.max``) here.
+
+        Each controller must be on in the parent's ``cgroup.subtree_control``
+        (see :meth:`enable_controllers`).
 
         Raises:
             CgroupUnavailableError: A controller is not enabled for this
-                cgroup, with what the parent's ``cgroup.controllers`` offers.
+                cgroup; the message says what the parent offers and why.
         """
-        wanted = {
-            "memory": ("memory.max", memory_max),
-            "pids": ("pids.max", pids_max),
-            "cpu": ("cpu.max", None if cpu_max is None else f"{cpu_max[0]} {cpu_max[1]}"),
-        }
-        offered = set((self.read("cgroup.controllers") or "").split())
-        for controller, (name, value) in wanted.items():
-            if value is None:
-                continue
+        offered = self.controllers()
+        for name, value in limits.files().items():
+            controller = name.split(".", 1)[0]
             if controller not in offered:
-                parent = self.path.parent
-                listed = (parent / "cgroup.controllers").read_text().split() or ["none"]
-                raise CgroupUnavailableError(
-                    f"cannot set {name}: the {controller} controller is not enabled for "
-                    f"{self.path} ({parent}/cgroup.controllers lists: {', '.join(listed)}); "
-                    "on a hybrid machine it may be bound to cgroup v1"
+                parent = Cgroup(self.path.parent)
+                why = (
+                    f"; {unavailable_reason(controller, parent)}"
+                    if controller not in parent.controllers()
+                    else ""
                 )
-            self._write(name, str(value))
+                raise CgroupUnavailableError(
+                    f"cannot set {name} on {self.path}: the {controller} controller is not "
+                    f"enabled in {parent.path}/cgroup.subtree_control{why}"
+                )
+            self._write(name, value)
 
     def enable_controllers(self, names: frozenset[str]) -> None:
         """Enable controllers for this cgroup's children (``subtree_control``).
 
+        Nothing is written when they are on already (so no write access is
+        needed then).
+
         Raises:
-            CgroupUnavailableError: Not offered here, or this cgroup holds
-                processes itself (the kernel's "no internal processes" rule).
+            CgroupUnavailableError: Some are not offered here (the message
+                says why for each, for example bound to a cgroup v1 hierarchy).
+            CgroupBusyError: This cgroup holds processes itself, so the
+                kernel refuses (its "no internal processes" rule).
         """
-        offered = set((self.read("cgroup.controllers") or "").split())
-        missing = sorted(names - offered)
+        enabled = frozenset((self.read("cgroup.subtree_control") or "").split())
+        wanted = names - enabled
+        if not wanted:
+            return
+        missing = sorted(wanted - self.controllers())
         if missing:
-            raise CgroupUnavailableError(
-                f"controllers {', '.join(missing)} are not available in {self.path} "
-                f"(cgroup.controllers lists: {', '.join(sorted(offered)) or 'none'})"
-            )
+            raise CgroupUnavailableError("; ".join(unavailable_reason(n, self) for n in missing))
         try:
-            self._write("cgroup.subtree_control", " ".join(f"+{n}" for n in sorted(names)))
+            self._write("cgroup.subtree_control", " ".join(f"+{n}" for n in sorted(wanted)))
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                raise CgroupUnavailableError(
-                    f"{self.path} holds processes, so the kernel refuses to enable "
-                    "controllers for its children; move this process into a leaf cgroup "
-                    "of its own first"
-                ) from exc
+                raise CgroupBusyError(self, wanted, self.procs()) from exc
             raise
 
     def remove(self) -> None:

@@ -12,12 +12,15 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import trio
 
 from . import _cgroup
 from ._cgroup import Cgroup, CgroupUnavailableError
+
+if TYPE_CHECKING:
+    from .._limits import Limits
 
 
 def _reap_if_ours(pidfd: int) -> None:
@@ -36,14 +39,19 @@ class CgroupContainment:
         self._leaves: dict[int, Cgroup] = {}
         self._closed = False
 
-    def place(self, pid: int) -> Cgroup:
+    def place(self, pid: int, limits: Limits | None = None) -> Cgroup:
         """Move ``pid`` (and any child it already has) into a leaf of its own.
 
         Called right after the vfork-based spawn returns: the window in which
         the child could fork outside is the time between ``execve`` and this
-        write, before the program's own start-up has run.
+        write, before the program's own start-up has run. ``limits`` are
+        written on the leaf before the move, so the process never runs in
+        it unlimited (their controllers were enabled before the spawn, see
+        ``_cgroup_limits.prepare``).
         """
         leaf = self.group.leaf(f"p{pid}")
+        if limits is not None:
+            leaf.set_limits(limits)
         leaf.place(pid)
         self._leaves[pid] = leaf
         return leaf

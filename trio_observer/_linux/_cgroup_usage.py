@@ -38,7 +38,7 @@ def with_cgroup(usage: ResourceUsage, group: Cgroup | None) -> ResourceUsage:
         return usage
     try:
         user, system = group.cpu_seconds()
-        memory, pids = group.memory_peak(), group.pids_peak()
+        memory, pids, oom = group.memory_peak(), group.pids_peak(), group.oom_kills()
     except (OSError, ValueError):
         # The cgroup is gone (removed after a crash of its session).
         return usage
@@ -50,6 +50,7 @@ def with_cgroup(usage: ResourceUsage, group: Cgroup | None) -> ResourceUsage:
         cgroup_system_seconds=system,
         memory_peak_bytes=memory,
         pids_peak=pids,
+        oom_kills=oom,
     )
 
 
@@ -109,4 +110,5 @@ def group_usage(group: Cgroup) -> ResourceUsage:
         cgroup_system_seconds=system,
         memory_peak_bytes=group.memory_peak(),
         pids_peak=group.pids_peak(),
+        oom_kills=group.oom_kills(),
     )

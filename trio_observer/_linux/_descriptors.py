@@ -10,8 +10,8 @@ opened and closed between two scans is never seen: these events are
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
-from dataclasses import dataclass
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, field
 from typing import Final, final
 
 from .._events import EventCategory, EventGrade, ObserverEvent, ObserverEventKind, trio_time_ms
@@ -57,11 +57,13 @@ class TrackedProcess:
     """Its parent, copied into the events."""
     root_pid: int | None
     """The session process whose tree it belongs to (itself for a root)."""
+    identity: tuple[int, int] = field(init=False, repr=False, compare=False)
+    """``(pid, starttime)``; ``-1`` stands for an unknown start time. Made
+    once: every scan looks it up for every process."""
 
-    @property
-    def identity(self) -> tuple[int, int]:
-        """``(pid, starttime)``; ``-1`` stands for an unknown start time."""
-        return (self.pid, -1 if self.starttime is None else self.starttime)
+    def __post_init__(self) -> None:
+        starttime = -1 if self.starttime is None else self.starttime
+        object.__setattr__(self, "identity", (self.pid, starttime))
 
 
 def _file_event(proc: TrackedProcess, kind: ObserverEventKind, fd: int, path: str) -> ObserverEvent:
@@ -156,7 +158,7 @@ class DescriptorTracker:
 
     def scan(
         self,
-        processes: Iterable[TrackedProcess],
+        processes: Sequence[TrackedProcess],
         *,
         files: bool,
         network: bool,
@@ -185,11 +187,12 @@ class DescriptorTracker:
         # The socket tables are per network namespace; read each at most once
         # per scan, and only if some process holds a socket.
         tables: dict[str, dict[int, SocketEntry]] = {}
-        seen: set[tuple[int, int]] = set()
+        procs = self._procs
+        count = 0
         for proc in processes:
+            count += 1
             key = proc.identity
-            seen.add(key)
-            self._procs[key] = proc
+            procs[key] = proc
             if proc.pid in quiet and key in self._read:
                 continue
             fds = read_fds(self._proc_root, proc.pid)
@@ -200,8 +203,12 @@ class DescriptorTracker:
                 events.extend(self._diff_files(proc, fds))
             if network:
                 events.extend(self._diff_sockets(proc, fds, tables))
-        for key in [k for k in self._procs if k not in seen]:
-            events.extend(self.forget(self._procs[key]))
+        if len(procs) > count:
+            # Some tracked process was not passed (the tree lost it without
+            # saying so): only then is it worth a set of those that were.
+            seen = {proc.identity for proc in processes}
+            for key in [k for k in procs if k not in seen]:
+                events.extend(self.forget(procs[key]))
         return events
 
     def _diff_files(self, proc: TrackedProcess, fds: dict[int, str]) -> list[ObserverEvent]:

@@ -127,16 +127,40 @@ def parse_stat(text: str) -> ProcStat:
     )
 
 
-def _read_text(path: str) -> str | None:
+_READ_SIZE: Final = 16384
+
+
+def _read_bytes(path: str, *, one_record: bool = False) -> bytes | None:
+    # os.open and os.read rather than open(): a buffered file object costs
+    # an fstat and the object itself, on a path taken for every process a
+    # scan looks at. Read to the empty read: a seq_file (the socket tables,
+    # children) hands out about a page per read, so a short read is not the
+    # end. One record (stat) is made whole at the first read, and is never
+    # near the size asked.
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except _RACES:
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        # ESRCH and friends from a task that is being torn down.
+        # Gone, another user's, or ESRCH and friends from a task that is
+        # being torn down.
         return None
-    return data.decode("utf-8", "surrogateescape")
+    try:
+        data = os.read(fd, _READ_SIZE)
+        if one_record or not data:
+            return data
+        chunks = [data]
+        while data:
+            data = os.read(fd, _READ_SIZE)
+            chunks.append(data)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: str, *, one_record: bool = False) -> str | None:
+    data = _read_bytes(path, one_record=one_record)
+    return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
 def read_stat(proc_root: str, pid: int) -> ProcStat | None:
@@ -149,7 +173,7 @@ def read_stat(proc_root: str, pid: int) -> ProcStat | None:
     Returns:
         The parsed stat, or ``None`` if the process is gone or unreadable.
     """
-    text = _read_text(f"{proc_root}/{pid}/stat")
+    text = _read_text(f"{proc_root}/{pid}/stat", one_record=True)
     if not text:
         return None
     try:
@@ -357,12 +381,26 @@ def environ_has(proc_root: str, pid: int, entry: bytes) -> bool:
         ``False`` also when the environment is unreadable, or empty (a
         zombie's memory is gone).
     """
-    try:
-        with open(f"{proc_root}/{pid}/environ", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return entry in data.split(b"\0")
+    data = _read_bytes(f"{proc_root}/{pid}/environ")
+    return data is not None and entry in data.split(b"\0")
+
+
+def read_cgroup_path(proc_root: str, pid: int) -> str | None:
+    """Return the cgroup v2 path of ``pid`` (the ``0::`` line of ``/proc/<pid>/cgroup``).
+
+    Args:
+        proc_root: Where ``/proc`` is mounted (or a fake tree).
+        pid: The process.
+
+    Returns:
+        The path below the v2 hierarchy's root (``"/a/b"``), or ``None``
+        when the process is gone or has no v2 line.
+    """
+    text = _read_text(f"{proc_root}/{pid}/cgroup")
+    for line in (text or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
 
 
 def read_proc_file(path: str) -> str | None:
@@ -395,7 +433,7 @@ def read_thread_ids(proc_root: str, pid: int) -> list[int] | None:
 
 
 def run_counters_path(proc_root: str, pid: int, tid: int) -> str:
-    """Return the path :func:`read_run_counters` reads for thread ``tid`` of ``pid``.
+    """Return the ``schedstat`` file of thread ``tid`` of ``pid`` (see :func:`parse_run_counters`).
 
     Args:
         proc_root: Where ``/proc`` is mounted (or a fake tree).
@@ -411,48 +449,25 @@ def run_counters_path(proc_root: str, pid: int, tid: int) -> str:
     return f"{proc_root}/{pid}/task/{tid}/schedstat"
 
 
-def read_run_counters(proc_root: str, pid: int, tid: int) -> tuple[int, int] | None:
-    """Read how long and how often thread ``tid`` of ``pid`` has run.
+def parse_run_counters(data: bytes) -> tuple[int, int] | None:
+    """Parse how long and how often a thread has run, from its ``schedstat`` file.
 
-    From ``/proc/<pid>/task/<tid>/schedstat`` (``CONFIG_SCHED_INFO``): the
+    ``/proc/<pid>/task/<tid>/schedstat`` (``CONFIG_SCHED_INFO``) holds the
     nanoseconds spent on a CPU (``se.sum_exec_runtime``, brought up to date
     whenever the thread leaves the CPU and at every scheduler tick while it
-    runs) and the number of times it was put on a CPU (``pcount``, counted
-    at every switch-in). A thread whose pair is unchanged between two reads
-    was not switched in between them.
-
-    Args:
-        proc_root: Where ``/proc`` is mounted (or a fake tree).
-        pid: The process.
-        tid: One of its threads (``pid`` itself for the main thread).
-
-    Returns:
-        ``(runtime_ns, times_scheduled)``, or ``None`` when the thread is
-        gone or the kernel does not keep the counters (it then shows zeros,
-        which would make every thread look idle forever).
-    """
-    try:
-        fd = os.open(run_counters_path(proc_root, pid, tid), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return parse_run_counters(os.read(fd, 128))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def parse_run_counters(data: bytes) -> tuple[int, int] | None:
-    """Parse what a ``schedstat`` file holds (see :func:`read_run_counters`).
+    runs), the time spent waiting for one, and the number of times it was
+    put on a CPU (``pcount``, counted at every switch-in). A thread whose
+    counters are unchanged between two reads was not switched in between
+    them.
 
     Args:
         data: The file's bytes; empty when read through a descriptor kept
             open past the thread's end.
 
     Returns:
-        ``(runtime_ns, times_scheduled)``, or ``None`` for zeros, an empty
-        read or anything malformed.
+        ``(runtime_ns, times_scheduled)``, or ``None`` for zeros (no
+        accounting in this kernel, which would make every thread look idle
+        forever), an empty read or anything malformed.
     """
     fields = data.split()
     if len(fields) < 3:

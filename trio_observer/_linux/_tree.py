@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     # together they cost more to import than the rest of a session, which
     # most sessions (no tree category wanted) would pay for nothing.
     from ._activity import ActivityWatch
+    from ._cgroup import Cgroup
     from ._connector import ConnectorBatch, ConnectorSocket, ProcConnector
     from ._descriptors import DescriptorTracker
     from ._tree_members import TreeMembers
@@ -121,6 +122,17 @@ class TreeObserver:
             ``DESCENDANT_STARTED``: an orphan re-parented to this process (a
             child subreaper) before a scan saw it under its own parent.
             ``None`` (the default) adopts nothing.
+        cgroup: Returns the session's cgroup, which holds every process of
+            the tree (each root and its descendants in a cgroup of the
+            root's own below it), or ``None`` while the session has none.
+            With one, an orphan re-parented to this process is the tree's
+            if it is in a root's cgroup, whatever it did to its group,
+            session or environment (an ``env -i setsid`` double fork), and
+            ``adopt_marker`` is not read. And a periodic pass first reads the
+            cgroup's ``cpu.stat``: if the tree's CPU time did not move, no
+            process of it ran, and the pass reads nothing else. ``None``
+            (the default): membership is what the walk from the roots and
+            the marker find, and every pass checks every thread.
         reap_adopted: Reap (``waitpid``) a descendant that exits as a zombie
             child of this process, after its ``DESCENDANT_EXITED`` (and its
             exit code) is taken. Roots are never reaped here: they are the
@@ -144,6 +156,7 @@ class TreeObserver:
         backend: Backend = "auto",
         connector_factory: Callable[[], ConnectorSocket] | None = None,
         adopt_marker: bytes | None = None,
+        cgroup: Callable[[], Cgroup | None] | None = None,
         reap_adopted: bool = False,
     ) -> None:
         if not poll_interval > 0 or math.isinf(poll_interval):
@@ -161,6 +174,11 @@ class TreeObserver:
             self._backend_choice = "poll"
         self._connector_factory = connector_factory
         self._adopt_marker = adopt_marker
+        self._cgroup = cgroup
+        self._cpu_stat: tuple[Cgroup, str] | None = None
+        # A root added since the last full pass: the next one may not be
+        # skipped on the cgroup's word (the root may not be in it yet).
+        self._roots_added = False
         self._reap_adopted = reap_adopted
         # The members, descriptors and activity parts, made (and their
         # modules imported) by _load once something is wanted. Until then
@@ -203,12 +221,24 @@ class TreeObserver:
                 descriptors=descriptors,
                 adopt_marker=self._adopt_marker,
                 reap_adopted=self._reap_adopted,
+                in_cgroup=None if self._cgroup is None else self._has_cgroup,
             )
             for pid in self._idle_roots:
                 members.add_root(pid, read_now=False)
             self._idle_roots.clear()
             self._parts = (members, descriptors, ActivityWatch(self._proc_root))
         return self._parts
+
+    def _has_cgroup(self) -> bool:
+        return self._cgroup is not None and self._cgroup() is not None
+
+    def _group_cpu_stat(self) -> str | None:
+        group = None if self._cgroup is None else self._cgroup()
+        if group is None:
+            return None
+        if self._cpu_stat is None or self._cpu_stat[0] is not group:
+            self._cpu_stat = (group, str(group.path / "cpu.stat"))
+        return self._cpu_stat[1]
 
     @property
     def _tree(self) -> TreeMembers:
@@ -237,6 +267,7 @@ class TreeObserver:
         """
         # While idle, nothing is read: the first scan fills in the details,
         # so a spawn costs no /proc read unless someone observes the tree.
+        self._roots_added = True
         if self._parts is None:
             self._idle_roots[pid] = None
         else:
@@ -278,7 +309,9 @@ class TreeObserver:
             if self._active_scope is not None:
                 self._active_scope.cancel()
         else:
-            self._wake.set()
+            # Also out of a nap without a deadline (connector, PROCESS
+            # alone): FILE or NETWORK wanted now are scanned on the clock.
+            self._interrupt()
 
     async def wait_active(self) -> None:
         """Wait until the wanted categories are being observed.
@@ -483,7 +516,9 @@ class TreeObserver:
                     await self._catch_up(connector)
                     self._answer_settle_requests()
                     continue
-                with trio.CancelScope(deadline=next_poll) as self._nap:
+                with trio.CancelScope(
+                    deadline=self._nap_deadline(connector, next_poll)
+                ) as self._nap:
                     if connector is None:
                         await trio.sleep_forever()
                     else:
@@ -496,7 +531,7 @@ class TreeObserver:
                 if trio.current_time() < next_poll:
                     continue
                 if connector is None:
-                    await self._pass(scan_tree=True)
+                    await self._pass(scan_tree=True, may_skip=True)
                 elif self._categories - {EventCategory.PROCESS}:
                     # No rescan of the tree for a new root: add_root comes
                     # before the next checkpoint and records are handled only
@@ -504,7 +539,7 @@ class TreeObserver:
                     # with the records still queued: it took a child reaped
                     # since for an exit without a code, and a zombie already
                     # reported for a new one (a second, inferred pair).
-                    await self._pass(scan_tree=False)
+                    await self._pass(scan_tree=False, may_skip=True)
                 next_poll = trio.current_time() + self._poll_interval
         finally:
             self._nap = None
@@ -516,6 +551,18 @@ class TreeObserver:
             self._activity.forget_all()
             if connector is not None:
                 connector.close()
+
+    def _nap_deadline(self, connector: ProcConnector | None, next_poll: float) -> float:
+        # The connector reports the tree as it changes: with nothing to scan
+        # on the clock (PROCESS alone) and nobody to reap, waking every
+        # interval would cost a wake-up of the whole loop for nothing.
+        if (
+            connector is not None
+            and not self._categories - {EventCategory.PROCESS}
+            and not self._tree.reap_pending
+        ):
+            return math.inf
+        return next_poll
 
     def _answer_settle_requests(self) -> None:
         requests, self._settle_requests = self._settle_requests, []
@@ -638,26 +685,48 @@ class TreeObserver:
             elif event.kind is ObserverEventKind.DESCENDANT_STARTED:
                 ended.pop(event.pid, None)
 
-    def _pass_events(self, *, scan_tree: bool) -> list[ObserverEvent]:
+    def _pass_events(self, *, scan_tree: bool, may_skip: bool = False) -> list[ObserverEvent]:
+        activity = self._activity
+        # Before anything is read: a process that runs after this is active
+        # in the next pass (see ._activity).
+        cpu_stat = self._group_cpu_stat()
+        if (
+            cpu_stat is not None
+            and activity.group_unchanged(cpu_stat)
+            and may_skip
+            and not self._roots_added
+        ):
+            # Nothing of the tree ran: nothing it does itself can have
+            # changed, and the full looks that are due come at the next
+            # pass that reads.
+            activity.skip_pass()
+            return []
+        self._roots_added = False
         self._polls += 1
         events: list[ObserverEvent] = []
         files = EventCategory.FILE in self._categories
         network = EventCategory.NETWORK in self._categories
-        # Before anything is read: a process that runs after this is active
-        # in the next pass (see ._activity).
-        quiet = self._activity.update(self._tree.pids())
+        quiet = activity.update(self._tree.pids())
         if scan_tree:
             # Only the poll backend looks at the tree every pass, which is
             # what makes "quiet since the last pass" mean "no fork since the
             # children were last read". A connector rescan walks everything.
-            events.extend(self._tree.scan(set() if self._backend_in_use == "connector" else quiet))
+            # The periodic full look is for what others change (descriptors):
+            # a process whose counters did not move did not fork or exit.
+            if self._backend_in_use == "connector":
+                tree_quiet: set[int] = set()
+            elif activity.unchanged_due:
+                tree_quiet = quiet | activity.unchanged_due
+            else:
+                tree_quiet = quiet
+            events.extend(self._tree.scan(tree_quiet))
         if files or network:
             procs = self._tree.tracked()
             events.extend(self._descriptors.scan(procs, files=files, network=network, quiet=quiet))
         return self._with_exit_codes(events)
 
-    async def _pass(self, *, scan_tree: bool) -> None:
-        await self._emit_all(self._pass_events(scan_tree=scan_tree))
+    async def _pass(self, *, scan_tree: bool, may_skip: bool = False) -> None:
+        await self._emit_all(self._pass_events(scan_tree=scan_tree, may_skip=may_skip))
         if self._tree.reap_pending:
             self._tree.reap()
 

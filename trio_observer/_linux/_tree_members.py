@@ -32,6 +32,7 @@ from ._procfs import (
     ProcStat,
     environ_has,
     has_children_files,
+    read_cgroup_path,
     read_children,
     read_cmdline,
     read_stat,
@@ -88,6 +89,9 @@ class TreeMembers:
             process's exit.
         adopt_marker: See :class:`~._tree.TreeObserver`.
         reap_adopted: See :class:`~._tree.TreeObserver`.
+        in_cgroup: Tells whether the tree is in a cgroup now (see
+            ``cgroup`` in :class:`~._tree.TreeObserver`): an unknown child of
+            this process is then the tree's if it is in a root's cgroup.
     """
 
     def __init__(
@@ -97,8 +101,14 @@ class TreeMembers:
         descriptors: DescriptorTracker,
         adopt_marker: bytes | None,
         reap_adopted: bool,
+        in_cgroup: Callable[[], bool] | None = None,
     ) -> None:
         self._proc_root = proc_root
+        self._in_cgroup = in_cgroup
+        # The cgroup of each root, read at the first scan that sees it (it
+        # is placed in its leaf after add_root): an orphan in one of them is
+        # the tree's, and that root's.
+        self._root_cgroups: dict[int, str | None] = {}
         self._descriptors = descriptors
         self._roots: dict[int, TreeNode] = {}
         self._members: dict[int, TreeNode] = {}
@@ -144,6 +154,7 @@ class TreeMembers:
     def discard_root(self, pid: int) -> None:
         """Forget a root without reporting anything (see ``TreeObserver``)."""
         self._roots.pop(pid, None)
+        self._root_cgroups.pop(pid, None)
         self._main_thread_gone.discard(pid)
 
     def descendants(self) -> set[int]:
@@ -225,6 +236,11 @@ class TreeMembers:
             root.starttime = stat.starttime
             scan.parents[pid] = pid
             scan.walk.add(pid)
+            if pid not in self._root_cgroups and self._in_cgroup is not None and self._in_cgroup():
+                # Kept past the root's exit: its orphans stay in its leaf.
+                self._root_cgroups[pid] = read_cgroup_path(self._proc_root, pid)
+                if len(self._root_cgroups) > _SEEN_DEAD:
+                    del self._root_cgroups[next(iter(self._root_cgroups))]
 
     def _refresh_members(self, view: _ProcView, quiet: set[int], scan: _Scan) -> None:
         """Report the members that exited and the execs of those that ran."""
@@ -275,9 +291,16 @@ class TreeMembers:
         else:
             queue = [pid for pid in scan.parents if pid in scan.walk]
         starts: list[ObserverEvent] = []
-        if self._adopt_marker is not None and (queue or scan.lost):
+        by_cgroup = self._in_cgroup is not None and self._in_cgroup()
+        if (queue or scan.lost) and (by_cgroup or self._adopt_marker is not None):
             starts.extend(
-                self._adopt(view.children_of(self._self_pid), view.stat_of, scan.parents, queue)
+                self._adopt(
+                    view.children_of(self._self_pid),
+                    view.stat_of,
+                    scan.parents,
+                    queue,
+                    by_cgroup=by_cgroup,
+                )
             )
         while queue:
             parent = queue.pop()
@@ -298,6 +321,16 @@ class TreeMembers:
                 queue.append(child)
                 starts.append(self._started_event(node, None))
         return starts
+
+    def _root_by_cgroup(self, pid: int) -> int | None:
+        """The root whose cgroup (its leaf) holds ``pid``, if one does."""
+        where = read_cgroup_path(self._proc_root, pid)
+        if where is None:
+            return None
+        for root, leaf in self._root_cgroups.items():
+            if leaf is not None and (where == leaf or where.startswith(leaf + "/")):
+                return root
+        return None
 
     def _unseen_zombie(self, node: TreeNode, stat: ProcStat, scan: _Scan) -> list[ObserverEvent]:
         """Report a zombie child found by the walk, unless already reported."""
@@ -343,30 +376,44 @@ class TreeMembers:
         stat_of: Callable[[int], ProcStat | None],
         parents: dict[int, int | None],
         queue: list[int],
+        *,
+        by_cgroup: bool,
     ) -> list[ObserverEvent]:
-        """Take in the marked, unknown children of this process (orphans)."""
-        assert self._adopt_marker is not None
+        """Take in the unknown children of this process (orphans) that are the tree's.
+
+        With ``by_cgroup``, those in the cgroup of one of the roots (exact:
+        no process leaves its cgroup by changing its group, session or
+        environment), else those whose environment holds the marker.
+        """
         events: list[ObserverEvent] = []
         for pid in candidates:
             if pid in self._members or pid in self._roots:
                 continue
             stat = stat_of(pid)
             if stat is None or stat.is_dead or stat.ppid != self._self_pid:
-                # A zombie's environment is gone: it cannot be recognised.
+                # A zombie's environment is gone, and it has left its
+                # cgroup: it cannot be recognised.
                 continue
             if stat.identity in self._not_ours:
                 continue
-            if not environ_has(self._proc_root, pid, self._adopt_marker):
-                self._not_ours.add(stat.identity)
-                continue
             root_pid: int | None = None
-            for root in self._roots:
-                root_stat = stat_of(root)
-                if root_stat is not None and (
-                    root_stat.pgid == stat.pgid or root_stat.sid == stat.sid
-                ):
-                    root_pid = root
-                    break
+            if by_cgroup:
+                root_pid = self._root_by_cgroup(pid)
+                if root_pid is None:
+                    self._not_ours.add(stat.identity)
+                    continue
+            else:
+                assert self._adopt_marker is not None
+                if not environ_has(self._proc_root, pid, self._adopt_marker):
+                    self._not_ours.add(stat.identity)
+                    continue
+                for root in self._roots:
+                    root_stat = stat_of(root)
+                    if root_stat is not None and (
+                        root_stat.pgid == stat.pgid or root_stat.sid == stat.sid
+                    ):
+                        root_pid = root
+                        break
             node = TreeNode(pid, stat.starttime, stat.ppid, root_pid)
             self._members[pid] = node
             parents[pid] = root_pid
