@@ -19,6 +19,15 @@ cost grows shows up as a ratio that drifts along a row of sizes:
 - **cursors**: a child writing 20 MB into a captured stdout, read to the end
   by 1, 10 and 100 cursors at once, against one ``receive_some`` loop on
   trio's own pipe.
+- **quick starts**: 10,000 ``true`` started one after the other in one
+  session, never waited for, in a child Python whose open-file limit is
+  1,024; against ``trio.lowlevel.open_process`` with a task awaiting each
+  ``wait()``. Peak fds and zombies (sampled as the loop runs), and whether
+  the loop failed.
+- **close**: closing a session with 10, 100, 1,000 and 2,000 other
+  processes on the machine, empty and after one process ran (the whole
+  teardown), against an empty nursery's close (the ``close`` section's
+  trials).
 
 The figure shown is the median of the rounds, with the fastest and slowest
 round's ratio beside it in the notes.
@@ -27,31 +36,38 @@ round's ratio beside it in the notes.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
 import trio_observer
 from trio_observer import CAPTURE
 
-from ._core import Config, Report, Row, fmt_bytes, fmt_seconds
+from ._close import close_row, measure_close, start_others, stop_others, wait_others
+from ._core import Config, Report, Row, Target, fmt_bytes, fmt_seconds
 from ._emit import _measure_fanout
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 HEAD = shutil.which("head") or "/usr/bin/head"
+TRUE = shutil.which("true") or "/bin/true"
 
 
 def run(config: Config) -> Report:
     """Measure the growth curves; see the module docstring."""
     report = Report()
     _children(config, report)
+    _quick_starts(config, report)
     _emit(config, report)
     _cursors(config, report)
+    _close_curve(config, report)
     return report
 
 
@@ -273,3 +289,143 @@ async def _follow(cursor: trio_observer.OutputCursor, gaps: list[int]) -> None:
     async for item in cursor:
         if isinstance(item, trio_observer.OutputGap):
             gaps.append(item.missed_bytes)
+
+
+# -- quick starts -----------------------------------------------------------
+
+# Run in a child Python, so that its fd limit is its own. Prints one JSON
+# object: the peaks, the time, and the error if the loop failed.
+_QUICK_STARTS = """
+import json, os, resource, sys, time
+import trio
+import trio_observer
+
+which, count, true = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+me = os.getpid()
+peak = {"fds": 0, "zombies": 0}
+
+def sample(i):
+    peak["fds"] = max(peak["fds"], len(os.listdir("/proc/self/fd")))
+    if i % 50 == 0:
+        children = []
+        # Every thread's: trio's open_process forks from a worker thread.
+        for task in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                children += f.read().split()
+        zombies = 0
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    zombies += f.read().rpartition(b")")[2][1:2] == b"Z"
+            except OSError:
+                pass
+        peak["zombies"] = max(peak["zombies"], zombies)
+
+async def ours():
+    async with trio_observer.open_session(containment="process-group") as session:
+        for i in range(count):
+            await session.start_process([true])
+            sample(i)
+
+async def plain():
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            process = await trio.lowlevel.open_process([true])
+            nursery.start_soon(process.wait)
+            sample(i)
+
+start = time.perf_counter()
+error = None
+try:
+    trio.run(ours if which == "ours" else plain)
+except BaseException as exc:
+    error = repr(exc)[:200]
+print(json.dumps({"seconds": time.perf_counter() - start, "error": error, **peak}))
+"""
+
+
+def _quick_start_trial(which: str, count: int) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-c", _QUICK_STARTS, which, str(count), TRUE],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    lines = result.stdout.strip().splitlines()
+    if not lines:
+        return {"seconds": 0.0, "error": result.stderr[-200:], "fds": 0, "zombies": 0}
+    found: dict[str, Any] = json.loads(lines[-1])
+    return found
+
+
+def _quick_starts(config: Config, report: Report) -> None:
+    count = config.pick(10_000, 1_000)
+    ours = _quick_start_trial("ours", count)
+    plain = _quick_start_trial("trio", count)
+    for what in ("fds", "zombies"):
+        mine, theirs = float(ours[what]), float(plain[what])
+        report.rows.append(
+            Row(
+                f"{count} quick starts, 1,024 fd limit: peak {what} vs open_process + wait tasks",
+                f"{mine:.0f}",
+                f"{theirs:.0f}",
+                mine / theirs if theirs else None,
+                Target("<=", 1.5) if what == "fds" else None,
+            )
+        )
+    report.rows.append(
+        Row(
+            f"{count} quick starts: time per start vs open_process + wait tasks",
+            fmt_seconds(float(ours["seconds"]) / count),
+            fmt_seconds(float(plain["seconds"]) / count),
+            float(ours["seconds"]) / float(plain["seconds"]) if plain["seconds"] else None,
+        )
+    )
+    report.notes.append(
+        f"quick starts: errors: ours {ours['error'] or 'none'}, trio {plain['error'] or 'none'};"
+        " one run each in a child Python with RLIMIT_NOFILE 1024, peaks sampled after every"
+        " start (zombies every 50th)"
+    )
+
+
+# -- close ------------------------------------------------------------------
+
+
+def _close_curve(config: Config, report: Report) -> None:
+    report.rows.extend(trio.run(_measure_close_curve, config, report.notes))
+
+
+async def _measure_close_curve(config: Config, notes: list[str]) -> list[Row]:
+    sizes = [10, 100, 1000, 2000] if not config.quick else [10, 100]
+    rounds = config.pick(5, 2)
+    per_block = config.pick(20, 5)
+    rows = []
+    helpers: list[subprocess.Popen[bytes]] = []
+    running = 0
+    try:
+        for size in sizes:
+            helpers.append(start_others(size - running))
+            await wait_others(helpers[-1], size - running)
+            running = size
+            for run_one, what in ((False, "empty"), (True, "after one process")):
+                samples = await measure_close(
+                    rounds, per_block, containments=("process-group",), run_one=run_one
+                )
+                rows.append(
+                    close_row(
+                        f"close, {what}, {size} other processes vs nursery's close",
+                        samples,
+                        "process-group",
+                        1,
+                    )
+                )
+    finally:
+        for helper in helpers:
+            stop_others(helper)
+    notes.append(
+        f"close: median of {rounds} rounds x {per_block} sessions; 'after one process' ran"
+        " and reaped `true` in the session (untimed) before the timed close"
+    )
+    return rows

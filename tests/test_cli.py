@@ -166,14 +166,14 @@ def test_unavailable_category_is_one_clear_line(
 ) -> None:
     # A machine without /proc, simulated by pointing the probe elsewhere.
     from trio_observer import TraceScope, _capabilities, _cli
-    from trio_observer._cli import _run
 
     real = _capabilities.negotiate_capabilities
 
     def without_proc(scope: TraceScope = TraceScope.LAUNCHED_PROCESS_TREE) -> object:
         return real(scope, proc_root="/nonexistent")
 
-    monkeypatch.setattr(_run, "negotiate_capabilities", without_proc)
+    # In the module itself: `run` imports it only when a tree category is asked for.
+    monkeypatch.setattr(_capabilities, "negotiate_capabilities", without_proc)
     assert _cli.main(["run", "--category", "lifecycle,file", "--", PY, "-c", "pass"]) == 2
     err = capfd.readouterr().err
     assert err.startswith("trio-observer: cannot observe 'file' events here:")

@@ -29,6 +29,10 @@ pid_file, sig = sys.argv[1], int(sys.argv[2])
 class SignalledPopen(subprocess.Popen):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # CMD's spawn only: importing trio (lazily, by the CLI) runs
+        # ldconfig through Popen too, before any handler is installed.
+        if list(args[0]) != sys.argv[3:]:
+            return
         with open(pid_file, "w") as f:
             f.write(str(self.pid))
         os.kill(os.getpid(), sig)

@@ -19,6 +19,7 @@ from trio_observer import (
     ObserverEventKind,
     Process,
     TerminationOutcome,
+    UnsupportedCategoryError,
     negotiate_capabilities,
     open_session,
 )
@@ -510,3 +511,56 @@ async def test_signal_tree_does_nothing_after_the_reap(monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "killpg", lambda pgid, sig: sent.append((pgid, sig)))
     process.signal_tree(signal.SIGKILL)
     assert sent == []  # the group id may belong to someone else by now
+
+
+class _SpawnCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.spawned: list[trio.lowlevel.Task] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned.append(task)
+
+
+async def test_an_empty_session_starts_no_task_and_its_sinks_still_close() -> None:
+    # Nothing was started, so there is nothing to observe, stop, sweep or
+    # drain: the tree observer's task waits for the first process, and the
+    # close does not start a teardown task. Its sinks are closed all the same.
+    counter = _SpawnCounter()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        async with open_session() as session:
+            _, events = session.observers.add_channel(
+                LIFECYCLE, 16, ObserverBackpressure.DROP_OLDEST
+            )
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert counter.spawned == []
+    with pytest.raises(trio.EndOfChannel):
+        await events.receive()
+
+
+async def test_the_first_process_starts_the_tree_observer() -> None:
+    # The other side: a session that starts a process runs its observer
+    # and its teardown as before, and a sink wanting PROCESS sees the tree.
+    try:
+        negotiate_capabilities().require(EventCategory.PROCESS)
+    except UnsupportedCategoryError as exc:
+        pytest.skip(f"this machine cannot observe PROCESS events: {exc}")
+    counter = _SpawnCounter()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        with trio.fail_after(60):
+            async with open_session() as session:
+                _, events = session.observers.add_channel(
+                    [EventCategory.PROCESS], 64, ObserverBackpressure.DROP_OLDEST
+                )
+                script = SPAWN_GRANDCHILD.format(extra="", then="g.kill(); g.wait()")
+                process = await session.start_process([PY, "-c", script])
+                await process.wait()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    names = [task.name for task in counter.spawned]
+    assert any("_run_tree_observer" in name for name in names), names
+    assert any("_teardown" in name for name in names), names
+    kinds = [event.kind async for event in events]
+    assert ObserverEventKind.DESCENDANT_STARTED in kinds

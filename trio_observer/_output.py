@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Literal, final
+from typing import TYPE_CHECKING, Literal, final
 
 import trio
 
 from ._checks import check_int
-from ._cursor import OutputCursor
-from ._expect import ExpectMatch, Pattern, compile_patterns, deadline, search
 from ._sink import ObserverBackpressure, check_backpressure
-from ._tee import ByteTee
+
+if TYPE_CHECKING:
+    # At run time each is imported by the methods that make one (cursor,
+    # open_tee, expect, wait_for_idle): a program that captures nothing,
+    # such as every CLI run, does not load them.
+    from ._cursor import OutputCursor
+    from ._expect import ExpectMatch, Pattern
+    from ._tee import ByteTee
 
 _READ_SIZE = 65536
 # Reads shorter than this are gathered into one tail buffer instead of being
@@ -331,6 +336,8 @@ class OutputLog:
           ValueError: ``start`` is another string, or an offset outside
             ``0..total_bytes``.
         """
+        from ._cursor import OutputCursor
+
         if start == "oldest":
             return OutputCursor(self, self._start)
         if start == "now":
@@ -403,6 +410,8 @@ class OutputLog:
             outside ``0..total_bytes``; ``timeout`` is negative; the list
             of patterns is empty.
         """
+        from ._expect import compile_patterns, search
+
         patterns, _ = compile_patterns(pattern, encoding)
         position = self._resolve_since(since)
         found = await search(self, pattern, patterns, position, timeout, encoding)
@@ -421,6 +430,8 @@ class OutputLog:
     def _resolve_since(self, since: OutputCursor | int | None) -> int:
         if since is None:
             return self.expect_position
+        from ._cursor import OutputCursor
+
         if isinstance(since, OutputCursor):
             if since._log is not self:
                 raise ValueError("since: the cursor belongs to another OutputLog")
@@ -450,6 +461,8 @@ class OutputLog:
         """
         if not quiet >= 0:
             raise ValueError(f"quiet must be a number of seconds >= 0, not {quiet!r}")
+        from ._expect import deadline
+
         timeout_at = deadline("timeout", timeout)
         if self._last_feed is None:
             self._last_feed = trio.current_time()
@@ -507,6 +520,8 @@ class OutputLog:
             an :class:`ObserverBackpressure`.
           ValueError: ``capacity`` is less than 1.
         """
+        from ._tee import ByteTee
+
         check_int("capacity", capacity, minimum=1)
         check_backpressure(backpressure)
         tee = ByteTee(

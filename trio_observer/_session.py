@@ -7,12 +7,11 @@ import subprocess
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import trio
 
 from . import _run_process
-from ._capabilities import CapabilityReport, negotiate_capabilities
 from ._checks import check_seconds
 from ._events import (
     EventCategory,
@@ -49,6 +48,9 @@ from ._pty import PtySize
 from ._registry import ObserverRegistry
 from ._sink import ObserverSubscriberId
 from ._start_args import StartArguments, check_start_arguments
+
+if TYPE_CHECKING:
+    from ._capabilities import CapabilityReport
 
 _MIN_DRAIN_SECONDS = 1.0
 """How long, at least, the tree observer may wait on a full BLOCK sink for
@@ -109,6 +111,10 @@ class Session:
         # (the exits of the tree it stops). The observer stops when the
         # session calls finish(), with a deadline (see _finish_observing).
         self._tree_scope = trio.CancelScope(shield=True)
+        # Set by the first start_process: until then there is no tree to
+        # observe and nothing to tear down, so the observer's task is not
+        # started and closing the session only closes its sinks.
+        self._started_any = False
         # Set when the block ends: from then on the session only winds down.
         self._closing = False
         # The session's cgroup, when containment is by cgroup (set at open),
@@ -145,8 +151,9 @@ class Session:
     async def _run_tree_observer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        # Started once per session; it does nothing (no scan, no socket)
-        # until a sink asks for PROCESS, FILE or NETWORK.
+        # Started once per session, by its first start_process; it does
+        # nothing (no scan, no socket) until a sink asks for PROCESS, FILE
+        # or NETWORK.
         with self._tree_scope:
             await self._tree.run(task_status=task_status)
 
@@ -275,13 +282,18 @@ class Session:
         if spec.limits is not None:
             self._prepare_limits(spec.limits)
         args = spec.argv
-        # A full checkpoint, schedule point included (trio's rule for async
-        # functions), and before the spawn: a loop of quick starts lets the
-        # supervisors of the earlier ones reap them here, so zombies and
-        # pidfds do not pile up. A KeyboardInterrupt landing here has
-        # spawned nothing.
-        await trio.lowlevel.checkpoint()
+        # A full checkpoint (trio's rule for async functions), split the way
+        # trio's own operations split it: a start that is cancelled, or a
+        # KeyboardInterrupt landing here, raises before anything is spawned;
+        # the schedule point comes after the spawn, where it runs while the
+        # child execs instead of adding to every start. In a loop of quick
+        # starts that schedule point lets the supervisors of the earlier
+        # ones reap them, so zombies and pidfds do not pile up.
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
+        if not self._started_any:
+            self._started_any = True
+            self._nursery.start_soon(self._run_tree_observer)
         if self._tree_wanted:
             # A sink that just asked for PROCESS/FILE/NETWORK must see this
             # process's first fork: wait for the observer to be subscribed.
@@ -289,21 +301,26 @@ class Session:
             self._check_open()
         process, started, supervision = self._launch(spec)
         try:
-            if self._observers.wants(EventCategory.LIFECYCLE):
-                await self._observers.emit(
-                    lifecycle_event(
-                        ObserverEventKind.STARTED, process.pid, ppid=self._pid, argv=args
+            try:
+                if self._observers.wants(EventCategory.LIFECYCLE):
+                    await self._observers.emit(
+                        lifecycle_event(
+                            ObserverEventKind.STARTED, process.pid, ppid=self._pid, argv=args
+                        )
                     )
-                )
+            finally:
+                started.set()
+            # After STARTED, so that no event of the process (a descendant's
+            # from the tree observer) can be emitted before it.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         except BaseException:
-            # Cancelled (or interrupted) while STARTED waited for room: the
-            # caller never gets the handle, so nobody could stop or wait for
-            # the process, and the block would wait for it. Its supervisor
-            # stops its tree now, the way a cancelled session does.
+            # Cancelled (or interrupted) while STARTED waited for room, or
+            # interrupted at the schedule point: the caller never gets the
+            # handle, so nobody could stop or wait for the process, and the
+            # block would wait for it. Its supervisor stops its tree now,
+            # the way a cancelled session does.
             supervision.cancel()
             raise
-        finally:
-            started.set()
         return process
 
     def _prepare_limits(self, limits: Limits) -> None:
@@ -784,7 +801,6 @@ async def _session_scope(
             track_descendants=track_descendants,
         )
         session._containment = chosen
-        nursery.start_soon(session._run_tree_observer)
         try:
             yield session
         except BaseException:
@@ -792,9 +808,14 @@ async def _session_scope(
             raise
         finally:
             session._closing = True
-            done = trio.Event()
-            nursery.start_soon(session._teardown, done)
-            await session._wait_for_teardown(done)
+            if session._started_any:
+                done = trio.Event()
+                nursery.start_soon(session._teardown, done)
+                await session._wait_for_teardown(done)
+            else:
+                # Nothing was ever started: nothing to stop, sweep, drain or
+                # report, only the sinks to close.
+                session._close()
 
 
 _capabilities: CapabilityReport | None = None
@@ -806,6 +827,9 @@ def _refuse_unavailable(categories: frozenset[EventCategory]) -> None:
     if categories <= {EventCategory.LIFECYCLE}:
         return
     if _capabilities is None:
+        # Imported here: a session that wants only LIFECYCLE never needs it.
+        from ._capabilities import negotiate_capabilities
+
         _capabilities = negotiate_capabilities()
     for category in categories:
         _capabilities.require(category)

@@ -10,6 +10,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -17,8 +18,11 @@ from .._daemon._client import DaemonError, connect, start_daemon
 from .._daemon._paths import UnsafeSocketDirectory, prepare_directory, resolve_socket_path
 from .._daemon._server import DaemonAlreadyRunning, serve
 from . import _otlp
-from ._otlp import OTelExporter
 from ._prog import PROG
+
+if TYPE_CHECKING:
+    # _otlp imports the exporter only where --otlp builds it.
+    from ._otlp import OTelExporter
 
 
 def add_socket_option(parser: argparse.ArgumentParser) -> None:

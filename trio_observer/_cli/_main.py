@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from collections.abc import Sequence
+from typing import Final
 
-from .._capabilities import TraceScope, negotiate_capabilities
-from . import _attach, _client_cmds, _daemon, _run
 from ._prog import PROG
 
+_REGISTERS: Final = {
+    "run": ("._run", "add_parser"),
+    "daemon": ("._daemon", "add_parser"),
+    "spawn": ("._client_cmds", "add_parsers"),
+    "ps": ("._client_cmds", "add_parsers"),
+    "logs": ("._client_cmds", "add_parsers"),
+    "events": ("._client_cmds", "add_parsers"),
+    "stop": ("._client_cmds", "add_parsers"),
+    "attach": ("._attach", "add_parser"),
+    "capabilities": ("._capabilities", "add_parser"),
+}
+"""Each subcommand's module and the function in it that registers it."""
 
-def _capabilities(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    print(negotiate_capabilities(TraceScope(args.scope)).render_summary())
-    return 0
 
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser, with only ``command``'s module imported when it is one of ours.
 
-def _parser() -> argparse.ArgumentParser:
+    A launch runs one subcommand, and importing the others (the daemon's
+    server, its client, the terminal code) would cost every ``run`` tens of
+    milliseconds. Without a known subcommand (``--help``, a typo), every
+    module registers, so that the help and the error list them all.
+    """
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Run programs under a trio_observer session and report what they do.",
@@ -23,29 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     # Not required=True: argparse would then report a missing COMMAND before
     # an unknown option, and name the option nowhere (main() checks both).
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _run.add_parser(commands)
-    _daemon.add_parser(commands)
-    _client_cmds.add_parsers(commands)
-    _attach.add_parser(commands)
-    caps = commands.add_parser(
-        "capabilities",
-        help="show what this machine can observe",
-        description="Show, per event category, whether this machine can observe it and how.",
-    )
-    caps.set_defaults(handler=_capabilities)
-    caps.add_argument(
-        "--scope",
-        choices=[scope.value for scope in TraceScope],
-        default=TraceScope.LAUNCHED_PROCESS_TREE.value,
-        help="what to observe: the launched tree (default) or the whole system",
-    )
+    wanted = [_REGISTERS[command]] if command in _REGISTERS else _REGISTERS.values()
+    for module, register in dict.fromkeys(wanted):
+        getattr(importlib.import_module(module, __package__), register)(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-observer``; returns the exit status."""
-    parser = _parser()
-    args, unknown = parser.parse_known_args(argv)
+    args_given = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(args_given[0] if args_given else None)
+    args, unknown = parser.parse_known_args(args_given)
     if unknown:
         # Name the option with the usage of the (sub)command it was given to.
         (_subcommand(parser, args.command) or parser).error(

@@ -12,14 +12,17 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, Literal, final
+from typing import TYPE_CHECKING, Any, Literal, final
 
 import trio
 
 from .._events import EventCategory
-from .._otel import OTelExporter as OTelExporter
 from .._session import Session
 from ._prog import PROG
+
+if TYPE_CHECKING:
+    # Imported where the pipeline is built: a run without --otlp skips it.
+    from .._otel import OTelExporter as OTelExporter
 
 
 def _endpoint(text: str) -> str:
@@ -124,6 +127,8 @@ class OtlpPipeline:
             reader_type,
             resource_type,
         ) = _import_sdk()
+        from .._otel import OTelExporter
+
         # The SDK reports each failed batch through logging, which would land
         # on the terminal (or in the events stream); the pipeline counts the
         # losses and reports them once instead.

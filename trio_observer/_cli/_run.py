@@ -12,7 +12,6 @@ from typing import Any, Final
 
 import trio
 
-from .._capabilities import UnsupportedCategoryError, negotiate_capabilities
 from .._checks import check_seconds
 from .._events import EventCategory, TerminationOutcome
 from .._limits import Limits
@@ -21,7 +20,6 @@ from .._process import Process
 from .._pty import PtySize
 from .._session import Session, open_session
 from .._sink import ObserverBackpressure
-from .._terminal import copy_input, forward_resizes, raw_terminal, terminal_size, write_all
 from . import _otlp
 from ._prog import PROG
 
@@ -202,6 +200,8 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # session (probing opens a netlink socket, so only when needed).
     tree_categories = [c for c in categories if c is not EventCategory.LIFECYCLE]
     if tree_categories:
+        from .._capabilities import UnsupportedCategoryError, negotiate_capabilities
+
         capabilities = negotiate_capabilities()
         for category in tree_categories:
             try:
@@ -280,8 +280,12 @@ async def _run(
                 # spawn kills this process and orphans CMD's tree.
                 await helpers.start(_stop_on_signal, session, stopped_by, watch_signals)
                 try:
-                    size = terminal_size(sys.stdin.fileno()) or PtySize()
-                    process = await session.start_process(cmd, pty=size if use_pty else False)
+                    pty: PtySize | bool = False
+                    if use_pty:
+                        from .._terminal import terminal_size
+
+                        pty = terminal_size(sys.stdin.fileno()) or PtySize()
+                    process = await session.start_process(cmd, pty=pty)
                 except FileNotFoundError:
                     say(f"command not found: {cmd[0]}")
                     return 127
@@ -323,6 +327,8 @@ async def _attach_terminal(process: Process, helpers: trio.Nursery) -> None:
     copied to the end, which is when the session has ended and closed the
     pty's log; the copier reads the log with a cursor from its first byte.
     """
+    from .._terminal import copy_input, forward_resizes, raw_terminal, write_all
+
     assert process.pty is not None
     stream = process.pty.stream
     user_in, user_out = sys.stdin.fileno(), sys.stdout.fileno()
