@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,36 @@ async def test_a_double_forked_daemon_is_stopped(tmp_path: Path) -> None:
             assert stat.sid != process.pid
             assert stat.pgid != process.pid
     assert not _running(daemon)
+
+
+@needs_cgroup
+async def test_a_daemon_forked_while_the_move_waits_is_born_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The move waits for an RCU grace period, tens of milliseconds on a busy
+    # machine (seen: a double-forked daemon outside after a fork-heavy
+    # test). Made long here; the child is stopped while it is moved, so its
+    # daemon cannot be forked outside. Seen failing before the stop.
+    real_move = _cgroup.move_tree
+
+    def slow_move(procs_fd: int, pid: int) -> list[int]:
+        time.sleep(0.5)  # the kernel's wait, lengthened; not a race cover
+        return real_move(procs_fd, pid)
+
+    monkeypatch.setattr(_cgroup, "move_tree", slow_move)
+    pid_file = tmp_path / "pid"
+    with trio.fail_after(60):
+        async with trio_observer.open_session(containment="cgroup", grace_period=10) as session:
+            process = await session.start_process(
+                [sys.executable, "-c", DOUBLE_FORK, str(pid_file)]
+            )
+            assert await process.wait() == 0
+            daemon = int(pid_file.read_text())
+            assert daemon in session._containment.members()  # type: ignore[union-attr]
+    survived = _running(daemon)
+    if survived:
+        _kill_and_reap([daemon])
+    assert not survived
 
 
 # An `env -i setsid` grandchild that ignores SIGTERM: only cgroup.kill after

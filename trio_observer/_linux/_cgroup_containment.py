@@ -88,7 +88,17 @@ class CgroupContainment:
         try:
             if limits is not None:
                 leaf.set_limits(limits)
-            _cgroup.move_tree(procs_fd, pid)
+            # Stopped while it is moved: the write waits for an RCU grace
+            # period (below), tens of milliseconds on a busy machine, and a
+            # running child could fork and detach a daemon meanwhile, born
+            # outside. A fork racing the SIGSTOP is restarted by the kernel
+            # after the stop, so it is born inside. The pid is our unreaped
+            # child, so it cannot have been reused.
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                _cgroup.move_tree(procs_fd, pid)
+            finally:
+                os.kill(pid, signal.SIGCONT)
         finally:
             os.close(procs_fd)
         self._leaves[pid] = leaf
