@@ -177,19 +177,28 @@ async def test_other_receive_errors_propagate() -> None:
 # ---------------------------------------------------- the observer's backend
 
 
-async def test_overrun_is_reported_counted_and_resynchronised(tmp_path: Path) -> None:
-    proc = FakeProc(tmp_path)
-    proc.add(100, 1)
-    sock = FakeConnectorSocket()
-    collector = Collector()
+def _fake_connector_observer(
+    proc: FakeProc, sock: FakeConnectorSocket, collector: Collector, poll_interval: float = 0.02
+) -> TreeObserver:
+    # A PROCESS observer on the connector backend, fed by ``sock``, rooted at 100.
     observer = TreeObserver(
         emit=collector.emit,
         categories=PROCESS,
         proc_root=proc.path,
         backend="connector",
         connector_factory=lambda: sock,
+        poll_interval=poll_interval,
     )
     observer.add_root(100)
+    return observer
+
+
+async def test_overrun_is_reported_counted_and_resynchronised(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = _fake_connector_observer(proc, sock, collector)
     with trio.fail_after(10):
         async with observing(observer):
             assert observer.statistics().backend == "connector"
@@ -240,15 +249,7 @@ async def test_process_only_sleeps_until_a_record_and_wakes_for_files(
     proc.add(100, 1)
     sock = FakeConnectorSocket()
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit,
-        categories=PROCESS,
-        proc_root=proc.path,
-        backend="connector",
-        connector_factory=lambda: sock,
-        poll_interval=1.0,
-    )
-    observer.add_root(100)
+    observer = _fake_connector_observer(proc, sock, collector, poll_interval=1.0)
     async with observing(observer):
         mock_clock.jump(1.0)
         await settle()
@@ -267,14 +268,7 @@ async def test_threads_strangers_and_an_exit_before_its_fork(tmp_path: Path) -> 
     proc.add(100, 1)
     sock = FakeConnectorSocket()
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit,
-        categories=PROCESS,
-        proc_root=proc.path,
-        backend="connector",
-        connector_factory=lambda: sock,
-    )
-    observer.add_root(100)
+    observer = _fake_connector_observer(proc, sock, collector)
     with trio.fail_after(10):
         async with observing(observer):
             sock.push(
@@ -304,14 +298,7 @@ async def test_a_main_thread_exit_is_not_the_process_exit(tmp_path: Path) -> Non
     proc.add(102, 100)
     sock = FakeConnectorSocket()
     collector = Collector()
-    observer = TreeObserver(
-        emit=collector.emit,
-        categories=PROCESS,
-        proc_root=proc.path,
-        backend="connector",
-        connector_factory=lambda: sock,
-    )
-    observer.add_root(100)
+    observer = _fake_connector_observer(proc, sock, collector)
     with trio.fail_after(10):
         async with observing(observer):
             sock.push(fork(100, 101), fork(100, 102))
