@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -33,10 +33,17 @@ class DaemonProcess:
         self.process = process
 
 
-def start_daemon(path: Path, *options: str, env: dict[str, str] | None = None) -> DaemonProcess:
+def start_daemon(
+    path: Path,
+    *options: str,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+) -> DaemonProcess:
+    """Start a daemon on ``path`` and wait for its "ready"; ``prefix`` runs it (and execs)."""
     read_fd, write_fd = os.pipe()
     process = subprocess.Popen(
         [
+            *prefix,
             PY,
             "-m",
             "trio_observer",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,18 +95,50 @@ def sigkill(running: DaemonProcess) -> None:
     running.process.communicate(timeout=60)
 
 
+@pytest.fixture
+def private_cgroup() -> Iterator[Path]:
+    """A cgroup of its own below ours, for daemons whose leftovers must be theirs.
+
+    Every session sweeps the crashed sessions' cgroups beside its own; in
+    this process's cgroup, a session of another program on the machine (a
+    second test suite, say) could sweep a killed daemon's leftovers before
+    the next daemon does. Below a cgroup nobody else uses, only the daemons
+    started in it look.
+    """
+    assert CGROUP.parent is not None
+    path = CGROUP.parent / f"test-private-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    yield path
+    # The daemons are stopped by now (this fixture is set up before theirs).
+    for child in sorted(path.iterdir(), reverse=True):
+        if child.is_dir():
+            child.rmdir()
+    path.rmdir()
+
+
+def cgroup_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def in_cgroup(path: Path) -> tuple[str, ...]:
+    """A command prefix that moves itself into ``path`` and execs the rest."""
+    return ("/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(path))
+
+
 @needs_cgroup
 async def test_next_daemon_stops_what_a_sigkilled_daemon_left(
-    tmp_path: Path, daemons: list[DaemonProcess]
+    tmp_path: Path, private_cgroup: Path, daemons: list[DaemonProcess]
 ) -> None:
     path = tmp_path / "d" / "daemon.sock"
-    daemons.append(start_daemon(path))
+    daemons.append(start_daemon(path, prefix=in_cgroup(private_cgroup)))
     session, pids = await spawn_sleepers(path, "auto")
     assert session["containment"] == "cgroup"
+    # Ground truth: the kernel puts them below the private cgroup.
+    assert all(private_cgroup.name in cgroup_of(pid) for pid in pids)
     sigkill(daemons[0])
     # Nothing stopped them: the daemon had no chance to.
     assert [alive(pid) for pid in pids] == [True, True, True]
-    daemons.append(start_daemon(path))
+    daemons.append(start_daemon(path, prefix=in_cgroup(private_cgroup)))
     # "ready" comes after the sweep: no polling needed.
     assert [alive(pid) for pid in pids] == [False, False, False]
     for pid in pids:
