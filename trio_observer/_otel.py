@@ -11,13 +11,13 @@ import enum
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, final
 
 import trio
 
-from ._events import EventCategory, ObserverEvent, ObserverEventKind
+from ._events import EventCategory, ObserverEvent, ObserverEventKind, TerminationOutcome
 from ._output import OutputLog
 from ._session import Session
 from ._sink import ObserverBackpressure
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk._logs.export import LogRecordExporter
 
 _log = logging.getLogger("trio_observer.otel")
+KeyT = TypeVar("KeyT", bound=Hashable)
 
 SCOPE_NAME: Final = "trio_observer"
 EVENT_PREFIX: Final = "trio_observer.process."
@@ -183,6 +184,52 @@ def _warns(event: ObserverEvent) -> bool:
     return event.kind in _EXITS and event.exit_code is not None and event.exit_code != 0
 
 
+# Shared, never changed: handed to the SDK with every measurement.
+_CATEGORY_ATTRIBUTES: Final = {c: {"trio_observer.category": c.value} for c in EventCategory}
+
+
+def _category_attributes(category: EventCategory) -> dict[str, str]:
+    return _CATEGORY_ATTRIBUTES[category]
+
+
+def _exit_attributes(key: tuple[EventCategory, str, TerminationOutcome | None]) -> dict[str, str]:
+    category, exit_kind, termination = key
+    out = {**_CATEGORY_ATTRIBUTES[category], "trio_observer.exit.class": exit_kind}
+    if termination is not None:
+        out["trio_observer.termination"] = termination.value
+    return out
+
+
+@final
+class _Sums(Generic[KeyT]):
+    """Sums by attribute set, for an observable counter.
+
+    Added to on the trio thread, read by the SDK's collecting thread (its
+    metric reader's), hence the lock; ``attributes`` makes a key's attribute
+    set the first time the key is seen.
+    """
+
+    def __init__(self, observation: Any, attributes: Callable[[KeyT], dict[str, str]]) -> None:
+        self._observation = observation
+        self._attributes = attributes
+        self._lock = threading.Lock()
+        self._sums: dict[KeyT, list[Any]] = {}  # key -> [sum, attributes]
+
+    def add(self, key: KeyT, amount: int = 1) -> None:
+        with self._lock:
+            entry = self._sums.get(key)
+            if entry is None:
+                entry = self._sums[key] = [0, self._attributes(key)]
+            entry[0] += amount
+
+    def observe(self, options: Any) -> list[Any]:
+        """The SDK's callback: one observation per attribute set."""
+        with self._lock:
+            return [
+                self._observation(total, attributes) for total, attributes in self._sums.values()
+            ]
+
+
 def _import_api() -> Any:
     try:
         from opentelemetry import _logs, metrics
@@ -291,16 +338,31 @@ class OTelExporter:
         )
         self._severity = logs_api.SeverityNumber
         self._command_args = command_args
-        self._running = meter.create_up_down_counter(
+        # The per-process counts are kept here and read by the SDK when it
+        # collects (observable instruments, exported as the same Sums as a
+        # counter's): a dict update per event instead of an SDK measurement,
+        # which cleans and hashes its attributes each time (most of the
+        # export's cost in the profile of a build).
+        self._running = _Sums(metrics_api.Observation, _category_attributes)
+        self._started = _Sums(metrics_api.Observation, _category_attributes)
+        self._exited = _Sums(metrics_api.Observation, _exit_attributes)
+        meter.create_observable_up_down_counter(
             "trio_observer.processes.running",
+            [self._running.observe],
             unit="{process}",
             description="Processes started and not yet exited",
         )
-        self._started = meter.create_counter(
-            "trio_observer.processes.started", unit="{process}", description="Processes started"
+        meter.create_observable_counter(
+            "trio_observer.processes.started",
+            [self._started.observe],
+            unit="{process}",
+            description="Processes started",
         )
-        self._exited = meter.create_counter(
-            "trio_observer.processes.exited", unit="{process}", description="Processes exited"
+        meter.create_observable_counter(
+            "trio_observer.processes.exited",
+            [self._exited.observe],
+            unit="{process}",
+            description="Processes exited",
         )
         self._duration = meter.create_histogram(
             "trio_observer.process.duration",
@@ -339,7 +401,7 @@ class OTelExporter:
         self._first_export_error: str | None = None
         # pid -> start time of the processes seen starting and not exiting,
         # oldest first (dicts keep insertion order): bounded, see _forget.
-        self._start_ms: dict[int, tuple[float, dict[str, str]]] = {}
+        self._start_ms: dict[int, tuple[float, EventCategory]] = {}
         self._max_tracked = max_tracked
         self._starts_forgotten = 0
         self._logs: dict[OutputLog, tuple[str, int]] = {}
@@ -524,10 +586,10 @@ class OTelExporter:
         self._measure(event)
 
     def _measure(self, event: ObserverEvent) -> None:
-        category = {"trio_observer.category": event.category.value}
-        if event.kind in _STARTS:
-            self._running.add(1, category)
-            self._started.add(1, category)
+        kind, category = event.kind, event.category
+        if kind in _STARTS:
+            self._running.add(category)
+            self._started.add(category)
             if event.pid in self._start_ms:
                 # The pid was reused: the exit of the process that had it
                 # was missed.
@@ -535,23 +597,23 @@ class OTelExporter:
             elif len(self._start_ms) >= self._max_tracked:
                 self._forget(next(iter(self._start_ms)))
             self._start_ms[event.pid] = (event.timestamp_ms, category)
-        elif event.kind in _EXITS:
-            attributes = {**category, "trio_observer.exit.class": exit_class(event.exit_code)}
-            if event.termination is not None:
-                attributes["trio_observer.termination"] = event.termination.value
-            self._exited.add(1, attributes)
+        elif kind in _EXITS:
+            self._exited.add((category, exit_class(event.exit_code), event.termination))
             started = self._start_ms.pop(event.pid, None)
             if started is not None:
                 # Only a start this exporter saw: an exit whose start was
                 # missed would take the running count below zero.
-                self._running.add(-1, started[1])
-                self._duration.record(max(0.0, event.timestamp_ms - started[0]) / 1000.0, category)
-        elif event.kind is ObserverEventKind.OBSERVATION_LOST and event.count:
-            self._lost.add(event.count, category)
+                self._running.add(started[1], -1)
+                self._duration.record(
+                    max(0.0, event.timestamp_ms - started[0]) / 1000.0,
+                    _CATEGORY_ATTRIBUTES[category],
+                )
+        elif kind is ObserverEventKind.OBSERVATION_LOST and event.count:
+            self._lost.add(event.count, _CATEGORY_ATTRIBUTES[category])
 
     def _forget(self, pid: int) -> None:
         _, category = self._start_ms.pop(pid)
-        self._running.add(-1, category)
+        self._running.add(category, -1)
         self._starts_forgotten += 1
 
     def _watch_output(self, session: Session, pid: int) -> None:
