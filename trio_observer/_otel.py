@@ -85,21 +85,33 @@ def _split_address(address: str) -> tuple[str, int | None]:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
+_SCALARS: Final = (str, bool, int, float)
+# The field names of each dataclass type met in a field (ResourceUsage on
+# every exit), read once: dataclasses.fields() is slow for a per-event path.
+_dataclass_fields: dict[type, tuple[str, ...]] = {}
+
+
 def _flatten(prefix: str, value: object, out: dict[str, Any]) -> None:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    elif isinstance(value, enum.Enum):
+    if isinstance(value, enum.Enum):
         value = value.value
-    elif isinstance(value, tuple):
-        value = list(value)
-    if isinstance(value, dict):
+    if isinstance(value, _SCALARS):
+        out[prefix] = value
+    elif isinstance(value, tuple | list):
+        if all(isinstance(item, _SCALARS) for item in value):
+            out[prefix] = list(value)
+    elif isinstance(value, dict):
         for key, item in value.items():
             _flatten(f"{prefix}.{key}", item, out)
-    elif isinstance(value, list):
-        if all(isinstance(item, str | bool | int | float) for item in value):
-            out[prefix] = value
-    elif isinstance(value, str | bool | int | float):
-        out[prefix] = value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = _dataclass_fields.get(type(value))
+        if names is None:
+            names = _dataclass_fields[type(value)] = tuple(
+                f.name for f in dataclasses.fields(value)
+            )
+        for name in names:
+            item = getattr(value, name)
+            if item is not None:
+                _flatten(f"{prefix}.{name}", item, out)
 
 
 def event_attributes(
@@ -547,15 +559,48 @@ class OTelExporter:
         session: Session | None,
     ) -> None:
         sink = {"trio_observer.sink.id": subscription.id.as_str()}
-        async for item in subscription:
+        ended = False
+        while not ended:
+            try:
+                batch = [await subscription.receive()]
+            except trio.EndOfChannel:
+                return
+            # Then everything already buffered: one wakeup for the lot, not
+            # a schedule point per event. Bounded by the channel's size, as
+            # nothing is emitted while this runs.
+            while True:
+                try:
+                    batch.append(subscription.receive_nowait())
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    ended = True
+                    break
+            self._export_batch(batch, session_id, session, sink)
+
+    def _export_batch(
+        self,
+        batch: list[ObserverEvent] | list[ObserverEvent | MissedEvents],
+        session_id: str | None,
+        session: Session | None,
+        sink: dict[str, str],
+    ) -> None:
+        started: set[int] = set()
+        exited = False
+        for item in batch:
             if isinstance(item, MissedEvents):
                 self._events_missed += item.count
                 self._missed.add(item.count, sink)
                 continue
-            if session is not None and item.kind is ObserverEventKind.STARTED:
-                self._watch_output(session, item.pid)
             self.emit(item, session_id=session_id)
-            if session is not None and item.kind is ObserverEventKind.EXITED:
+            if item.kind is ObserverEventKind.STARTED:
+                started.add(item.pid)
+            elif item.kind is ObserverEventKind.EXITED:
+                exited = True
+        if session is not None:
+            if started:
+                self._watch_output(session, started)
+            if exited:
                 self._count_dropped_output()
 
     def emit(self, event: ObserverEvent, *, session_id: str | None = None) -> None:
@@ -616,9 +661,9 @@ class OTelExporter:
         self._running.add(category, -1)
         self._starts_forgotten += 1
 
-    def _watch_output(self, session: Session, pid: int) -> None:
+    def _watch_output(self, session: Session, pids: set[int]) -> None:
         for process in session.processes:
-            if process.pid == pid:
+            if process.pid in pids:
                 for stream, log in (("stdout", process.stdout_log), ("stderr", process.stderr_log)):
                     if log is not None:
                         self._logs[log] = (stream, 0)
