@@ -69,6 +69,9 @@ def event_name(kind: ObserverEventKind) -> str:
     return EVENT_PREFIX + kind.value.replace("-", "_")
 
 
+_EVENT_NAMES: Final = {kind: event_name(kind) for kind in ObserverEventKind}
+
+
 def exit_class(exit_code: int | None) -> str:
     """``success``, ``failure`` (non-zero code), ``signal`` or ``unknown``."""
     if exit_code is None:
@@ -348,7 +351,8 @@ class OTelExporter:
             if meter_provider is not None
             else metrics_api.get_meter(SCOPE_NAME, __version__)
         )
-        self._severity = logs_api.SeverityNumber
+        self._warn = (logs_api.SeverityNumber.WARN, "WARN")
+        self._info = (logs_api.SeverityNumber.INFO, "INFO")
         self._command_args = command_args
         # The per-process counts are kept here and read by the SDK when it
         # collects (observable instruments, exported as the same Sums as a
@@ -612,15 +616,15 @@ class OTelExporter:
         logger, ``trio_observer.otel``.
         """
         attributes = event_attributes(event, session_id=session_id, command_args=self._command_args)
-        warn = _warns(event)
+        severity_number, severity_text = self._warn if _warns(event) else self._info
         try:
             self._logger.emit(
                 timestamp=int(event.wall_time_ms * 1_000_000),
-                severity_number=self._severity.WARN if warn else self._severity.INFO,
-                severity_text="WARN" if warn else "INFO",
+                severity_number=severity_number,
+                severity_text=severity_text,
                 body=_body(event),
                 attributes=attributes,
-                event_name=event_name(event.kind),
+                event_name=_EVENT_NAMES[event.kind],
             )
             self._emitted += 1
         except Exception as exc:
