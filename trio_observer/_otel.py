@@ -6,11 +6,9 @@ opentelemetry is imported when an :class:`OTelExporter` is made, never when
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import logging
-import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, final
@@ -18,6 +16,15 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, final
 import trio
 
 from ._events import EventCategory, ObserverEvent, ObserverEventKind, TerminationOutcome
+from ._otel_records import (
+    EVENT_NAMES,
+    EXITS,
+    STARTS,
+    event_attributes,
+    exit_class,
+    record_body,
+    warns,
+)
 from ._output import OutputLog
 from ._session import Session
 from ._sink import ObserverBackpressure
@@ -32,179 +39,8 @@ _log = logging.getLogger("trio_observer.otel")
 KeyT = TypeVar("KeyT", bound=Hashable)
 
 SCOPE_NAME: Final = "trio_observer"
-EVENT_PREFIX: Final = "trio_observer.process."
-
-# Event fields that map to named attributes below; any other field an event
-# carries (one added after this module was written) becomes
-# trio_observer.<field>, so a new field needs no code here.
-_MAPPED: Final = frozenset(
-    {
-        "category",
-        "kind",
-        "pid",
-        "ppid",
-        "timestamp_ms",
-        "wall_time_ms",
-        "exit_code",
-        "grade",
-        "argv",
-        "termination",
-        "root_pid",
-        "path",
-        "fd",
-        "protocol",
-        "local_address",
-        "remote_address",
-        "count",
-    }
-)
-# The fields to look at beyond the mapped ones, read once per event class.
-_extra_fields: dict[type, tuple[str, ...]] = {}
-_STARTS: Final = frozenset({ObserverEventKind.STARTED, ObserverEventKind.DESCENDANT_STARTED})
-_EXITS: Final = frozenset({ObserverEventKind.EXITED, ObserverEventKind.DESCENDANT_EXITED})
-
-
-def event_name(kind: ObserverEventKind) -> str:
-    """The log record's event name for ``kind``: ``trio_observer.process.file_open``."""
-    return EVENT_PREFIX + kind.value.replace("-", "_")
-
-
-_EVENT_NAMES: Final = {kind: event_name(kind) for kind in ObserverEventKind}
-
-
-def exit_class(exit_code: int | None) -> str:
-    """``success``, ``failure`` (non-zero code), ``signal`` or ``unknown``."""
-    if exit_code is None:
-        return "unknown"
-    if exit_code < 0:
-        return "signal"
-    return "success" if exit_code == 0 else "failure"
-
-
-def _split_address(address: str) -> tuple[str, int | None]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        return address, None  # a Unix socket path
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-_SCALARS: Final = (str, bool, int, float)
-# The field names of each dataclass type met in a field (ResourceUsage on
-# every exit), read once: dataclasses.fields() is slow for a per-event path.
-_dataclass_fields: dict[type, tuple[str, ...]] = {}
-
-
-def _flatten(prefix: str, value: object, out: dict[str, Any]) -> None:
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if isinstance(value, _SCALARS):
-        out[prefix] = value
-    elif isinstance(value, tuple | list):
-        if all(isinstance(item, _SCALARS) for item in value):
-            out[prefix] = list(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _flatten(f"{prefix}.{key}", item, out)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        names = _dataclass_fields.get(type(value))
-        if names is None:
-            names = _dataclass_fields[type(value)] = tuple(
-                f.name for f in dataclasses.fields(value)
-            )
-        for name in names:
-            item = getattr(value, name)
-            if item is not None:
-                _flatten(f"{prefix}.{name}", item, out)
-
-
-def event_attributes(
-    event: ObserverEvent, *, session_id: str | None, command_args: bool
-) -> dict[str, Any]:
-    """The log record's attributes for ``event`` (see ``docs/otel.md``)."""
-    out: dict[str, Any] = {
-        "process.pid": event.pid,
-        "trio_observer.category": event.category.value,
-        "trio_observer.grade": event.grade.value,
-    }
-    if session_id is not None:
-        out["trio_observer.session.id"] = session_id
-    if event.ppid is not None:
-        out["process.parent_pid"] = event.ppid
-    if event.root_pid is not None:
-        out["trio_observer.root_pid"] = event.root_pid
-    if event.argv:
-        out["process.executable.name"] = os.path.basename(event.argv[0])
-        # The process conventions: command_args SHOULD NOT be collected by
-        # default, since command lines often hold secrets.
-        if command_args:
-            out["process.command_args"] = list(event.argv)
-    if event.exit_code is not None:
-        if event.exit_code >= 0:
-            out["process.exit.code"] = event.exit_code
-        else:
-            out["trio_observer.signal"] = -event.exit_code
-    if event.kind in _EXITS:
-        out["trio_observer.exit.class"] = exit_class(event.exit_code)
-    if event.termination is not None:
-        out["trio_observer.termination"] = event.termination.value
-    if event.path is not None:
-        out["file.path"] = event.path
-    if event.fd is not None:
-        out["trio_observer.fd"] = event.fd
-    if event.protocol is not None:
-        out["network.transport"] = event.protocol.rstrip("6")
-        if event.protocol != "unix":
-            out["network.type"] = "ipv6" if event.protocol.endswith("6") else "ipv4"
-    for key, field in (
-        ("network.local", event.local_address),
-        ("network.peer", event.remote_address),
-    ):
-        if field is not None:
-            host, port = _split_address(field)
-            out[f"{key}.address"] = host
-            if port is not None:
-                out[f"{key}.port"] = port
-    if event.count is not None:
-        out["trio_observer.lost.count"] = event.count
-    extra = _extra_fields.get(type(event))
-    if extra is None:
-        extra = tuple(f.name for f in dataclasses.fields(event) if f.name not in _MAPPED)
-        _extra_fields[type(event)] = extra
-    for key in extra:
-        value = getattr(event, key)
-        if value is not None:
-            _flatten(f"trio_observer.{key}", value, out)
-    return out
-
-
-def _body(event: ObserverEvent) -> str:
-    what = event.kind.value.replace("-", " ")
-    if event.kind in _EXITS:
-        if event.exit_code is None:
-            return f"process {event.pid} {what}"
-        if event.exit_code < 0:
-            return f"process {event.pid} {what} by signal {-event.exit_code}"
-        return f"process {event.pid} {what} with code {event.exit_code}"
-    if event.kind is ObserverEventKind.OBSERVATION_LOST:
-        lost = "an unknown number of" if event.count is None else str(event.count)
-        return f"observation lost: {lost} records"
-    if event.path is not None:
-        return f"process {event.pid} {what} {event.path}"
-    return f"process {event.pid} {what}"
-
-
-def _warns(event: ObserverEvent) -> bool:
-    if event.kind is ObserverEventKind.OBSERVATION_LOST:
-        return True
-    return event.kind in _EXITS and event.exit_code is not None and event.exit_code != 0
-
-
 # Shared, never changed: handed to the SDK with every measurement.
 _CATEGORY_ATTRIBUTES: Final = {c: {"trio_observer.category": c.value} for c in EventCategory}
-
-
-def _category_attributes(category: EventCategory) -> dict[str, str]:
-    return _CATEGORY_ATTRIBUTES[category]
 
 
 def _exit_attributes(key: tuple[EventCategory, str, TerminationOutcome | None]) -> dict[str, str]:
@@ -243,6 +79,68 @@ class _Sums(Generic[KeyT]):
             return [
                 self._observation(total, attributes) for total, attributes in self._sums.values()
             ]
+
+
+@final
+class _ProcessCounts:
+    """The running, started and exited counts, as observable instruments.
+
+    Kept here and read by the SDK when it collects, exported as the same
+    Sums as a counter's: a dict update per event instead of an SDK
+    measurement, which cleans and hashes its attributes each time (most of
+    the export's cost in the profile of a build). One per meter provider,
+    shared by its exporters: the SDK keeps one instrument per name, and
+    would ignore the callbacks of a second exporter's.
+    """
+
+    def __init__(self, meter: Any, observation: Any) -> None:
+        self.running = _Sums(observation, _CATEGORY_ATTRIBUTES.__getitem__)
+        self.started = _Sums(observation, _CATEGORY_ATTRIBUTES.__getitem__)
+        self.exited = _Sums(observation, _exit_attributes)
+        meter.create_observable_up_down_counter(
+            "trio_observer.processes.running",
+            [self.running.observe],
+            unit="{process}",
+            description="Processes started and not yet exited",
+        )
+        meter.create_observable_counter(
+            "trio_observer.processes.started",
+            [self.started.observe],
+            unit="{process}",
+            description="Processes started",
+        )
+        meter.create_observable_counter(
+            "trio_observer.processes.exited",
+            [self.exited.observe],
+            unit="{process}",
+            description="Processes exited",
+        )
+
+
+_counts_lock = threading.Lock()
+# Each meter provider's counts, and those of the global provider: the
+# global one, set or not yet (a proxy that forwards to the provider set
+# later), is one provider for all its exporters.
+_counts: weakref.WeakKeyDictionary[Any, _ProcessCounts] = weakref.WeakKeyDictionary()
+
+
+class _GlobalProvider:
+    """The key of the global meter provider's counts."""
+
+
+_GLOBAL: Final = _GlobalProvider()
+
+
+def _process_counts(meter_provider: Any, meter: Any, observation: Any) -> _ProcessCounts:
+    key = _GLOBAL if meter_provider is None else meter_provider
+    with _counts_lock:
+        try:
+            counts = _counts.get(key)
+        except TypeError:  # a provider that cannot be weakly referenced
+            return _ProcessCounts(meter, observation)
+        if counts is None:
+            counts = _counts[key] = _ProcessCounts(meter, observation)
+        return counts
 
 
 def _import_api() -> Any:
@@ -354,32 +252,8 @@ class OTelExporter:
         self._warn = (logs_api.SeverityNumber.WARN, "WARN")
         self._info = (logs_api.SeverityNumber.INFO, "INFO")
         self._command_args = command_args
-        # The per-process counts are kept here and read by the SDK when it
-        # collects (observable instruments, exported as the same Sums as a
-        # counter's): a dict update per event instead of an SDK measurement,
-        # which cleans and hashes its attributes each time (most of the
-        # export's cost in the profile of a build).
-        self._running = _Sums(metrics_api.Observation, _category_attributes)
-        self._started = _Sums(metrics_api.Observation, _category_attributes)
-        self._exited = _Sums(metrics_api.Observation, _exit_attributes)
-        meter.create_observable_up_down_counter(
-            "trio_observer.processes.running",
-            [self._running.observe],
-            unit="{process}",
-            description="Processes started and not yet exited",
-        )
-        meter.create_observable_counter(
-            "trio_observer.processes.started",
-            [self._started.observe],
-            unit="{process}",
-            description="Processes started",
-        )
-        meter.create_observable_counter(
-            "trio_observer.processes.exited",
-            [self._exited.observe],
-            unit="{process}",
-            description="Processes exited",
-        )
+        counts = _process_counts(meter_provider, meter, metrics_api.Observation)
+        self._running, self._started, self._exited = counts.running, counts.started, counts.exited
         self._duration = meter.create_histogram(
             "trio_observer.process.duration",
             unit="s",
@@ -616,15 +490,15 @@ class OTelExporter:
         logger, ``trio_observer.otel``.
         """
         attributes = event_attributes(event, session_id=session_id, command_args=self._command_args)
-        severity_number, severity_text = self._warn if _warns(event) else self._info
+        severity_number, severity_text = self._warn if warns(event) else self._info
         try:
             self._logger.emit(
                 timestamp=int(event.wall_time_ms * 1_000_000),
                 severity_number=severity_number,
                 severity_text=severity_text,
-                body=_body(event),
+                body=record_body(event),
                 attributes=attributes,
-                event_name=_EVENT_NAMES[event.kind],
+                event_name=EVENT_NAMES[event.kind],
             )
             self._emitted += 1
         except Exception as exc:
@@ -636,7 +510,7 @@ class OTelExporter:
 
     def _measure(self, event: ObserverEvent) -> None:
         kind, category = event.kind, event.category
-        if kind in _STARTS:
+        if kind in STARTS:
             self._running.add(category)
             self._started.add(category)
             if event.pid in self._start_ms:
@@ -646,7 +520,7 @@ class OTelExporter:
             elif len(self._start_ms) >= self._max_tracked:
                 self._forget(next(iter(self._start_ms)))
             self._start_ms[event.pid] = (event.timestamp_ms, category)
-        elif kind in _EXITS:
+        elif kind in EXITS:
             self._exited.add((category, exit_class(event.exit_code), event.termination))
             started = self._start_ms.pop(event.pid, None)
             if started is not None:
