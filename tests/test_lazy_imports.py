@@ -28,6 +28,7 @@ _HEAVY = (
 _UNNEEDED = (
     *_HEAVY,
     "trio_observer._otel",
+    "trio_observer._otel_records",
     "trio_observer._daemon",
     "trio_observer._daemon._client",
     "trio_observer._daemon._server",

@@ -49,7 +49,7 @@ from trio_observer import (
     negotiate_capabilities,
     open_session,
 )
-from trio_observer._otel import event_attributes, event_name
+from trio_observer._otel_records import event_attributes, event_name
 
 CLI = [sys.executable, "-m", "trio_observer"]
 

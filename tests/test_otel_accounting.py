@@ -104,3 +104,25 @@ def test_starts_without_exits_are_bounded_and_counted() -> None:
 def test_max_tracked_is_checked(value: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="max_tracked"):
         OTelExporter(max_tracked=value)  # type: ignore[arg-type]
+
+
+def test_every_exporter_on_one_meter_provider_is_counted() -> None:
+    """The SDK keeps one instrument per name: a second exporter's counts
+    must add to the first's, not be dropped with its callbacks."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    first, second = (OTelExporter(meter_provider=provider) for _ in range(2))
+    first.emit(event(ObserverEventKind.STARTED, 1))
+    second.emit(event(ObserverEventKind.STARTED, 2))
+    second.emit(event(ObserverEventKind.STARTED, 3))
+    second.emit(event(ObserverEventKind.EXITED, 3))
+    assert metric_sum(reader, "trio_observer.processes.started") == 3
+    assert metric_sum(reader, "trio_observer.processes.exited") == 1
+    assert metric_sum(reader, "trio_observer.processes.running") == 2
+    # Another provider has counts of its own.
+    other = InMemoryMetricReader()
+    OTelExporter(meter_provider=MeterProvider(metric_readers=[other])).emit(
+        event(ObserverEventKind.STARTED, 1)
+    )
+    assert metric_sum(other, "trio_observer.processes.started") == 1
+    assert metric_sum(reader, "trio_observer.processes.started") == 3

@@ -6,18 +6,25 @@ opentelemetry is imported when an :class:`OTelExporter` is made, never when
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import logging
-import os
 import threading
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, final
 
 import trio
 
-from ._events import EventCategory, ObserverEvent, ObserverEventKind
+from ._events import EventCategory, ObserverEvent, ObserverEventKind, TerminationOutcome
+from ._otel_records import (
+    EVENT_NAMES,
+    EXITS,
+    STARTS,
+    event_attributes,
+    exit_class,
+    record_body,
+    warns,
+)
 from ._output import OutputLog
 from ._session import Session
 from ._sink import ObserverBackpressure
@@ -29,158 +36,111 @@ if TYPE_CHECKING:
     from opentelemetry.sdk._logs.export import LogRecordExporter
 
 _log = logging.getLogger("trio_observer.otel")
+KeyT = TypeVar("KeyT", bound=Hashable)
 
 SCOPE_NAME: Final = "trio_observer"
-EVENT_PREFIX: Final = "trio_observer.process."
-
-# Event fields that map to named attributes below; any other field an event
-# carries (one added after this module was written) becomes
-# trio_observer.<field>, so a new field needs no code here.
-_MAPPED: Final = frozenset(
-    {
-        "category",
-        "kind",
-        "pid",
-        "ppid",
-        "timestamp_ms",
-        "wall_time_ms",
-        "exit_code",
-        "grade",
-        "argv",
-        "termination",
-        "root_pid",
-        "path",
-        "fd",
-        "protocol",
-        "local_address",
-        "remote_address",
-        "count",
-    }
-)
-# The fields to look at beyond the mapped ones, read once per event class.
-_extra_fields: dict[type, tuple[str, ...]] = {}
-_STARTS: Final = frozenset({ObserverEventKind.STARTED, ObserverEventKind.DESCENDANT_STARTED})
-_EXITS: Final = frozenset({ObserverEventKind.EXITED, ObserverEventKind.DESCENDANT_EXITED})
+# Shared, never changed: handed to the SDK with every measurement.
+_CATEGORY_ATTRIBUTES: Final = {c: {"trio_observer.category": c.value} for c in EventCategory}
 
 
-def event_name(kind: ObserverEventKind) -> str:
-    """The log record's event name for ``kind``: ``trio_observer.process.file_open``."""
-    return EVENT_PREFIX + kind.value.replace("-", "_")
-
-
-def exit_class(exit_code: int | None) -> str:
-    """``success``, ``failure`` (non-zero code), ``signal`` or ``unknown``."""
-    if exit_code is None:
-        return "unknown"
-    if exit_code < 0:
-        return "signal"
-    return "success" if exit_code == 0 else "failure"
-
-
-def _split_address(address: str) -> tuple[str, int | None]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        return address, None  # a Unix socket path
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def _flatten(prefix: str, value: object, out: dict[str, Any]) -> None:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    elif isinstance(value, enum.Enum):
-        value = value.value
-    elif isinstance(value, tuple):
-        value = list(value)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _flatten(f"{prefix}.{key}", item, out)
-    elif isinstance(value, list):
-        if all(isinstance(item, str | bool | int | float) for item in value):
-            out[prefix] = value
-    elif isinstance(value, str | bool | int | float):
-        out[prefix] = value
-
-
-def event_attributes(
-    event: ObserverEvent, *, session_id: str | None, command_args: bool
-) -> dict[str, Any]:
-    """The log record's attributes for ``event`` (see ``docs/otel.md``)."""
-    out: dict[str, Any] = {
-        "process.pid": event.pid,
-        "trio_observer.category": event.category.value,
-        "trio_observer.grade": event.grade.value,
-    }
-    if session_id is not None:
-        out["trio_observer.session.id"] = session_id
-    if event.ppid is not None:
-        out["process.parent_pid"] = event.ppid
-    if event.root_pid is not None:
-        out["trio_observer.root_pid"] = event.root_pid
-    if event.argv:
-        out["process.executable.name"] = os.path.basename(event.argv[0])
-        # The process conventions: command_args SHOULD NOT be collected by
-        # default, since command lines often hold secrets.
-        if command_args:
-            out["process.command_args"] = list(event.argv)
-    if event.exit_code is not None:
-        if event.exit_code >= 0:
-            out["process.exit.code"] = event.exit_code
-        else:
-            out["trio_observer.signal"] = -event.exit_code
-    if event.kind in _EXITS:
-        out["trio_observer.exit.class"] = exit_class(event.exit_code)
-    if event.termination is not None:
-        out["trio_observer.termination"] = event.termination.value
-    if event.path is not None:
-        out["file.path"] = event.path
-    if event.fd is not None:
-        out["trio_observer.fd"] = event.fd
-    if event.protocol is not None:
-        out["network.transport"] = event.protocol.rstrip("6")
-        if event.protocol != "unix":
-            out["network.type"] = "ipv6" if event.protocol.endswith("6") else "ipv4"
-    for key, field in (
-        ("network.local", event.local_address),
-        ("network.peer", event.remote_address),
-    ):
-        if field is not None:
-            host, port = _split_address(field)
-            out[f"{key}.address"] = host
-            if port is not None:
-                out[f"{key}.port"] = port
-    if event.count is not None:
-        out["trio_observer.lost.count"] = event.count
-    extra = _extra_fields.get(type(event))
-    if extra is None:
-        extra = tuple(f.name for f in dataclasses.fields(event) if f.name not in _MAPPED)
-        _extra_fields[type(event)] = extra
-    for key in extra:
-        value = getattr(event, key)
-        if value is not None:
-            _flatten(f"trio_observer.{key}", value, out)
+def _exit_attributes(key: tuple[EventCategory, str, TerminationOutcome | None]) -> dict[str, str]:
+    category, exit_kind, termination = key
+    out = {**_CATEGORY_ATTRIBUTES[category], "trio_observer.exit.class": exit_kind}
+    if termination is not None:
+        out["trio_observer.termination"] = termination.value
     return out
 
 
-def _body(event: ObserverEvent) -> str:
-    what = event.kind.value.replace("-", " ")
-    if event.kind in _EXITS:
-        if event.exit_code is None:
-            return f"process {event.pid} {what}"
-        if event.exit_code < 0:
-            return f"process {event.pid} {what} by signal {-event.exit_code}"
-        return f"process {event.pid} {what} with code {event.exit_code}"
-    if event.kind is ObserverEventKind.OBSERVATION_LOST:
-        lost = "an unknown number of" if event.count is None else str(event.count)
-        return f"observation lost: {lost} records"
-    if event.path is not None:
-        return f"process {event.pid} {what} {event.path}"
-    return f"process {event.pid} {what}"
+@final
+class _Sums(Generic[KeyT]):
+    """Sums by attribute set, for an observable counter.
+
+    Added to on the trio thread, read by the SDK's collecting thread (its
+    metric reader's), hence the lock; ``attributes`` makes a key's attribute
+    set the first time the key is seen.
+    """
+
+    def __init__(self, observation: Any, attributes: Callable[[KeyT], dict[str, str]]) -> None:
+        self._observation = observation
+        self._attributes = attributes
+        self._lock = threading.Lock()
+        self._sums: dict[KeyT, list[Any]] = {}  # key -> [sum, attributes]
+
+    def add(self, key: KeyT, amount: int = 1) -> None:
+        with self._lock:
+            entry = self._sums.get(key)
+            if entry is None:
+                entry = self._sums[key] = [0, self._attributes(key)]
+            entry[0] += amount
+
+    def observe(self, options: Any) -> list[Any]:
+        """The SDK's callback: one observation per attribute set."""
+        with self._lock:
+            return [
+                self._observation(total, attributes) for total, attributes in self._sums.values()
+            ]
 
 
-def _warns(event: ObserverEvent) -> bool:
-    if event.kind is ObserverEventKind.OBSERVATION_LOST:
-        return True
-    return event.kind in _EXITS and event.exit_code is not None and event.exit_code != 0
+@final
+class _ProcessCounts:
+    """The running, started and exited counts, as observable instruments.
+
+    Kept here and read by the SDK when it collects, exported as the same
+    Sums as a counter's: a dict update per event instead of an SDK
+    measurement, which cleans and hashes its attributes each time (most of
+    the export's cost in the profile of a build). One per meter provider,
+    shared by its exporters: the SDK keeps one instrument per name, and
+    would ignore the callbacks of a second exporter's.
+    """
+
+    def __init__(self, meter: Any, observation: Any) -> None:
+        self.running = _Sums(observation, _CATEGORY_ATTRIBUTES.__getitem__)
+        self.started = _Sums(observation, _CATEGORY_ATTRIBUTES.__getitem__)
+        self.exited = _Sums(observation, _exit_attributes)
+        meter.create_observable_up_down_counter(
+            "trio_observer.processes.running",
+            [self.running.observe],
+            unit="{process}",
+            description="Processes started and not yet exited",
+        )
+        meter.create_observable_counter(
+            "trio_observer.processes.started",
+            [self.started.observe],
+            unit="{process}",
+            description="Processes started",
+        )
+        meter.create_observable_counter(
+            "trio_observer.processes.exited",
+            [self.exited.observe],
+            unit="{process}",
+            description="Processes exited",
+        )
+
+
+_counts_lock = threading.Lock()
+# Each meter provider's counts, and those of the global provider: the
+# global one, set or not yet (a proxy that forwards to the provider set
+# later), is one provider for all its exporters.
+_counts: weakref.WeakKeyDictionary[Any, _ProcessCounts] = weakref.WeakKeyDictionary()
+
+
+class _GlobalProvider:
+    """The key of the global meter provider's counts."""
+
+
+_GLOBAL: Final = _GlobalProvider()
+
+
+def _process_counts(meter_provider: Any, meter: Any, observation: Any) -> _ProcessCounts:
+    key = _GLOBAL if meter_provider is None else meter_provider
+    with _counts_lock:
+        try:
+            counts = _counts.get(key)
+        except TypeError:  # a provider that cannot be weakly referenced
+            return _ProcessCounts(meter, observation)
+        if counts is None:
+            counts = _counts[key] = _ProcessCounts(meter, observation)
+        return counts
 
 
 def _import_api() -> Any:
@@ -289,19 +249,11 @@ class OTelExporter:
             if meter_provider is not None
             else metrics_api.get_meter(SCOPE_NAME, __version__)
         )
-        self._severity = logs_api.SeverityNumber
+        self._warn = (logs_api.SeverityNumber.WARN, "WARN")
+        self._info = (logs_api.SeverityNumber.INFO, "INFO")
         self._command_args = command_args
-        self._running = meter.create_up_down_counter(
-            "trio_observer.processes.running",
-            unit="{process}",
-            description="Processes started and not yet exited",
-        )
-        self._started = meter.create_counter(
-            "trio_observer.processes.started", unit="{process}", description="Processes started"
-        )
-        self._exited = meter.create_counter(
-            "trio_observer.processes.exited", unit="{process}", description="Processes exited"
-        )
+        counts = _process_counts(meter_provider, meter, metrics_api.Observation)
+        self._running, self._started, self._exited = counts.running, counts.started, counts.exited
         self._duration = meter.create_histogram(
             "trio_observer.process.duration",
             unit="s",
@@ -339,7 +291,7 @@ class OTelExporter:
         self._first_export_error: str | None = None
         # pid -> start time of the processes seen starting and not exiting,
         # oldest first (dicts keep insertion order): bounded, see _forget.
-        self._start_ms: dict[int, tuple[float, dict[str, str]]] = {}
+        self._start_ms: dict[int, tuple[float, EventCategory]] = {}
         self._max_tracked = max_tracked
         self._starts_forgotten = 0
         self._logs: dict[OutputLog, tuple[str, int]] = {}
@@ -485,15 +437,48 @@ class OTelExporter:
         session: Session | None,
     ) -> None:
         sink = {"trio_observer.sink.id": subscription.id.as_str()}
-        async for item in subscription:
+        ended = False
+        while not ended:
+            try:
+                batch = [await subscription.receive()]
+            except trio.EndOfChannel:
+                return
+            # Then everything already buffered: one wakeup for the lot, not
+            # a schedule point per event. Bounded by the channel's size, as
+            # nothing is emitted while this runs.
+            while True:
+                try:
+                    batch.append(subscription.receive_nowait())
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    ended = True
+                    break
+            self._export_batch(batch, session_id, session, sink)
+
+    def _export_batch(
+        self,
+        batch: list[ObserverEvent] | list[ObserverEvent | MissedEvents],
+        session_id: str | None,
+        session: Session | None,
+        sink: dict[str, str],
+    ) -> None:
+        started: set[int] = set()
+        exited = False
+        for item in batch:
             if isinstance(item, MissedEvents):
                 self._events_missed += item.count
                 self._missed.add(item.count, sink)
                 continue
-            if session is not None and item.kind is ObserverEventKind.STARTED:
-                self._watch_output(session, item.pid)
             self.emit(item, session_id=session_id)
-            if session is not None and item.kind is ObserverEventKind.EXITED:
+            if item.kind is ObserverEventKind.STARTED:
+                started.add(item.pid)
+            elif item.kind is ObserverEventKind.EXITED:
+                exited = True
+        if session is not None:
+            if started:
+                self._watch_output(session, started)
+            if exited:
                 self._count_dropped_output()
 
     def emit(self, event: ObserverEvent, *, session_id: str | None = None) -> None:
@@ -505,15 +490,15 @@ class OTelExporter:
         logger, ``trio_observer.otel``.
         """
         attributes = event_attributes(event, session_id=session_id, command_args=self._command_args)
-        warn = _warns(event)
+        severity_number, severity_text = self._warn if warns(event) else self._info
         try:
             self._logger.emit(
                 timestamp=int(event.wall_time_ms * 1_000_000),
-                severity_number=self._severity.WARN if warn else self._severity.INFO,
-                severity_text="WARN" if warn else "INFO",
-                body=_body(event),
+                severity_number=severity_number,
+                severity_text=severity_text,
+                body=record_body(event),
                 attributes=attributes,
-                event_name=event_name(event.kind),
+                event_name=EVENT_NAMES[event.kind],
             )
             self._emitted += 1
         except Exception as exc:
@@ -524,10 +509,10 @@ class OTelExporter:
         self._measure(event)
 
     def _measure(self, event: ObserverEvent) -> None:
-        category = {"trio_observer.category": event.category.value}
-        if event.kind in _STARTS:
-            self._running.add(1, category)
-            self._started.add(1, category)
+        kind, category = event.kind, event.category
+        if kind in STARTS:
+            self._running.add(category)
+            self._started.add(category)
             if event.pid in self._start_ms:
                 # The pid was reused: the exit of the process that had it
                 # was missed.
@@ -535,28 +520,28 @@ class OTelExporter:
             elif len(self._start_ms) >= self._max_tracked:
                 self._forget(next(iter(self._start_ms)))
             self._start_ms[event.pid] = (event.timestamp_ms, category)
-        elif event.kind in _EXITS:
-            attributes = {**category, "trio_observer.exit.class": exit_class(event.exit_code)}
-            if event.termination is not None:
-                attributes["trio_observer.termination"] = event.termination.value
-            self._exited.add(1, attributes)
+        elif kind in EXITS:
+            self._exited.add((category, exit_class(event.exit_code), event.termination))
             started = self._start_ms.pop(event.pid, None)
             if started is not None:
                 # Only a start this exporter saw: an exit whose start was
                 # missed would take the running count below zero.
-                self._running.add(-1, started[1])
-                self._duration.record(max(0.0, event.timestamp_ms - started[0]) / 1000.0, category)
-        elif event.kind is ObserverEventKind.OBSERVATION_LOST and event.count:
-            self._lost.add(event.count, category)
+                self._running.add(started[1], -1)
+                self._duration.record(
+                    max(0.0, event.timestamp_ms - started[0]) / 1000.0,
+                    _CATEGORY_ATTRIBUTES[category],
+                )
+        elif kind is ObserverEventKind.OBSERVATION_LOST and event.count:
+            self._lost.add(event.count, _CATEGORY_ATTRIBUTES[category])
 
     def _forget(self, pid: int) -> None:
         _, category = self._start_ms.pop(pid)
-        self._running.add(-1, category)
+        self._running.add(category, -1)
         self._starts_forgotten += 1
 
-    def _watch_output(self, session: Session, pid: int) -> None:
+    def _watch_output(self, session: Session, pids: set[int]) -> None:
         for process in session.processes:
-            if process.pid == pid:
+            if process.pid in pids:
                 for stream, log in (("stdout", process.stdout_log), ("stderr", process.stderr_log)):
                     if log is not None:
                         self._logs[log] = (stream, 0)
