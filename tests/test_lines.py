@@ -319,6 +319,27 @@ async def test_batches_report_a_gap_after_the_partial_line() -> None:
     assert rest == [["cd"], OutputGap(missed_bytes=4), ["ijklm", "z"]]
 
 
+async def test_a_gap_in_hand_needs_no_checkpoint_and_the_end_is_a_cancellation_point() -> None:
+    # As docs/output.md says: the gap read with the partial line before it
+    # is served as it stands; reading the end checks for cancellation.
+    log = OutputLog(max_bytes=8)
+    batches = log.cursor().line_batches()
+    log.feed_nowait(b"ab\ncd")
+    assert await batches.__anext__() == ["ab"]
+    log.feed_nowait(b"efghijkl\n")  # 14 fed, 8 kept: "e" went unread
+    log.close()
+    assert await batches.__anext__() == ["cd"]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        assert await batches.__anext__() == OutputGap(missed_bytes=1)
+    assert await batches.__anext__() == ["fghijkl"]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await batches.__anext__()  # reads the end
+    assert scope.cancelled_caught
+    assert [item async for item in batches] == []
+
+
 async def test_a_gap_with_no_partial_line_comes_alone() -> None:
     log = OutputLog(max_bytes=4)
     cursor = log.cursor()
