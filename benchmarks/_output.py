@@ -11,13 +11,22 @@ blocking ``subprocess.run(capture_output=True)``. The child is
 second row runs 50 such writers at once, all captured in one session with
 the default backlog, against one ``receive_some`` task per trio pipe.
 
-``lines`` times one million short lines from a Python child, read as
-``str`` lines: ours through ``log.cursor().lines()`` (one ``async for``
-step per line) and ``log.cursor().line_batches()`` (one per chunk, then a
-plain ``for`` over the chunk's lines) on a captured stdout,
-the alternative by iterating the stdout file object of
-``subprocess.Popen(..., stdout=PIPE, text=True)``, line by line. Same child
-for both. Each side checks that it saw every line.
+``lines`` times one million short lines from ``cat`` of a file (and from
+a Python child), read as ``str`` lines: ours through
+``log.cursor().lines()`` (one ``async for`` step per line) and
+``log.cursor().line_batches()`` (one per chunk, then a plain ``for`` over
+the chunk's lines) on a captured stdout, the alternative by iterating the
+stdout file object of ``subprocess.Popen(..., stdout=PIPE, text=True)``,
+line by line. Same child for both. Each side checks that it saw every line.
+The target rows open the session with ``containment="process-group"``:
+they measure reading lines, and a cgroup's placement costs one wait per
+process (an RCU grace period, see the containment section) that is the
+same whatever the process prints; two info rows give the same readers
+with the default containment. The ``ref`` rows are the floors, without the
+library: a bare trio ``receive_some`` loop that decodes and splits each
+chunk (what ``line_batches()`` does), the same handing each line out
+through an async generator (what ``lines()`` does), and the ``async for``
+step alone over lines already split.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
 
 import trio
 
@@ -53,6 +63,8 @@ HEAD = shutil.which("head") or "/usr/bin/head"
 CAT = shutil.which("cat") or "/usr/bin/cat"
 
 _MB = 1_000_000
+
+Containment = Literal["auto", "process-group"]
 
 
 def _mb_row(name: str, size: int, ours: float, alternative: float, target: Target | None) -> Row:
@@ -300,10 +312,10 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
         "python": [sys.executable, "-c", _LINES_CHILD, str(count)],
     }
 
-    async def ours(argv: list[str], batches: bool) -> float:
+    async def ours(argv: list[str], batches: bool, containment: Containment) -> float:
         seen = gaps = 0
         start = time.perf_counter()
-        async with trio_observer.open_session() as session:
+        async with trio_observer.open_session(containment=containment) as session:
             # The default backlog (1 MiB), as a user has it. The reader
             # cannot fall behind by more than a chunk or two: it runs in
             # the same thread as the session's pump, and each takes one
@@ -360,13 +372,10 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
         _check(seen == count, f"generator floor: {seen} lines")
         return elapsed
 
-    async def chunk_split(argv: list[str]) -> float:
-        # The floor for any trio reader that hands out every line: a bare
-        # receive_some loop that decodes and splits each chunk, no session.
+    async def split_chunks(argv: list[str]) -> AsyncIterator[list[str]]:
+        # A bare receive_some loop that decodes and splits each chunk, no session.
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         pending = ""
-        seen = 0
-        start = time.perf_counter()
         process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
         stream = process.stdout
         assert stream is not None
@@ -377,22 +386,49 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
                     break
                 lines = (pending + decoder.decode(data)).split("\n")
                 pending = lines.pop()
-                for _line in lines:
-                    seen += 1
+                yield lines
         await process.wait()
+        _check(not pending, f"chunk split: {pending!r} left")
+
+    async def chunk_split(argv: list[str]) -> float:
+        # The floor for any trio reader that hands out every line a chunk at a time.
+        seen = 0
+        start = time.perf_counter()
+        async for lines in split_chunks(argv):
+            for _line in lines:
+                seen += 1
         elapsed = time.perf_counter() - start
-        _check(seen == count and not pending, f"chunk split: {seen} lines")
+        _check(seen == count, f"chunk split: {seen} lines")
+        return elapsed
+
+    async def split_lines(argv: list[str]) -> AsyncIterator[str]:
+        async for lines in split_chunks(argv):
+            for line in lines:
+                yield line
+
+    async def chunk_split_each(argv: list[str]) -> float:
+        # The floor for any trio reader that hands out every line one
+        # async-for step at a time: the same, through an async generator.
+        seen = 0
+        start = time.perf_counter()
+        async for _line in split_lines(argv):
+            seen += 1
+        elapsed = time.perf_counter() - start
+        _check(seen == count, f"chunk split, line by line: {seen} lines")
         return elapsed
 
     trials: dict[str, Callable[[], Awaitable[float]]] = {
         "async-for floor": floor,
         "async generator floor": generator_floor,
         "chunk split cat": functools.partial(chunk_split, children["cat"]),
+        "chunk split per line cat": functools.partial(chunk_split_each, children["cat"]),
     }
     for child, argv in children.items():
-        trials[f"lines() {child}"] = functools.partial(ours, argv, False)
-        trials[f"line_batches() {child}"] = functools.partial(ours, argv, True)
+        trials[f"lines() {child}"] = functools.partial(ours, argv, False, "process-group")
+        trials[f"line_batches() {child}"] = functools.partial(ours, argv, True, "process-group")
         trials[f"Popen {child}"] = functools.partial(popen, argv)
+    trials["lines() auto cat"] = functools.partial(ours, children["cat"], False, "auto")
+    trials["line_batches() auto cat"] = functools.partial(ours, children["cat"], True, "auto")
     await interleave_async(trials, 1)
     samples = await interleave_async(trials, rounds)
     return Report(
@@ -410,8 +446,23 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
                 Target("<=", 1.0),
             ),
             time_row(
+                f"{count} lines from cat: lines(), default containment, vs Popen",
+                median(samples["lines() auto cat"]),
+                median(samples["Popen cat"]),
+            ),
+            time_row(
+                f"{count} lines from cat: line_batches(), default containment, vs Popen",
+                median(samples["line_batches() auto cat"]),
+                median(samples["Popen cat"]),
+            ),
+            time_row(
                 "ref: bare trio receive_some + decode + split vs Popen (cat)",
                 median(samples["chunk split cat"]),
+                median(samples["Popen cat"]),
+            ),
+            time_row(
+                "ref: the same, then an async generator step per line, vs Popen (cat)",
+                median(samples["chunk split per line cat"]),
                 median(samples["Popen cat"]),
             ),
             time_row(
@@ -439,7 +490,10 @@ async def _measure_lines(config: Config, count: int, path: str, size: int) -> Re
             f"`line <i> ok` lines (about {size / _MB:.1f} MB); child `cat` of a "
             "prepared file (so the reader dominates), or a Python child printing them in "
             "10000-line writes (the child dominates); timed from spawn to the last line read; "
-            "ours with the default 1 MiB backlog, checked to lose no line; "
+            "ours with the default 1 MiB backlog, checked to lose no line, in a session "
+            'with containment="process-group" except the two "default containment" rows '
+            '(containment="auto": a cgroup where one can be made); '
+            "ref rows: no session, trio.lowlevel.open_process; "
             f"Popen with text=True so both sides yield str; median of {rounds} rounds",
             spread_note({k: v for k, v in samples.items() if k.endswith("cat")}, "Popen cat"),
             spread_note({k: v for k, v in samples.items() if k.endswith("python")}, "Popen python"),

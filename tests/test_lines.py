@@ -224,6 +224,39 @@ async def test_a_lines_loop_checkpoints_per_chunk_not_per_buffered_line() -> Non
     assert [line async for line in lines] == ["four"]
 
 
+async def test_a_lines_loop_lets_other_tasks_run_once_per_chunk_in_hand() -> None:
+    # Every chunk is there already, so the loop never waits; reading each one
+    # is still a schedule point, and serving its lines is none.
+    log = OutputLog()
+    chunks = 20
+    for i in range(chunks):
+        # 4 KiB or more: kept as a chunk of its own.
+        log.feed_nowait(f"{i} a\n{i} b\n{i} ".encode().ljust(4096, b"c") + b"\n")
+    log.close()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    seen: dict[str, set[int]] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        async for line in log.cursor().lines():
+            assert isinstance(line, str)
+            seen.setdefault(line.split()[0], set()).add(ticks)
+        nursery.cancel_scope.cancel()
+    assert len(seen) == chunks
+    # No other task ran while a chunk's lines were served...
+    assert all(len(at) == 1 for at in seen.values())
+    # ...and both tasks were runnable in every scheduling round, so the
+    # ticker ran about once per chunk read (half of that allows for the
+    # order trio picks within a round).
+    assert ticks >= chunks // 2
+
+
 async def test_stepping_by_hand_and_looping_share_one_position() -> None:
     log = OutputLog()
     log.feed_nowait(b"a\nb\nc\n")
@@ -284,6 +317,27 @@ async def test_batches_report_a_gap_after_the_partial_line() -> None:
     log.close()
     rest = [item async for item in batches]
     assert rest == [["cd"], OutputGap(missed_bytes=4), ["ijklm", "z"]]
+
+
+async def test_a_gap_in_hand_needs_no_checkpoint_and_the_end_is_a_cancellation_point() -> None:
+    # As docs/output.md says: the gap read with the partial line before it
+    # is served as it stands; reading the end checks for cancellation.
+    log = OutputLog(max_bytes=8)
+    batches = log.cursor().line_batches()
+    log.feed_nowait(b"ab\ncd")
+    assert await batches.__anext__() == ["ab"]
+    log.feed_nowait(b"efghijkl\n")  # 14 fed, 8 kept: "e" went unread
+    log.close()
+    assert await batches.__anext__() == ["cd"]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        assert await batches.__anext__() == OutputGap(missed_bytes=1)
+    assert await batches.__anext__() == ["fghijkl"]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await batches.__anext__()  # reads the end
+    assert scope.cancelled_caught
+    assert [item async for item in batches] == []
 
 
 async def test_a_gap_with_no_partial_line_comes_alone() -> None:
