@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
+import threading
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, NoReturn
 
 from ._prog import PROG
 
@@ -59,6 +62,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the following arguments are required: COMMAND")
     status: int = args.handler(args, parser)
     return status
+
+
+def program() -> NoReturn:
+    """The ``trio-observer`` program: :func:`main`, then exit without the teardown.
+
+    When the command is done, nothing this process holds needs the
+    interpreter's own finalization: the session has reaped CMD's tree and
+    closed what it opened, and the kernel frees memory faster than freeing
+    every module's objects one by one, which took longer than the whole
+    session of ``run -- true`` (the start-up benchmark). So, like
+    Instagram's servers, it exits with ``os._exit`` after doing what a
+    normal exit does that anyone could notice: non-daemon threads finish,
+    ``atexit`` handlers run (``logging``'s flush, an OpenTelemetry SDK's
+    shutdown, a coverage tool's save), and the standard streams are
+    flushed. Where a stream cannot be flushed, the normal exit reports it.
+    """
+    status = main()
+    _exit_now(status)
+
+
+def _exit_now(status: int) -> NoReturn:
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    if any(not t.daemon for t in others):
+        # The interpreter's exit waits for them; so does ours.
+        sys.exit(status)
+    atexit._run_exitfuncs()
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):
+        # A closed or broken stream: the normal exit says so (and exits 120).
+        sys.exit(status)
+    os._exit(status)
 
 
 def _subcommand(
