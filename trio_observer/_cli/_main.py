@@ -67,33 +67,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 def program() -> NoReturn:
     """The ``trio-observer`` program: :func:`main`, then exit without the teardown.
 
-    When the command is done, nothing this process holds needs the
-    interpreter's own finalization: the session has reaped CMD's tree and
-    closed what it opened, and the kernel frees memory faster than freeing
-    every module's objects one by one, which took longer than the whole
-    session of ``run -- true`` (the start-up benchmark). So, like
-    Instagram's servers, it exits with ``os._exit`` after doing what a
-    normal exit does that anyone could notice: non-daemon threads finish,
-    ``atexit`` handlers run (``logging``'s flush, an OpenTelemetry SDK's
-    shutdown, a coverage tool's save), and the standard streams are
-    flushed. Where a stream cannot be flushed, the normal exit reports it.
+    When the command is done, nothing needs the interpreter's finalization
+    (the session has reaped CMD's tree and closed what it opened), and
+    freeing every module's objects one by one took longer than the whole
+    session of ``run -- true`` (the start-up benchmark): the kernel frees
+    the memory at once. So the program runs the ``atexit`` handlers
+    (``logging``'s flush, an OpenTelemetry SDK's shutdown, a coverage
+    tool's save), flushes stdout and stderr and ends with ``os._exit``, as
+    servers that skip the final collection do. While a non-daemon thread
+    runs, or when a stream cannot be flushed, it takes the normal exit
+    instead, which waits for the thread or reports the stream (status 120).
     """
     status = main()
     _exit_now(status)
 
 
 def _exit_now(status: int) -> NoReturn:
-    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
-    if any(not t.daemon for t in others):
-        # The interpreter's exit waits for them; so does ours.
+    if any(not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
         sys.exit(status)
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # and unregisters them: the normal exit would not run them again
     try:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
     except (OSError, ValueError):
-        # A closed or broken stream: the normal exit says so (and exits 120).
         sys.exit(status)
     os._exit(status)
 
