@@ -10,6 +10,12 @@ same, ``python -c "import trio; trio.run(...)"`` starting and reaping
 timed from outside, interleaved round by round; the verdict is the median
 of the rounds and the spread is the range of the per-round ratios.
 
+Two info rows show where the time goes: the console script's work run
+as ``sys.exit(main())``, so that the interpreter tears every module down
+before it exits (the program skips that, see ``_cli.program``), and
+``python -m`` with ``--containment process-group`` (no cgroup: what the
+default containment costs at start-up).
+
 The compiled rows byte-compile trio_observer first, as pip does when it
 installs the wheel. The last row runs both with ``-B`` and ``PYTHONDONTWRITEBYTECODE`` from a
 fresh ``PYTHONPYCACHEPREFIX``, so nothing is read from or written to a
@@ -73,8 +79,21 @@ def run(config: Config) -> Report:
     # every launch, and the first row would time the compiler. Trio's own
     # modules were compiled when pip installed it.
     compileall.compile_dir(str(Path(trio_observer.__file__).parent), quiet=1)
+    # Info rows, from the same rounds: the console script's work with the
+    # interpreter's own exit (``sys.exit(main())``, as before the program
+    # skipped the teardown), and with containment by process groups (what the
+    # default cgroup costs: the session cgroup, the child's move, the rmdir).
+    interpreter_exit = [
+        sys.executable,
+        "-c",
+        "import sys; from trio_observer._cli import main; sys.exit(main())",
+        "run",
+        "--",
+        TRUE,
+    ]
+    process_group = [*ours[:4], "--containment", "process-group", "--", TRUE]
     # One launch each first, so the file caches are warm for the first row.
-    trials = {"ours": ours, "bare": bare}
+    trials = {"ours": ours, "bare": bare, "exit": interpreter_exit, "pg": process_group}
     if console is not None:
         trials["console"] = console
     for argv in trials.values():
@@ -99,6 +118,20 @@ def run(config: Config) -> Report:
             None if console is not None else Target("<=", 1.15),
         )
     )
+    report.rows.append(
+        time_row(
+            "run -- true as sys.exit(main()): the interpreter's teardown",
+            median(samples["exit"]),
+            median(samples["bare"]),
+        )
+    )
+    report.rows.append(
+        time_row(
+            "python -m trio_observer run, process-group containment",
+            median(samples["pg"]),
+            median(samples["bare"]),
+        )
+    )
     with tempfile.TemporaryDirectory() as cache:
         cold = dict(env, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=cache)
         samples = interleave(
@@ -119,6 +152,12 @@ def run(config: Config) -> Report:
         "whole interpreter launches timed from outside; ours = the console script (the "
         "target) and python -m trio_observer run -- true; alternative = python -c 'import "
         "trio; trio.run(...)' running true with trio.run_process"
+    )
+    report.notes.append(
+        "sys.exit: the console script's work run as python -c 'sys.exit(main())', so the "
+        "interpreter frees every module before exiting (the program itself ends with os._exit "
+        "after atexit handlers and flushes); process-group: no cgroup (the other rows use "
+        "the default, containment auto, a cgroup here)"
     )
     report.notes.append(
         "compiled = trio_observer byte-compiled first, as pip does on install; no .pyc = "

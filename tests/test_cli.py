@@ -268,3 +268,75 @@ def test_piped_input_to_a_readline_program_on_a_pty_ends(
     )
     assert printed in result.stdout
     assert result.returncode == 0
+
+
+# `python -m trio_observer ARGS...` run from a script that first sets up what
+# the exit must (or need not) take care of.
+_AS_PROGRAM = """
+import runpy, sys
+sys.argv = ["trio_observer", *sys.argv[1:]]
+runpy.run_module("trio_observer", run_name="__main__", alter_sys=True)
+"""
+
+
+def _as_program(setup: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    # Without PYTHONUNBUFFERED (set on this machine), so that stdout is block
+    # buffered on a pipe and an exit that did not flush it would lose the line.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run(
+        [PY, "-c", setup + _AS_PROGRAM, *args], capture_output=True, timeout=60, env=env
+    )
+
+
+def test_the_program_exits_without_the_interpreters_teardown() -> None:
+    # Exiting is what a normal exit does that anyone could notice (atexit
+    # handlers, flushed streams, the status), without freeing every object
+    # of every module first: a finalizer of a module's global never runs.
+    setup = (
+        "import atexit, os\n"
+        "class TornDown:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        write(2, b'torn down')\n"
+        "kept = TornDown()\n"
+        "atexit.register(print, 'atexit ran')\n"
+        "print('buffered')\n"
+    )
+    result = _as_program(setup, "run", "--events", os.devnull, "--", PY, "-c", "exit(3)")
+    assert result.returncode == 3
+    assert result.stdout == b"buffered\natexit ran\n"
+    assert b"torn down" not in result.stderr
+
+
+def test_the_program_waits_for_a_non_daemon_thread() -> None:
+    # The interpreter's exit lets such a thread finish; the fast exit must
+    # not cut it off. This one finishes only once the main thread has.
+    setup = (
+        "import threading\n"
+        "def after_main():\n"
+        "    threading.main_thread().join()\n"
+        "    print('thread finished', flush=True)\n"
+        "threading.Thread(target=after_main).start()\n"
+    )
+    result = _as_program(setup, "run", "--events", os.devnull, "--", PY, "-c", "pass")
+    assert result.returncode == 0
+    assert result.stdout == b"thread finished\n"
+
+
+def test_a_closed_stdout_is_reported_as_the_interpreter_would() -> None:
+    # The fast exit cannot flush it, so the normal exit does, and says so.
+    setup = "print('lost')\n"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        result = subprocess.run(
+            [PY, "-c", setup + _AS_PROGRAM, "run", "--events", os.devnull, "--", PY, "-c", "pass"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            env=env,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 120
+    assert b"BrokenPipeError" in result.stderr

@@ -44,19 +44,14 @@ _UNNEEDED = (
     "trio_observer._cli._capabilities",
 )
 
-# Runs the CLI's main as `python -m trio_observer` does, then reports which
-# modules were loaded, on a line of its own after the child's output.
+# Runs the CLI as `python -m trio_observer` does, then reports which modules
+# were loaded, on a line of its own after the child's output: from an atexit
+# handler, because the program ends with os._exit (after running them).
 _WRAPPER = """
-import json, runpy, sys
+import atexit, json, runpy, sys
+atexit.register(lambda: print("MODULES " + json.dumps(sorted(sys.modules)), flush=True))
 sys.argv = ["trio_observer", *sys.argv[1:]]
-try:
-    runpy.run_module("trio_observer", run_name="__main__", alter_sys=True)
-except SystemExit as exc:
-    code = exc.code
-else:
-    code = 0
-print("MODULES " + json.dumps(sorted(sys.modules)), flush=True)
-sys.exit(code)
+runpy.run_module("trio_observer", run_name="__main__", alter_sys=True)
 """
 
 

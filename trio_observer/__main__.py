@@ -1,7 +1,5 @@
 """``python -m trio_observer``: the same as the ``trio-observer`` command."""
 
-import sys
+from ._cli import program
 
-from ._cli import main
-
-sys.exit(main())
+program()

@@ -1,5 +1,6 @@
-"""The command line, one module per subcommand; :func:`main` is the entry point."""
+"""The command line, one module per subcommand; :func:`program` is the entry point."""
 
 from ._main import main as main
+from ._main import program as program
 
-__all__ = ["main"]
+__all__ = ["main", "program"]

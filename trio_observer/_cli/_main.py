@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
+import threading
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, NoReturn
 
 from ._prog import PROG
 
@@ -59,6 +62,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the following arguments are required: COMMAND")
     status: int = args.handler(args, parser)
     return status
+
+
+def program() -> NoReturn:
+    """The ``trio-observer`` program: :func:`main`, then exit without the teardown.
+
+    When the command is done, nothing needs the interpreter's finalization
+    (the session has reaped CMD's tree and closed what it opened), and
+    freeing every module's objects one by one took longer than the whole
+    session of ``run -- true`` (the start-up benchmark): the kernel frees
+    the memory at once. So the program runs the ``atexit`` handlers
+    (``logging``'s flush, an OpenTelemetry SDK's shutdown, a coverage
+    tool's save), flushes stdout and stderr and ends with ``os._exit``, as
+    servers that skip the final collection do. While a non-daemon thread
+    runs, or when a stream cannot be flushed, it takes the normal exit
+    instead, which waits for the thread or reports the stream (status 120).
+    """
+    status = main()
+    _exit_now(status)
+
+
+def _exit_now(status: int) -> NoReturn:
+    if any(not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        sys.exit(status)
+    atexit._run_exitfuncs()  # and unregisters them: the normal exit would not run them again
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):
+        sys.exit(status)
+    os._exit(status)
 
 
 def _subcommand(
