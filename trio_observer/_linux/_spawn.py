@@ -277,20 +277,22 @@ _MAX_ACTIONS: Final = 32
 _actions_cache: dict[tuple[str | None, str | None, tuple[Redirect, ...] | None], _FileActions] = {}
 
 
-def _find_program(program: str, search_path: str, cwd: str | None) -> str | None:
+def _find_program(program: str, env: Mapping[str, str] | None, cwd: str | None) -> str | None:
     """What the child should exec for ``program``, found as subprocess finds it.
 
     A name with a ``/`` is used as it is (relative to the child's ``cwd``,
     like subprocess): exec itself reports what is wrong with it. A bare
-    name is looked up on ``search_path``; an entry that exists but cannot
-    be run is kept in case nothing better turns up, so that exec reports
-    it (``PermissionError``) as subprocess would. None: nothing of that
+    name is looked up on the child's ``PATH`` (``env``'s, else ours); an
+    entry that exists but cannot be run is kept in case nothing better
+    turns up, so that exec reports it (``PermissionError``) as subprocess
+    would. None: nothing of that
     name anywhere.
     """
     if "/" in program:
         return program
+    environ: Mapping[str, str] = os.environ if env is None else env
     fallback = None
-    for directory in search_path.split(os.pathsep):
+    for directory in environ.get("PATH", os.defpath).split(os.pathsep):
         candidate = os.path.join(directory, program)
         # Checked here, exec'd in the child after its chdir: a relative
         # candidate must be checked relative to the child's cwd.
@@ -409,8 +411,7 @@ def _spawn(
     if isinstance(argv, str | bytes) or not argv:
         raise ValueError(f"argv must be a non-empty sequence of strings, not {argv!r}")
     cwd_str = None if cwd is None else os.fspath(cwd)
-    environ: Mapping[str, str] = os.environ if env is None else env
-    executable = _find_program(argv[0], environ.get("PATH", os.defpath), cwd_str)
+    executable = _find_program(argv[0], env, cwd_str)
     if executable is None:
         if cwd_str is not None and not os.path.isdir(cwd_str):
             raise _spawn_error(errno.ENOENT, argv[0], cwd_str)
