@@ -285,8 +285,7 @@ def _find_program(program: str, env: Mapping[str, str] | None, cwd: str | None) 
     name is looked up on the child's ``PATH`` (``env``'s, else ours); an
     entry that exists but cannot be run is kept in case nothing better
     turns up, so that exec reports it (``PermissionError``) as subprocess
-    would. None: nothing of that
-    name anywhere.
+    would. None: nothing of that name anywhere.
     """
     if "/" in program:
         return program
