@@ -17,27 +17,25 @@ from trio_observer import EventCategory, ObserverBackpressure, TerminationOutcom
 PY = sys.executable
 
 # Runs the real CLI, but signals it (SIGTERM/SIGHUP to itself) the moment
-# Popen has started CMD: the narrowest window between CMD existing and
-# anything else the CLI does. The pid goes to a file first, so the test can
-# check CMD is gone afterwards whatever became of the CLI.
+# the session's spawn has started CMD: the narrowest window between CMD
+# existing and anything else the CLI does. The pid goes to a file first, so
+# the test can check CMD is gone afterwards whatever became of the CLI.
 _SIGNAL_RIGHT_AFTER_START = """
-import os, subprocess, sys
+import os, sys
+import trio_observer._process as spawning
 from trio_observer._cli._main import main
 
 pid_file, sig = sys.argv[1], int(sys.argv[2])
+real_spawn = spawning.spawn_with_stdio
 
-class SignalledPopen(subprocess.Popen):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # CMD's spawn only: importing trio (lazily, by the CLI) runs
-        # ldconfig through Popen too, before any handler is installed.
-        if list(args[0]) != sys.argv[3:]:
-            return
-        with open(pid_file, "w") as f:
-            f.write(str(self.pid))
-        os.kill(os.getpid(), sig)
+def signalled_spawn(*args, **kwargs):
+    pid = real_spawn(*args, **kwargs)
+    with open(pid_file, "w") as f:
+        f.write(str(pid))
+    os.kill(os.getpid(), sig)
+    return pid
 
-subprocess.Popen = SignalledPopen
+spawning.spawn_with_stdio = signalled_spawn
 sys.exit(main(["run", "--grace-period", "30", "--", *sys.argv[3:]]))
 """
 
@@ -106,22 +104,25 @@ async def test_a_start_cancelled_while_started_waits_stops_its_process() -> None
 
 
 # A loop that starts processes until a SIGINT (sent by a thread at a random
-# moment) interrupts it, many times over; every pid is recorded by a Popen
-# patched to write it first. The parent checks that none survived.
+# moment) interrupts it, many times over; every pid is recorded by the
+# session's spawn, patched to write it first. The parent checks that none
+# survived.
 _INTERRUPTED_SPAWN_LOOP = """
-import os, random, signal, subprocess, sys, threading, time
+import os, random, signal, sys, threading, time
 import trio
+import trio_observer._process as spawning
 from trio_observer import open_session
 
 pid_file, trials = sys.argv[1], int(sys.argv[2])
-real_init = subprocess.Popen.__init__
+real_spawn = spawning.spawn_with_stdio
 
-def recording_init(self, *args, **kwargs):
-    real_init(self, *args, **kwargs)
+def recording_spawn(*args, **kwargs):
+    pid = real_spawn(*args, **kwargs)
     with open(pid_file, "a") as f:
-        f.write(f"{self.pid}\\n")
+        f.write(f"{pid}\\n")
+    return pid
 
-subprocess.Popen.__init__ = recording_init
+spawning.spawn_with_stdio = recording_spawn
 
 timers = []
 

@@ -1,8 +1,10 @@
 """The default environment of a child: this process's, as it is at the spawn.
 
-The Popen path copies os.environ's encoded contents rather than decoding
-and re-encoding them (issue 12); these check that what the child gets is
-still exactly os.environ plus the session id, changes included.
+Both spawn routes keep os.environ's encoded contents rather than decoding
+and re-encoding them (issue 12), the posix_spawn route even its envp array
+while os.environ compares equal to the snapshot it was made from; these
+check that what the child gets is still exactly os.environ plus the
+session id, changes included, on either route.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 import pytest
 
 from trio_observer import open_session
+
+from .test_spawn_stdio import route  # noqa: F401 (the fixture, used below)
 
 PY = sys.executable
 _DUMP = "import json, os; print(json.dumps(dict(os.environ)))"
@@ -34,6 +38,7 @@ async def _child_environment(session: object) -> dict[str, str]:
     return result
 
 
+@pytest.mark.usefixtures("route")
 async def test_default_environment_follows_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PERF2_BEFORE", "one")
     monkeypatch.delenv("PERF2_LATER", raising=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import signal
 import subprocess
@@ -14,7 +15,15 @@ import trio
 from ._checks import check_seconds
 from ._events import ResourceUsage, TerminationOutcome
 from ._grace import Grace, terminate_then_kill
-from ._linux import Cgroup, reap_usage, running_usage, spawn_on_pty, with_cgroup
+from ._linux import (
+    Cgroup,
+    reap_usage,
+    running_usage,
+    spawn_on_pty,
+    spawn_with_stdio,
+    stdio_spawn_supported,
+    with_cgroup,
+)
 from ._output import OutputLog
 from ._pty import PtySize, PtyStream, open_pty
 
@@ -421,12 +430,12 @@ def spawn_with_pipes(
     each captured stream (for ``CAPTURE``), and the parent ends of those
     streams, which the session pumps into the logs.
 
-    ``subprocess.Popen`` runs on the trio thread, not in a worker thread as
-    trio does: on Linux it uses vfork, so the call costs a few hundred
-    microseconds, and the thread hop would add about a third to every spawn.
+    The spawn runs on the trio thread, not in a worker thread as trio does:
+    it is a ``vfork``-like clone that costs a few hundred microseconds, and
+    the thread hop would add about a third to every spawn. Where glibc
+    allows, the child is started by ``posix_spawn`` (``_linux._spawn``),
+    else by ``subprocess.Popen``: the same child either way.
     """
-    child_env = _popen_environment(env, session_id)
-
     parent_streams: dict[str, trio.lowlevel.FdStream] = {}
     child_fds: list[int] = []
     captured: dict[str, trio.lowlevel.FdStream] = {}
@@ -445,15 +454,22 @@ def spawn_with_pipes(
         return child_fd
 
     try:
-        popen = subprocess.Popen(
-            argv,
-            stdin=pipe_for("stdin", stdin, True),
-            stdout=pipe_for("stdout", stdout, False),
-            stderr=pipe_for("stderr", stderr, False),
-            cwd=cwd,
-            env=child_env,
-            process_group=0,
+        stdio = (
+            pipe_for("stdin", stdin, True),
+            pipe_for("stdout", stdout, False),
+            pipe_for("stderr", stderr, False),
         )
+        if stdio_spawn_supported():
+            pid = spawn_with_stdio(
+                argv,
+                stdio=(_fd_of(stdio[0]), _fd_of(stdio[1]), _fd_of(stdio[2])),
+                cwd=cwd,
+                env=env,
+                extra_env=(SESSION_ENV_VAR, session_id),
+            )
+            reap: Callable[[], tuple[int, ResourceUsage]] = functools.partial(reap_usage, pid)
+        else:
+            pid, reap = _popen(argv, stdio, cwd, env, session_id)
     except BaseException:
         for stream in (*parent_streams.values(), *captured.values()):
             stream.close()
@@ -462,18 +478,11 @@ def spawn_with_pipes(
         for fd in child_fds:
             os.close(fd)
 
-    def reap() -> tuple[int, ResourceUsage]:
-        # wait4 for the rusage; Popen is told the status, so that its own
-        # bookkeeping (and its __del__) never waits on a pid reused since.
-        returncode, usage = reap_usage(popen.pid)
-        popen.returncode = returncode
-        return returncode, usage
-
     process = Process(
-        pid=popen.pid,
+        pid=pid,
         argv=argv,
         reap=reap,
-        pgid=popen.pid,
+        pgid=pid,
         stdin=parent_streams.get("stdin"),
         stdout=parent_streams.get("stdout"),
         stderr=parent_streams.get("stderr"),
@@ -483,27 +492,54 @@ def spawn_with_pipes(
     return process, captured.get("stdout"), captured.get("stderr")
 
 
+def _fd_of(spec: int | IO[Any] | None) -> int | None:
+    return spec if spec is None or isinstance(spec, int) else spec.fileno()
+
+
+def _popen(
+    argv: tuple[str, ...],
+    stdio: tuple[int | IO[Any] | None, int | IO[Any] | None, int | IO[Any] | None],
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    session_id: str,
+) -> tuple[int, Callable[[], tuple[int, ResourceUsage]]]:
+    """The portable spawn, where glibc's posix_spawn lacks what we need."""
+    popen = subprocess.Popen(
+        argv,
+        stdin=stdio[0],
+        stdout=stdio[1],
+        stderr=stdio[2],
+        cwd=cwd,
+        env=_popen_environment(env, session_id),
+        process_group=0,
+    )
+
+    def reap() -> tuple[int, ResourceUsage]:
+        # wait4 for the rusage; Popen is told the status, so that its own
+        # bookkeeping (and its __del__) never waits on a pid reused since.
+        returncode, usage = reap_usage(popen.pid)
+        popen.returncode = returncode
+        return returncode, usage
+
+    return popen.pid, reap
+
+
 def _popen_environment(
     env: Mapping[str, str] | None, session_id: str
 ) -> dict[bytes, bytes] | dict[str, str]:
-    """:func:`child_environment` for Popen, which takes bytes as well as str."""
+    """The child's environment for Popen: ``env`` (default: ours) plus the session id."""
     data = getattr(os.environ, "_data", None) if env is None else None
     if type(data) is dict:
         # os.environ keeps its current contents encoded, as the child needs
         # them: copying that dict skips decoding every variable here and
-        # Popen encoding it again (measured 3x cheaper with 35 variables),
-        # and it is read on every spawn, so a change to os.environ is seen.
+        # Popen encoding it again, and it is read on every spawn, so a
+        # change to os.environ is seen.
         child_env: dict[bytes, bytes] = dict(data)
         child_env[_SESSION_ENV_VAR_BYTES] = os.fsencode(session_id)
         return child_env
-    return child_environment(env, session_id)
-
-
-def child_environment(env: Mapping[str, str] | None, session_id: str) -> dict[str, str]:
-    """The child's environment: ``env`` (default: ours) plus the session id."""
-    child_env = dict(os.environ if env is None else env)
-    child_env[SESSION_ENV_VAR] = session_id
-    return child_env
+    str_env = dict(os.environ if env is None else env)
+    str_env[SESSION_ENV_VAR] = session_id
+    return str_env
 
 
 def spawn_with_pty(
@@ -525,20 +561,21 @@ def spawn_with_pty(
     master_fd, slave_path = open_pty(size)
     try:
         pid = spawn_on_pty(
-            argv, slave_path=slave_path, env=child_environment(env, session_id), cwd=cwd
+            argv,
+            slave_path=slave_path,
+            env=env,
+            cwd=cwd,
+            extra_env=(SESSION_ENV_VAR, session_id),
         )
     except BaseException:
         os.close(master_fd)
         raise
 
-    def reap() -> tuple[int, ResourceUsage]:
-        return reap_usage(pid)
-
     stream = PtyStream(master_fd)
     process = Process(
         pid=pid,
         argv=argv,
-        reap=reap,
+        reap=functools.partial(reap_usage, pid),
         pgid=pid,
         stdin=None,
         stdout=None,

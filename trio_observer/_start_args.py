@@ -1,9 +1,9 @@
 """The one check of start_process/run_process arguments, before any await.
 
-The pipe path (``subprocess.Popen``) and the PTY path (``posix_spawn``)
-would each fail differently on bad input: Popen with ``AttributeError`` or
-"embedded null byte", the PTY path by truncating an argument at a NUL or
-turning a non-str environment value into a string. Checking once, here,
+The spawn routes would each fail differently on bad input: Popen (the
+fallback) with ``AttributeError`` or "embedded null byte", glibc's
+``posix_spawn`` by truncating an argument at a NUL or turning a non-str
+environment value into a string. Checking once, here,
 makes both paths refuse the same inputs with a ``TypeError``/``ValueError``
 that names the argument.
 """
@@ -106,6 +106,10 @@ def check_start_arguments(
 
 
 def _check_argv(argv: object) -> tuple[str, ...]:
+    if isinstance(argv, list | tuple) and argv and all(_plain(arg) for arg in argv):
+        # The common case, without the ABC checks below (a few microseconds
+        # of every spawn).
+        return tuple(argv)
     if isinstance(argv, (str, bytes, os.PathLike)):
         raise TypeError("argv must be a sequence of arguments such as ['ls', '-l'], not a string")
     if not isinstance(argv, Sequence):
@@ -115,6 +119,10 @@ def _check_argv(argv: object) -> tuple[str, ...]:
     if not argv:
         raise ValueError("argv must not be empty: it needs at least the program to run")
     return tuple(_check_path(f"argv[{i}]", arg) for i, arg in enumerate(argv))
+
+
+def _plain(arg: object) -> bool:
+    return type(arg) is str and "\0" not in arg
 
 
 def _check_path(name: str, value: object) -> str:

@@ -4,7 +4,7 @@ Portable modules import from here only, never from ``._linux._something``
 (tests/test_layers.py checks), the way trio keeps its
 ``_subprocess_platform``: tree observation (the netlink process connector
 or /proc polling), the final sweep of leftovers, the child subreaper,
-spawning on a terminal (glibc ``posix_spawn``), cgroup v2 containment and
+spawning (glibc ``posix_spawn``), cgroup v2 containment and
 the probes behind the capability report. Nothing outside this package reads
 ``/proc`` or ``/sys``, opens netlink sockets or calls libc through ctypes.
 """
@@ -25,7 +25,7 @@ from ._procfs import (
     scan_all,
     unusable_reason,
 )
-from ._spawn import spawn_on_pty
+from ._spawn import spawn_on_pty, spawn_with_stdio, stdio_spawn_supported
 from ._tree import OBSERVABLE_CATEGORIES, TreeObserver
 
 __all__ = [
@@ -55,6 +55,8 @@ __all__ = [
     "running_usage",
     "scan_all",
     "spawn_on_pty",
+    "spawn_with_stdio",
+    "stdio_spawn_supported",
     "stop_leftovers",
     "subreaper",
     "total_usage",
