@@ -55,8 +55,7 @@ needs_growth = pytest.mark.skipif(
 def budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # Room for one grown pipe and a bit: what an unprivileged user near its
     # limit would get.
-    monkeypatch.setattr(_pipes, "_budget_pages", _GROWN + _GROWN // 2)
-    monkeypatch.setattr(_pipes, "_budget_known", True)
+    monkeypatch.setattr(_pipes, "pipe_budget", lambda: _GROWN + _GROWN // 2)
     before = _pipes.grown_pages()
     yield
     assert _pipes.grown_pages() == before

@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 _READ_SIZE = 65536
 # What pump_stream() asks for while a stream flows faster than it is read
 # (the last read filled _READ_SIZE), on a pipe grown to 1 MiB: a quarter of
-# the pipe per wakeup. Fewer, larger reads cut the reader's CPU per byte;
-# bigger ones measured no better, and a read of more than 128 KiB that
-# returns little costs glibc an mmap, hence the step up only when flowing.
+# the pipe per wakeup. Fewer, larger reads cut the reader's CPU per byte
+# (512 KiB measured no better). Only while flowing: glibc serves a buffer
+# over 128 KiB with mmap until it has freed one that large, a cost a read
+# that returns a few bytes should not pay.
 BURST_SIZE = 262144
 # Reads shorter than this are gathered into one tail buffer instead of being
 # kept one by one: a slot, an offset and a bytes header cost about 80 bytes,

@@ -11,14 +11,16 @@ fewer, larger reads (see the Output streams section of
 Pipe memory is limited per user: past ``/proc/sys/fs/pipe-user-pages-soft``
 (64 MiB by default) an unprivileged user's new pipes get two pages each,
 and that would slow every other program of the user. So without
-``CAP_SYS_RESOURCE`` or ``CAP_SYS_ADMIN`` (exempt from the limits) this process grows
-pipes only within a quarter of that limit, counted over the pipes it has
-grown and not yet released; past it, pipes keep their default size.
+``CAP_SYS_RESOURCE`` or ``CAP_SYS_ADMIN`` (exempt from the limits) this
+process grows pipes only within a quarter of that limit, counted over the
+pipes it has grown and not yet released; past it, pipes keep their default
+size.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 from typing import Final
 
@@ -30,12 +32,10 @@ _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 # (pipe_is_unprivileged_user() in fs/pipe.c).
 _EXEMPT_CAPABILITIES: Final = (1 << 21) | (1 << 24)  # CAP_SYS_ADMIN, CAP_SYS_RESOURCE
 
-# Pages of the pipes grown and not yet released, and how many may be
-# (None: no limit applies). A trio run is single-threaded; runs in several
-# threads at once can only misjudge the share by a pipe or two.
+# Pages of the pipes grown and not yet released. A trio run is
+# single-threaded; runs in several threads at once can only misjudge the
+# share by a pipe or two.
 _grown_pages = 0
-_budget_pages: int | None = None
-_budget_known = False
 
 
 def _read_int(path: str) -> int | None:
@@ -57,20 +57,16 @@ def _exempt_from_limits(status: str = "/proc/self/status") -> bool:
     return False
 
 
+@functools.cache
 def pipe_budget() -> int | None:
     """How many pages of grown pipes this process may hold (None: no limit)."""
-    global _budget_pages, _budget_known
-    if not _budget_known:
-        if _exempt_from_limits():
-            _budget_pages = None
-        else:
-            # 0 is "no limit"; an unreadable file counts as its default.
-            soft = _read_int("/proc/sys/fs/pipe-user-pages-soft")
-            hard = _read_int("/proc/sys/fs/pipe-user-pages-hard")
-            limits = [n for n in (16384 if soft is None else soft, hard or 0) if n]
-            _budget_pages = min(limits) // 4 if limits else None
-        _budget_known = True
-    return _budget_pages
+    if _exempt_from_limits():
+        return None
+    # 0 is "no limit"; an unreadable file counts as its default.
+    soft = _read_int("/proc/sys/fs/pipe-user-pages-soft")
+    hard = _read_int("/proc/sys/fs/pipe-user-pages-hard")
+    limits = [n for n in (16384 if soft is None else soft, hard or 0) if n]
+    return min(limits) // 4 if limits else None
 
 
 def grow_pipe(fd: int) -> int:
