@@ -28,6 +28,7 @@ from __future__ import annotations
 import codecs
 import functools
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,21 @@ def _mb_row(name: str, size: int, ours: float, alternative: float, target: Targe
         target,
         ratio_spread(ours, alternative, invert=True),
     )
+
+
+def _with_cpu(
+    trial: Callable[[], Awaitable[float]], store: list[float]
+) -> Callable[[], Awaitable[float]]:
+    async def timed() -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        elapsed = await trial()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        store.append(
+            after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+        )
+        return elapsed
+
+    return timed
 
 
 def _pipe_note() -> str:
@@ -240,7 +256,13 @@ async def _measure_capture(config: Config) -> Report:
         f"receive_some x{writers}": functools.partial(on_trio_pipes, count),
         f"pump_stream x{writers}": functools.partial(on_trio_pipes, pump),
     }
+    # This process's CPU per trial as well: unlike the wall time, it hardly
+    # moves with the machine's load, so it shows what the reader costs.
+    cpu: dict[str, list[float]] = {name: [] for name in trials}
+    trials = {name: _with_cpu(trial, cpu[name]) for name, trial in trials.items()}
     await interleave_async(trials, 1)
+    for values in cpu.values():
+        values.clear()
     samples = await interleave_async(trials, rounds)
     many = {k: v for k, v in samples.items() if f"x{writers}" in k}
     for key in many:
@@ -282,6 +304,22 @@ async def _measure_capture(config: Config) -> Report:
                 median(samples["CAPTURE process-group"]),
                 median(samples["receive_some loop"]),
                 None,
+            ),
+            time_row(
+                f"ref: capture {label}, this process's CPU: CAPTURE vs receive_some",
+                median(cpu["CAPTURE"]),
+                median(cpu["receive_some loop"]),
+            ),
+            time_row(
+                f"ref: {writers} x {each // _MB} MB, this process's CPU: CAPTURE vs receive_some",
+                median(cpu[f"CAPTURE x{writers}"]),
+                median(cpu[f"receive_some x{writers}"]),
+            ),
+            time_row(
+                f"ref: {writers} x {each // _MB} MB, this process's CPU: pump_stream vs "
+                "receive_some",
+                median(cpu[f"pump_stream x{writers}"]),
+                median(cpu[f"receive_some x{writers}"]),
             ),
             _mb_row(
                 f"capture {label}: CAPTURE vs subprocess.run",
