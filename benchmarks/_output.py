@@ -9,7 +9,10 @@ alternatives are what a user would write instead: trio's own
 blocking ``subprocess.run(capture_output=True)``. The child is
 ``head -c N /dev/zero`` for all three, so the child costs the same. A
 second row runs 50 such writers at once, all captured in one session with
-the default backlog, against one ``receive_some`` task per trio pipe.
+the default backlog, against one ``receive_some`` task per trio pipe. The
+targets are on the default containment (a cgroup where one can be made);
+``ref`` rows repeat them with ``containment="process-group"`` to split off
+what the cgroup costs, and pump the 50 pipes without a session.
 
 ``lines`` times one million short lines from ``cat`` of a file (and from
 a Python child), read as ``str`` lines: ours through
@@ -34,6 +37,7 @@ from __future__ import annotations
 import codecs
 import functools
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,7 +49,9 @@ from typing import Literal
 import trio
 
 import trio_observer
-from trio_observer._output import pump_stream
+from trio_observer._linux import grow_pipe, release_pipe
+from trio_observer._linux._pipes import pipe_budget
+from trio_observer._output import BURST_SIZE, pump_stream
 
 from ._core import (
     Config,
@@ -77,6 +83,28 @@ def _mb_row(name: str, size: int, ours: float, alternative: float, target: Targe
         target,
         ratio_spread(ours, alternative, invert=True),
     )
+
+
+def _with_cpu(
+    trial: Callable[[], Awaitable[float]], store: list[float]
+) -> Callable[[], Awaitable[float]]:
+    async def timed() -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        elapsed = await trial()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        store.append(
+            after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+        )
+        return elapsed
+
+    return timed
+
+
+def _pipe_note() -> str:
+    budget = pipe_budget()
+    if budget is None:
+        return "every one (exempt from the per-user pipe limits)"
+    return f"as many as fit in {budget} pages (a quarter of this user's pipe limit)"
 
 
 def _check(ok: bool, what: str) -> None:
@@ -140,9 +168,9 @@ async def _measure_capture(config: Config) -> Report:
     rounds = config.pick(5, 2)
     argv = [HEAD, "-c", str(size), "/dev/zero"]
 
-    async def ours() -> float:
+    async def ours(containment: str = "auto") -> float:
         start = time.perf_counter()
-        async with trio_observer.open_session() as session:
+        async with trio_observer.open_session(containment=containment) as session:
             process = await session.start_process(argv, stdout=trio_observer.CAPTURE)
             await process.wait()
         # Leaving the session waits for its reader to reach end of file.
@@ -179,9 +207,9 @@ async def _measure_capture(config: Config) -> Report:
     each = config.pick(20 * _MB, 2 * _MB)
     many_argv = [HEAD, "-c", str(each), "/dev/zero"]
 
-    async def ours_many() -> float:
+    async def ours_many(containment: str = "auto") -> float:
         start = time.perf_counter()
-        async with trio_observer.open_session() as session:
+        async with trio_observer.open_session(containment=containment) as session:
             processes = [
                 await session.start_process(many_argv, stdout=trio_observer.CAPTURE)
                 for _ in range(writers)
@@ -192,13 +220,13 @@ async def _measure_capture(config: Config) -> Report:
             _check(log is not None and log.total_bytes == each, f"captured {log!r}")
         return elapsed
 
-    async def on_trio_pipes(read: Callable[[trio.abc.ReceiveStream], Awaitable[int]]) -> float:
+    async def on_trio_pipes(read: Callable[[trio.lowlevel.FdStream], Awaitable[int]]) -> float:
         # 50 trio pipes, each read to its end by a task of its own.
         received: list[int] = []
 
         async def drain(process: trio.Process) -> None:
             stream = process.stdout
-            assert stream is not None
+            assert isinstance(stream, trio.lowlevel.FdStream)
             async with stream:
                 received.append(await read(stream))
             await process.wait()
@@ -212,28 +240,41 @@ async def _measure_capture(config: Config) -> Report:
         _check(received == [each] * writers, f"received {received} bytes")
         return elapsed
 
-    async def count(stream: trio.abc.ReceiveStream) -> int:
+    async def count(stream: trio.lowlevel.FdStream) -> int:
         received = 0
         while data := await stream.receive_some(65536):
             received += len(data)
         return received
 
-    async def pump(stream: trio.abc.ReceiveStream) -> int:
+    async def pump(stream: trio.lowlevel.FdStream) -> int:
         # The capture alone, without the session: an OutputLog with the
-        # default backlog.
+        # default backlog, fed as the session's reader does (pipe grown to
+        # 1 MiB where allowed, 256 KiB reads while it flows).
         log = trio_observer.OutputLog()
-        await pump_stream(stream, log)
+        grown = grow_pipe(stream.fileno())
+        try:
+            await pump_stream(stream, log, burst_size=BURST_SIZE if grown else None)
+        finally:
+            release_pipe(grown)
         return log.total_bytes
 
     trials: dict[str, Callable[[], Awaitable[float]]] = {
         "CAPTURE": ours,
+        "CAPTURE process-group": functools.partial(ours, "process-group"),
         "receive_some loop": raw_trio,
         "subprocess.run": subprocess_run,
         f"CAPTURE x{writers}": ours_many,
+        f"CAPTURE process-group x{writers}": functools.partial(ours_many, "process-group"),
         f"receive_some x{writers}": functools.partial(on_trio_pipes, count),
         f"pump_stream x{writers}": functools.partial(on_trio_pipes, pump),
     }
+    # This process's CPU per trial as well: unlike the wall time, it hardly
+    # moves with the machine's load, so it shows what the reader costs.
+    cpu: dict[str, list[float]] = {name: [] for name in trials}
+    trials = {name: _with_cpu(trial, cpu[name]) for name, trial in trials.items()}
     await interleave_async(trials, 1)
+    for values in cpu.values():
+        values.clear()
     samples = await interleave_async(trials, rounds)
     many = {k: v for k, v in samples.items() if f"x{writers}" in k}
     for key in many:
@@ -256,11 +297,41 @@ async def _measure_capture(config: Config) -> Report:
                 Target(">=", 0.9),
             ),
             _mb_row(
+                f"ref: {writers} x CAPTURE, containment=process-group, vs receive_some",
+                writers * each,
+                median(many[f"CAPTURE process-group x{writers}"]),
+                median(many[f"receive_some x{writers}"]),
+                None,
+            ),
+            _mb_row(
                 f"ref: {writers} x pump_stream, no session, vs receive_some",
                 writers * each,
                 median(many[f"pump_stream x{writers}"]),
                 median(many[f"receive_some x{writers}"]),
                 None,
+            ),
+            _mb_row(
+                f"ref: capture {label}, containment=process-group, vs receive_some",
+                size,
+                median(samples["CAPTURE process-group"]),
+                median(samples["receive_some loop"]),
+                None,
+            ),
+            time_row(
+                f"ref: capture {label}, this process's CPU: CAPTURE vs receive_some",
+                median(cpu["CAPTURE"]),
+                median(cpu["receive_some loop"]),
+            ),
+            time_row(
+                f"ref: {writers} x {each // _MB} MB, this process's CPU: CAPTURE vs receive_some",
+                median(cpu[f"CAPTURE x{writers}"]),
+                median(cpu[f"receive_some x{writers}"]),
+            ),
+            time_row(
+                f"ref: {writers} x {each // _MB} MB, this process's CPU: pump_stream vs "
+                "receive_some",
+                median(cpu[f"pump_stream x{writers}"]),
+                median(cpu[f"receive_some x{writers}"]),
             ),
             _mb_row(
                 f"capture {label}: CAPTURE vs subprocess.run",
@@ -273,7 +344,9 @@ async def _measure_capture(config: Config) -> Report:
         notes=[
             f"child `head -c {size} /dev/zero` on all sides; timed from spawn until every "
             f"byte is held (ours: until the session block ends, the log closed); "
-            f"median of {rounds} rounds",
+            f"median of {rounds} rounds; CAPTURE rows use the default containment (auto: "
+            "cgroup where one can be made), the process-group rows split off its cost",
+            f"captured pipes grown to 1 MiB: {_pipe_note()}",
             spread_note(samples, "receive_some loop", throughput=True),
             f"{writers} writers: `head -c {each} /dev/zero` each, all in one session with "
             "the default 1 MiB backlog per stream, against one receive_some(65536) task "

@@ -137,7 +137,7 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
         A line already decoded is served without a checkpoint; reading the
         next chunk from the cursor is one (a cancellation point and a
         schedule point), so a loop lets other tasks run, and can be
-        cancelled, once per chunk (up to 64 KiB), and whenever it waits.
+        cancelled, once per chunk (up to 256 KiB), and whenever it waits.
         Each line still costs one ``async for`` step, more than iterating a
         file object costs per line; when throughput matters, use
         :meth:`line_batches`, which steps once per chunk.
@@ -173,7 +173,7 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
 
         The fast way to read many lines: ``async for batch in
         cursor.line_batches(): for line in batch: ...`` awaits once per
-        chunk read from the stream (up to 64 KiB), not once per line. The
+        chunk read from the stream (up to 256 KiB), not once per line. The
         lines are exactly those of :meth:`lines`, in the same order and
         with the same options; each list holds the lines a chunk completed
         and is never empty (a chunk that completes no line yields nothing).

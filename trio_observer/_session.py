@@ -30,13 +30,15 @@ from ._linux import (
     TreeObserver,
     choose_limited_containment,
     group_usage,
+    grow_pipe,
     prepare_limits,
     probe_cgroup,
+    release_pipe,
     stop_leftovers,
     subreaper,
     total_usage,
 )
-from ._output import OutputLog, pump_stream
+from ._output import BURST_SIZE, OutputLog, pump_stream
 from ._process import (
     SESSION_ENV_VAR,
     Process,
@@ -386,10 +388,10 @@ class Session:
             )
             if out is not None:
                 assert process.stdout_log is not None
-                self._start_reader(out, process.stdout_log, then=out.aclose)
+                self._start_reader(out, process.stdout_log, then=out.aclose, pipe_fd=out.fileno())
             if err is not None:
                 assert process.stderr_log is not None
-                self._start_reader(err, process.stderr_log, then=err.aclose)
+                self._start_reader(err, process.stderr_log, then=err.aclose, pipe_fd=err.fileno())
         # Before any checkpoint: the tree observer must know the root before
         # it handles the root's first fork.
         self._tree.add_root(process.pid)
@@ -408,21 +410,27 @@ class Session:
         log: OutputLog,
         *,
         then: Callable[[], Awaitable[None]],
+        pipe_fd: int | None = None,
     ) -> None:
         # Shielded: the output's tail matters most when the session is being
         # cancelled. When the session ends, _drain_readers gives the shield a
         # deadline, so a writer outside the tree cannot hang the session.
         scope = trio.CancelScope(shield=True)
         done = self._readers[scope] = trio.Event()
+        # A pipe of 1 MiB (where the user's pipe memory allows) lets a fast
+        # writer run on while this thread is busy, and be read in bursts.
+        grown = 0 if pipe_fd is None else grow_pipe(pipe_fd)
+        burst = BURST_SIZE if grown else None
 
         # Protected from KeyboardInterrupt: the teardown waits for done.
         @trio.lowlevel.enable_ki_protection
         async def read() -> None:
             try:
                 with scope:
-                    await pump_stream(stream, log)
+                    await pump_stream(stream, log, burst_size=burst)
                     await then()
             finally:
+                release_pipe(grown)
                 del self._readers[scope]
                 done.set()
 

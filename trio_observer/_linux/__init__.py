@@ -16,6 +16,7 @@ from ._cgroup_limits import LIMIT_FILES, choose_limited_containment, limit_suppo
 from ._cgroup_limits import prepare as prepare_limits
 from ._cgroup_usage import group_usage, reap_usage, running_usage, with_cgroup
 from ._cgroup_usage import total as total_usage
+from ._pipes import grow_pipe, release_pipe
 from ._process_tree import PROC, is_subreaper, stop_leftovers, subreaper
 from ._procfs import (
     net_tables_readable,
@@ -41,6 +42,7 @@ __all__ = [
     "choose_limited_containment",
     "clean_leftovers",
     "group_usage",
+    "grow_pipe",
     "is_subreaper",
     "leftover_sessions",
     "limit_support",
@@ -52,6 +54,7 @@ __all__ = [
     "read_cmdline",
     "read_stat",
     "reap_usage",
+    "release_pipe",
     "running_usage",
     "scan_all",
     "spawn_on_pty",
