@@ -15,6 +15,7 @@ import os
 import re
 import select
 import signal
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, final
@@ -161,8 +162,48 @@ class CgroupSupport:
     """Whether ``cgroup.kill`` exists (Linux 5.14)."""
 
 
+_probed: tuple[int, CgroupSupport] | None = None
+"""The last successful probe of this process's own files, with the pid it
+was made in (a forked child probes again)."""
+
+
 def probe(mountinfo: str | None = None, cgroup_file: str | None = None) -> CgroupSupport:
-    """Find out, by trying, whether a session cgroup can be made below ours."""
+    """Find out, by trying, whether a session cgroup can be made below ours.
+
+    Called without arguments (this process's own ``/proc`` files), a success
+    is kept: every session open would otherwise parse ``mountinfo`` and make
+    and remove a trial cgroup again, more than half of what opening a session
+    costs. Only ``cgroup.controllers`` is read again, since a parent may
+    change it. A failure is never kept, and a session whose cgroup then
+    cannot be made calls :func:`forget_probe` and probes again.
+    """
+    global _probed
+    own_files = mountinfo is None and cgroup_file is None
+    if own_files and _probed is not None and _probed[0] == os.getpid():
+        kept = _probed[1]
+        assert kept.parent is not None
+        try:
+            controllers = frozenset((kept.parent / "cgroup.controllers").read_text().split())
+        except OSError:
+            _probed = None
+        else:
+            if controllers != kept.controllers:
+                kept = CgroupSupport(True, "", kept.parent, controllers, kept.kill)
+                _probed = (_probed[0], kept)
+            return kept
+    support = _probe(mountinfo, cgroup_file)
+    if own_files and support.available:
+        _probed = (os.getpid(), support)
+    return support
+
+
+def forget_probe() -> None:
+    """Drop the kept probe result: the next :func:`probe` tries again."""
+    global _probed
+    _probed = None
+
+
+def _probe(mountinfo: str | None, cgroup_file: str | None) -> CgroupSupport:
     found = find_hierarchy(mountinfo)
     if found is None:
         return CgroupSupport(False, "no cgroup v2 hierarchy is mounted", None, frozenset(), False)
@@ -206,9 +247,17 @@ def probe(mountinfo: str | None = None, cgroup_file: str | None = None) -> Cgrou
     return CgroupSupport(True, "", parent, controllers, kill)
 
 
-def _owner_start_time(pid: int) -> int:
-    stat = read_stat("/proc", pid)
-    return stat.starttime if stat is not None else 0
+_own_start: tuple[int, int] | None = None
+"""This process's pid and start time, read once (each session's name has them)."""
+
+
+def _own_start_time() -> tuple[int, int]:
+    global _own_start
+    pid = os.getpid()
+    if _own_start is None or _own_start[0] != pid:
+        stat = read_stat("/proc", pid)
+        _own_start = (pid, stat.starttime if stat is not None else 0)
+    return _own_start
 
 
 def read_file(path: str) -> str | None:
@@ -286,8 +335,15 @@ def _children(pid: int) -> list[int]:
 class Cgroup:
     """One cgroup v2 directory: place processes, stop them, read their cost."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, parent: Cgroup | None = None) -> None:
         self.path = path
+        # The parent, when it keeps its subtree_control (a session's leaf):
+        # the files of controllers it does not enable here are not looked
+        # for, three failed opens fewer on the reap of every process.
+        self._parent = parent
+        # This cgroup's own subtree_control, once read: only
+        # enable_controllers changes it (see subtree_control).
+        self._subtree: frozenset[str] | None = None
 
     def __repr__(self) -> str:
         return f"Cgroup({str(self.path)!r})"
@@ -299,9 +355,9 @@ class Cgroup:
         The name carries this process's pid and start time: a later session
         that finds it with the owner gone (or the pid reused) cleans it up.
         """
-        pid = os.getpid()
+        pid, start = _own_start_time()
         tag = "".join(c for c in session_id.lower() if c in "0123456789abcdef")[:12] or "0"
-        path = parent / f"{NAME_PREFIX}{pid}.{_owner_start_time(pid)}-{tag}"
+        path = parent / f"{NAME_PREFIX}{pid}.{start}-{tag}"
         path.mkdir()
         return cls(path)
 
@@ -414,20 +470,25 @@ class Cgroup:
         stat = _events(self.read("cpu.stat") or "")
         return int(stat.get("user_usec", 0)) / 1e6, int(stat.get("system_usec", 0)) / 1e6
 
+    def _read_of(self, controller: str, name: str) -> str | None:
+        if self._parent is not None and controller not in self._parent.subtree_control():
+            return None
+        return self.read(name)
+
     def memory_peak(self) -> int | None:
         """Peak memory in bytes (``memory.peak``), ``None`` without the controller."""
-        text = self.read("memory.peak")
+        text = self._read_of("memory", "memory.peak")
         return int(text) if text else None
 
     def pids_peak(self) -> int | None:
         """Peak number of processes (``pids.peak``), ``None`` without the controller."""
-        text = self.read("pids.peak")
+        text = self._read_of("pids", "pids.peak")
         return int(text) if text else None
 
     def oom_kills(self) -> int | None:
         """Processes of the subtree the OOM killer killed (``oom_kill`` of
         ``memory.events``), ``None`` without the memory controller."""
-        text = self.read("memory.events")
+        text = self._read_of("memory", "memory.events")
         return int(_events(text).get("oom_kill", 0)) if text is not None else None
 
     def controllers(self) -> frozenset[str]:
@@ -482,6 +543,7 @@ class Cgroup:
                 kernel refuses (its "no internal processes" rule).
         """
         enabled = frozenset((self.read("cgroup.subtree_control") or "").split())
+        self._subtree = enabled
         wanted = names - enabled
         if not wanted:
             return
@@ -494,9 +556,47 @@ class Cgroup:
             if exc.errno == errno.EBUSY:
                 raise CgroupBusyError(self, wanted, self.procs()) from exc
             raise
+        finally:
+            # Read again, written or not: what the kernel took is what counts.
+            self._subtree = None
 
-    def remove(self) -> None:
-        """Remove this cgroup and every cgroup below it; they must be empty."""
+    def subtree_control(self) -> frozenset[str]:
+        """The controllers enabled for this cgroup's children (``cgroup.subtree_control``).
+
+        Read once and kept: meant for a cgroup only this process changes
+        (a session's), where :meth:`enable_controllers` is the one writer.
+        """
+        if self._subtree is None:
+            self._subtree = frozenset((self.read("cgroup.subtree_control") or "").split())
+        return self._subtree
+
+    def remove(self, children: Collection[str] = ()) -> None:
+        """Remove this cgroup and every cgroup below it; they must be empty.
+
+        ``children`` names the ones the caller made (a session's leaves):
+        each is one ``rmdir`` by name, and the directories are walked only
+        when this cgroup's own ``rmdir`` says something else is left below.
+        """
+        if children:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return
+            try:
+                for name in children:
+                    try:
+                        os.rmdir(name, dir_fd=fd)
+                    except OSError:
+                        pass  # gone already, or not empty: the walk below decides
+            finally:
+                os.close(fd)
+        try:
+            self.path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass  # something is left below
         for group in self.cgroups():
             try:
                 group.path.rmdir()
@@ -543,17 +643,22 @@ def leftover_sessions(parent: Path) -> list[Cgroup]:
     """
     found: list[Cgroup] = []
     try:
-        entries = list(parent.iterdir())
+        names = os.listdir(parent)
     except OSError:
         return found
-    for entry in entries:
-        match = _NAME_RE.match(entry.name)
+    own = _own_start_time()
+    for name in names:
+        if not name.startswith(NAME_PREFIX):
+            continue
+        match = _NAME_RE.match(name)
         if match is None:
             continue
         pid, start = int(match.group(1)), int(match.group(2))
+        if (pid, start) == own:
+            continue  # this process's own sessions: alive, as we are
         stat = read_stat("/proc", pid)
-        if (stat is None or stat.starttime != start) and not _locked(entry):
-            found.append(Cgroup(entry))
+        if (stat is None or stat.starttime != start) and not _locked(parent / name):
+            found.append(Cgroup(parent / name))
     return found
 
 
