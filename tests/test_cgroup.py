@@ -302,3 +302,25 @@ def _read_state(pid: int) -> str | None:
 
 def _exists(path: Path) -> bool:
     return path.exists()
+
+
+@needs_cgroup
+async def test_trial_cgroup_of_a_probe_killed_midway_is_removed_by_the_sweep() -> None:
+    assert SUPPORT.parent is not None
+    # A probe killed between its mkdir and rmdir leaves this behind.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    trial = SUPPORT.parent / f"{_cgroup.NAME_PREFIX}probe-{gone.pid}"
+    trial.mkdir()
+    # A living probe's trial (this process's name) is left alone.
+    mine = SUPPORT.parent / f"{_cgroup.NAME_PREFIX}probe-{os.getpid()}"
+    mine.mkdir()
+    try:
+        removed = await _cgroup.clean_leftovers(SUPPORT.parent)
+        assert trial in removed
+        assert not _exists(trial)
+        assert _exists(mine)
+    finally:
+        mine.rmdir()
+        if _exists(trial):
+            trial.rmdir()

@@ -40,6 +40,7 @@ so that its own cgroup holds no processes and may enable controllers."""
 _LEFTOVER_PATIENCE: Final = 5.0
 """Seconds to wait for a killed leftover to empty (its members are not our
 children, so their reapers decide when they leave)."""
+_PROBE_PREFIX: Final = "trio-observer-probe-"
 _NAME_RE: Final = re.compile(r"^trio-observer-(\d+)\.(\d+)-[0-9a-f]+$")
 
 
@@ -231,7 +232,7 @@ def _probe(mountinfo: str | None, cgroup_file: str | None) -> CgroupSupport:
             controllers,
             False,
         )
-    trial = parent / f"{NAME_PREFIX}probe-{os.getpid()}"
+    trial = parent / f"{_PROBE_PREFIX}{os.getpid()}"
     try:
         trial.mkdir()
     except OSError as exc:
@@ -243,7 +244,12 @@ def _probe(mountinfo: str | None, cgroup_file: str | None) -> CgroupSupport:
             False,
         )
     kill = (trial / "cgroup.kill").exists()
-    trial.rmdir()
+    try:
+        trial.rmdir()
+    except FileNotFoundError:
+        # Taken for a dead probe's by a sweep in another pid namespace,
+        # where our pid names nobody.
+        pass
     return CgroupSupport(True, "", parent, controllers, kill)
 
 
@@ -641,14 +647,34 @@ def leftover_sessions(parent: Path) -> list[Cgroup]:
     (as this process's ``/proc`` sees it), and nobody holds the cgroup's
     lock (:func:`lock_session`).
     """
+    return _leftovers(parent)[0]
+
+
+def _leftovers(parent: Path) -> tuple[list[Cgroup], list[Path]]:
+    """:func:`leftover_sessions`, and the trial cgroups of probes whose process is gone.
+
+    A probe's trial lives for one ``mkdir``/``rmdir``; a process killed in
+    between leaves it (empty) for good, since its name has no session's
+    form: the pid alone says whether it is still in use.
+    """
     found: list[Cgroup] = []
+    probes: list[Path] = []
     try:
         names = os.listdir(parent)
     except OSError:
-        return found
+        return found, probes
     own = _own_start_time()
     for name in names:
         if not name.startswith(NAME_PREFIX):
+            continue
+        if name.startswith(_PROBE_PREFIX):
+            prober = name[len(_PROBE_PREFIX) :]
+            if (
+                prober.isdigit()
+                and int(prober) != own[0]
+                and read_stat("/proc", int(prober)) is None
+            ):
+                probes.append(parent / name)
             continue
         match = _NAME_RE.match(name)
         if match is None:
@@ -659,16 +685,18 @@ def leftover_sessions(parent: Path) -> list[Cgroup]:
         stat = read_stat("/proc", pid)
         if (stat is None or stat.starttime != start) and not _locked(parent / name):
             found.append(Cgroup(parent / name))
-    return found
+    return found, probes
 
 
 async def clean_leftovers(parent: Path) -> list[Path]:
     """Kill the processes of crashed sessions' cgroups and remove them.
 
-    Returns the paths removed.
+    Also removes the trial cgroups of probes whose process is gone. Returns
+    the paths removed.
     """
     removed: list[Path] = []
-    for group in leftover_sessions(parent):
+    sessions, probes = _leftovers(parent)
+    for group in sessions:
         group.kill()
         with trio.move_on_after(_LEFTOVER_PATIENCE):
             await group.wait_empty()
@@ -677,4 +705,10 @@ async def clean_leftovers(parent: Path) -> list[Path]:
         except OSError:
             continue
         removed.append(group.path)
+    for path in probes:
+        try:
+            path.rmdir()
+        except OSError:
+            continue  # gone meanwhile, or something was put in it: not ours
+        removed.append(path)
     return removed
