@@ -308,8 +308,8 @@ def _exists(path: Path) -> bool:
 async def test_trial_cgroup_of_a_probe_killed_midway_is_removed_by_the_sweep() -> None:
     assert SUPPORT.parent is not None
     # A probe killed between its mkdir and rmdir leaves this behind.
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    gone = await trio.lowlevel.open_process(["true"])
+    await gone.wait()
     trial = SUPPORT.parent / f"{_cgroup.NAME_PREFIX}probe-{gone.pid}"
     trial.mkdir()
     # A living probe's trial (this process's name) is left alone.
