@@ -682,13 +682,8 @@ def _leftovers(parent: Path) -> tuple[list[Cgroup], list[Path]]:
         pid, start = int(match.group(1)), int(match.group(2))
         if (pid, start) == own:
             continue  # this process's own sessions: alive, as we are
-        # The lock first: a living session holds it, and trying it costs
-        # less than reading the owner's stat. An unlocked one may still be
-        # a session between its mkdir and its flock: its owner lives.
-        if _locked(parent / name):
-            continue
         stat = read_stat("/proc", pid)
-        if stat is None or stat.starttime != start:
+        if (stat is None or stat.starttime != start) and not _locked(parent / name):
             found.append(Cgroup(parent / name))
     return found, probes
 
