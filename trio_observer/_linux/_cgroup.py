@@ -10,7 +10,6 @@ has gone.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import select
@@ -37,11 +36,8 @@ NAME_PREFIX: Final = "trio-observer-"
 SELF_LEAF: Final = "trio-observer-self"
 """The leaf this process moves itself into when allowed to (``move_self_to_leaf``),
 so that its own cgroup holds no processes and may enable controllers."""
-_LEFTOVER_PATIENCE: Final = 5.0
-"""Seconds to wait for a killed leftover to empty (its members are not our
-children, so their reapers decide when they leave)."""
-_PROBE_PREFIX: Final = "trio-observer-probe-"
-_NAME_RE: Final = re.compile(r"^trio-observer-(\d+)\.(\d+)-[0-9a-f]+$")
+PROBE_PREFIX: Final = "trio-observer-probe-"
+"""A probe's trial cgroup, followed by the prober's pid."""
 
 
 class CgroupUnavailableError(RuntimeError):
@@ -232,7 +228,7 @@ def _probe(mountinfo: str | None, cgroup_file: str | None) -> CgroupSupport:
             controllers,
             False,
         )
-    trial = parent / f"{_PROBE_PREFIX}{os.getpid()}"
+    trial = parent / f"{PROBE_PREFIX}{os.getpid()}"
     try:
         trial.mkdir()
     except OSError as exc:
@@ -257,7 +253,8 @@ _own_start: tuple[int, int] | None = None
 """This process's pid and start time, read once (each session's name has them)."""
 
 
-def _own_start_time() -> tuple[int, int]:
+def own_start_time() -> tuple[int, int]:
+    """This process's pid and start time (field 22 of its ``stat``), read once per pid."""
     global _own_start
     pid = os.getpid()
     if _own_start is None or _own_start[0] != pid:
@@ -361,7 +358,7 @@ class Cgroup:
         The name carries this process's pid and start time: a later session
         that finds it with the owner gone (or the pid reused) cleans it up.
         """
-        pid, start = _own_start_time()
+        pid, start = own_start_time()
         tag = "".join(c for c in session_id.lower() if c in "0123456789abcdef")[:12] or "0"
         path = parent / f"{NAME_PREFIX}{pid}.{start}-{tag}"
         path.mkdir()
@@ -613,102 +610,3 @@ class Cgroup:
 def _events(text: str) -> dict[str, str]:
     pairs = (line.split(None, 1) for line in text.splitlines() if line.strip())
     return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
-
-
-def lock_session(fd: int) -> None:
-    """Mark a session cgroup as owned: ``flock`` on its open directory.
-
-    The kernel drops the lock when the owner's last descriptor of it
-    closes, which its death does; :func:`leftover_sessions` tries it, so an
-    owner in another pid namespace (whose pid in the name means nothing
-    here) is not taken for dead.
-    """
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _locked(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return True  # gone meanwhile, or not ours to judge: leave it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def leftover_sessions(parent: Path) -> list[Cgroup]:
-    """Session cgroups below ``parent`` whose owner process is gone.
-
-    Gone means both: no process with the pid and start time in the name
-    (as this process's ``/proc`` sees it), and nobody holds the cgroup's
-    lock (:func:`lock_session`).
-    """
-    return _leftovers(parent)[0]
-
-
-def _leftovers(parent: Path) -> tuple[list[Cgroup], list[Path]]:
-    """:func:`leftover_sessions`, and the trial cgroups of probes whose process is gone.
-
-    A probe's trial lives for one ``mkdir``/``rmdir``; a process killed in
-    between leaves it (empty) for good, since its name has no session's
-    form: the pid alone says whether it is still in use.
-    """
-    found: list[Cgroup] = []
-    probes: list[Path] = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return found, probes
-    own = _own_start_time()
-    for name in names:
-        if not name.startswith(NAME_PREFIX):
-            continue
-        if name.startswith(_PROBE_PREFIX):
-            prober = name[len(_PROBE_PREFIX) :]
-            if (
-                prober.isdigit()
-                and int(prober) != own[0]
-                and read_stat("/proc", int(prober)) is None
-            ):
-                probes.append(parent / name)
-            continue
-        match = _NAME_RE.match(name)
-        if match is None:
-            continue
-        pid, start = int(match.group(1)), int(match.group(2))
-        if (pid, start) == own:
-            continue  # this process's own sessions: alive, as we are
-        stat = read_stat("/proc", pid)
-        if (stat is None or stat.starttime != start) and not _locked(parent / name):
-            found.append(Cgroup(parent / name))
-    return found, probes
-
-
-async def clean_leftovers(parent: Path) -> list[Path]:
-    """Kill the processes of crashed sessions' cgroups and remove them.
-
-    Also removes the trial cgroups of probes whose process is gone. Returns
-    the paths removed.
-    """
-    removed: list[Path] = []
-    sessions, probes = _leftovers(parent)
-    for group in sessions:
-        group.kill()
-        with trio.move_on_after(_LEFTOVER_PATIENCE):
-            await group.wait_empty()
-        try:
-            group.remove()
-        except OSError:
-            continue
-        removed.append(group.path)
-    for path in probes:
-        try:
-            path.rmdir()
-        except OSError:
-            continue  # gone meanwhile, or something was put in it: not ours
-        removed.append(path)
-    return removed

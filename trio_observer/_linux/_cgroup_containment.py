@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from .._grace import Grace, terminate_then_kill
-from . import _cgroup
+from . import _cgroup, _cgroup_leftovers
 from ._cgroup import Cgroup, CgroupUnavailableError
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class CgroupContainment:
         try:
             # Held until close (or death): a session in another pid
             # namespace cannot tell from the name whether we live.
-            _cgroup.lock_session(dir_fd)
+            _cgroup_leftovers.lock_session(dir_fd)
         except BaseException:
             os.close(dir_fd)
             raise
@@ -311,7 +311,7 @@ async def choose_containment(mode: str, session_id: str) -> CgroupContainment | 
                     f"containment='cgroup' is not available: {support.reason}"
                 )
             return None
-        await _cgroup.clean_leftovers(support.parent)
+        await _cgroup_leftovers.clean_leftovers(support.parent)
         try:
             group = Cgroup.create_session(support.parent, session_id)
         except OSError:
