@@ -11,7 +11,16 @@
   session's process-group sweep (``stop_leftovers``), both with the grace
   period over (the tree has had its SIGTERM);
 - 100 ``env -i setsid`` escapes left by a session's process: how many each
-  containment stops by the end of the session.
+  containment stops by the end of the session;
+- 100 concurrent ``sleep`` children (the scaling section's trial) with the
+  default containment (a cgroup here) against ``containment="process-group"``
+  and against ``trio.lowlevel.open_process``, in the same rounds: what the
+  default costs per child;
+- what each step of a placement costs this process in CPU (``thread_time``),
+  against the ``subprocess.Popen`` of the same child: the leaf's ``mkdir``
+  and ``open``, ``SIGSTOP`` + ``SIGCONT``, the ``cgroup.procs`` write (also
+  its wall time: the RCU grace period), the children check, the leaf's
+  figures at the reap, the leaf's ``rmdir``.
 """
 
 from __future__ import annotations
@@ -35,9 +44,21 @@ from trio_observer._linux._cgroup_usage import from_rusage, with_cgroup
 from trio_observer._linux._process_tree import stop_leftovers
 from trio_observer._linux._procfs import read_stat
 
-from ._core import Config, Report, Row, Target, best, interleave, interleave_async, time_row
+from . import _scaling
+from ._core import (
+    Config,
+    Report,
+    Row,
+    Target,
+    best,
+    fmt_seconds,
+    interleave,
+    interleave_async,
+    time_row,
+)
 
 TRUE = shutil.which("true") or "/bin/true"
+SLEEP = shutil.which("sleep") or "/bin/sleep"
 MARKER = "TRIO_OBSERVER_SESSION=be9c4"
 
 TREE = (
@@ -71,7 +92,10 @@ def run(config: Config) -> Report:
     support = _cgroup.probe()
     if not support.available:
         return Report(notes=[f"skipped: cgroup v2 not available: {support.reason}"])
-    return trio.run(_measure, config)
+    report = trio.run(_measure, config)
+    # Outside that trio.run: each trial runs a loop of its own.
+    rows, notes = _children_rows(config)
+    return Report(rows=rows + report.rows, notes=notes + report.notes)
 
 
 def _spawn_block(count: int, containment: CgroupContainment | None) -> float:
@@ -190,6 +214,122 @@ def _stop_survivors(pid_file: str) -> int:
     return len(pids) - len(survivors)
 
 
+def _children_rows(config: Config) -> tuple[list[Row], list[str]]:
+    count = config.pick(100, 10)
+    rounds = config.pick(7, 1)
+    trials: dict[str, Callable[[Callable[[], None]], None]] = {
+        "auto": lambda peak: _scaling._ours(count, peak),
+        "process-group": lambda peak: _scaling._ours(count, peak, "process-group"),
+        "trio": lambda peak: _scaling._trio(count, peak),
+    }
+    samples: dict[str, list[_scaling._Figures]] = {name: [] for name in trials}
+    for r in range(rounds):
+        names = list(trials)
+        for name in names[r % 3 :] + names[: r % 3]:
+            samples[name].append(_scaling._measured(count, trials[name]))
+    rows, notes = [], []
+    for ours, alternative in (
+        ("auto", "process-group"),
+        ("auto", "trio"),
+        ("process-group", "trio"),
+    ):
+        for what in ("CPU", "wall"):
+            row, spread = _scaling._ratio_row(
+                f"{count} children: {what} per child, containment={ours} vs {alternative}",
+                [f.cpu if what == "CPU" else f.wall for f in samples[ours]],
+                [f.cpu if what == "CPU" else f.wall for f in samples[alternative]],
+                fmt_seconds,
+            )
+            rows.append(row)
+            notes.append(spread)
+    notes.append(
+        f"children: the scaling section's trial (sleep 1000 x {count} started, killed, "
+        f"reaped; no sink), median of {rounds} rounds, each trial in a trio.run of its own"
+    )
+    return rows, notes
+
+
+def _placement_steps(config: Config, containment: CgroupContainment) -> tuple[list[Row], str]:
+    count = config.pick(100, 10)
+    cpu = dict.fromkeys(
+        ("Popen", "mkdir+open", "stop+cont", "write", "children", "reap", "rmdir"), 0.0
+    )
+    write_wall = 0.0
+    children = []
+
+    def step(name: str, start: float) -> float:
+        now = time.thread_time()
+        cpu[name] += now - start
+        return now
+
+    for _ in range(count):
+        t = time.thread_time()
+        containment.prepare()
+        t = step("mkdir+open", t)
+        child = subprocess.Popen([SLEEP, "1000"])
+        t = step("Popen", t)
+        assert containment._spare is not None
+        name, procs_fd = containment._spare
+        containment._spare = None
+        os.kill(child.pid, signal.SIGSTOP)
+        t = step("stop+cont", t)
+        wall = time.perf_counter()
+        os.write(procs_fd, b"%d" % child.pid)
+        write_wall += time.perf_counter() - wall
+        t = step("write", t)
+        _cgroup._children(child.pid)
+        t = step("children", t)
+        os.kill(child.pid, signal.SIGCONT)
+        step("stop+cont", t)
+        os.close(procs_fd)
+        containment._leaves[child.pid] = _cgroup.Cgroup(
+            containment.group.path / name, containment.group
+        )
+        children.append(child)
+    for child in children:
+        child.kill()
+    for child in children:
+        _, status, rusage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        t = time.thread_time()
+        with_cgroup(from_rusage(rusage), containment.leaf_of(child.pid))
+        step("reap", t)
+        containment.release(child.pid)
+    t = time.thread_time()
+    containment._remove_released()
+    step("rmdir", t)
+    spawn = cpu.pop("Popen") / count
+    what = {
+        "mkdir+open": "the next leaf's mkdir + open of its cgroup.procs (kernel)",
+        "stop+cont": "SIGSTOP + SIGCONT around the move",
+        "write": "the cgroup.procs write, CPU (kernel)",
+        "children": "children check after the move (first /proc read of the pid)",
+        "reap": "the leaf's figures at the reap (cpu.stat)",
+        "rmdir": "the leaf's rmdir, batched (kernel)",
+    }
+    rows = [
+        Row(
+            f"placement CPU: {what[k]} vs Popen",
+            fmt_seconds(v / count),
+            fmt_seconds(spawn),
+            v / count / spawn,
+        )
+        for k, v in cpu.items()
+    ]
+    rows.append(
+        Row(
+            "placement wall: the cgroup.procs write (RCU grace period) vs Popen's CPU",
+            fmt_seconds(write_wall / count),
+            fmt_seconds(spawn),
+            write_wall / count / spawn,
+        )
+    )
+    return rows, (
+        f"placement steps: {count} sleep children placed one after another, per child; "
+        "CPU is this thread's (time.thread_time), alternative the Popen of the same child"
+    )
+
+
 async def _measure(config: Config) -> Report:
     session_row, session_note = await _session_spawn(config)
     per_block = config.pick(20, 3)
@@ -209,6 +349,7 @@ async def _measure(config: Config) -> Report:
             Target("<=", 1.10),
         )
         stop_row, stop_note = await _stop_rows(config, containment)
+        step_rows, step_note = _placement_steps(config, containment)
     pid_file = f"/tmp/trio-observer-bench-escapes-{os.getpid()}"
     try:
         caught = {mode: await _escapes(pid_file, mode) for mode in ("cgroup", "process-group")}
@@ -217,6 +358,7 @@ async def _measure(config: Config) -> Report:
             os.unlink(pid_file)
     return Report(
         rows=[
+            *step_rows,
             session_row,
             mechanism_row,
             stop_row,
@@ -232,5 +374,6 @@ async def _measure(config: Config) -> Report:
             f"mechanism spawn: median of {rounds} rounds x {per_block}, interleaved",
             stop_note,
             "escapes: through open_session, no sink, track_descendants off",
+            step_note,
         ],
     )

@@ -128,9 +128,9 @@ def _measured(count: int, body: Callable[[Callable[[], None]], None]) -> _Figure
     return _Figures(count, wall, cpu, peak[0], max(peak[1], 0))
 
 
-def _ours(count: int, at_peak: Callable[[], None]) -> None:
+def _ours(count: int, at_peak: Callable[[], None], containment: str = "auto") -> None:
     async def main() -> None:
-        async with trio_observer.open_session() as session:
+        async with trio_observer.open_session(containment=containment) as session:
             processes = [await session.start_process([SLEEP, "1000"]) for _ in range(count)]
             at_peak()
             for process in processes:

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from trio_observer import Limits
-from trio_observer._linux import _cgroup
+from trio_observer._linux import _cgroup, _cgroup_leftovers
 from trio_observer._linux._cgroup import Cgroup, CgroupUnavailableError
 
 SUPPORT = _cgroup.probe()
@@ -277,14 +277,14 @@ async def test_leftover_of_a_crashed_session_is_cleaned_up() -> None:
     assert owner.stdout is not None
     path = Path(owner.stdout.readline().decode().strip())
     assert path.name.startswith(_cgroup.NAME_PREFIX)
-    assert path not in [g.path for g in _cgroup.leftover_sessions(SUPPORT.parent)]
+    assert path not in [g.path for g in _cgroup_leftovers.leftover_sessions(SUPPORT.parent)]
     sleeper = Cgroup(path).members()
     assert len(sleeper) == 1
     owner.kill()
     owner.wait()
-    assert path in [g.path for g in _cgroup.leftover_sessions(SUPPORT.parent)]
+    assert path in [g.path for g in _cgroup_leftovers.leftover_sessions(SUPPORT.parent)]
     with trio.fail_after(30):
-        removed = await _cgroup.clean_leftovers(SUPPORT.parent)
+        removed = await _cgroup_leftovers.clean_leftovers(SUPPORT.parent)
     assert path in removed
     assert not _exists(path)
     # The orphaned sleeper was reparented and reaped by init (or is a zombie
@@ -302,3 +302,25 @@ def _read_state(pid: int) -> str | None:
 
 def _exists(path: Path) -> bool:
     return path.exists()
+
+
+@needs_cgroup
+async def test_trial_cgroup_of_a_probe_killed_midway_is_removed_by_the_sweep() -> None:
+    assert SUPPORT.parent is not None
+    # A probe killed between its mkdir and rmdir leaves this behind.
+    gone = await trio.lowlevel.open_process(["true"])
+    await gone.wait()
+    trial = SUPPORT.parent / f"{_cgroup.NAME_PREFIX}probe-{gone.pid}"
+    trial.mkdir()
+    # A living probe's trial (this process's name) is left alone.
+    mine = SUPPORT.parent / f"{_cgroup.NAME_PREFIX}probe-{os.getpid()}"
+    mine.mkdir()
+    try:
+        removed = await _cgroup_leftovers.clean_leftovers(SUPPORT.parent)
+        assert trial in removed
+        assert not _exists(trial)
+        assert _exists(mine)
+    finally:
+        mine.rmdir()
+        if _exists(trial):
+            trial.rmdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -249,3 +250,38 @@ async def test_a_reused_pid_gets_a_leaf_of_its_own() -> None:
         assert again.members() == [first.pid]
         first.kill()
         first.wait()
+
+
+@needs_cgroup
+async def test_a_cgroup_made_below_a_leaf_by_its_process_is_removed_at_close() -> None:
+    # Close removes the leaves it made by name; a cgroup a member made
+    # below its own leaf (root may) is found by the walk that follows.
+    async with open_cgroup_containment("4e57") as containment:
+        child = _started("import time; print('up', flush=True); time.sleep(60)")
+        leaf = containment.place(child.pid)
+        (leaf.path / "inner").mkdir()
+        child.kill()
+        child.wait()
+        containment.release(child.pid)
+        path = containment.group.path
+    assert not _exists(path)
+
+
+@needs_cgroup
+async def test_a_kept_probe_that_no_longer_holds_is_probed_again() -> None:
+    assert SUPPORT.parent is not None
+    assert _cgroup.probe() is _cgroup.probe()  # kept: no trial mkdir per session
+    # A kept result whose parent no longer takes a cgroup: a real cgroup
+    # that allows no descendants, so the session's mkdir fails (EAGAIN).
+    stale = SUPPORT.parent / f"{_cgroup.NAME_PREFIX}probe-stale-{os.getpid()}"
+    stale.mkdir()
+    try:
+        (stale / "cgroup.max.descendants").write_text("0")
+        kept = _cgroup.probe()
+        _cgroup._probed = (os.getpid(), dataclasses.replace(kept, parent=stale))
+        async with open_cgroup_containment("57a1e") as containment:
+            assert containment.group.path.parent == SUPPORT.parent
+        assert _cgroup.probe().parent == SUPPORT.parent
+    finally:
+        _cgroup.forget_probe()
+        stale.rmdir()

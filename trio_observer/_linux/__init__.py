@@ -9,9 +9,10 @@ the probes behind the capability report. Nothing outside this package reads
 ``/proc`` or ``/sys``, opens netlink sockets or calls libc through ctypes.
 """
 
-from ._cgroup import Cgroup, CgroupUnavailableError, clean_leftovers, leftover_sessions
+from ._cgroup import Cgroup, CgroupUnavailableError
 from ._cgroup import probe as probe_cgroup
 from ._cgroup_containment import CONTAINMENTS, CgroupContainment, choose_containment
+from ._cgroup_leftovers import clean_leftovers, leftover_sessions
 from ._cgroup_limits import LIMIT_FILES, choose_limited_containment, limit_support
 from ._cgroup_limits import prepare as prepare_limits
 from ._cgroup_usage import group_usage, reap_usage, running_usage, with_cgroup

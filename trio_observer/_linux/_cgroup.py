@@ -10,11 +10,11 @@ has gone.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import select
 import signal
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, final
@@ -36,10 +36,8 @@ NAME_PREFIX: Final = "trio-observer-"
 SELF_LEAF: Final = "trio-observer-self"
 """The leaf this process moves itself into when allowed to (``move_self_to_leaf``),
 so that its own cgroup holds no processes and may enable controllers."""
-_LEFTOVER_PATIENCE: Final = 5.0
-"""Seconds to wait for a killed leftover to empty (its members are not our
-children, so their reapers decide when they leave)."""
-_NAME_RE: Final = re.compile(r"^trio-observer-(\d+)\.(\d+)-[0-9a-f]+$")
+PROBE_PREFIX: Final = "trio-observer-probe-"
+"""A probe's trial cgroup, followed by the prober's pid."""
 
 
 class CgroupUnavailableError(RuntimeError):
@@ -161,8 +159,48 @@ class CgroupSupport:
     """Whether ``cgroup.kill`` exists (Linux 5.14)."""
 
 
+_probed: tuple[int, CgroupSupport] | None = None
+"""The last successful probe of this process's own files, with the pid it
+was made in (a forked child probes again)."""
+
+
 def probe(mountinfo: str | None = None, cgroup_file: str | None = None) -> CgroupSupport:
-    """Find out, by trying, whether a session cgroup can be made below ours."""
+    """Find out, by trying, whether a session cgroup can be made below ours.
+
+    Called without arguments (this process's own ``/proc`` files), a success
+    is kept: every session open would otherwise parse ``mountinfo`` and make
+    and remove a trial cgroup again, more than half of what opening a session
+    costs. Only ``cgroup.controllers`` is read again, since a parent may
+    change it. A failure is never kept, and a session whose cgroup then
+    cannot be made calls :func:`forget_probe` and probes again.
+    """
+    global _probed
+    own_files = mountinfo is None and cgroup_file is None
+    if own_files and _probed is not None and _probed[0] == os.getpid():
+        kept = _probed[1]
+        assert kept.parent is not None
+        try:
+            controllers = frozenset((kept.parent / "cgroup.controllers").read_text().split())
+        except OSError:
+            _probed = None
+        else:
+            if controllers != kept.controllers:
+                kept = CgroupSupport(True, "", kept.parent, controllers, kept.kill)
+                _probed = (_probed[0], kept)
+            return kept
+    support = _probe(mountinfo, cgroup_file)
+    if own_files and support.available:
+        _probed = (os.getpid(), support)
+    return support
+
+
+def forget_probe() -> None:
+    """Drop the kept probe result: the next :func:`probe` tries again."""
+    global _probed
+    _probed = None
+
+
+def _probe(mountinfo: str | None, cgroup_file: str | None) -> CgroupSupport:
     found = find_hierarchy(mountinfo)
     if found is None:
         return CgroupSupport(False, "no cgroup v2 hierarchy is mounted", None, frozenset(), False)
@@ -190,7 +228,7 @@ def probe(mountinfo: str | None = None, cgroup_file: str | None = None) -> Cgrou
             controllers,
             False,
         )
-    trial = parent / f"{NAME_PREFIX}probe-{os.getpid()}"
+    trial = parent / f"{PROBE_PREFIX}{os.getpid()}"
     try:
         trial.mkdir()
     except OSError as exc:
@@ -202,13 +240,27 @@ def probe(mountinfo: str | None = None, cgroup_file: str | None = None) -> Cgrou
             False,
         )
     kill = (trial / "cgroup.kill").exists()
-    trial.rmdir()
+    try:
+        trial.rmdir()
+    except FileNotFoundError:
+        # Taken for a dead probe's by a sweep in another pid namespace,
+        # where our pid names nobody.
+        pass
     return CgroupSupport(True, "", parent, controllers, kill)
 
 
-def _owner_start_time(pid: int) -> int:
-    stat = read_stat("/proc", pid)
-    return stat.starttime if stat is not None else 0
+_own_start: tuple[int, int] | None = None
+"""This process's pid and start time, read once (each session's name has them)."""
+
+
+def own_start_time() -> tuple[int, int]:
+    """This process's pid and start time (field 22 of its ``stat``), read once per pid."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start is None or _own_start[0] != pid:
+        stat = read_stat("/proc", pid)
+        _own_start = (pid, stat.starttime if stat is not None else 0)
+    return _own_start
 
 
 def read_file(path: str) -> str | None:
@@ -286,8 +338,15 @@ def _children(pid: int) -> list[int]:
 class Cgroup:
     """One cgroup v2 directory: place processes, stop them, read their cost."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, parent: Cgroup | None = None) -> None:
         self.path = path
+        # The parent, when it keeps its subtree_control (a session's leaf):
+        # the files of controllers it does not enable here are not looked
+        # for, three failed opens fewer on the reap of every process.
+        self._parent = parent
+        # This cgroup's own subtree_control, once read: only
+        # enable_controllers changes it (see subtree_control).
+        self._subtree: frozenset[str] | None = None
 
     def __repr__(self) -> str:
         return f"Cgroup({str(self.path)!r})"
@@ -299,9 +358,9 @@ class Cgroup:
         The name carries this process's pid and start time: a later session
         that finds it with the owner gone (or the pid reused) cleans it up.
         """
-        pid = os.getpid()
+        pid, start = own_start_time()
         tag = "".join(c for c in session_id.lower() if c in "0123456789abcdef")[:12] or "0"
-        path = parent / f"{NAME_PREFIX}{pid}.{_owner_start_time(pid)}-{tag}"
+        path = parent / f"{NAME_PREFIX}{pid}.{start}-{tag}"
         path.mkdir()
         return cls(path)
 
@@ -414,20 +473,25 @@ class Cgroup:
         stat = _events(self.read("cpu.stat") or "")
         return int(stat.get("user_usec", 0)) / 1e6, int(stat.get("system_usec", 0)) / 1e6
 
+    def _read_of(self, controller: str, name: str) -> str | None:
+        if self._parent is not None and controller not in self._parent.subtree_control():
+            return None
+        return self.read(name)
+
     def memory_peak(self) -> int | None:
         """Peak memory in bytes (``memory.peak``), ``None`` without the controller."""
-        text = self.read("memory.peak")
+        text = self._read_of("memory", "memory.peak")
         return int(text) if text else None
 
     def pids_peak(self) -> int | None:
         """Peak number of processes (``pids.peak``), ``None`` without the controller."""
-        text = self.read("pids.peak")
+        text = self._read_of("pids", "pids.peak")
         return int(text) if text else None
 
     def oom_kills(self) -> int | None:
         """Processes of the subtree the OOM killer killed (``oom_kill`` of
         ``memory.events``), ``None`` without the memory controller."""
-        text = self.read("memory.events")
+        text = self._read_of("memory", "memory.events")
         return int(_events(text).get("oom_kill", 0)) if text is not None else None
 
     def controllers(self) -> frozenset[str]:
@@ -482,6 +546,7 @@ class Cgroup:
                 kernel refuses (its "no internal processes" rule).
         """
         enabled = frozenset((self.read("cgroup.subtree_control") or "").split())
+        self._subtree = enabled
         wanted = names - enabled
         if not wanted:
             return
@@ -494,9 +559,47 @@ class Cgroup:
             if exc.errno == errno.EBUSY:
                 raise CgroupBusyError(self, wanted, self.procs()) from exc
             raise
+        finally:
+            # Read again, written or not: what the kernel took is what counts.
+            self._subtree = None
 
-    def remove(self) -> None:
-        """Remove this cgroup and every cgroup below it; they must be empty."""
+    def subtree_control(self) -> frozenset[str]:
+        """The controllers enabled for this cgroup's children (``cgroup.subtree_control``).
+
+        Read once and kept: meant for a cgroup only this process changes
+        (a session's), where :meth:`enable_controllers` is the one writer.
+        """
+        if self._subtree is None:
+            self._subtree = frozenset((self.read("cgroup.subtree_control") or "").split())
+        return self._subtree
+
+    def remove(self, children: Collection[str] = ()) -> None:
+        """Remove this cgroup and every cgroup below it; they must be empty.
+
+        ``children`` names the ones the caller made (a session's leaves):
+        each is one ``rmdir`` by name, and the directories are walked only
+        when this cgroup's own ``rmdir`` says something else is left below.
+        """
+        if children:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return
+            try:
+                for name in children:
+                    try:
+                        os.rmdir(name, dir_fd=fd)
+                    except OSError:
+                        pass  # gone already, or not empty: the walk below decides
+            finally:
+                os.close(fd)
+        try:
+            self.path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass  # something is left below
         for group in self.cgroups():
             try:
                 group.path.rmdir()
@@ -507,69 +610,3 @@ class Cgroup:
 def _events(text: str) -> dict[str, str]:
     pairs = (line.split(None, 1) for line in text.splitlines() if line.strip())
     return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
-
-
-def lock_session(fd: int) -> None:
-    """Mark a session cgroup as owned: ``flock`` on its open directory.
-
-    The kernel drops the lock when the owner's last descriptor of it
-    closes, which its death does; :func:`leftover_sessions` tries it, so an
-    owner in another pid namespace (whose pid in the name means nothing
-    here) is not taken for dead.
-    """
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _locked(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return True  # gone meanwhile, or not ours to judge: leave it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def leftover_sessions(parent: Path) -> list[Cgroup]:
-    """Session cgroups below ``parent`` whose owner process is gone.
-
-    Gone means both: no process with the pid and start time in the name
-    (as this process's ``/proc`` sees it), and nobody holds the cgroup's
-    lock (:func:`lock_session`).
-    """
-    found: list[Cgroup] = []
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return found
-    for entry in entries:
-        match = _NAME_RE.match(entry.name)
-        if match is None:
-            continue
-        pid, start = int(match.group(1)), int(match.group(2))
-        stat = read_stat("/proc", pid)
-        if (stat is None or stat.starttime != start) and not _locked(entry):
-            found.append(Cgroup(entry))
-    return found
-
-
-async def clean_leftovers(parent: Path) -> list[Path]:
-    """Kill the processes of crashed sessions' cgroups and remove them.
-
-    Returns the paths removed.
-    """
-    removed: list[Path] = []
-    for group in leftover_sessions(parent):
-        group.kill()
-        with trio.move_on_after(_LEFTOVER_PATIENCE):
-            await group.wait_empty()
-        try:
-            group.remove()
-        except OSError:
-            continue
-        removed.append(group.path)
-    return removed

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from .._grace import Grace, terminate_then_kill
-from . import _cgroup
+from . import _cgroup, _cgroup_leftovers
 from ._cgroup import Cgroup, CgroupUnavailableError
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class CgroupContainment:
         try:
             # Held until close (or death): a session in another pid
             # namespace cannot tell from the name whether we live.
-            _cgroup.lock_session(dir_fd)
+            _cgroup_leftovers.lock_session(dir_fd)
         except BaseException:
             os.close(dir_fd)
             raise
@@ -84,7 +84,7 @@ class CgroupContainment:
         assert self._spare is not None
         name, procs_fd = self._spare
         self._spare = None
-        leaf = Cgroup(self.group.path / name)
+        leaf = Cgroup(self.group.path / name, self.group)
         try:
             if limits is not None:
                 leaf.set_limits(limits)
@@ -248,15 +248,17 @@ class CgroupContainment:
             return
         fd, self._dir_fd = self._dir_fd, None
         os.close(fd)
+        made = self._released + [leaf.path.name for leaf in self._leaves.values()]
         if self._spare is not None:
             os.close(self._spare[1])
+            made.append(self._spare[0])
             self._spare = None
         self._leaves.clear()
         self._released.clear()
         if self.group.populated():
             self.group.kill()
         try:
-            self.group.remove()
+            self.group.remove(made)
         except OSError:
             pass
 
@@ -301,10 +303,23 @@ async def choose_containment(mode: str, session_id: str) -> CgroupContainment | 
     """
     if mode == "process-group":
         return None
-    support = _cgroup.probe()
-    if not support.available or support.parent is None:
-        if mode == "cgroup":
-            raise CgroupUnavailableError(f"containment='cgroup' is not available: {support.reason}")
-        return None
-    await _cgroup.clean_leftovers(support.parent)
-    return CgroupContainment(Cgroup.create_session(support.parent, session_id))
+    for kept in (True, False):
+        support = _cgroup.probe()
+        if not support.available or support.parent is None:
+            if mode == "cgroup":
+                raise CgroupUnavailableError(
+                    f"containment='cgroup' is not available: {support.reason}"
+                )
+            return None
+        await _cgroup_leftovers.clean_leftovers(support.parent)
+        try:
+            group = Cgroup.create_session(support.parent, session_id)
+        except OSError:
+            if not kept:
+                raise
+            # The probe's success is kept per process (see probe): what
+            # held then may not now, so it is tried again before failing.
+            _cgroup.forget_probe()
+            continue
+        return CgroupContainment(group)
+    raise AssertionError("unreachable")
