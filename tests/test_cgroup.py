@@ -293,6 +293,40 @@ async def test_leftover_of_a_crashed_session_is_cleaned_up() -> None:
     assert stat in (None, "Z", "X")
 
 
+@needs_cgroup
+async def test_two_sweeps_at_once_clean_a_leftover_once_and_neither_fails() -> None:
+    # Two sessions opening at the same moment both sweep; the first to
+    # take the leftover's lock cleans it, the other leaves it alone.
+    assert SUPPORT.parent is not None
+    owner = _spawn(
+        "import subprocess, sys, uuid\n"
+        "from trio_observer._linux._cgroup import Cgroup, probe\n"
+        "g = Cgroup.create_session(probe().parent, uuid.uuid4().hex)\n"
+        "for name in 'abcd':\n"
+        "    p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "    g.leaf(name).place(p.pid)\n"
+        "print(g.path, flush=True)\n"
+        "import time; time.sleep(60)\n",
+        stdout=subprocess.PIPE,
+    )
+    assert owner.stdout is not None
+    path = Path(owner.stdout.readline().decode().strip())
+    owner.kill()
+    owner.wait()
+    results: list[list[Path]] = []
+
+    async def sweep() -> None:
+        assert SUPPORT.parent is not None
+        results.append(await _cgroup_leftovers.clean_leftovers(SUPPORT.parent))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sweep)
+            nursery.start_soon(sweep)
+    assert sorted(path in removed for removed in results) == [False, True]
+    assert not _exists(path)
+
+
 def _read_state(pid: int) -> str | None:
     from trio_observer._linux._procfs import read_stat
 

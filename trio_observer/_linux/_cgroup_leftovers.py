@@ -36,18 +36,21 @@ def lock_session(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def _locked(path: Path) -> bool:
+def _take_lock(path: Path) -> int | None:
+    """The descriptor holding ``path``'s lock, or None if somebody holds it.
+
+    None too when it is gone meanwhile, or not ours to judge: leave it.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return True  # gone meanwhile, or not ours to judge: leave it
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
+    except OSError:
         os.close(fd)
-    return False
+        return None
+    return fd
 
 
 def leftover_sessions(parent: Path) -> list[Cgroup]:
@@ -57,17 +60,25 @@ def leftover_sessions(parent: Path) -> list[Cgroup]:
     (as this process's ``/proc`` sees it), and nobody holds the cgroup's
     lock (:func:`lock_session`).
     """
-    return _leftovers(parent)[0]
+    sessions, _ = _leftovers(parent)
+    for _, lock in sessions:
+        os.close(lock)
+    return [group for group, _ in sessions]
 
 
-def _leftovers(parent: Path) -> tuple[list[Cgroup], list[Path]]:
-    """:func:`leftover_sessions`, and the trial cgroups of probes whose process is gone.
+def _leftovers(parent: Path) -> tuple[list[tuple[Cgroup, int]], list[Path]]:
+    """:func:`leftover_sessions`, each with its lock held, and dead probes' trial cgroups.
+
+    The caller closes the lock descriptors. Holding a leftover's lock while
+    it is cleaned keeps two sweepers (two sessions opening at once, or a
+    daemon starting) from cleaning the same one: the second sees it locked
+    and leaves it, instead of reading files the first has just removed.
 
     A probe's trial lives for one ``mkdir``/``rmdir``; a process killed in
     between leaves it (empty) for good, since its name has no session's
     form: the pid alone says whether it is still in use.
     """
-    found: list[Cgroup] = []
+    found: list[tuple[Cgroup, int]] = []
     probes: list[Path] = []
     try:
         names = os.listdir(parent)
@@ -93,8 +104,11 @@ def _leftovers(parent: Path) -> tuple[list[Cgroup], list[Path]]:
         if (pid, start) == own:
             continue  # this process's own sessions: alive, as we are
         stat = read_stat("/proc", pid)
-        if (stat is None or stat.starttime != start) and not _locked(parent / name):
-            found.append(Cgroup(parent / name))
+        if stat is not None and stat.starttime == start:
+            continue
+        lock = _take_lock(parent / name)
+        if lock is not None:
+            found.append((Cgroup(parent / name), lock))
     return found, probes
 
 
@@ -106,15 +120,22 @@ async def clean_leftovers(parent: Path) -> list[Path]:
     """
     removed: list[Path] = []
     sessions, probes = _leftovers(parent)
-    for group in sessions:
-        group.kill()
-        with trio.move_on_after(_LEFTOVER_PATIENCE):
-            await group.wait_empty()
-        try:
-            group.remove()
-        except OSError:
-            continue
-        removed.append(group.path)
+    try:
+        while sessions:
+            group, lock = sessions.pop(0)
+            try:
+                group.kill()
+                with trio.move_on_after(_LEFTOVER_PATIENCE):
+                    await group.wait_empty()
+                group.remove()
+            except OSError:
+                continue  # removed meanwhile by someone not sweeping, or not ours
+            finally:
+                os.close(lock)
+            removed.append(group.path)
+    finally:
+        for _, lock in sessions:
+            os.close(lock)
     for path in probes:
         try:
             path.rmdir()
