@@ -50,6 +50,12 @@ async def sleepers(count: int) -> AsyncIterator[list[trio.Process]]:
                 await proc.stdin.aclose()
 
 
+def quiet(watch: ActivityWatch, pids: list[int]) -> set[int]:
+    """The pids that one look finds quiet (neither active nor due for a full look)."""
+    active = watch.update(pids)
+    return set(pids) - active - watch.due
+
+
 async def until_quiet(watch: ActivityWatch, pids: list[int]) -> None:
     # Python is still starting up at first; a real process's state has no
     # trio event to wait on. Asleep first: two equal reads alone can be a
@@ -57,7 +63,7 @@ async def until_quiet(watch: ActivityWatch, pids: list[int]) -> None:
     for pid in pids:
         await asleep(pid)
     with trio.fail_after(20):
-        while watch.update(pids) != set(pids):  # noqa: ASYNC110
+        while quiet(watch, pids) != set(pids):  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 
@@ -79,7 +85,7 @@ async def test_a_kept_descriptor_of_a_reaped_process_does_not_read_as_quiet() ->
         await procs[0].wait()
         # Its descriptor now reads nothing (the task is gone), so it cannot
         # pass for quiet, nor ever read a later process with the same pid.
-        assert watch.update(pids) == {pids[1]}
+        assert quiet(watch, pids) == {pids[1]}
     watch.forget_all()
     assert watch.kept_fds == 0
 
@@ -91,9 +97,9 @@ async def test_descriptors_are_closed_when_a_pid_is_no_longer_watched() -> None:
         pids = [p.pid for p in procs]
         await until_quiet(watch, pids)
         kept = watch.kept_fds
-        assert watch.update(pids[1:]) == {pids[1]}
+        assert quiet(watch, pids[1:]) == {pids[1]}
         assert 0 < watch.kept_fds < kept
-        assert watch.update([]) == set()
+        assert quiet(watch, []) == set()
         assert watch.kept_fds == 0
 
 
@@ -109,7 +115,7 @@ async def test_past_the_bound_threads_are_read_by_path(monkeypatch: pytest.Monke
         assert procs[2].stdin is not None
         await procs[2].stdin.send_all(b"x")
         with trio.fail_after(20):
-            while pids[2] in watch.update(pids):  # noqa: ASYNC110
+            while pids[2] in quiet(watch, pids):  # noqa: ASYNC110
                 await trio.sleep(0.01)
     watch.forget_all()
     assert watch.kept_fds == 0
@@ -158,6 +164,40 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
         assert collector.take_files() == [(K.FILE_OPEN, 5, "/data/c")]
 
 
+async def test_fake_a_tree_that_did_not_run_is_not_walked_until_it_does(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    for pid in (100, 101):
+        set_schedstat(fake, pid, 1000, 1)
+    collector = Collector()
+    observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
+    async with observing(observer):
+        await settle()
+        mock_clock.jump(1.0)
+        await settle()
+        assert [(e.kind, e.pid) for e in collector.events] == [(K.DESCENDANT_STARTED, 101)]
+        collector.events.clear()
+        # A child under a parent whose counters did not move: in this fake,
+        # nothing ran, so the pass reads no stat or children at all (a real
+        # process cannot fork without running). Not even the full look
+        # walks the tree: it is for what other processes change.
+        fake.add(102, 101)
+        set_schedstat(fake, 102, 1000, 1)
+        for _ in range(VERIFY_EVERY + 2):
+            mock_clock.jump(1.0)
+            await settle()
+        assert collector.events == []
+        set_schedstat(fake, 101, 1500, 2)
+        mock_clock.jump(1.0)
+        await settle()
+        assert [(e.kind, e.pid, e.ppid) for e in collector.events] == [
+            (K.DESCENDANT_STARTED, 102, 101)
+        ]
+
+
 @pytest.mark.parametrize("seen_alive", [True, False], ids=["seen-alive", "never-seen-alive"])
 async def test_fake_zombie_of_a_quiet_parent_is_reported_once(
     tmp_path: Path, mock_clock: trio.testing.MockClock, seen_alive: bool
@@ -192,13 +232,13 @@ async def test_fake_zero_counters_prove_nothing(tmp_path: Path) -> None:
     fake.add(100, 1)
     set_schedstat(fake, 100, 0, 0)  # a kernel without CONFIG_SCHED_INFO
     watch = ActivityWatch(fake.path)
-    assert watch.update([100]) == set()
-    assert watch.update([100]) == set()
+    assert quiet(watch, [100]) == set()
+    assert quiet(watch, [100]) == set()
     set_schedstat(fake, 100, 1000, 3)
-    assert watch.update([100]) == set()  # first baseline
-    assert watch.update([100]) == {100}
-    assert watch.update([]) == set()  # forgotten
-    assert watch.update([100]) == set()
+    assert quiet(watch, [100]) == set()  # first baseline
+    assert quiet(watch, [100]) == {100}
+    assert quiet(watch, []) == set()  # forgotten
+    assert quiet(watch, [100]) == set()
 
 
 async def test_a_real_sleeping_process_is_quiet_until_it_runs() -> None:
@@ -210,14 +250,14 @@ async def test_a_real_sleeping_process_is_quiet_until_it_runs() -> None:
             assert await proc.receive_line() == "ack"
             # It goes back to sleep in read() after printing; wait until the
             # counters stop moving (a real process, the real clock).
-            while not watch.update([proc.pid]):  # noqa: ASYNC110  # a real process's state has no trio event
+            while not quiet(watch, [proc.pid]):  # noqa: ASYNC110  # a real process's state has no trio event
                 await trio.sleep(0.01)  # a real process: no event
-        assert watch.update([proc.pid]) == {proc.pid}
+        assert quiet(watch, [proc.pid]) == {proc.pid}
         await proc.send("again")
         with trio.fail_after(10):
             assert await proc.receive_line() == "ack"
         # It ran after the last look: active, whatever state it is in now.
-        assert watch.update([proc.pid]) == set()
+        assert quiet(watch, [proc.pid]) == set()
 
 
 CGROUP = _cgroup.probe()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Final, final
 
@@ -173,9 +173,20 @@ class TreeMembers:
         """Return the pids of the roots, then of the descendants."""
         return [*self._roots, *self._members]
 
-    def tracked(self) -> list[TrackedProcess]:
-        """Return every process of the tree, roots first, as the descriptor scan wants it."""
-        return [n.tracked() for n in (*self._roots.values(), *self._members.values())]
+    def size(self) -> int:
+        """Return how many processes the tree has: roots and descendants believed alive."""
+        return len(self._roots) + len(self._members)
+
+    def tracked(self, pids: Container[int] | None = None) -> list[TrackedProcess]:
+        """Return the processes of the tree, roots first, as the descriptor scan wants them.
+
+        Args:
+            pids: Only these; ``None`` for all.
+        """
+        nodes = (*self._roots.values(), *self._members.values())
+        if pids is None:
+            return [n.tracked() for n in nodes]
+        return [n.tracked() for n in nodes if n.pid in pids]
 
     @property
     def reap_pending(self) -> bool:
