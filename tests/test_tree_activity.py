@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests._fakeproc import FakeProc, set_schedstat
+from tests._fakeproc import TCP_HEADER, FakeProc, inet_hex, set_schedstat, tcp_line
 from tests._tree_helpers import (
     Collector,
     K,
@@ -154,7 +154,11 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
 
         # What the counters cannot see is found by the periodic full look:
         # after VERIFY_EVERY quiet passes in a row, the next one reads all.
+        # Here a descriptor appears in the table of 101, which did not run:
+        # another process of the tree that shares the table (a clone with
+        # CLONE_FILES) did, and ran.
         fake.set_fd(101, 5, "/data/c")
+        set_schedstat(fake, 100, 2000, 5)
         for _ in range(VERIFY_EVERY):
             mock_clock.jump(1.0)
             await settle()
@@ -195,6 +199,78 @@ async def test_fake_a_tree_that_did_not_run_is_not_walked_until_it_does(
         await settle()
         assert [(e.kind, e.pid, e.ppid) for e in collector.events] == [
             (K.DESCENDANT_STARTED, 102, 101)
+        ]
+
+
+async def test_fake_with_nothing_of_the_tree_run_the_full_look_reads_what_outsiders_change(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    for pid in (100, 101):
+        set_schedstat(fake, pid, 1000, 1)
+    fake.set_fd(101, 0, "pipe:[7]")
+    fake.set_fd(101, 3, "/data/a")
+    collector = Collector()
+    observer = fake_tree_observer(fake.path, collector, EventCategory.FILE)
+
+    async def passes(count: int) -> None:
+        for _ in range(count):
+            mock_clock.jump(1.0)
+            await settle()
+
+    async with observing(observer):
+        await settle()
+        await passes(2)
+        assert collector.take_files() == [(K.FILE_OPEN, 3, "/data/a")]
+        # Nothing of the tree runs. A file renamed by someone outside the
+        # tree is seen at the periodic look, as a close and an open; that
+        # look is then a full one, which also finds the new descriptor.
+        fake.set_fd(101, 4, "/data/b")
+        fake.set_fd(101, 3, "/data/a-renamed")
+        await passes(VERIFY_EVERY + 1)
+        assert collector.take_files() == [
+            (K.FILE_CLOSE, 3, "/data/a"),
+            (K.FILE_OPEN, 3, "/data/a-renamed"),
+            (K.FILE_OPEN, 4, "/data/b"),
+        ]
+        # A descriptor that appears while nothing of the tree runs (only a
+        # process of the tree sharing the table could add it, and it would
+        # have run): the look reads the paths' links alone, unchanged.
+        fake.set_fd(101, 5, "/data/c")
+        await passes(VERIFY_EVERY + 1)
+        assert collector.take_files() == []
+        # Once a process of the tree has run, the next look is in full.
+        set_schedstat(fake, 100, 2000, 2)
+        await passes(VERIFY_EVERY + 1)
+        assert collector.take_files() == [(K.FILE_OPEN, 5, "/data/c")]
+
+
+async def test_fake_a_held_socket_is_looked_at_in_full_with_nothing_of_the_tree_run(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    set_schedstat(fake, 100, 1000, 1)
+    fake.set_fd(100, 3, "socket:[555]")
+    unbound = tcp_line(0, inet_hex("0.0.0.0", 0), inet_hex("0.0.0.0", 0), 0x07, 555)
+    fake.set_net(100, "tcp", TCP_HEADER + unbound)
+    collector = Collector()
+    observer = fake_tree_observer(fake.path, collector, EventCategory.NETWORK)
+    async with observing(observer):
+        await settle()
+        mock_clock.jump(1.0)
+        await settle()
+        assert collector.events == []  # not bound yet
+        # Another holder of the socket listens on it: the table says so.
+        listening = tcp_line(0, inet_hex("127.0.0.1", 8080), inet_hex("0.0.0.0", 0), 0x0A, 555)
+        fake.set_net(100, "tcp", TCP_HEADER + listening)
+        for _ in range(VERIFY_EVERY + 1):
+            mock_clock.jump(1.0)
+            await settle()
+        assert [(e.kind, e.fd, e.local_address) for e in collector.events] == [
+            (K.SOCKET_LISTEN, 3, "127.0.0.1:8080")
         ]
 
 

@@ -124,11 +124,22 @@ class ActivityWatch:
         self._group_stat = b""
         # Passes skipped in a row (see skip_pass).
         self._skipped = 0
+        # The last pass that found some process active (or forgot them all):
+        # the processes' changes to each other are all older than it.
+        self._last_active = 0
         self.due: set[int] = set()
         """The pids the last :meth:`update` found due for their periodic
         full look: their counters did not move, so they did not run (they
         neither forked, exec'd nor exited); only what another process can
         change about them (their descriptors) needs the look."""
+        self.outside_due: set[int] = set()
+        """Those due for the full look whose last full look came after the
+        last run of *any* process given to :meth:`update`: no process of
+        the tree can have changed them since (a descriptor table is shared
+        only between a process and the clone it made with ``CLONE_FILES``,
+        which the tree holds too), so only what a process outside the tree
+        can change needs the look (renamed or deleted files, the state of
+        shared sockets)."""
 
     @property
     def kept_fds(self) -> int:
@@ -143,6 +154,7 @@ class ActivityWatch:
         self._singles.clear()
         self._given = None
         self._missing = []
+        self._last_active = self._pass
         self._forget_group()
 
     def group_unchanged(self, cpu_stat: str) -> bool:
@@ -255,7 +267,11 @@ class ActivityWatch:
             self._missing = [
                 pid for pid in self._missing if not self._take_baseline(pid, this_pass)
             ]
-        self.due = due = set()
+        if active:
+            self._last_active = this_pass
+        due: set[int] = set()
+        outside: set[int] = set()
+        self.due, self.outside_due = due, outside
         if this_pass >= self._next_due:
             # Due when this_pass - looked > verify_every: not later than the
             # per-pass check this replaces would have found it.
@@ -266,8 +282,8 @@ class ActivityWatch:
                     # The full look is due, but the counters (and so the
                     # threads: only a running thread makes or ends one)
                     # are as recorded: keep the descriptors.
+                    (outside if self._last_active <= record.looked else due).add(pid)
                     record.looked = this_pass
-                    due.add(pid)
                 earliest = min(earliest, record.looked)
             self._next_due = earliest + self._verify_every + 1
         return active

@@ -10,6 +10,7 @@ opened and closed between two scans is never seen: these events are
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, final
@@ -116,6 +117,9 @@ class DescriptorTracker:
         # last reset (unreadable then, or a category wanted anew): each scan
         # reads them again, whether or not they are passed.
         self._unread: dict[tuple[int, int], TrackedProcess] = {}
+        # What each process's descriptors pointed at when last read, all of
+        # them (see recheck).
+        self._links: dict[tuple[int, int], dict[int, str]] = {}
 
     def reset(self, *, files: bool, network: bool) -> None:
         """Forget what was reported for the categories no longer wanted.
@@ -133,6 +137,7 @@ class DescriptorTracker:
             self._sockets.clear()
         if not files and not network:
             self._procs.clear()
+            self._links.clear()
         # What was read may not have been diffed for a category wanted now.
         self._unread = dict(self._procs)
 
@@ -148,6 +153,7 @@ class DescriptorTracker:
         key = proc.identity
         self._procs.pop(key, None)
         self._unread.pop(key, None)
+        self._links.pop(key, None)
         events = [
             _file_event(proc, ObserverEventKind.FILE_CLOSE, fd, path)
             for fd, path in sorted(self._files.pop(key, {}).items())
@@ -202,11 +208,62 @@ class DescriptorTracker:
                 unread[key] = proc
                 continue
             unread.pop(key, None)
+            self._links[key] = fds
             if files:
                 events.extend(self._diff_files(proc, fds))
             if network:
                 events.extend(self._diff_sockets(proc, fds, tables))
         return events
+
+    def recheck(
+        self, processes: Iterable[TrackedProcess], *, files: bool, network: bool
+    ) -> list[ObserverEvent]:
+        """Look at what only a process outside the tree can have changed, and scan if it did.
+
+        For processes that did not run since their last full look while no
+        other process of the tree ran either (see
+        ``ActivityWatch.outside_due``): their descriptor table is as it was
+        then (only they, their threads and a process sharing the table can
+        change it, and such a process is a clone of theirs, in the tree). What
+        others can change is read instead: the link text of each descriptor
+        that points at a path (a file renamed or deleted by someone else).
+        Where one changed, where a socket is held (its state is in the
+        tables, which its other holders change), or where there is no
+        last read to compare with, the process is scanned in full.
+
+        Args:
+            processes: The processes to look at.
+            files: Whether FILE is wanted.
+            network: Whether NETWORK is wanted.
+
+        Returns:
+            The events of the processes scanned in full.
+        """
+        # Those whose last read failed are read by every scan anyway.
+        full = [
+            proc
+            for proc in processes
+            if proc.identity not in self._unread
+            and not self._links_unchanged(proc, files=files, network=network)
+        ]
+        return self.scan(full, files=files, network=network)
+
+    def _links_unchanged(self, proc: TrackedProcess, *, files: bool, network: bool) -> bool:
+        links = self._links.get(proc.identity)
+        if links is None:
+            return False
+        directory = f"{self._proc_root}/{proc.pid}/fd/"
+        for fd, target in links.items():
+            if target.startswith("socket:"):
+                if network:
+                    return False
+            elif files and target.startswith("/"):
+                try:
+                    if os.readlink(f"{directory}{fd}") != target:
+                        return False
+                except OSError:
+                    return False
+        return True
 
     def prune(self, live: Iterable[TrackedProcess]) -> list[ObserverEvent]:
         """Forget every tracked process not in ``live``, reporting its descriptors closed.

@@ -738,11 +738,16 @@ class TreeObserver:
         # (what others change), and those the scan just found.
         wanted = active | self._activity.due
         wanted.update(e.pid for e in events if e.kind is ObserverEventKind.DESCENDANT_STARTED)
+        files = EventCategory.FILE in self._categories
+        network = EventCategory.NETWORK in self._categories
         found = descriptors.scan(
-            tree.tracked(wanted) if wanted else (),
-            files=EventCategory.FILE in self._categories,
-            network=EventCategory.NETWORK in self._categories,
+            tree.tracked(wanted) if wanted else (), files=files, network=network
         )
+        outside = self._activity.outside_due - wanted
+        if outside:
+            # Due for the full look, but nothing of the tree ran since the
+            # last one: only what processes outside it change is looked at.
+            found.extend(descriptors.recheck(tree.tracked(outside), files=files, network=network))
         if descriptors.tracked_count > tree.size():
             # Some process left without the tree saying so (forget).
             found.extend(descriptors.prune(tree.tracked()))
