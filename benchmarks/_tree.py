@@ -109,7 +109,7 @@ class _Tree:
             self.group = Cgroup.create_session(support.parent, "be7c4")
             # Locked, as a session locks its own: another process's sweep
             # of crashed sessions' cgroups must not take it for a leftover.
-            self._group_fd = os.open(self.group.path, os.O_RDONLY | os.O_DIRECTORY)
+            self._group_fd = os.open(self.group.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             _cgroup.lock_session(self._group_fd)
             moved = self.group.leaf(f"p{self.pid}").place(self.pid)
             _check(len(moved) == self.size, f"placed {len(moved)} of {self.size}")

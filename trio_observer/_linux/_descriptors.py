@@ -1,6 +1,7 @@
 """Snapshots of the open descriptors of a process tree, diffed into events.
 
-Each scan reads ``/proc/<pid>/fd/*`` of every process of the tree and
+Each scan reads ``/proc/<pid>/fd/*`` of the processes of the tree that may
+have changed it (the observer decides which: see :mod:`._activity`) and
 compares it with what was reported before: new regular files become
 ``FILE_OPEN``, vanished ones ``FILE_CLOSE``; sockets are joined with the net
 tables to become ``SOCKET_LISTEN``/``SOCKET_CONNECT``/``SOCKET_CLOSE``. What
