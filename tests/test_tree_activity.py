@@ -435,3 +435,39 @@ async def test_a_quiet_cgroup_skips_passes_and_loses_no_open(tmp_path: Path) -> 
         ]
         assert [(e.pid, e.path) for e in opened] == [(proc.pid, str(opened_file))]
         observer._activity.forget_all()  # what run() does when it stops
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_a_file_renamed_by_another_process_is_seen_while_the_tree_sleeps(
+    tmp_path: Path,
+) -> None:
+    held = tmp_path / "held"
+    held.touch()
+    collector = Collector()
+    async with child(OPENER) as proc:
+        observer = TreeObserver(
+            emit=collector.emit, categories=frozenset({EventCategory.FILE}), backend="poll"
+        )
+        observer.add_root(proc.pid)
+        try:
+            assert await proc.receive_line() == "ready"
+            await proc.send(str(held))
+            assert await proc.receive_line() == "opened"
+            await asleep(proc.pid)
+            with trio.fail_after(20):
+                while not any(e.path == str(held) for e in collector.events):
+                    await observer._pass(scan_tree=True)
+                    await trio.sleep(0.01)
+            # The tree sleeps in its read; this process, outside it, renames
+            # the file: the link changes though nothing of the tree ran.
+            moved = tmp_path / "moved"
+            before = len(collector.events)
+            held.rename(moved)
+            for _ in range(VERIFY_EVERY + 2):
+                await observer._pass(scan_tree=True)
+            assert [(e.kind, e.path) for e in collector.events[before:]] == [
+                (K.FILE_CLOSE, str(held)),
+                (K.FILE_OPEN, str(moved)),
+            ]
+        finally:
+            observer._activity.forget_all()
