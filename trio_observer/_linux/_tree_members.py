@@ -273,8 +273,10 @@ class TreeMembers:
                 continue
             del self._members[pid]
             scan.lost = True
-            self._main_thread_gone.discard(pid)
+            # Asked before it is forgotten: a zombie whose main thread went
+            # first shows that thread's status, not the process's.
             code = self._zombie_exit(node, stat, scan)
+            self._main_thread_gone.discard(pid)
             scan.exits.extend(self._descriptors.forget(node.tracked()))
             scan.exits.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
 
