@@ -287,8 +287,9 @@ class TreeMembers:
         scan.seen_dead[stat.identity] = stat.ppid
         if self._reap_adopted and stat.ppid == self._self_pid:
             self._to_reap[node.pid] = stat.starttime
-        # After the main thread, stat shows the main thread's own status,
-        # not the one the last thread's exit_group() set.
+        # After the main thread, older kernels show the main thread's own
+        # status here, not the one the last thread's exit_group() set (6.18
+        # shows the group's): not taken, rather than perhaps wrong.
         if stat.exit_code is None or node.pid in self._main_thread_gone:
             return None
         return wait_status_to_exit_code(stat.exit_code)
