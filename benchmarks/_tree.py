@@ -103,9 +103,14 @@ class _Tree:
         # The whole tree in a cgroup of its own, as a session with
         # containment by cgroup has it, where this machine allows one.
         self.group: Cgroup | None = None
+        self._group_fd = -1
         support = _cgroup.probe()
         if support.available and support.parent is not None:
             self.group = Cgroup.create_session(support.parent, "be7c4")
+            # Locked, as a session locks its own: another process's sweep
+            # of crashed sessions' cgroups must not take it for a leftover.
+            self._group_fd = os.open(self.group.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            _cgroup.lock_session(self._group_fd)
             moved = self.group.leaf(f"p{self.pid}").place(self.pid)
             _check(len(moved) == self.size, f"placed {len(moved)} of {self.size}")
 
@@ -124,6 +129,7 @@ class _Tree:
             while self.group.populated() and time.monotonic() < deadline:
                 time.sleep(0.01)  # the sleeps die a moment after the kill
             self.group.remove()
+            os.close(self._group_fd)
 
 
 async def _ignore(event: ObserverEvent) -> None:

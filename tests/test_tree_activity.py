@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests._fakeproc import FakeProc, set_schedstat
+from tests._fakeproc import TCP_HEADER, FakeProc, inet_hex, set_schedstat, tcp_line
 from tests._tree_helpers import (
     Collector,
     K,
@@ -50,6 +50,12 @@ async def sleepers(count: int) -> AsyncIterator[list[trio.Process]]:
                 await proc.stdin.aclose()
 
 
+def quiet(watch: ActivityWatch, pids: list[int]) -> set[int]:
+    """The pids that one look finds quiet (neither active nor due for a full look)."""
+    active = watch.update(pids)
+    return set(pids) - active - watch.due
+
+
 async def until_quiet(watch: ActivityWatch, pids: list[int]) -> None:
     # Python is still starting up at first; a real process's state has no
     # trio event to wait on. Asleep first: two equal reads alone can be a
@@ -57,7 +63,7 @@ async def until_quiet(watch: ActivityWatch, pids: list[int]) -> None:
     for pid in pids:
         await asleep(pid)
     with trio.fail_after(20):
-        while watch.update(pids) != set(pids):  # noqa: ASYNC110
+        while quiet(watch, pids) != set(pids):  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 
@@ -79,7 +85,7 @@ async def test_a_kept_descriptor_of_a_reaped_process_does_not_read_as_quiet() ->
         await procs[0].wait()
         # Its descriptor now reads nothing (the task is gone), so it cannot
         # pass for quiet, nor ever read a later process with the same pid.
-        assert watch.update(pids) == {pids[1]}
+        assert quiet(watch, pids) == {pids[1]}
     watch.forget_all()
     assert watch.kept_fds == 0
 
@@ -91,9 +97,9 @@ async def test_descriptors_are_closed_when_a_pid_is_no_longer_watched() -> None:
         pids = [p.pid for p in procs]
         await until_quiet(watch, pids)
         kept = watch.kept_fds
-        assert watch.update(pids[1:]) == {pids[1]}
+        assert quiet(watch, pids[1:]) == {pids[1]}
         assert 0 < watch.kept_fds < kept
-        assert watch.update([]) == set()
+        assert quiet(watch, []) == set()
         assert watch.kept_fds == 0
 
 
@@ -109,7 +115,7 @@ async def test_past_the_bound_threads_are_read_by_path(monkeypatch: pytest.Monke
         assert procs[2].stdin is not None
         await procs[2].stdin.send_all(b"x")
         with trio.fail_after(20):
-            while pids[2] in watch.update(pids):  # noqa: ASYNC110
+            while pids[2] in quiet(watch, pids):  # noqa: ASYNC110
                 await trio.sleep(0.01)
     watch.forget_all()
     assert watch.kept_fds == 0
@@ -148,7 +154,11 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
 
         # What the counters cannot see is found by the periodic full look:
         # after VERIFY_EVERY quiet passes in a row, the next one reads all.
+        # Here a descriptor appears in the table of 101, which did not run:
+        # another process of the tree that shares the table (a clone with
+        # CLONE_FILES) did, and ran.
         fake.set_fd(101, 5, "/data/c")
+        set_schedstat(fake, 100, 2000, 5)
         for _ in range(VERIFY_EVERY):
             mock_clock.jump(1.0)
             await settle()
@@ -156,6 +166,112 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
         mock_clock.jump(1.0)
         await settle()
         assert collector.take_files() == [(K.FILE_OPEN, 5, "/data/c")]
+
+
+async def test_fake_a_tree_that_did_not_run_is_not_walked_until_it_does(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    for pid in (100, 101):
+        set_schedstat(fake, pid, 1000, 1)
+    collector = Collector()
+    observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
+    async with observing(observer):
+        await settle()
+        mock_clock.jump(1.0)
+        await settle()
+        assert [(e.kind, e.pid) for e in collector.events] == [(K.DESCENDANT_STARTED, 101)]
+        collector.events.clear()
+        # A child under a parent whose counters did not move: in this fake,
+        # nothing ran, so the pass reads no stat or children at all (a real
+        # process cannot fork without running). Not even the full look
+        # walks the tree: it is for what other processes change.
+        fake.add(102, 101)
+        set_schedstat(fake, 102, 1000, 1)
+        for _ in range(VERIFY_EVERY + 2):
+            mock_clock.jump(1.0)
+            await settle()
+        assert collector.events == []
+        set_schedstat(fake, 101, 1500, 2)
+        mock_clock.jump(1.0)
+        await settle()
+        assert [(e.kind, e.pid, e.ppid) for e in collector.events] == [
+            (K.DESCENDANT_STARTED, 102, 101)
+        ]
+
+
+async def test_fake_with_nothing_of_the_tree_run_the_full_look_reads_what_outsiders_change(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    for pid in (100, 101):
+        set_schedstat(fake, pid, 1000, 1)
+    fake.set_fd(101, 0, "pipe:[7]")
+    fake.set_fd(101, 3, "/data/a")
+    collector = Collector()
+    observer = fake_tree_observer(fake.path, collector, EventCategory.FILE)
+
+    async def passes(count: int) -> None:
+        for _ in range(count):
+            mock_clock.jump(1.0)
+            await settle()
+
+    async with observing(observer):
+        await settle()
+        await passes(2)
+        assert collector.take_files() == [(K.FILE_OPEN, 3, "/data/a")]
+        # Nothing of the tree runs. A file renamed by someone outside the
+        # tree is seen at the periodic look, as a close and an open; that
+        # look is then a full one, which also finds the new descriptor.
+        fake.set_fd(101, 4, "/data/b")
+        fake.set_fd(101, 3, "/data/a-renamed")
+        await passes(VERIFY_EVERY + 1)
+        assert collector.take_files() == [
+            (K.FILE_CLOSE, 3, "/data/a"),
+            (K.FILE_OPEN, 3, "/data/a-renamed"),
+            (K.FILE_OPEN, 4, "/data/b"),
+        ]
+        # A descriptor that appears while nothing of the tree runs (only a
+        # process of the tree sharing the table could add it, and it would
+        # have run): the look reads the paths' links alone, unchanged.
+        fake.set_fd(101, 5, "/data/c")
+        await passes(VERIFY_EVERY + 1)
+        assert collector.take_files() == []
+        # Once a process of the tree has run, the next look is in full.
+        set_schedstat(fake, 100, 2000, 2)
+        await passes(VERIFY_EVERY + 1)
+        assert collector.take_files() == [(K.FILE_OPEN, 5, "/data/c")]
+
+
+async def test_fake_a_held_socket_is_looked_at_in_full_with_nothing_of_the_tree_run(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    set_schedstat(fake, 100, 1000, 1)
+    fake.set_fd(100, 3, "socket:[555]")
+    unbound = tcp_line(0, inet_hex("0.0.0.0", 0), inet_hex("0.0.0.0", 0), 0x07, 555)
+    fake.set_net(100, "tcp", TCP_HEADER + unbound)
+    collector = Collector()
+    observer = fake_tree_observer(fake.path, collector, EventCategory.NETWORK)
+    async with observing(observer):
+        await settle()
+        mock_clock.jump(1.0)
+        await settle()
+        assert collector.events == []  # not bound yet
+        # Another holder of the socket listens on it: the table says so.
+        listening = tcp_line(0, inet_hex("127.0.0.1", 8080), inet_hex("0.0.0.0", 0), 0x0A, 555)
+        fake.set_net(100, "tcp", TCP_HEADER + listening)
+        for _ in range(VERIFY_EVERY + 1):
+            mock_clock.jump(1.0)
+            await settle()
+        assert [(e.kind, e.fd, e.local_address) for e in collector.events] == [
+            (K.SOCKET_LISTEN, 3, "127.0.0.1:8080")
+        ]
 
 
 @pytest.mark.parametrize("seen_alive", [True, False], ids=["seen-alive", "never-seen-alive"])
@@ -192,13 +308,13 @@ async def test_fake_zero_counters_prove_nothing(tmp_path: Path) -> None:
     fake.add(100, 1)
     set_schedstat(fake, 100, 0, 0)  # a kernel without CONFIG_SCHED_INFO
     watch = ActivityWatch(fake.path)
-    assert watch.update([100]) == set()
-    assert watch.update([100]) == set()
+    assert quiet(watch, [100]) == set()
+    assert quiet(watch, [100]) == set()
     set_schedstat(fake, 100, 1000, 3)
-    assert watch.update([100]) == set()  # first baseline
-    assert watch.update([100]) == {100}
-    assert watch.update([]) == set()  # forgotten
-    assert watch.update([100]) == set()
+    assert quiet(watch, [100]) == set()  # first baseline
+    assert quiet(watch, [100]) == {100}
+    assert quiet(watch, []) == set()  # forgotten
+    assert quiet(watch, [100]) == set()
 
 
 async def test_a_real_sleeping_process_is_quiet_until_it_runs() -> None:
@@ -210,14 +326,14 @@ async def test_a_real_sleeping_process_is_quiet_until_it_runs() -> None:
             assert await proc.receive_line() == "ack"
             # It goes back to sleep in read() after printing; wait until the
             # counters stop moving (a real process, the real clock).
-            while not watch.update([proc.pid]):  # noqa: ASYNC110  # a real process's state has no trio event
+            while not quiet(watch, [proc.pid]):  # noqa: ASYNC110  # a real process's state has no trio event
                 await trio.sleep(0.01)  # a real process: no event
-        assert watch.update([proc.pid]) == {proc.pid}
+        assert quiet(watch, [proc.pid]) == {proc.pid}
         await proc.send("again")
         with trio.fail_after(10):
             assert await proc.receive_line() == "ack"
         # It ran after the last look: active, whatever state it is in now.
-        assert watch.update([proc.pid]) == set()
+        assert quiet(watch, [proc.pid]) == set()
 
 
 CGROUP = _cgroup.probe()
@@ -319,3 +435,39 @@ async def test_a_quiet_cgroup_skips_passes_and_loses_no_open(tmp_path: Path) -> 
         ]
         assert [(e.pid, e.path) for e in opened] == [(proc.pid, str(opened_file))]
         observer._activity.forget_all()  # what run() does when it stops
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_a_file_renamed_by_another_process_is_seen_while_the_tree_sleeps(
+    tmp_path: Path,
+) -> None:
+    held = tmp_path / "held"
+    held.touch()
+    collector = Collector()
+    async with child(OPENER) as proc:
+        observer = TreeObserver(
+            emit=collector.emit, categories=frozenset({EventCategory.FILE}), backend="poll"
+        )
+        observer.add_root(proc.pid)
+        try:
+            assert await proc.receive_line() == "ready"
+            await proc.send(str(held))
+            assert await proc.receive_line() == "opened"
+            await asleep(proc.pid)
+            with trio.fail_after(20):
+                while not any(e.path == str(held) for e in collector.events):
+                    await observer._pass(scan_tree=True)
+                    await trio.sleep(0.01)
+            # The tree sleeps in its read; this process, outside it, renames
+            # the file: the link changes though nothing of the tree ran.
+            moved = tmp_path / "moved"
+            before = len(collector.events)
+            held.rename(moved)
+            for _ in range(VERIFY_EVERY + 2):
+                await observer._pass(scan_tree=True)
+            assert [(e.kind, e.path) for e in collector.events[before:]] == [
+                (K.FILE_CLOSE, str(held)),
+                (K.FILE_OPEN, str(moved)),
+            ]
+        finally:
+            observer._activity.forget_all()

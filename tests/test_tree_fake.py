@@ -315,3 +315,29 @@ async def test_run_twice_is_busy(tmp_path: Path) -> None:
         await settle()
         with pytest.raises(trio.BusyResourceError):
             await observer.run()
+
+
+async def test_fake_a_zombie_whose_main_thread_had_exited_first_has_no_exit_code(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # The defect: the exit path forgot that the main thread had gone first
+    # before asking, so the zombie's stat (the main thread's own status) was
+    # reported as the process's exit code.
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    collector = Collector()
+    observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
+    async with observing(observer):
+        await settle()
+        # pthread_exit in main: a zombie main thread, another thread runs on.
+        fake.add(101, 100, state="Z", threads=2)
+        mock_clock.jump(1.0)
+        await settle()
+        fake.add(101, 100, state="Z", threads=1, exit_status=7 << 8)
+        mock_clock.jump(1.0)
+        await settle()
+    assert [(e.kind, e.pid, e.exit_code) for e in collector.events] == [
+        (K.DESCENDANT_STARTED, 101, None),
+        (K.DESCENDANT_EXITED, 101, None),
+    ]

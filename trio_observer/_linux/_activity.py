@@ -27,7 +27,7 @@ What the counters cannot see, and why a periodic full look remains (every
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -60,7 +60,6 @@ class _Record:
     # The pass of the last full look (the baseline, or a due look): the next
     # is due VERIFY_EVERY passes later, skipped passes included.
     looked: int
-    seen: int
 
 
 def _read_counters(path: str) -> bytes:
@@ -104,8 +103,20 @@ class ActivityWatch:
         self._proc_root = proc_root
         self._verify_every = verify_every
         self._records: dict[int, _Record] = {}
+        # The one-thread processes with a kept descriptor (most of a tree),
+        # as (descriptor, baseline) beside their records: the loop that runs
+        # for every process every pass unpacks a tuple, nothing more.
+        self._singles: dict[int, tuple[int, bytes]] = {}
+        # The pids last given to update (None: resynchronise at the next),
+        # and those of them without a record (new, or a baseline that
+        # failed): tried again at every pass.
+        self._given: list[int] | None = None
+        self._missing: list[int] = []
         self._kept_fds = 0
         self._pass = 0
+        # The earliest pass at which some record's full look is due, so
+        # that a pass with none due does not look at every record for it.
+        self._next_due = 0
         # The cgroup check (see group_unchanged): its cpu.stat, kept open,
         # and what it read last.
         self._group_fd = -1
@@ -113,12 +124,22 @@ class ActivityWatch:
         self._group_stat = b""
         # Passes skipped in a row (see skip_pass).
         self._skipped = 0
-        self.unchanged_due: set[int] = set()
-        """The pids the last :meth:`update` reported active only because
-        their periodic full look was due: their counters did not move, so
-        they did not run (they neither forked, exec'd nor exited); only what
-        another process can change about them (their descriptors) needs
-        the look."""
+        # The last pass that found some process active (or forgot them all):
+        # the processes' changes to each other are all older than it.
+        self._last_active = 0
+        self.due: set[int] = set()
+        """The pids the last :meth:`update` found due for their periodic
+        full look: their counters did not move, so they did not run (they
+        neither forked, exec'd nor exited); only what another process can
+        change about them (their descriptors) needs the look."""
+        self.outside_due: set[int] = set()
+        """Those due for the full look whose last full look came after the
+        last run of *any* process given to :meth:`update`: no process of
+        the tree can have changed them since (a descriptor table is shared
+        only between a process and the clone it made with ``CLONE_FILES``,
+        which the tree holds too), so only what a process outside the tree
+        can change needs the look (renamed or deleted files, the state of
+        shared sockets)."""
 
     @property
     def kept_fds(self) -> int:
@@ -130,6 +151,10 @@ class ActivityWatch:
         for record in self._records.values():
             self._close(record)
         self._records.clear()
+        self._singles.clear()
+        self._given = None
+        self._missing = []
+        self._last_active = self._pass
         self._forget_group()
 
     def group_unchanged(self, cpu_stat: str) -> bool:
@@ -186,68 +211,93 @@ class ActivityWatch:
         self._group_path = ""
         self._group_stat = b""
 
-    def update(self, pids: Iterable[int]) -> set[int]:
-        """Look at ``pids`` and return those that are provably quiet.
+    def update(self, pids: Sequence[int]) -> set[int]:
+        """Look at ``pids`` and return those that may have done something.
 
-        A pid is quiet when no thread of it has been switched in since the
-        previous call that reported it active (and the periodic full look is
-        not due). Call this *before* reading whatever the caller wants to
+        A pid is *quiet* when no thread of it has been switched in since the
+        previous call that reported it active; it is returned (active) when
+        its counters moved, when it is seen for the first time, when it is
+        gone, or when the kernel does not keep its counters. A quiet pid
+        whose periodic full look is due is not returned but put in
+        :attr:`due`. Call this *before* reading whatever the caller wants to
         skip for quiet processes: the counters of an active process are
         recorded now, so a run that starts after this call shows up in the
         next one.
 
-        Pids not passed are forgotten. A pid seen for the first time, gone,
-        or whose counters the kernel does not keep, is active.
+        Pids not passed are forgotten. Passing the same list as last time
+        (the common case: the tree did not change) costs one ``pread`` per
+        thread and no other work per process.
 
         Args:
             pids: The processes to look at.
 
         Returns:
-            The quiet pids.
+            The active pids (a new set); the quiet ones are the others.
         """
         self._pass += 1
         self._skipped = 0
         this_pass = self._pass
+        if not isinstance(pids, list):
+            pids = list(pids)
+        if pids != self._given:
+            self._watch(pids)
         records = self._records
-        quiet: set[int] = set()
-        due: set[int] = set()
-        self.unchanged_due = due
-        looked = 0
         pread = os.pread
-        for pid in pids:
-            looked += 1
-            record = records.get(pid)
-            if record is not None:
-                record.seen = this_pass
-                fds = record.fds
-                if len(fds) == 1 and fds[0] >= 0:
-                    # The common case, inline (it runs for every process of
-                    # the tree every pass): one thread, a kept descriptor.
-                    try:
-                        unchanged = pread(fds[0], 128, 0) == record.counters[0]
-                    except OSError:
-                        unchanged = False
-                else:
-                    unchanged = self._unchanged(record)
-                if unchanged:
-                    if this_pass - record.looked <= self._verify_every:
-                        quiet.add(pid)
-                    else:
-                        # The full look is due, but the counters (and so the
-                        # threads: only a running thread makes or ends one)
-                        # are as recorded: keep the descriptors.
-                        record.looked = this_pass
-                        due.add(pid)
-                    continue
-                self._close(record)
-                del records[pid]
-            fresh = self._baseline(pid, this_pass)
-            if fresh is not None:
-                records[pid] = fresh
-        if len(records) > looked:
-            for pid in [pid for pid, r in records.items() if r.seen != this_pass]:
-                self._close(records.pop(pid))
-        return quiet
+        try:
+            moved = [
+                pid for pid, (fd, before) in self._singles.items() if pread(fd, 128, 0) != before
+            ]
+        except OSError:
+            # Some task was reaped (ESRCH): the same loop, one call at a time.
+            moved = [
+                pid for pid, (fd, before) in self._singles.items() if _pread_counters(fd) != before
+            ]
+        if len(self._singles) < len(records):
+            moved.extend(
+                pid
+                for pid, record in records.items()
+                if pid not in self._singles and not self._unchanged(record)
+            )
+        active = set(moved)
+        for pid in moved:
+            self._drop(pid)
+            self._missing.append(pid)
+        if self._missing:
+            active.update(self._missing)
+            self._missing = [
+                pid for pid in self._missing if not self._take_baseline(pid, this_pass)
+            ]
+        if active:
+            self._last_active = this_pass
+        due: set[int] = set()
+        outside: set[int] = set()
+        self.due, self.outside_due = due, outside
+        if this_pass >= self._next_due:
+            # Due when this_pass - looked > verify_every: not later than the
+            # per-pass check this replaces would have found it.
+            limit = this_pass - self._verify_every
+            earliest = this_pass
+            for pid, record in records.items():
+                if record.looked < limit:
+                    # The full look is due, but the counters (and so the
+                    # threads: only a running thread makes or ends one)
+                    # are as recorded: keep the descriptors.
+                    (outside if self._last_active <= record.looked else due).add(pid)
+                    record.looked = this_pass
+                earliest = min(earliest, record.looked)
+            self._next_due = earliest + self._verify_every + 1
+        return active
+
+    def _watch(self, pids: list[int]) -> None:
+        """Follow ``pids`` from now on: forget the others, baseline the new ones."""
+        wanted = set(pids)
+        for pid in [pid for pid in self._records if pid not in wanted]:
+            self._drop(pid)
+        # A copy: the comparison at the next pass must not see the caller's
+        # later changes to its list.
+        self._given = list(pids)
+        records = self._records
+        self._missing = [pid for pid in dict.fromkeys(pids) if pid not in records]
 
     def _unchanged(self, record: _Record) -> bool:
         for fd, path, before in zip(record.fds, record.paths, record.counters, strict=True):
@@ -256,6 +306,10 @@ class ActivityWatch:
                 return False
         return True
 
+    def _drop(self, pid: int) -> None:
+        self._close(self._records.pop(pid))
+        self._singles.pop(pid, None)
+
     def _close(self, record: _Record) -> None:
         for fd in record.fds:
             if fd >= 0:
@@ -263,12 +317,22 @@ class ActivityWatch:
                 self._kept_fds -= 1
         record.fds = []
 
+    def _take_baseline(self, pid: int, this_pass: int) -> bool:
+        record = self._baseline(pid, this_pass)
+        if record is None:
+            return False
+        self._records[pid] = record
+        if len(record.fds) == 1 and record.fds[0] >= 0:
+            self._singles[pid] = (record.fds[0], record.counters[0])
+        self._next_due = min(self._next_due, this_pass + self._verify_every + 1)
+        return True
+
     def _baseline(self, pid: int, this_pass: int) -> _Record | None:
         threads = read_thread_ids(self._proc_root, pid)
         if not threads:
             return None
         paths = tuple(run_counters_path(self._proc_root, pid, tid) for tid in threads)
-        record = _Record(paths, [], [], this_pass, this_pass)
+        record = _Record(paths, [], [], this_pass)
         for path in paths:
             fd = -1
             if self._kept_fds < MAX_KEPT_FDS:

@@ -1,6 +1,7 @@
 """Snapshots of the open descriptors of a process tree, diffed into events.
 
-Each scan reads ``/proc/<pid>/fd/*`` of every process of the tree and
+Each scan reads ``/proc/<pid>/fd/*`` of the processes of the tree that may
+have changed it (the observer decides which: see :mod:`._activity`) and
 compares it with what was reported before: new regular files become
 ``FILE_OPEN``, vanished ones ``FILE_CLOSE``; sockets are joined with the net
 tables to become ``SOCKET_LISTEN``/``SOCKET_CONNECT``/``SOCKET_CLOSE``. What
@@ -10,7 +11,8 @@ opened and closed between two scans is never seen: these events are
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, final
 
@@ -110,10 +112,15 @@ class DescriptorTracker:
         self._proc_root = proc_root
         self._files: dict[tuple[int, int], dict[int, str]] = {}
         self._sockets: dict[tuple[int, int], dict[int, SocketEntry]] = {}
+        # Every process passed to scan since it was last forgotten.
         self._procs: dict[tuple[int, int], TrackedProcess] = {}
-        # Processes whose descriptors were read and diffed since the last
-        # reset: only those may be passed over while quiet (see ._activity).
-        self._read: set[tuple[int, int]] = set()
+        # Those of them whose descriptors were not read and diffed since the
+        # last reset (unreadable then, or a category wanted anew): each scan
+        # reads them again, whether or not they are passed.
+        self._unread: dict[tuple[int, int], TrackedProcess] = {}
+        # What each process's descriptors pointed at when last read, all of
+        # them (see recheck).
+        self._links: dict[tuple[int, int], dict[int, str]] = {}
 
     def reset(self, *, files: bool, network: bool) -> None:
         """Forget what was reported for the categories no longer wanted.
@@ -125,14 +132,15 @@ class DescriptorTracker:
             files: Whether FILE is still wanted.
             network: Whether NETWORK is still wanted.
         """
-        # What was read may not have been diffed for a category wanted now.
-        self._read.clear()
         if not files:
             self._files.clear()
         if not network:
             self._sockets.clear()
         if not files and not network:
             self._procs.clear()
+            self._links.clear()
+        # What was read may not have been diffed for a category wanted now.
+        self._unread = dict(self._procs)
 
     def forget(self, proc: TrackedProcess) -> list[ObserverEvent]:
         """Report everything ``proc`` had open as closed: it exited.
@@ -145,7 +153,8 @@ class DescriptorTracker:
         """
         key = proc.identity
         self._procs.pop(key, None)
-        self._read.discard(key)
+        self._unread.pop(key, None)
+        self._links.pop(key, None)
         events = [
             _file_event(proc, ObserverEventKind.FILE_CLOSE, fd, path)
             for fd, path in sorted(self._files.pop(key, {}).items())
@@ -156,59 +165,124 @@ class DescriptorTracker:
         )
         return events
 
-    def scan(
-        self,
-        processes: Sequence[TrackedProcess],
-        *,
-        files: bool,
-        network: bool,
-        quiet: Container[int] = frozenset(),
-    ) -> list[ObserverEvent]:
-        """Scan the descriptors of ``processes`` and return what changed.
+    @property
+    def tracked_count(self) -> int:
+        """How many processes are tracked (passed to :meth:`scan`, not forgotten)."""
+        return len(self._procs)
 
-        Processes that were tracked but are not in ``processes`` any more are
-        forgotten (their descriptors reported closed). A process whose
-        descriptors cannot be read keeps its previous state: it may be gone
-        (the tree will report that) or not ours to read.
+    def scan(
+        self, processes: Iterable[TrackedProcess], *, files: bool, network: bool
+    ) -> list[ObserverEvent]:
+        """Read the descriptors of ``processes`` and return what changed.
+
+        Pass the processes that may have changed since their last scan: new
+        ones, and those that ran (see :class:`._activity.ActivityWatch`) or
+        are due for their periodic full look. The others are not read. Those
+        whose descriptors could not be read at their last scan (gone, or not
+        ours to read: they keep their previous state), and all of them after
+        a :meth:`reset`, are read again whether passed or not.
 
         Args:
-            processes: The live processes of the tree, roots included.
+            processes: Live processes of the tree, roots included.
             files: Whether FILE is wanted.
             network: Whether NETWORK is wanted.
-            quiet: Pids that provably have not run since their descriptors
-                were last read here (:class:`._activity.ActivityWatch`);
-                those already read since the last :meth:`reset` are passed
-                over.
 
         Returns:
             The events, grouped per process, closes before opens.
         """
+        if self._unread:
+            todo = {proc.identity: proc for proc in processes}
+            for key, proc in self._unread.items():
+                todo.setdefault(key, proc)
+            processes = todo.values()
         events: list[ObserverEvent] = []
         # The socket tables are per network namespace; read each at most once
         # per scan, and only if some process holds a socket.
         tables: dict[str, dict[int, SocketEntry]] = {}
         procs = self._procs
-        count = 0
+        unread = self._unread
         for proc in processes:
-            count += 1
             key = proc.identity
             procs[key] = proc
-            if proc.pid in quiet and key in self._read:
-                continue
             fds = read_fds(self._proc_root, proc.pid)
             if fds is None:
+                unread[key] = proc
                 continue
-            self._read.add(key)
+            unread.pop(key, None)
+            self._links[key] = fds
             if files:
                 events.extend(self._diff_files(proc, fds))
             if network:
                 events.extend(self._diff_sockets(proc, fds, tables))
-        if len(procs) > count:
-            # Some tracked process was not passed (the tree lost it without
-            # saying so): only then is it worth a set of those that were.
-            seen = {proc.identity for proc in processes}
-            for key in [k for k in procs if k not in seen]:
-                events.extend(self.forget(procs[key]))
+        return events
+
+    def recheck(
+        self, processes: Iterable[TrackedProcess], *, files: bool, network: bool
+    ) -> list[ObserverEvent]:
+        """Look at what only a process outside the tree can have changed, and scan if it did.
+
+        For processes that did not run since their last full look while no
+        other process of the tree ran either (see
+        ``ActivityWatch.outside_due``): their descriptor table is as it was
+        then (only they, their threads and a process sharing the table can
+        change it, and such a process is a clone of theirs, in the tree). What
+        others can change is read instead: the link text of each descriptor
+        that points at a path (a file renamed or deleted by someone else).
+        Where one changed, where a socket is held (its state is in the
+        tables, which its other holders change), or where there is no
+        last read to compare with, the process is scanned in full.
+
+        Args:
+            processes: The processes to look at.
+            files: Whether FILE is wanted.
+            network: Whether NETWORK is wanted.
+
+        Returns:
+            The events of the processes scanned in full.
+        """
+        # Those whose last read failed are read by every scan anyway.
+        full = [
+            proc
+            for proc in processes
+            if proc.identity not in self._unread
+            and not self._links_unchanged(proc, files=files, network=network)
+        ]
+        return self.scan(full, files=files, network=network)
+
+    def _links_unchanged(self, proc: TrackedProcess, *, files: bool, network: bool) -> bool:
+        links = self._links.get(proc.identity)
+        if links is None:
+            return False
+        directory = f"{self._proc_root}/{proc.pid}/fd/"
+        for fd, target in links.items():
+            if target.startswith("socket:"):
+                if network:
+                    return False
+            elif files and target.startswith("/"):
+                try:
+                    if os.readlink(f"{directory}{fd}") != target:
+                        return False
+                except OSError:
+                    return False
+        return True
+
+    def prune(self, live: Iterable[TrackedProcess]) -> list[ObserverEvent]:
+        """Forget every tracked process not in ``live``, reporting its descriptors closed.
+
+        For a process the tree lost without saying so (:meth:`forget`):
+        worth calling only when :attr:`tracked_count` exceeds the size of
+        the tree.
+
+        Args:
+            live: Every process of the tree.
+
+        Returns:
+            The ``FILE_CLOSE``/``SOCKET_CLOSE`` events of those forgotten.
+        """
+        seen = {proc.identity for proc in live}
+        events: list[ObserverEvent] = []
+        for key in [k for k in self._procs if k not in seen]:
+            events.extend(self.forget(self._procs[key]))
         return events
 
     def _diff_files(self, proc: TrackedProcess, fds: dict[int, str]) -> list[ObserverEvent]:

@@ -516,15 +516,17 @@ class TreeObserver:
                     await self._catch_up(connector)
                     self._answer_settle_requests()
                     continue
-                with trio.CancelScope(
-                    deadline=self._nap_deadline(connector, next_poll)
-                ) as self._nap:
+                with trio.CancelScope(deadline=self._nap_deadline(connector, next_poll)) as nap:
+                    self._nap = nap
                     if connector is None:
                         await trio.sleep_forever()
                     else:
                         await connector.wait_readable()
                 self._nap = None
-                if connector is not None:
+                if connector is not None and not nap.cancelled_caught:
+                    # Only when readable: a nap that ran out (or was cut short
+                    # by _interrupt) leaves whatever came meanwhile queued, and
+                    # the next wait returns at once for it.
                     await self._handle_batch(connector.receive_nowait())
                 if self._tree.reap_pending:
                     self._tree.reap()
@@ -704,26 +706,52 @@ class TreeObserver:
         self._roots_added = False
         self._polls += 1
         events: list[ObserverEvent] = []
+        tree = self._tree
+        pids = tree.pids()
+        active = activity.update(pids)
+        if scan_tree:
+            if self._backend_in_use == "connector":
+                # A connector rescan (after lost records) walks everything.
+                events.extend(tree.scan(set()))
+            elif active or tree.roots_dirty:
+                # Only the poll backend looks at the tree every pass, which
+                # is what makes "quiet since the last pass" mean "no fork
+                # since the children were last read". The periodic full look
+                # is for what others change (descriptors): a process whose
+                # counters did not move did not fork, exec or exit.
+                events.extend(tree.scan(set(pids).difference(active)))
+            # Else no process of the tree ran since the last scan and no root
+            # came: none forked, exec'd or exited (and an orphan appears only
+            # when one exits), so the walk would read just what it read then.
+        if self._categories - {EventCategory.PROCESS}:
+            events.extend(self._descriptor_events(active, events))
+        return self._with_exit_codes(events)
+
+    def _descriptor_events(
+        self, active: set[int], events: list[ObserverEvent]
+    ) -> list[ObserverEvent]:
+        """Read the descriptors of the processes that may have changed them."""
+        tree = self._tree
+        descriptors = self._descriptors
+        # A process that did not run cannot have opened or closed anything
+        # itself: read those that ran or are new, those due for the full look
+        # (what others change), and those the scan just found.
+        wanted = active | self._activity.due
+        wanted.update(e.pid for e in events if e.kind is ObserverEventKind.DESCENDANT_STARTED)
         files = EventCategory.FILE in self._categories
         network = EventCategory.NETWORK in self._categories
-        quiet = activity.update(self._tree.pids())
-        if scan_tree:
-            # Only the poll backend looks at the tree every pass, which is
-            # what makes "quiet since the last pass" mean "no fork since the
-            # children were last read". A connector rescan walks everything.
-            # The periodic full look is for what others change (descriptors):
-            # a process whose counters did not move did not fork or exit.
-            if self._backend_in_use == "connector":
-                tree_quiet: set[int] = set()
-            elif activity.unchanged_due:
-                tree_quiet = quiet | activity.unchanged_due
-            else:
-                tree_quiet = quiet
-            events.extend(self._tree.scan(tree_quiet))
-        if files or network:
-            procs = self._tree.tracked()
-            events.extend(self._descriptors.scan(procs, files=files, network=network, quiet=quiet))
-        return self._with_exit_codes(events)
+        found = descriptors.scan(
+            tree.tracked(wanted) if wanted else (), files=files, network=network
+        )
+        outside = self._activity.outside_due - wanted
+        if outside:
+            # Due for the full look, but nothing of the tree ran since the
+            # last one: only what processes outside it change is looked at.
+            found.extend(descriptors.recheck(tree.tracked(outside), files=files, network=network))
+        if descriptors.tracked_count > tree.size():
+            # Some process left without the tree saying so (forget).
+            found.extend(descriptors.prune(tree.tracked()))
+        return found
 
     async def _pass(self, *, scan_tree: bool, may_skip: bool = False) -> None:
         await self._emit_all(self._pass_events(scan_tree=scan_tree, may_skip=may_skip))

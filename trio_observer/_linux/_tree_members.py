@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Final, final
 
@@ -173,9 +173,20 @@ class TreeMembers:
         """Return the pids of the roots, then of the descendants."""
         return [*self._roots, *self._members]
 
-    def tracked(self) -> list[TrackedProcess]:
-        """Return every process of the tree, roots first, as the descriptor scan wants it."""
-        return [n.tracked() for n in (*self._roots.values(), *self._members.values())]
+    def size(self) -> int:
+        """Return how many processes the tree has: roots and descendants believed alive."""
+        return len(self._roots) + len(self._members)
+
+    def tracked(self, pids: Container[int] | None = None) -> list[TrackedProcess]:
+        """Return the processes of the tree, roots first, as the descriptor scan wants them.
+
+        Args:
+            pids: Only these; ``None`` for all.
+        """
+        nodes = (*self._roots.values(), *self._members.values())
+        if pids is None:
+            return [n.tracked() for n in nodes]
+        return [n.tracked() for n in nodes if n.pid in pids]
 
     @property
     def reap_pending(self) -> bool:
@@ -262,8 +273,10 @@ class TreeMembers:
                 continue
             del self._members[pid]
             scan.lost = True
-            self._main_thread_gone.discard(pid)
+            # Asked before it is forgotten: a zombie whose main thread went
+            # first shows that thread's status, not the process's.
             code = self._zombie_exit(node, stat, scan)
+            self._main_thread_gone.discard(pid)
             scan.exits.extend(self._descriptors.forget(node.tracked()))
             scan.exits.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
 
@@ -274,8 +287,9 @@ class TreeMembers:
         scan.seen_dead[stat.identity] = stat.ppid
         if self._reap_adopted and stat.ppid == self._self_pid:
             self._to_reap[node.pid] = stat.starttime
-        # After the main thread, stat shows the main thread's own status,
-        # not the one the last thread's exit_group() set.
+        # After the main thread, older kernels show the main thread's own
+        # status here, not the one the last thread's exit_group() set (6.18
+        # shows the group's): not taken, rather than perhaps wrong.
         if stat.exit_code is None or node.pid in self._main_thread_gone:
             return None
         return wait_status_to_exit_code(stat.exit_code)
