@@ -48,7 +48,7 @@ import psutil  # type: ignore[import-untyped]  # no type information shipped
 import trio
 
 from trio_observer import EventCategory, ObserverEvent, ObserverEventKind
-from trio_observer._linux import _cgroup
+from trio_observer._linux import _cgroup, _cgroup_leftovers
 from trio_observer._linux._cgroup import Cgroup
 from trio_observer._linux._tree import Backend, TreeObserver
 
@@ -110,7 +110,7 @@ class _Tree:
             # Locked, as a session locks its own: another process's sweep
             # of crashed sessions' cgroups must not take it for a leftover.
             self._group_fd = os.open(self.group.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            _cgroup.lock_session(self._group_fd)
+            _cgroup_leftovers.lock_session(self._group_fd)
             moved = self.group.leaf(f"p{self.pid}").place(self.pid)
             _check(len(moved) == self.size, f"placed {len(moved)} of {self.size}")
 
