@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
 import pytest
 
 PY = sys.executable
+
+# A suite started as a background job of a script (`pytest &`) inherits
+# SIGINT ignored, and so would every program it starts: Python then keeps
+# SIG_IGN instead of installing KeyboardInterrupt, trio installs no Ctrl-C
+# handler, and the tests of Ctrl-C would wait for an interrupt that never
+# comes (a spawn loop ran on for minutes). They test Ctrl-C as a terminal
+# delivers it, so the suite restores Python's own handler first.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def open_fds() -> set[str]:
