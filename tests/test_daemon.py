@@ -100,7 +100,10 @@ async def test_process_outlives_client_and_output_resumes_with_exact_missed(
             by_name = {p["name"]: p for p in default["processes"]}
             assert by_name["sleeper"]["state"] == "running"
             assert by_name["sleeper"]["pid"] == started["pid"]
-            items = [item async for item in await client.output("writer", follow=True)]
+            # From offset 0, as a client that has seen nothing: the default
+            # is the oldest byte kept, which is 0 only if the writer has
+            # not written yet (the test raced the writer on that).
+            items = [item async for item in await client.output("writer", offset=0, follow=True)]
             # Offset 100 was evicted: the gap says exactly how much.
             resumed = [item async for item in await client.output("writer", offset=100)]
             assert resumed[0] == trio_observer.OutputGap(2003 - 100)
