@@ -31,7 +31,8 @@ ESCAPERS = (
     "import subprocess, sys\n"
     "n = int(sys.argv[1])\n"
     "for _ in range(n):\n"
-    "    subprocess.Popen(['env', '-i', 'setsid', 'sleep', '60'])\n"
+    # Each escaper prints its pid once setsid has run, then becomes sleep.
+    "    subprocess.Popen(['env', '-i', 'setsid', '/bin/sh', '-c', 'echo $$; exec sleep 60'])\n"
     "print('spawned', flush=True)\n"
 )
 
@@ -55,13 +56,18 @@ async def test_hundred_env_i_setsid_escapes_all_caught() -> None:
         parent = _popen(ESCAPERS, "100", stdout=subprocess.PIPE)
         containment.place(parent.pid)
         assert parent.stdout is not None
-        assert parent.stdout.readline() == b"spawned\n"
+        # Read once each has left: before, an escaper could still be env.
+        lines: list[bytes] = []
+        while b"spawned\n" not in lines or len(lines) < 101:
+            lines.append(parent.stdout.readline())
+            assert lines[-1], lines  # end of file before all had told
         parent.stdout.close()
         assert parent.wait() == 0
+        told = {int(line) for line in lines if line != b"spawned\n"}
         # Each escaper left the process group and session and has no
         # environment; the cgroup holds all of them anyway.
         escaped = containment.members()
-        assert len(escaped) == 100
+        assert sorted(escaped) == sorted(told)
         for pid in escaped:
             stat = read_stat("/proc", pid)
             assert stat is not None
