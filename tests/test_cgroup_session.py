@@ -254,7 +254,7 @@ async def test_the_cgroup_stop_reports_the_grandchild_it_killed(
         pytest.skip("the process connector needs CAP_NET_ADMIN")
     if backend == "poll":
 
-        def refuse() -> None:
+        def refuse(*, ack_timeout: float = 1.0) -> None:
             raise ConnectorUnavailableError("refused by the test: polling")
 
         monkeypatch.setattr(_connector, "open_connector_socket", refuse)

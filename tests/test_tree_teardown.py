@@ -49,7 +49,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         pytest.skip("the process connector needs CAP_NET_ADMIN")
     if chosen == "poll":
 
-        def refuse() -> None:
+        def refuse(*, ack_timeout: float = 1.0) -> None:
             raise ConnectorUnavailableError("refused by the test: polling")
 
         monkeypatch.setattr(_connector, "open_connector_socket", refuse)
