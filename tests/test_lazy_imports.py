@@ -42,6 +42,7 @@ _UNNEEDED = (
     "trio_observer._cli._attach",
     "trio_observer._cli._client_cmds",
     "trio_observer._cli._capabilities",
+    "uuid",
 )
 
 # Runs the CLI as `python -m trio_observer` does, then reports which modules

@@ -104,6 +104,7 @@ def test_ids_are_unique_uuid4_strings() -> None:
         text = sink_id.as_str()
         assert len(text) == 36
         assert uuid.UUID(text).version == 4
+        assert uuid.UUID(text).variant == uuid.RFC_4122
         assert str(uuid.UUID(text)) == text
 
 
