@@ -50,6 +50,23 @@ async def sleepers(count: int) -> AsyncIterator[list[trio.Process]]:
                 await proc.stdin.aclose()
 
 
+def quiet_pair(tmp_path: Path) -> FakeProc:
+    """A fake /proc with root 100 and its child 101, both with run counters."""
+    fake = FakeProc(tmp_path)
+    fake.add(100, 1)
+    fake.add(101, 100)
+    for pid in (100, 101):
+        set_schedstat(fake, pid, 1000, 1)
+    return fake
+
+
+async def passes(clock: trio.testing.MockClock, count: int = 1) -> None:
+    """Let the observer make ``count`` passes (poll_interval is 1 s here)."""
+    for _ in range(count):
+        clock.jump(1.0)
+        await settle()
+
+
 def quiet(watch: ActivityWatch, pids: list[int]) -> set[int]:
     """The pids that one look finds quiet (neither active nor due for a full look)."""
     active = watch.update(pids)
@@ -124,11 +141,7 @@ async def test_past_the_bound_threads_are_read_by_path(monkeypatch: pytest.Monke
 async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_verified(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    fake = FakeProc(tmp_path)
-    fake.add(100, 1)
-    fake.add(101, 100)
-    for pid in (100, 101):
-        set_schedstat(fake, pid, 1000, 1)
+    fake = quiet_pair(tmp_path)
     fake.set_fd(101, 3, "/data/a")
     collector = Collector()
     observer = fake_tree_observer(fake.path, collector, EventCategory.FILE)
@@ -138,18 +151,15 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
         assert collector.take_files() == [(K.FILE_OPEN, 3, "/data/a")]
         # 101 was found by that scan, after the counters were read: the next
         # pass takes its baseline (and reads it once more).
-        mock_clock.jump(1.0)
-        await settle()
+        await passes(mock_clock)
         assert collector.take_files() == []
         # Counters unchanged: in this fake, 101 "did not run", so it is not
         # read again (a real process cannot open a file without running).
         fake.set_fd(101, 4, "/data/b")
-        mock_clock.jump(1.0)
-        await settle()
+        await passes(mock_clock)
         assert collector.take_files() == []
         set_schedstat(fake, 101, 1500, 2)
-        mock_clock.jump(1.0)
-        await settle()
+        await passes(mock_clock)
         assert collector.take_files() == [(K.FILE_OPEN, 4, "/data/b")]
 
         # What the counters cannot see is found by the periodic full look:
@@ -159,29 +169,21 @@ async def test_fake_descriptors_of_a_quiet_process_are_read_when_it_runs_or_veri
         # CLONE_FILES) did, and ran.
         fake.set_fd(101, 5, "/data/c")
         set_schedstat(fake, 100, 2000, 5)
-        for _ in range(VERIFY_EVERY):
-            mock_clock.jump(1.0)
-            await settle()
+        await passes(mock_clock, VERIFY_EVERY)
         assert collector.take_files() == []
-        mock_clock.jump(1.0)
-        await settle()
+        await passes(mock_clock)
         assert collector.take_files() == [(K.FILE_OPEN, 5, "/data/c")]
 
 
 async def test_fake_a_tree_that_did_not_run_is_not_walked_until_it_does(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    fake = FakeProc(tmp_path)
-    fake.add(100, 1)
-    fake.add(101, 100)
-    for pid in (100, 101):
-        set_schedstat(fake, pid, 1000, 1)
+    fake = quiet_pair(tmp_path)
     collector = Collector()
     observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
     async with observing(observer):
         await settle()
-        mock_clock.jump(1.0)
-        await settle()
+        await passes(mock_clock)
         assert [(e.kind, e.pid) for e in collector.events] == [(K.DESCENDANT_STARTED, 101)]
         collector.events.clear()
         # A child under a parent whose counters did not move: in this fake,
@@ -190,13 +192,10 @@ async def test_fake_a_tree_that_did_not_run_is_not_walked_until_it_does(
         # walks the tree: it is for what other processes change.
         fake.add(102, 101)
         set_schedstat(fake, 102, 1000, 1)
-        for _ in range(VERIFY_EVERY + 2):
-            mock_clock.jump(1.0)
-            await settle()
+        await passes(mock_clock, VERIFY_EVERY + 2)
         assert collector.events == []
         set_schedstat(fake, 101, 1500, 2)
-        mock_clock.jump(1.0)
-        await settle()
+        await passes(mock_clock)
         assert [(e.kind, e.pid, e.ppid) for e in collector.events] == [
             (K.DESCENDANT_STARTED, 102, 101)
         ]
@@ -205,31 +204,22 @@ async def test_fake_a_tree_that_did_not_run_is_not_walked_until_it_does(
 async def test_fake_with_nothing_of_the_tree_run_the_full_look_reads_what_outsiders_change(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    fake = FakeProc(tmp_path)
-    fake.add(100, 1)
-    fake.add(101, 100)
-    for pid in (100, 101):
-        set_schedstat(fake, pid, 1000, 1)
+    fake = quiet_pair(tmp_path)
     fake.set_fd(101, 0, "pipe:[7]")
     fake.set_fd(101, 3, "/data/a")
     collector = Collector()
     observer = fake_tree_observer(fake.path, collector, EventCategory.FILE)
 
-    async def passes(count: int) -> None:
-        for _ in range(count):
-            mock_clock.jump(1.0)
-            await settle()
-
     async with observing(observer):
         await settle()
-        await passes(2)
+        await passes(mock_clock, 2)
         assert collector.take_files() == [(K.FILE_OPEN, 3, "/data/a")]
         # Nothing of the tree runs. A file renamed by someone outside the
         # tree is seen at the periodic look, as a close and an open; that
         # look is then a full one, which also finds the new descriptor.
         fake.set_fd(101, 4, "/data/b")
         fake.set_fd(101, 3, "/data/a-renamed")
-        await passes(VERIFY_EVERY + 1)
+        await passes(mock_clock, VERIFY_EVERY + 1)
         assert collector.take_files() == [
             (K.FILE_CLOSE, 3, "/data/a"),
             (K.FILE_OPEN, 3, "/data/a-renamed"),
@@ -239,11 +229,11 @@ async def test_fake_with_nothing_of_the_tree_run_the_full_look_reads_what_outsid
         # process of the tree sharing the table could add it, and it would
         # have run): the look reads the paths' links alone, unchanged.
         fake.set_fd(101, 5, "/data/c")
-        await passes(VERIFY_EVERY + 1)
+        await passes(mock_clock, VERIFY_EVERY + 1)
         assert collector.take_files() == []
         # Once a process of the tree has run, the next look is in full.
         set_schedstat(fake, 100, 2000, 2)
-        await passes(VERIFY_EVERY + 1)
+        await passes(mock_clock, VERIFY_EVERY + 1)
         assert collector.take_files() == [(K.FILE_OPEN, 5, "/data/c")]
 
 
@@ -260,15 +250,12 @@ async def test_fake_a_held_socket_is_looked_at_in_full_with_nothing_of_the_tree_
     observer = fake_tree_observer(fake.path, collector, EventCategory.NETWORK)
     async with observing(observer):
         await settle()
-        mock_clock.jump(1.0)
-        await settle()
+        await passes(mock_clock)
         assert collector.events == []  # not bound yet
         # Another holder of the socket listens on it: the table says so.
         listening = tcp_line(0, inet_hex("127.0.0.1", 8080), inet_hex("0.0.0.0", 0), 0x0A, 555)
         fake.set_net(100, "tcp", TCP_HEADER + listening)
-        for _ in range(VERIFY_EVERY + 1):
-            mock_clock.jump(1.0)
-            await settle()
+        await passes(mock_clock, VERIFY_EVERY + 1)
         assert [(e.kind, e.fd, e.local_address) for e in collector.events] == [
             (K.SOCKET_LISTEN, 3, "127.0.0.1:8080")
         ]
@@ -290,13 +277,10 @@ async def test_fake_zombie_of_a_quiet_parent_is_reported_once(
     observer = fake_tree_observer(fake.path, collector, EventCategory.PROCESS)
     async with observing(observer):
         await settle()
-        mock_clock.jump(1.0)
-        await settle()
+        await passes(mock_clock)
         fake.add(101, 100, state="Z", exit_status=7 << 8)
         set_schedstat(fake, 101 if seen_alive else 100, 2000, 2)
-        for _ in range(2 * VERIFY_EVERY + 3):
-            mock_clock.jump(1.0)
-            await settle()
+        await passes(mock_clock, 2 * VERIFY_EVERY + 3)
     assert [(e.kind, e.pid, e.exit_code) for e in collector.events] == [
         (K.DESCENDANT_STARTED, 101, None),
         (K.DESCENDANT_EXITED, 101, 7),
