@@ -239,7 +239,7 @@ def test_limits_without_controllers_say_what_is_missing(session_group: Cgroup) -
 
 
 @needs_cgroup
-async def test_pids_max_contains_a_fork_loop(session_group: Cgroup) -> None:
+def test_pids_max_contains_a_fork_loop(session_group: Cgroup) -> None:
     try:
         session_group.enable_controllers(frozenset({"pids"}))
     except CgroupUnavailableError as exc:
