@@ -13,7 +13,9 @@ of wall time while observing PROCESS, FILE and NETWORK at the default
 interval, with the connector backend and with the poll backend, against the
 same window with no observer. Reported as the fraction of one core the
 observer adds (observing minus idle, over wall time), beside a bare trio
-loop that only wakes every interval (the floor any such observer stands on).
+loop that only wakes every interval: the floor of an observer that wakes the
+trio loop for every look. Ours does not while the tree is quiet (a thread
+re-reads the counters; see docs/observation.md), so it can cost less.
 
 ``tree-latency``: a root that, per line on stdin, forks a child that sleeps
 and prints ``FORK <pid> <ns before fork> <ns after fork>`` (monotonic clock,
@@ -164,8 +166,8 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
     }
 
     async def waking() -> float:
-        # The floor: a trio loop that only wakes every interval, as the
-        # observer must (the timer, epoll_wait, the scheduler) and no more.
+        # A trio loop that only wakes every interval (the timer, epoll_wait,
+        # the scheduler) and does nothing: what any look from the loop costs.
         cpu, wall = time.process_time(), time.perf_counter()
         deadline = trio.current_time() + window
         while trio.current_time() < deadline:  # noqa: ASYNC110 (waking is what is measured)
@@ -259,7 +261,7 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
     floor = best(samples["bare loop"])
     rows.append(
         Row(
-            f"a bare trio loop waking every {INTERVAL * 1e3:.0f} ms (the floor of the above)",
+            f"a bare trio loop waking every {INTERVAL * 1e3:.0f} ms (a look per wake costs more)",
             f"{100 * floor:.2f}% core",
             f"{100 * idle:.2f}% idle",
             floor - idle,

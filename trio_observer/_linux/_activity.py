@@ -204,6 +204,56 @@ class ActivityWatch:
         self._pass += 1
         self._skipped += 1
 
+    def skip_passes(self, count: int) -> None:
+        """Count ``count`` passes not made because nothing ran (see :meth:`quiet_snapshot`).
+
+        As :meth:`skip_pass` each: the periodic full looks stay on time.
+        """
+        self._pass += count
+        self._skipped += count
+
+    def quiet_snapshot(self) -> list[tuple[int, bytes]] | None:
+        """Return what to re-read to learn that the tree is still as quiet as at the last pass.
+
+        Call it right after a pass that found nothing active: the
+        descriptors and the bytes they held at that pass, to re-read with
+        ``pread(fd, 128, 0)`` until one differs (something ran), instead of
+        making passes. With a cgroup, its ``cpu.stat`` alone; else every
+        watched thread's ``schedstat``. The descriptors stay open until the
+        next call that changes what is watched (:meth:`update`,
+        :meth:`group_unchanged`, :meth:`forget_all`).
+
+        Returns:
+            The pairs, or ``None`` when some process cannot be watched that
+            way (no baseline yet, or a thread past :data:`MAX_KEPT_FDS`).
+        """
+        if self._group_fd >= 0:
+            return [(self._group_fd, self._group_stat)] if self._group_stat else None
+        if self._missing or self._given is None:
+            return None
+        snapshot = list(self._singles.values())
+        if len(self._singles) < len(self._records):
+            for pid, record in self._records.items():
+                if pid in self._singles:
+                    continue
+                if -1 in record.fds:
+                    return None
+                snapshot.extend(zip(record.fds, record.counters, strict=True))
+        return snapshot
+
+    def passes_until_due(self) -> int:
+        """How many passes after the last one the next with work due is, if none is skipped early.
+
+        With nothing run meanwhile, the passes before it would find nothing
+        (:meth:`quiet_snapshot` tells whether something ran): a caller that
+        makes none of them calls :meth:`skip_passes` with their number
+        before that pass, which then does the full looks due.
+        """
+        if self._group_fd >= 0:
+            # group_unchanged gives in after verify_every skips in a row.
+            return max(1, self._verify_every - self._skipped + 1)
+        return max(1, self._next_due - self._pass)
+
     def _forget_group(self) -> None:
         if self._group_fd >= 0:
             os.close(self._group_fd)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ._cgroup import Cgroup
     from ._connector import ConnectorBatch, ConnectorSocket, ProcConnector
     from ._descriptors import DescriptorTracker
+    from ._quiet_watch import QuietWatch
     from ._tree_members import TreeMembers
 
 Backend = Literal["auto", "poll", "connector"]
@@ -105,7 +106,10 @@ class TreeObserver:
             missed instead of never hearing of them. ``None`` drops them.
         categories: Which of PROCESS, FILE and NETWORK to observe now; other
             categories are ignored.
-        poll_interval: Seconds of the trio clock between scans.
+        poll_interval: Seconds of the trio clock between scans. While
+            no process of the tree runs, a thread of the observer reads
+            their run counters at this interval instead, and the loop
+            sleeps until one moves (see ``docs/observation.md``).
         proc_root: Where ``/proc`` is mounted; tests pass a fake tree.
         backend: ``"connector"`` requires the process connector (and raises
             from :meth:`run` if it is refused); ``"poll"`` never uses it;
@@ -180,6 +184,15 @@ class TreeObserver:
         # skipped on the cgroup's word (the root may not be in it yet).
         self._roots_added = False
         self._reap_adopted = reap_adopted
+        # The thread that re-reads the counters while the tree is quiet (see
+        # _quiet_watch), made at the first quiet pass of an active loop; and
+        # whether a pass should come now, not at the nap's deadline (it saw
+        # something run, or a root came).
+        self._quiet: QuietWatch | None = None
+        self._quiet_fired = False
+        # Whether the last pass found nothing to do: nothing of the tree ran
+        # since the pass before it, and it produced no event.
+        self._last_pass_quiet = False
         # The members, descriptors and activity parts, made (and their
         # modules imported) by _load once something is wanted. Until then
         # the roots are only remembered, in spawn order.
@@ -268,6 +281,9 @@ class TreeObserver:
         # While idle, nothing is read: the first scan fills in the details,
         # so a spawn costs no /proc read unless someone observes the tree.
         self._roots_added = True
+        # Spawned by us, a root moves no counter of the tree: a quiet nap
+        # would not end for it.
+        self._end_quiet_nap()
         if self._parts is None:
             self._idle_roots[pid] = None
         else:
@@ -301,6 +317,7 @@ class TreeObserver:
         self._categories = wanted
         if wanted or self._parts is not None:
             _, descriptors, activity = self._load()
+            self._end_quiet_nap()  # before its descriptors are closed
             descriptors.reset(
                 files=EventCategory.FILE in wanted, network=EventCategory.NETWORK in wanted
             )
@@ -467,6 +484,35 @@ class TreeObserver:
         # Likewise for settle(): a loop that stopped has nothing to catch up.
         self._answer_settle_requests()
 
+    def _end_quiet_nap(self) -> None:
+        # Stop the thread reading the counters and make the loop pass now.
+        if self._quiet is not None and self._quiet.armed:
+            self._quiet.disarm()
+            self._on_quiet_moved()
+
+    def _on_quiet_moved(self) -> None:
+        # From the quiet watch (through the trio token) or _end_quiet_nap.
+        self._quiet_fired = True
+        if self._nap is not None:
+            self._nap.cancel()
+
+    def _quiet_watch(self) -> QuietWatch | None:
+        """The quiet watch, made on first use; ``None`` where it cannot keep the run's time.
+
+        Its thread waits in real time: under another clock than trio's
+        own (a ``trio.testing.MockClock``), every pass stays on the trio
+        clock.
+        """
+        if self._quiet is None:
+            if type(trio.lowlevel.current_clock()).__name__ != "SystemClock":
+                return None
+            from ._quiet_watch import QuietWatch
+
+            self._quiet = QuietWatch(
+                self._poll_interval, self._on_quiet_moved, trio.lowlevel.current_trio_token()
+            )
+        return self._quiet
+
     def _interrupt(self) -> None:
         # Wakes the active loop only where it waits for the kernel or the
         # clock, never inside an emit (a BLOCK sink would count a miss).
@@ -506,7 +552,12 @@ class TreeObserver:
             self._ready.set()
             if task_status is not None:
                 task_status.started()
-            next_poll = trio.current_time() + self._poll_interval
+            interval = self._poll_interval
+            last_pass = trio.current_time()
+            next_poll = last_pass + interval
+            # Passes due until the next full look, while the quiet watch
+            # reads the counters in their place (0: not napping quietly).
+            quiet_passes = 0
             while True:
                 if self._finishing:
                     drained = True
@@ -515,6 +566,9 @@ class TreeObserver:
                 if self._settle_requests:
                     await self._catch_up(connector)
                     self._answer_settle_requests()
+                    # The catch-up pass ended any quiet nap.
+                    next_poll = min(next_poll, trio.current_time() + interval)
+                    quiet_passes = 0
                     continue
                 with trio.CancelScope(deadline=self._nap_deadline(connector, next_poll)) as nap:
                     self._nap = nap
@@ -523,15 +577,27 @@ class TreeObserver:
                     else:
                         await connector.wait_readable()
                 self._nap = None
-                if connector is not None and not nap.cancelled_caught:
-                    # Only when readable: a nap that ran out (or was cut short
-                    # by _interrupt) leaves whatever came meanwhile queued, and
-                    # the next wait returns at once for it.
-                    await self._handle_batch(connector.receive_nowait())
+                # Only when readable: a nap that ran out (or was cut short by
+                # _interrupt) leaves whatever came meanwhile queued, and the
+                # next wait returns at once for it.
+                if (
+                    connector is not None
+                    and not nap.cancelled_caught
+                    and await self._handle_batch(connector.receive_nowait())
+                ):
+                    self._end_quiet_nap()  # the tree changed
                 if self._tree.reap_pending:
                     self._tree.reap()
-                if trio.current_time() < next_poll:
+                fired, self._quiet_fired = self._quiet_fired, False
+                now = trio.current_time()
+                if now < next_poll and not fired:
                     continue
+                if quiet_passes:
+                    # The watch read the counters at each interval in between.
+                    self._activity.skip_passes(
+                        max(0, min(quiet_passes, round((now - last_pass) / interval)) - 1)
+                    )
+                    quiet_passes = 0
                 if connector is None:
                     await self._pass(scan_tree=True, may_skip=True)
                 elif self._categories - {EventCategory.PROCESS}:
@@ -542,9 +608,22 @@ class TreeObserver:
                     # since for an exit without a code, and a zombie already
                     # reported for a new one (a second, inferred pair).
                     await self._pass(scan_tree=False, may_skip=True)
-                next_poll = trio.current_time() + self._poll_interval
+                else:
+                    # PROCESS alone on the connector: nothing to scan on the
+                    # clock (the nap waits for records, or for the reaps).
+                    next_poll = now + interval
+                    continue
+                last_pass = trio.current_time()
+                next_poll = last_pass + interval
+                quiet_passes = self._nap_quietly()
+                if quiet_passes:
+                    next_poll = last_pass + interval * quiet_passes
         finally:
             self._nap = None
+            if self._quiet is not None:
+                self._quiet.close()
+                self._quiet = None
+                self._quiet_fired = False
             if self._finishing and not drained:
                 # Cancelled on the way (a BLOCK sink that never made room ran
                 # out the session's patience): what is left still counts.
@@ -553,6 +632,33 @@ class TreeObserver:
             self._activity.forget_all()
             if connector is not None:
                 connector.close()
+
+    def _nap_quietly(self) -> int:
+        """After a pass, hand the counters to the quiet watch if the pass found nothing to do.
+
+        Returns:
+            How many intervals after this pass the next one is due (the
+            next full look), with the watch reading the counters at each
+            interval in between; ``0`` if the next pass is one interval away
+            as usual.
+        """
+        if (
+            not self._last_pass_quiet
+            or self._roots_added  # during the pass: not baselined yet
+            or self._tree.reap_pending
+            or self._settle_requests
+        ):
+            return 0
+        activity = self._activity
+        snapshot = activity.quiet_snapshot()
+        if snapshot is None:
+            return 0
+        passes = activity.passes_until_due()
+        watch = self._quiet_watch() if passes > 1 else None
+        if watch is None:
+            return 0
+        watch.arm(snapshot)
+        return passes
 
     def _nap_deadline(self, connector: ProcConnector | None, next_poll: float) -> float:
         # The connector reports the tree as it changes: with nothing to scan
@@ -689,6 +795,9 @@ class TreeObserver:
 
     def _pass_events(self, *, scan_tree: bool, may_skip: bool = False) -> list[ObserverEvent]:
         activity = self._activity
+        if self._quiet is not None:
+            self._quiet.disarm()  # this pass may close what it reads
+        self._last_pass_quiet = False
         # Before anything is read: a process that runs after this is active
         # in the next pass (see ._activity).
         cpu_stat = self._group_cpu_stat()
@@ -702,6 +811,7 @@ class TreeObserver:
             # changed, and the full looks that are due come at the next
             # pass that reads.
             activity.skip_pass()
+            self._last_pass_quiet = True
             return []
         self._roots_added = False
         self._polls += 1
@@ -725,6 +835,7 @@ class TreeObserver:
             # when one exits), so the walk would read just what it read then.
         if self._categories - {EventCategory.PROCESS}:
             events.extend(self._descriptor_events(active, events))
+        self._last_pass_quiet = not active and not events and not tree.roots_dirty
         return self._with_exit_codes(events)
 
     def _descriptor_events(
@@ -780,5 +891,8 @@ class TreeObserver:
             events.extend(self._pass_events(scan_tree=True))
         return events
 
-    async def _handle_batch(self, batch: ConnectorBatch) -> None:
-        await self._emit_all(self._batch_events(batch))
+    async def _handle_batch(self, batch: ConnectorBatch) -> bool:
+        # Whether the batch was about the tree (it made events).
+        events = self._batch_events(batch)
+        await self._emit_all(events)
+        return bool(events)
