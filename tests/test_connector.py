@@ -662,7 +662,16 @@ for line in sys.stdin:
 """
 
 
-async def test_a_quiet_tree_leaves_the_machines_records_to_the_watch() -> None:
+@pytest.mark.parametrize(
+    "categories",
+    [
+        pytest.param(frozenset({EventCategory.PROCESS, EventCategory.FILE}), id="with-files"),
+        pytest.param(PROCESS, id="process-only"),
+    ],
+)
+async def test_a_quiet_tree_leaves_the_machines_records_to_the_watch(
+    categories: frozenset[EventCategory],
+) -> None:
     # While no process of the tree runs, the quiet watch's thread reads the
     # socket: the machine's records do not wake the loop one batch at a
     # time; they are handled, in order, when the tree runs again.
@@ -675,13 +684,14 @@ async def test_a_quiet_tree_leaves_the_machines_records_to_the_watch() -> None:
     try:
         assert (await process.stdout.receive_some()).startswith(b"ready")
         observer = TreeObserver(
-            emit=collector.emit,
-            categories=frozenset({EventCategory.PROCESS, EventCategory.FILE}),
-            backend="connector",
-            poll_interval=1.0,
+            emit=collector.emit, categories=categories, backend="connector", poll_interval=1.0
         )
         observer.add_root(process.pid)
         async with observing(observer):
+            # With PROCESS alone the watch takes the socket after the loop
+            # has handled a batch: make one.
+            stranger = await trio.lowlevel.open_process(["/bin/true"])
+            await stranger.wait()
             with trio.fail_after(20):
                 while observer._quiet is None or not observer._quiet.armed:  # noqa: ASYNC110
                     await trio.sleep(0.005)
