@@ -15,7 +15,10 @@ same window with no observer. Reported as the fraction of one core the
 observer adds (observing minus idle, over wall time), beside a bare trio
 loop that only wakes every interval: the floor of an observer that wakes the
 trio loop for every look. Ours does not while the tree is quiet (a thread
-re-reads the counters; see docs/observation.md), so it can cost less.
+re-reads the counters; see docs/observation.md), so it can cost less. The
+"busy machine" rows run the connector while another process starts
+``/bin/true`` in a loop: the connector hears of every process of the
+machine, and these rows show what that costs.
 
 ``tree-latency``: a root that, per line on stdin, forks a child that sleeps
 and prints ``FORK <pid> <ns before fork> <ns after fork>`` (monotonic clock,
@@ -59,6 +62,10 @@ from ._core import Config, Report, Row, Target, best, fmt_seconds, interleave_as
 SLEEP = shutil.which("sleep") or "/usr/bin/sleep"
 ALL = frozenset({EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK})
 INTERVAL = 0.02  # TreeObserver's default poll_interval
+
+# The stranger of the busy-machine rows (about 1,000 to 4,000 processes a
+# second on the 2-core machine of docs/performance.md).
+_CHURN = "while :; do /bin/true; done"
 
 _TREE_CHILD = """
 import subprocess, sys
@@ -163,6 +170,8 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
         "poll": [],
         "poll, in a cgroup": [],
         "connector, PROCESS only": [],
+        "connector, busy machine": [],
+        "connector, PROCESS only, busy machine": [],
     }
 
     async def waking() -> float:
@@ -179,8 +188,26 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
         categories: frozenset[EventCategory] = ALL,
         *,
         contained: bool = False,
+        busy: bool = False,
     ) -> float:
         group = tree.group if contained else None
+        # Another process of the machine starting /bin/true in a loop: the
+        # connector hears of every fork, exec and exit on the machine.
+        churn = subprocess.Popen(["sh", "-c", _CHURN]) if busy else None  # noqa: ASYNC220
+        try:
+            return await _observe(backend, categories, group, busy)
+        finally:
+            if churn is not None:
+                churn.kill()
+                churn.wait()
+
+    async def _observe(
+        backend: Backend | None,
+        categories: frozenset[EventCategory],
+        group: Cgroup | None,
+        busy: bool,
+    ) -> float:
+        contained = group is not None
         async with trio.open_nursery() as nursery:
             if backend is not None:
                 observer = TreeObserver(
@@ -204,6 +231,7 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
                 )
                 key = backend if categories == ALL else f"{backend}, PROCESS only"
                 key += ", in a cgroup" if contained else ""
+                key += ", busy machine" if busy else ""
                 stats[key].append(
                     f"{statistic.polls} scans, {statistic.connector_records} connector records"
                 )
@@ -222,6 +250,10 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
         ),
         "connector, PROCESS only": lambda: observing(
             "connector", frozenset({EventCategory.PROCESS})
+        ),
+        "connector, busy machine": lambda: observing("connector", busy=True),
+        "connector, PROCESS only, busy machine": lambda: observing(
+            "connector", frozenset({EventCategory.PROCESS}), busy=True
         ),
     }
     samples = await interleave_async(trials, rounds)
@@ -258,6 +290,21 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
             used - idle,
         )
     )
+    for categories in ("PROCESS+FILE+NETWORK", "PROCESS only"):
+        key = (
+            "connector, busy machine"
+            if categories != "PROCESS only"
+            else ("connector, PROCESS only, busy machine")
+        )
+        used = best(samples[key])
+        rows.append(
+            Row(
+                f"the same, {categories}, connector, while a stranger starts /bin/true in a loop",
+                f"{100 * used:.2f}% core",
+                f"{100 * idle:.2f}% idle",
+                used - idle,
+            )
+        )
     floor = best(samples["bare loop"])
     rows.append(
         Row(

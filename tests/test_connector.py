@@ -19,8 +19,10 @@ import trio.testing
 from tests._fakeproc import FakeProc
 from tests._tree_helpers import PROCESS, Collector, child, observing, settle
 from trio_observer._events import EventCategory, EventGrade, ObserverEventKind
+from trio_observer._linux import _connector
 from trio_observer._linux._connector import (
     PROC_CN_MCAST_LISTEN,
+    ConnectorBatch,
     ConnectorUnavailableError,
     ExecRecord,
     ExitRecord,
@@ -163,6 +165,46 @@ async def test_receive_nowait_counts_overruns_and_keeps_reading() -> None:
         connector.receive_nowait()
     with pytest.raises(trio.ClosedResourceError):
         await connector.wait_readable()
+
+
+def test_held_records_come_first_with_their_overruns() -> None:
+    fake = FakeConnectorSocket()
+    connector = ProcConnector(fake)
+    fake.push(fork(1, 2), enobufs())
+    # An overrun asks for the loop now: the tree may have lost records.
+    assert connector.hold_queued({100})
+    fake.push(exit_(2, 0))
+    assert not connector.hold_queued({100})
+    fake.push(exec_(7))
+    batch = connector.receive_nowait()
+    assert batch.records == [ForkRecord(5, 1, 1, 2, 2), ExitRecord(5, 2, 2, 0), ExecRecord(5, 7, 7)]
+    assert batch.overruns == 1
+    assert connector.receive_nowait() == ConnectorBatch([], 0)
+    connector.close()
+
+
+def test_a_record_about_the_tree_asks_for_the_loop() -> None:
+    fake = FakeConnectorSocket()
+    connector = ProcConnector(fake)
+    fake.push(fork(7, 8), exec_(8), exit_(8, 0))
+    assert not connector.hold_queued({100})  # a stranger's
+    for record in (fork(100, 101), exec_(100), exit_(100, 0)):
+        fake.push(exec_(7), record)
+        assert connector.hold_queued({100})
+    assert len(connector.receive_nowait().records) == 9
+    connector.close()
+
+
+def test_holding_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_connector, "HELD_RECORDS", 3)
+    fake = FakeConnectorSocket()
+    connector = ProcConnector(fake)
+    fake.push(exec_(7), exec_(8))
+    assert not connector.hold_queued({100})
+    fake.push(exec_(9))
+    assert connector.hold_queued({100})
+    assert len(connector.receive_nowait().records) == 3
+    connector.close()
 
 
 async def test_other_receive_errors_propagate() -> None:
@@ -605,3 +647,70 @@ async def test_in_a_pid_namespace_the_connector_is_not_used_and_descendants_are_
     assert report["backend"] == "proc-poll"
     assert "namespace" in report["reason"]
     assert set(report["kids"]) <= set(report["seen"])
+
+
+# Blocks reading stdin; at each line, forks a child that exits at once.
+FORKER = """
+import os, sys
+print("ready", flush=True)
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(5)
+    os.waitpid(pid, 0)
+    print(pid, flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "categories",
+    [
+        pytest.param(frozenset({EventCategory.PROCESS, EventCategory.FILE}), id="with-files"),
+        pytest.param(PROCESS, id="process-only"),
+    ],
+)
+async def test_a_quiet_tree_leaves_the_machines_records_to_the_watch(
+    categories: frozenset[EventCategory],
+) -> None:
+    # While no process of the tree runs, the quiet watch's thread reads the
+    # socket: the machine's records do not wake the loop one batch at a
+    # time; they are handled, in order, when the tree runs again.
+    if os.geteuid() != 0:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    collector = Collector()
+    process = await trio.lowlevel.open_process([sys.executable, "-c", FORKER], stdin=-1, stdout=-1)
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        assert (await process.stdout.receive_some()).startswith(b"ready")
+        observer = TreeObserver(
+            emit=collector.emit, categories=categories, backend="connector", poll_interval=1.0
+        )
+        observer.add_root(process.pid)
+        async with observing(observer):
+            # With PROCESS alone the watch takes the socket after the loop
+            # has handled a batch: make one.
+            stranger = await trio.lowlevel.open_process(["/bin/true"])
+            await stranger.wait()
+            with trio.fail_after(20):
+                while observer._quiet is None or not observer._quiet.armed:  # noqa: ASYNC110
+                    await trio.sleep(0.005)
+            handled = observer.statistics().connector_records
+            for _ in range(5):  # records of processes outside the tree
+                stranger = await trio.lowlevel.open_process(["/bin/true"])
+                await stranger.wait()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert observer.statistics().connector_records == handled
+            await process.stdin.send_all(b"fork\n")
+            with trio.fail_after(20):
+                started = await collector.wait_for(lambda e: e.kind is K.DESCENDANT_STARTED)
+                exited = await collector.wait_for(lambda e: e.kind is K.DESCENDANT_EXITED)
+            assert started.grade is EventGrade.EXACT
+            assert exited.pid == started.pid
+            assert exited.exit_code == 5
+            assert observer.statistics().connector_records > handled + 10
+    finally:
+        process.kill()
+        await process.wait()
+        await process.stdin.aclose()
+        await process.stdout.aclose()

@@ -27,6 +27,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Final, Protocol, final
 
@@ -353,6 +354,12 @@ def _unsubscribe_and_close(sock: ConnectorSocket) -> None:
     sock.close()
 
 
+HELD_RECORDS: Final = 4096
+"""At most about this many records are held by :meth:`ProcConnector.hold_queued`
+before it asks for them to be handled: a bound on the memory of a quiet
+spell on a machine that starts processes fast."""
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class ConnectorBatch:
@@ -377,6 +384,10 @@ class ProcConnector:
     def __init__(self, sock: ConnectorSocket) -> None:
         self._sock = sock
         self._closed = False
+        # Read by hold_queued (the quiet watch's thread) and not yet handed
+        # out: the next receive_nowait returns them first.
+        self._held: list[ConnectorRecord] = []
+        self._held_overruns = 0
 
     async def wait_readable(self) -> None:
         """Block until a record (or an overrun) is waiting.
@@ -399,7 +410,45 @@ class ProcConnector:
         """
         if self._closed:
             raise trio.ClosedResourceError("the process connector was closed")
-        records: list[ConnectorRecord] = []
+        records, self._held = self._held, []
+        overruns, self._held_overruns = self._held_overruns, 0
+        overruns += self._drain(records)
+        return ConnectorBatch(records, overruns)
+
+    def fileno(self) -> int:
+        """The socket's descriptor, to wait on."""
+        return self._sock.fileno()
+
+    def hold_queued(self, pids: AbstractSet[int]) -> bool:
+        """Read everything queued on the socket and keep it for the next :meth:`receive_nowait`.
+
+        For the quiet watch's thread, which reads the socket in the trio
+        loop's place while the tree is quiet (see ``_quiet_watch``); never
+        call it concurrently with :meth:`receive_nowait`.
+
+        Args:
+            pids: The processes of the tree (roots included).
+
+        Returns:
+            Whether the records should be handled now: one is about one of
+            ``pids`` (a fork by it, its exec or exit), the kernel dropped
+            some (an overrun), or :data:`HELD_RECORDS` are held.
+        """
+        held = self._held
+        start = len(held)
+        overruns = self._drain(held)
+        self._held_overruns += overruns
+        if overruns or len(held) >= HELD_RECORDS:
+            return True
+        for index in range(start, len(held)):
+            record = held[index]
+            tgid = record.parent_tgid if isinstance(record, ForkRecord) else record.tgid
+            if tgid in pids:
+                return True
+        return False
+
+    def _drain(self, records: list[ConnectorRecord]) -> int:
+        # Appends what is queued to records; returns the overruns seen.
         overruns = 0
         while True:
             try:
@@ -416,7 +465,7 @@ class ProcConnector:
             if not data:
                 break
             records.extend(parse_messages(data))
-        return ConnectorBatch(records, overruns)
+        return overruns
 
     def close(self) -> None:
         """Unsubscribe and close the socket. Idempotent."""

@@ -28,6 +28,7 @@ import dataclasses
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Final, Literal, final
 
 import trio
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from ._cgroup import Cgroup
     from ._connector import ConnectorBatch, ConnectorSocket, ProcConnector
     from ._descriptors import DescriptorTracker
-    from ._quiet_watch import QuietWatch
+    from ._quiet_watch import QuietWatch, Snapshot
     from ._tree_members import TreeMembers
 
 Backend = Literal["auto", "poll", "connector"]
@@ -555,8 +556,10 @@ class TreeObserver:
             interval = self._poll_interval
             last_pass = trio.current_time()
             next_poll = last_pass + interval
-            # Passes due until the next full look, while the quiet watch
-            # reads the counters in their place (0: not napping quietly).
+            # Whether the quiet watch is armed for this nap (it reads the
+            # connector's socket then), and how many passes it stands in for
+            # until the next full look (0 with PROCESS alone: no passes).
+            watched = False
             quiet_passes = 0
             while True:
                 if self._finishing:
@@ -568,28 +571,37 @@ class TreeObserver:
                     self._answer_settle_requests()
                     # The catch-up pass ended any quiet nap.
                     next_poll = min(next_poll, trio.current_time() + interval)
-                    quiet_passes = 0
+                    watched, quiet_passes = False, 0
                     continue
                 with trio.CancelScope(deadline=self._nap_deadline(connector, next_poll)) as nap:
                     self._nap = nap
-                    if connector is None:
+                    if connector is None or watched:
                         await trio.sleep_forever()
                     else:
                         await connector.wait_readable()
                 self._nap = None
-                # Only when readable: a nap that ran out (or was cut short by
-                # _interrupt) leaves whatever came meanwhile queued, and the
-                # next wait returns at once for it.
+                # Only when readable, or after a watched nap (what the watch
+                # held): a nap that ran out (or was cut short by _interrupt)
+                # leaves whatever came meanwhile queued, and the next wait
+                # returns at once for it.
                 if (
                     connector is not None
-                    and not nap.cancelled_caught
-                    and await self._handle_batch(connector.receive_nowait())
+                    and (watched or not nap.cancelled_caught)
+                    and await self._handle_batch(self._receive(connector))
+                    and quiet_passes
                 ):
-                    self._end_quiet_nap()  # the tree changed
+                    self._quiet_fired = True  # the tree changed: pass now
+                watched = False
                 if self._tree.reap_pending:
                     self._tree.reap()
                 fired, self._quiet_fired = self._quiet_fired, False
                 now = trio.current_time()
+                if connector is not None and not self._categories - {EventCategory.PROCESS}:
+                    # PROCESS alone on the connector: nothing to scan on the
+                    # clock (the nap waits for records, or for the reaps).
+                    next_poll = now + interval
+                    watched = self._hold_socket(connector, [])
+                    continue
                 if now < next_poll and not fired:
                     continue
                 if quiet_passes:
@@ -600,7 +612,7 @@ class TreeObserver:
                     quiet_passes = 0
                 if connector is None:
                     await self._pass(scan_tree=True, may_skip=True)
-                elif self._categories - {EventCategory.PROCESS}:
+                else:
                     # No rescan of the tree for a new root: add_root comes
                     # before the next checkpoint and records are handled only
                     # here, so its forks are all seen. A rescan would race
@@ -608,15 +620,11 @@ class TreeObserver:
                     # since for an exit without a code, and a zombie already
                     # reported for a new one (a second, inferred pair).
                     await self._pass(scan_tree=False, may_skip=True)
-                else:
-                    # PROCESS alone on the connector: nothing to scan on the
-                    # clock (the nap waits for records, or for the reaps).
-                    next_poll = now + interval
-                    continue
                 last_pass = trio.current_time()
                 next_poll = last_pass + interval
-                quiet_passes = self._nap_quietly()
+                quiet_passes = self._nap_quietly(connector)
                 if quiet_passes:
+                    watched = True
                     next_poll = last_pass + interval * quiet_passes
         finally:
             self._nap = None
@@ -633,7 +641,13 @@ class TreeObserver:
             if connector is not None:
                 connector.close()
 
-    def _nap_quietly(self) -> int:
+    def _receive(self, connector: ProcConnector) -> ConnectorBatch:
+        # The only read of the socket here: never while the watch reads it.
+        if self._quiet is not None:
+            self._quiet.disarm()
+        return connector.receive_nowait()
+
+    def _nap_quietly(self, connector: ProcConnector | None) -> int:
         """After a pass, hand the counters to the quiet watch if the pass found nothing to do.
 
         Returns:
@@ -642,23 +656,38 @@ class TreeObserver:
             interval in between; ``0`` if the next pass is one interval away
             as usual.
         """
-        if (
-            not self._last_pass_quiet
-            or self._roots_added  # during the pass: not baselined yet
-            or self._tree.reap_pending
-            or self._settle_requests
-        ):
+        if not self._last_pass_quiet or self._roots_added:  # a root not baselined yet
             return 0
-        activity = self._activity
-        snapshot = activity.quiet_snapshot()
+        snapshot = self._activity.quiet_snapshot()
         if snapshot is None:
             return 0
-        passes = activity.passes_until_due()
-        watch = self._quiet_watch() if passes > 1 else None
+        # Even for one interval: with the connector, the watch also spares
+        # the loop a wake-up per batch of the machine's records meanwhile.
+        passes = self._activity.passes_until_due()
+        if connector is None:
+            watch = self._quiet_watch() if self._may_nap() else None
+            if watch is None:
+                return 0
+            watch.arm(snapshot)
+            return passes
+        return passes if self._hold_socket(connector, snapshot) else 0
+
+    def _hold_socket(self, connector: ProcConnector, snapshot: Snapshot) -> bool:
+        """Arm the quiet watch with ``snapshot`` and the connector's socket.
+
+        Returns:
+            Whether it was armed: not with a reap or a settle pending, at
+            the end, or under a clock the thread cannot keep.
+        """
+        watch = self._quiet_watch() if self._may_nap() else None
         if watch is None:
-            return 0
-        watch.arm(snapshot)
-        return passes
+            return False
+        members = frozenset(self._tree.known_pids())
+        watch.arm(snapshot, (connector.fileno(), partial(connector.hold_queued, members)))
+        return True
+
+    def _may_nap(self) -> bool:
+        return not (self._tree.reap_pending or self._settle_requests or self._finishing)
 
     def _nap_deadline(self, connector: ProcConnector | None, next_poll: float) -> float:
         # The connector reports the tree as it changes: with nothing to scan
@@ -681,13 +710,13 @@ class TreeObserver:
         if connector is None:
             await self._pass(scan_tree=True)
             return
-        await self._handle_batch(connector.receive_nowait())
+        await self._handle_batch(self._receive(connector))
         await self._pass(scan_tree=False)
 
     def _final_events(self, connector: ProcConnector | None) -> list[ObserverEvent]:
         events: list[ObserverEvent] = []
         if connector is not None:
-            events.extend(self._batch_events(connector.receive_nowait()))
+            events.extend(self._batch_events(self._receive(connector)))
             # Files and sockets only: a rescan of the tree would take a
             # zombie already reported for a new one.
             events.extend(self._pass_events(scan_tree=False))
