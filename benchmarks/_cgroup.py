@@ -20,7 +20,9 @@
   against the ``subprocess.Popen`` of the same child: the leaf's ``mkdir``
   and ``open``, ``SIGSTOP`` + ``SIGCONT``, the ``cgroup.procs`` write (also
   its wall time: the RCU grace period), the children check, the leaf's
-  figures at the reap, the leaf's ``rmdir``.
+  figures at the reap, the leaf's ``rmdir``;
+- the wall time of the first placement after a pause without moves (a
+  whole RCU grace period) against the placement right after it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from ._core import (
     fmt_seconds,
     interleave,
     interleave_async,
+    median,
     time_row,
 )
 
@@ -330,6 +333,49 @@ def _placement_steps(config: Config, containment: CgroupContainment) -> tuple[li
     )
 
 
+def _place_pair(containment: CgroupContainment) -> tuple[float, float]:
+    # Two sleep children placed one right after the other: the wall time of
+    # each place().
+    walls = []
+    children = []
+    for _ in range(2):
+        child = subprocess.Popen([SLEEP, "1000"])
+        children.append(child)
+        start = time.perf_counter()
+        containment.place(child.pid)
+        walls.append(time.perf_counter() - start)
+    for child in children:
+        child.kill()
+        child.wait()
+        containment.release(child.pid)
+    return walls[0], walls[1]
+
+
+async def _idle_placement_row(config: Config, containment: CgroupContainment) -> tuple[Row, str]:
+    # The first placement after a pause pays a whole RCU grace period (the
+    # kernel's cgroup_threadgroup_rwsem leaves its fast path a grace period
+    # after the last move); one right after it does not. Both are timed in
+    # each round, through the session's own place().
+    rounds = config.pick(9, 2)
+    idle = 0.05
+    first: list[float] = []
+    then: list[float] = []
+    for _ in range(rounds):
+        await trio.sleep(idle)
+        after_pause, right_after = _place_pair(containment)
+        first.append(after_pause)
+        then.append(right_after)
+    row = time_row(
+        f"placement wall: first place() after {idle * 1e3:.0f} ms without a move vs the next",
+        median(first),
+        median(then),
+    )
+    return row, (
+        f"idle placement: median of {rounds} rounds; a move elsewhere on the machine "
+        "within the pause (another process's cgroup work) makes the first one fast too"
+    )
+
+
 async def _measure(config: Config) -> Report:
     session_row, session_note = await _session_spawn(config)
     per_block = config.pick(20, 3)
@@ -350,6 +396,7 @@ async def _measure(config: Config) -> Report:
         )
         stop_row, stop_note = await _stop_rows(config, containment)
         step_rows, step_note = _placement_steps(config, containment)
+        idle_row, idle_note = await _idle_placement_row(config, containment)
     pid_file = f"/tmp/trio-observer-bench-escapes-{os.getpid()}"
     try:
         caught = {mode: await _escapes(pid_file, mode) for mode in ("cgroup", "process-group")}
@@ -359,6 +406,7 @@ async def _measure(config: Config) -> Report:
     return Report(
         rows=[
             *step_rows,
+            idle_row,
             session_row,
             mechanism_row,
             stop_row,
@@ -375,5 +423,6 @@ async def _measure(config: Config) -> Report:
             stop_note,
             "escapes: through open_session, no sink, track_descendants off",
             step_note,
+            idle_note,
         ],
     )

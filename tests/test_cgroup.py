@@ -128,8 +128,12 @@ def _spawn(code: str, **kwargs: object) -> subprocess.Popen[bytes]:
     return child
 
 
+# Escapes once told to: Cgroup.place does not stop the process, and its
+# write may wait for an RCU grace period longer than the interpreter's
+# start-up on a busy machine (the escape would then happen before the move).
 ESCAPE = (
     "import os, subprocess, sys\n"
+    "sys.stdin.readline()\n"
     "subprocess.Popen(['env', '-i', 'setsid', sys.executable, '-c',"
     " 'import time; time.sleep(60)'])\n"
     "print('ok', flush=True)\n"
@@ -139,9 +143,12 @@ ESCAPE = (
 @needs_cgroup
 async def test_place_then_escapes_stay_inside(session_group: Cgroup) -> None:
     leaf = session_group.leaf("p1")
-    child = _spawn(ESCAPE, stdout=subprocess.PIPE)
+    child = _spawn(ESCAPE, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     leaf.place(child.pid)
+    assert child.stdin is not None
     assert child.stdout is not None
+    child.stdin.write(b"go\n")
+    child.stdin.close()
     assert child.stdout.readline() == b"ok\n"
     child.wait()
     # The parent has gone; its setsid'd, environment-less grandchild has not
@@ -246,15 +253,21 @@ def test_pids_max_contains_a_fork_loop(session_group: Cgroup) -> None:
         pytest.skip(f"pids controller cannot be enabled here: {exc}")
     leaf = session_group.leaf("p")
     leaf.set_limits(Limits(pids_max=20))
+    # The loop starts once the child is in its leaf (see ESCAPE): forks
+    # before the move would not count against pids.max.
     child = _spawn(
-        "import os, sys\nn = 0\nwhile True:\n"
+        "import os, sys\nsys.stdin.readline()\nn = 0\nwhile True:\n"
         "    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
         "    if pid == 0:\n        os.pause()\n    n += 1\n"
         "print(n, flush=True)\n",
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
     leaf.place(child.pid)
+    assert child.stdin is not None
     assert child.stdout is not None
+    child.stdin.write(b"go\n")
+    child.stdin.close()
     assert int(child.stdout.readline()) < 20
     assert leaf.pids_peak() == 20
 
