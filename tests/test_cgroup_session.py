@@ -23,11 +23,20 @@ needs_cgroup = pytest.mark.skipif(
     not SUPPORT.available, reason=f"cgroup v2 not writable here: {SUPPORT.reason}"
 )
 
-# Prints the pid of an `env -i setsid` grandchild (own group, own session,
-# no marker) and exits, leaving it behind.
+# Writes the pid of an `env -i setsid` grandchild (own group, own session,
+# no marker) and exits, leaving it behind. The pid is written only once the
+# escape is done (the sleep runs, in a session of its own): until then the
+# grandchild is still in the session's group and holds its marker, and a
+# session that ended then would rightly stop it.
 ESCAPE = (
-    "import subprocess, sys\n"
+    "import subprocess, sys, time\n"
     "p = subprocess.Popen(['env', '-i', 'setsid', 'sleep', '60'])\n"
+    "while True:\n"
+    "    stat = open(f'/proc/{p.pid}/stat').read()\n"
+    "    comm, rest = stat[stat.index('(') + 1 : stat.rindex(')')], stat[stat.rindex(')') + 2 :]\n"
+    "    if comm == 'sleep' and int(rest.split()[3]) == p.pid:\n"
+    "        break\n"
+    "    time.sleep(0.001)\n"
     "open(sys.argv[1], 'w').write(str(p.pid))\n"
 )
 
