@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -101,6 +102,53 @@ async def test_a_disarmed_watch_reads_nothing(tmp_path: Path) -> None:
             assert not moved.is_set()
     finally:
         os.close(fd)
+
+
+async def test_a_failed_thread_wakes_the_loop_and_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))
+    readable, writable = os.pipe()
+    os.write(writable, b"x")
+
+    def broken() -> bool:
+        raise RuntimeError("a bug in the drain")
+
+    try:
+        async with _watch() as (watch, moved):
+            watch.arm([], (readable, broken))
+            with trio.fail_after(20):
+                await moved.wait()
+            assert isinstance(watch.failed, RuntimeError)
+            assert not watch.armed
+    finally:
+        os.close(readable)
+        os.close(writable)
+    assert len(reported) == 1
+    assert isinstance(reported[0], RuntimeError)
+
+
+async def test_a_descriptor_past_fd_setsize_is_watched() -> None:
+    # A session with a thousand children holds descriptors past 1024, where
+    # select() cannot wait.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 2100:
+        pytest.skip(f"the hard limit of open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
+    readable, writable = os.pipe()
+    high = os.dup2(readable, 2050)
+    try:
+        async with _watch() as (watch, moved):
+            watch.arm([], (high, lambda: True))
+            os.write(writable, b"x")
+            with trio.fail_after(20):
+                await moved.wait()
+            assert watch.failed is None
+    finally:
+        for fd in (readable, writable, high):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_a_reaped_task_counts_as_moved() -> None:

@@ -94,6 +94,7 @@ class QuietWatch:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.checks = 0
         """How many times the thread has read a snapshot (for tests)."""
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run, name="trio_observer quiet watch", daemon=True
         )
@@ -103,6 +104,11 @@ class QuietWatch:
     def armed(self) -> bool:
         """Whether a snapshot is being watched."""
         return self._snapshot is not None
+
+    @property
+    def failed(self) -> BaseException | None:
+        """What ended the thread, if something went wrong in it: it watches nothing then."""
+        return self._failed
 
     def arm(self, snapshot: Snapshot, drain: tuple[int, Callable[[], bool]] | None = None) -> None:
         """Watch ``snapshot``: read it one interval from now, and every interval after.
@@ -152,6 +158,27 @@ class QuietWatch:
             pass  # the pipe is full of pokes already: the thread will look
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except BaseException as exc:
+            # Whatever it was, the loop must not sleep on a watch that is
+            # gone: it is woken, and makes no watch of this one again. The
+            # error goes on to threading.excepthook, to be seen.
+            self._failed = exc
+            with self._lock:
+                armed, self._snapshot, self._drain = self._snapshot is not None, None, None
+            if armed:
+                try:
+                    self._token.run_sync_soon(self._on_moved)
+                except trio.RunFinishedError:
+                    pass
+            raise
+
+    def _watch(self) -> None:
+        # poll, not select: the descriptors may be past FD_SETSIZE.
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        polled = -1  # the drained descriptor, while registered
         generation = -1
         next_check = math.inf
         # Until when the drained descriptor is not waited on (see DRAIN_PAUSE).
@@ -167,17 +194,23 @@ class QuietWatch:
                         math.inf if not self._snapshot else time.monotonic() + self._interval
                     )
                     paused_until = 0.0
-                waiting = [self._wake_read]
                 drain = self._drain
             now = time.monotonic()
             wake_at = next_check
+            wanted = -1
             if drain is not None:
                 if now >= paused_until:
-                    waiting.append(drain[0])
+                    wanted = drain[0]
                 else:
                     wake_at = min(wake_at, paused_until)
-            timeout = None if wake_at == math.inf else max(0.0, wake_at - now)
-            readable, _, _ = select.select(waiting, [], [], timeout)
+            if wanted != polled:
+                if polled >= 0:
+                    poller.unregister(polled)
+                if wanted >= 0:
+                    poller.register(wanted, select.POLLIN)
+                polled = wanted
+            timeout = None if wake_at == math.inf else max(0.0, wake_at - now) * 1000
+            readable = {fd for fd, _ in poller.poll(timeout)}
             if self._wake_read in readable:
                 try:
                     os.read(self._wake_read, 4096)

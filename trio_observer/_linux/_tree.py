@@ -504,6 +504,8 @@ class TreeObserver:
         own (a ``trio.testing.MockClock``), every pass stays on the trio
         clock.
         """
+        if self._quiet is not None and self._quiet.failed is not None:
+            return None  # its thread died (and woke the loop): no more watching
         if self._quiet is None:
             if type(trio.lowlevel.current_clock()).__name__ != "SystemClock":
                 return None
