@@ -383,6 +383,12 @@ class Process:
         the final sweep uses too; ``wait`` returns once the process exited."""
         await terminate_then_kill(self._request_stop, wait, grace_period)
 
+    def _has_streams(self) -> bool:
+        # What _close_streams closes.
+        return not (
+            self.stdin is None and self.stdout is None and self.stderr is None and self.pty is None
+        )
+
     def _close_streams(self) -> None:
         for stream in (self.stdin, self.stdout, self.stderr):
             if stream is not None:
