@@ -307,7 +307,7 @@ class Session:
             # process's first fork: wait for the observer to be subscribed.
             await self._tree.wait_active()
             self._check_open()
-        process, started, supervision = self._launch(spec)
+        process, started = self._launch(spec)
         try:
             try:
                 if self._observers.wants(EventCategory.LIFECYCLE):
@@ -325,9 +325,9 @@ class Session:
             # Cancelled (or interrupted) while STARTED waited for room, or
             # interrupted at the schedule point: the caller never gets the
             # handle, so nobody could stop or wait for the process, and the
-            # block would wait for it. Its supervisor stops its tree now,
-            # the way a cancelled session does.
-            supervision.cancel()
+            # block would wait for it. Its tree is stopped now, the way a
+            # cancelled session stops it.
+            self._abandon(process)
             raise
         return process
 
@@ -350,7 +350,7 @@ class Session:
         prepare_limits(self._containment.group, limits, move_self_to_leaf=self._move_self_to_leaf)
 
     @trio.lowlevel.enable_ki_protection
-    def _launch(self, spec: StartArguments) -> tuple[Process, trio.Event, trio.CancelScope]:
+    def _launch(self, spec: StartArguments) -> tuple[Process, trio.Event]:
         # Protected from KeyboardInterrupt, and without a checkpoint, from
         # the spawn until the supervisor is scheduled: a Ctrl-C landing in
         # between would leave a child nobody tracks, or a registered one
@@ -405,10 +405,25 @@ class Session:
         if self._containment is not None:
             process._leaf = self._containment.place(process.pid, spec.limits)
         started = trio.Event()
-        supervision = trio.CancelScope()
         self._running[process] = trio.Event()
-        self._nursery.start_soon(self._supervise, process, started, supervision)
-        return process, started, supervision
+        self._nursery.start_soon(self._supervise, process, started)
+        return process, started
+
+    @trio.lowlevel.enable_ki_protection
+    def _abandon(self, process: Process) -> None:
+        # A task of its own rather than a cancel scope around every
+        # supervisor (entering and leaving one cost about 3.5 us of every
+        # spawn): the supervisor goes on waiting for the exit and reaps;
+        # this task sends the signals, with the session's grace.
+        process._abandoned = True
+        self._nursery.start_soon(self._stop_abandoned, process)
+
+    @trio.lowlevel.enable_ki_protection
+    async def _stop_abandoned(self, process: Process) -> None:
+        # Shielded, as a cancelled supervisor's stop is: this is that stop.
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                await process._stop_tree(self._grace, process._exited.wait)
 
     def _start_reader(
         self,
@@ -525,18 +540,13 @@ class Session:
         )
 
     @trio.lowlevel.enable_ki_protection
-    async def _supervise(
-        self, process: Process, started: trio.Event, supervision: trio.CancelScope
-    ) -> None:
+    async def _supervise(self, process: Process, started: trio.Event) -> None:
         # Protected from KeyboardInterrupt: the finally below must run, or
         # the teardown would wait for this process forever.
         try:
             cancelled = False
             try:
-                with supervision:
-                    await process._supervise(self._grace)
-                if supervision.cancelled_caught:
-                    cancelled = True
+                await process._supervise(self._grace)
             except trio.Cancelled:
                 cancelled = True
                 raise
@@ -556,7 +566,7 @@ class Session:
                         termination=process.termination,
                         resources=process._usage,
                     )
-                    if cancelled:
+                    if cancelled or process._abandoned:
                         # Tearing down: a BLOCK consumer may be cancelled
                         # too, so waiting on it could hang the session.
                         self._observers.emit_nowait(event)
