@@ -87,7 +87,11 @@ class Session:
         # readers still reading, every process group (ints, for the final
         # sweep), and weak references to the rest so that their pipes can be
         # closed at the end if the user still holds them.
-        self._running: dict[Process, trio.Event] = {}
+        self._running: dict[Process, None] = {}
+        # Set when the last running process's supervisor has finished, for
+        # the teardown that waits for it (made only then: an Event per
+        # process cost a microsecond of every spawn).
+        self._none_running: trio.Event | None = None
         self._reaped: weakref.WeakSet[Process] = weakref.WeakSet()
         self._groups: set[int] = set()
         self._readers: dict[trio.CancelScope, trio.Event] = {}
@@ -405,7 +409,7 @@ class Session:
         if self._containment is not None:
             process._leaf = self._containment.place(process.pid, spec.limits)
         started = trio.Event()
-        self._running[process] = trio.Event()
+        self._running[process] = None
         self._nursery.start_soon(self._supervise, process, started)
         return process, started
 
@@ -575,7 +579,9 @@ class Session:
         finally:
             if self._containment is not None and process.returncode is not None:
                 self._containment.release(process.pid)
-            self._running.pop(process).set()
+            del self._running[process]
+            if not self._running and self._none_running is not None:
+                self._none_running.set()
             if process._has_streams():
                 # Only for _close(); a process without pipes or a terminal
                 # has nothing to close there.
@@ -605,7 +611,8 @@ class Session:
 
     async def _wait_for_processes(self) -> None:
         while self._running:
-            await next(iter(self._running.values())).wait()
+            self._none_running = trio.Event()
+            await self._none_running.wait()
 
     async def _stop_leftovers(self, exit_codes: dict[int, int]) -> None:
         # Brought up to date first, so that what the sweep stops is known,
