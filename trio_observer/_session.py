@@ -85,8 +85,9 @@ class Session:
         # Only what is needed is kept, so that a long session that starts
         # many processes does not grow: the processes still running, the
         # readers still reading, every process group (ints, for the final
-        # sweep), and weak references to the rest so that their pipes can be
-        # closed at the end if the user still holds them.
+        # sweep), and weak references to the reaped ones that have pipes or
+        # a terminal, so that those can be closed at the end if the user
+        # still holds them.
         self._running: dict[Process, None] = {}
         # Set when the last running process's supervisor has finished, for
         # the teardown that waits for it (made only then: an Event per
