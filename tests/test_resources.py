@@ -96,9 +96,10 @@ async def test_exited_carries_rusage_with_process_groups() -> None:
     assert spent.max_rss_bytes == process.resources().max_rss_bytes
 
 
-async def test_the_session_sums_every_reaped_process() -> None:
-    # More than one batch of the session's summing (_SUM_BATCH), and a few
+async def test_the_session_sums_every_reaped_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two batches of the session's summing (small ones here), and a few
     # over, so that both what is summed and what waits to be are counted.
+    monkeypatch.setattr(_session, "_SUM_BATCH", 4)
     count = 2 * _session._SUM_BATCH + 3
     reaped = []
     async with trio_observer.open_session(containment="process-group") as session:
