@@ -103,6 +103,58 @@ async def test_a_start_cancelled_while_started_waits_stops_its_process() -> None
             await first.stdin.aclose()
 
 
+# As above, with Ctrl-C in place of the cancellation: trio delivers it to
+# the main task where STARTED waits, and the handle is never returned. (In
+# a process of its own: under pytest-trio the main task is not the test's.)
+_CTRL_C_WHILE_STARTED_WAITS = """
+import os, signal, sys
+import trio, trio.testing
+from trio_observer import EventCategory, ObserverBackpressure, open_session
+
+seen = []
+
+@trio.lowlevel.enable_ki_protection
+async def press_ctrl_c_when_blocked(session):
+    # Protected, so that trio delivers the SIGINT to the main task.
+    await trio.testing.wait_all_tasks_blocked()
+    seen.extend(session.processes)
+    os.kill(os.getpid(), signal.SIGINT)
+
+async def main():
+    try:
+        async with (
+            open_session(grace_period=30) as session,
+            session.observers.subscribe(
+                [EventCategory.LIFECYCLE], capacity=1, backpressure=ObserverBackpressure.BLOCK
+            ),
+        ):
+            await session.start_process([sys.executable, "-c", "pass"])
+            session._nursery.start_soon(press_ctrl_c_when_blocked, session)
+            await session.start_process([sys.executable, "-c", "import time; time.sleep(60)"])
+            print("start_process returned")
+    except* KeyboardInterrupt:
+        first, process = seen
+        # The first one was stopped too, by the interrupted session, if it
+        # was still running.
+        assert first.returncode is not None
+        print(process.returncode, process.termination.value)
+
+trio.run(main)
+"""
+
+
+def test_ctrl_c_while_started_waits_stops_its_process() -> None:
+    result = subprocess.run(
+        [PY, "-c", _CTRL_C_WHILE_STARTED_WAITS],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        # The 30 s grace (or a process left running) shows as this timeout.
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.split() == [b"%d" % -signal.SIGTERM, b"soft-exit"]
+
+
 # A loop that starts processes until a SIGINT (sent by a thread at a random
 # moment) interrupts it, many times over; every pid is recorded by the
 # session's spawn, patched to write it first. The parent checks that none

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
@@ -21,9 +22,13 @@ from tests.registry_helpers import (
     status,
 )
 from trio_observer import (
+    EventGrade,
+    ObserverEvent,
     ObserverRegistry,
     ObserverSinkStatus,
     ObserverSubscriberId,
+    ResourceUsage,
+    TerminationOutcome,
 )
 from trio_observer._events import ObserverEventKind, lifecycle_event
 
@@ -223,3 +228,48 @@ async def test_lifecycle_event_takes_its_category_from_the_kind() -> None:
     assert (exited.category, exited.exit_code) == (PROCESS, -9)
     with pytest.raises(ValueError, match=r"kind must be one of .*STARTED"):
         lifecycle_event(ObserverEventKind.FILE_OPEN, 12, ppid=None)
+
+
+async def test_lifecycle_event_is_what_the_constructor_builds() -> None:
+    # lifecycle_event fills the slots itself, bypassing __init__: for every
+    # kind and every argument it takes, the event must be the one
+    # ObserverEvent(...) gives, field by field (wall_time_ms aside: it is
+    # the time of building).
+    usage = ResourceUsage(user_seconds=0.5, system_seconds=0.25, max_rss_bytes=4096)
+    arguments = {
+        "ppid": 7,
+        "timestamp_ms": 12.5,
+        "grade": EventGrade.INFERRED,
+        "root_pid": 3,
+        "argv": ("prog", "arg"),
+        "exit_code": -9,
+        "termination": TerminationOutcome.HARD_KILLED,
+        "resources": usage,
+    }
+    for kind, category in (
+        (ObserverEventKind.STARTED, LIFECYCLE),
+        (ObserverEventKind.EXITED, LIFECYCLE),
+        (ObserverEventKind.DESCENDANT_STARTED, PROCESS),
+        (ObserverEventKind.DESCENDANT_EXITED, PROCESS),
+        (ObserverEventKind.DESCENDANT_EXEC, PROCESS),
+    ):
+        for built, expected in (
+            (
+                lifecycle_event(kind, 42, **arguments),  # type: ignore[arg-type]
+                ObserverEvent(category=category, kind=kind, pid=42, **arguments),  # type: ignore[arg-type]
+            ),
+            (
+                lifecycle_event(kind, 42, ppid=None, timestamp_ms=1.0),
+                ObserverEvent(category=category, kind=kind, pid=42, timestamp_ms=1.0),
+            ),
+        ):
+            assert type(built) is ObserverEvent
+            assert built == expected
+            assert hash(built) == hash(expected)
+            for field in dataclasses.fields(ObserverEvent):
+                if field.name != "wall_time_ms":
+                    assert getattr(built, field.name) == getattr(expected, field.name), field.name
+            assert abs(built.wall_time_ms - expected.wall_time_ms) < 60_000
+            assert built.to_dict().keys() == expected.to_dict().keys()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.pid = 1  # type: ignore[misc]

@@ -17,6 +17,7 @@ from trio_observer import (
     ObserverEvent,
     ObserverEventKind,
     ResourceUsage,
+    _session,
 )
 from trio_observer._linux import _cgroup
 
@@ -93,6 +94,25 @@ async def test_exited_carries_rusage_with_process_groups() -> None:
     # The session sums what its reaped processes cost.
     assert spent.user_seconds == process.resources().user_seconds
     assert spent.max_rss_bytes == process.resources().max_rss_bytes
+
+
+async def test_the_session_sums_every_reaped_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two batches of the session's summing (small ones here), and a few
+    # over, so that both what is summed and what waits to be are counted.
+    monkeypatch.setattr(_session, "_SUM_BATCH", 4)
+    count = 2 * _session._SUM_BATCH + 3
+    reaped = []
+    async with trio_observer.open_session(containment="process-group") as session:
+        for _ in range(count):
+            process = await session.start_process([sys.executable, "-c", "pass"])
+            await process.wait()
+            reaped.append(process.resources())
+        spent = session.resources()
+        assert len(session._unsummed) < _session._SUM_BATCH
+    assert all(u.user_seconds is not None and u.system_seconds is not None for u in reaped)
+    assert spent.user_seconds == pytest.approx(sum(u.user_seconds or 0 for u in reaped))
+    assert spent.system_seconds == pytest.approx(sum(u.system_seconds or 0 for u in reaped))
+    assert spent.max_rss_bytes == max(u.max_rss_bytes or 0 for u in reaped)
 
 
 @needs_cgroup

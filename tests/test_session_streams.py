@@ -244,6 +244,24 @@ async def test_pty_send_eof_ends_the_input() -> None:
     assert process.pty.log.snapshot().endswith(b"4\r\n")
 
 
+async def test_pipes_of_a_reaped_process_are_closed_when_the_session_ends() -> None:
+    async with open_session() as session:
+        piped = await session.start_process(
+            [PY, "-c", "pass"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        plain = await session.start_process([PY, "-c", "pass"])
+        await piped.wait()
+        await plain.wait()
+        # Only a process with something to close is remembered for it.
+        assert set(session._reaped) == {piped}
+    assert piped.stdin is not None
+    assert piped.stdout is not None
+    with pytest.raises(trio.ClosedResourceError):
+        await piped.stdin.send_all(b"x")
+    with pytest.raises(trio.ClosedResourceError):
+        await piped.stdout.receive_some()
+
+
 async def test_a_long_session_keeps_no_record_of_reaped_processes() -> None:
     async with open_session() as session:
         for stdout in (None, CAPTURE):

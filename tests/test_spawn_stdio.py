@@ -292,3 +292,16 @@ async def test_rusage_of_the_reap() -> None:
     assert usage.user_seconds + usage.system_seconds >= 0.05
     assert usage.max_rss_bytes is not None
     assert usage.max_rss_bytes > 0
+
+
+async def test_each_command_gets_its_own_argv_beyond_the_command_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The posix_spawn route keeps the encoded argv of recent commands; a
+    # small cache here makes the commands below overflow it more than once.
+    monkeypatch.setattr(trio_observer._linux._spawn, "_MAX_COMMANDS", 2)
+    script = "import sys; print(sys.argv[1:])"
+    async with open_session() as session:
+        for args in (["a"], ["b", "c"], ["a"], ["d"], ["b", "c"], []):
+            out = await _output(session, [PY, "-c", script, *args])
+            assert out == f"{args}\n".encode()

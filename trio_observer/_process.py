@@ -173,6 +173,9 @@ class Process:
         # can be told apart from a natural one.
         self._stop_requested = False
         self._kill_sent = False
+        # Set when start_process failed after the spawn: the session stops
+        # the tree itself (Session._abandon), its supervisor only reaps.
+        self._abandoned = False
         # The leaf cgroup, when the session contains by cgroup (set by the
         # session right after the spawn), and what the process cost.
         self._leaf: Cgroup | None = None
@@ -371,7 +374,11 @@ class Process:
             await self._wait_exit()
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self._stop_tree(grace_period, self._wait_exit)
+                if self._abandoned:
+                    # Already being stopped, with the same grace.
+                    await self._wait_exit()
+                else:
+                    await self._stop_tree(grace_period, self._wait_exit)
                 self._reap()
             raise
         self._reap()
@@ -382,6 +389,12 @@ class Process:
         """Stop the process group by :func:`terminate_then_kill`, the routine
         the final sweep uses too; ``wait`` returns once the process exited."""
         await terminate_then_kill(self._request_stop, wait, grace_period)
+
+    def _has_streams(self) -> bool:
+        # What _close_streams closes.
+        return not (
+            self.stdin is None and self.stdout is None and self.stderr is None and self.pty is None
+        )
 
     def _close_streams(self) -> None:
         for stream in (self.stdin, self.stdout, self.stderr):

@@ -54,6 +54,9 @@ from ._start_args import StartArguments, check_start_arguments
 if TYPE_CHECKING:
     from ._capabilities import CapabilityReport
 
+_SUM_BATCH = 64
+"""How many reaped processes' usages a session keeps before summing them."""
+
 _MIN_DRAIN_SECONDS = 1.0
 """How long, at least, the tree observer may wait on a full BLOCK sink for
 the last events of a session before counting them missed."""
@@ -82,9 +85,14 @@ class Session:
         # Only what is needed is kept, so that a long session that starts
         # many processes does not grow: the processes still running, the
         # readers still reading, every process group (ints, for the final
-        # sweep), and weak references to the rest so that their pipes can be
-        # closed at the end if the user still holds them.
-        self._running: dict[Process, trio.Event] = {}
+        # sweep), and weak references to the reaped ones that have pipes or
+        # a terminal, so that those can be closed at the end if the user
+        # still holds them.
+        self._running: dict[Process, None] = {}
+        # Set when the last running process's supervisor has finished, for
+        # the teardown that waits for it (made only then: an Event per
+        # process cost a microsecond of every spawn).
+        self._none_running: trio.Event | None = None
         self._reaped: weakref.WeakSet[Process] = weakref.WeakSet()
         self._groups: set[int] = set()
         self._readers: dict[trio.CancelScope, trio.Event] = {}
@@ -124,8 +132,11 @@ class Session:
         self._containment: CgroupContainment | None = None
         self._containment_mode = "process-group"
         self._move_self_to_leaf = False
-        # What the reaped processes cost, for resources() without a cgroup.
+        # What the reaped processes cost, for resources() without a cgroup:
+        # their usages are kept as they come and summed into _spent in
+        # batches, since summing costs a few microseconds of every reap.
         self._spent = ResourceUsage()
+        self._unsummed: list[ResourceUsage] = []
 
     def _check_open(self) -> None:
         if self._closing:
@@ -203,7 +214,7 @@ class Session:
         """
         if self._containment is not None:
             return group_usage(self._containment.group)
-        return total_usage([self._spent, *(p.resources() for p in self._running)])
+        return total_usage([self._spent, *self._unsummed, *(p.resources() for p in self._running)])
 
     async def start_process(
         self,
@@ -301,7 +312,7 @@ class Session:
             # process's first fork: wait for the observer to be subscribed.
             await self._tree.wait_active()
             self._check_open()
-        process, started, supervision = self._launch(spec)
+        process, started = self._launch(spec)
         try:
             try:
                 if self._observers.wants(EventCategory.LIFECYCLE):
@@ -319,9 +330,9 @@ class Session:
             # Cancelled (or interrupted) while STARTED waited for room, or
             # interrupted at the schedule point: the caller never gets the
             # handle, so nobody could stop or wait for the process, and the
-            # block would wait for it. Its supervisor stops its tree now,
-            # the way a cancelled session does.
-            supervision.cancel()
+            # block would wait for it. Its tree is stopped now, the way a
+            # cancelled session stops it.
+            self._abandon(process)
             raise
         return process
 
@@ -344,7 +355,7 @@ class Session:
         prepare_limits(self._containment.group, limits, move_self_to_leaf=self._move_self_to_leaf)
 
     @trio.lowlevel.enable_ki_protection
-    def _launch(self, spec: StartArguments) -> tuple[Process, trio.Event, trio.CancelScope]:
+    def _launch(self, spec: StartArguments) -> tuple[Process, trio.Event]:
         # Protected from KeyboardInterrupt, and without a checkpoint, from
         # the spawn until the supervisor is scheduled: a Ctrl-C landing in
         # between would leave a child nobody tracks, or a registered one
@@ -399,10 +410,25 @@ class Session:
         if self._containment is not None:
             process._leaf = self._containment.place(process.pid, spec.limits)
         started = trio.Event()
-        supervision = trio.CancelScope()
-        self._running[process] = trio.Event()
-        self._nursery.start_soon(self._supervise, process, started, supervision)
-        return process, started, supervision
+        self._running[process] = None
+        self._nursery.start_soon(self._supervise, process, started)
+        return process, started
+
+    @trio.lowlevel.enable_ki_protection
+    def _abandon(self, process: Process) -> None:
+        # A task of its own rather than a cancel scope around every
+        # supervisor (entering and leaving one cost about 3.5 us of every
+        # spawn): the supervisor goes on waiting for the exit and reaps;
+        # this task sends the signals, with the session's grace.
+        process._abandoned = True
+        self._nursery.start_soon(self._stop_abandoned, process)
+
+    @trio.lowlevel.enable_ki_protection
+    async def _stop_abandoned(self, process: Process) -> None:
+        # Shielded, as a cancelled supervisor's stop is: this is that stop.
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                await process._stop_tree(self._grace, process._exited.wait)
 
     def _start_reader(
         self,
@@ -519,18 +545,13 @@ class Session:
         )
 
     @trio.lowlevel.enable_ki_protection
-    async def _supervise(
-        self, process: Process, started: trio.Event, supervision: trio.CancelScope
-    ) -> None:
+    async def _supervise(self, process: Process, started: trio.Event) -> None:
         # Protected from KeyboardInterrupt: the finally below must run, or
         # the teardown would wait for this process forever.
         try:
             cancelled = False
             try:
-                with supervision:
-                    await process._supervise(self._grace)
-                if supervision.cancelled_caught:
-                    cancelled = True
+                await process._supervise(self._grace)
             except trio.Cancelled:
                 cancelled = True
                 raise
@@ -550,7 +571,7 @@ class Session:
                         termination=process.termination,
                         resources=process._usage,
                     )
-                    if cancelled:
+                    if cancelled or process._abandoned:
                         # Tearing down: a BLOCK consumer may be cancelled
                         # too, so waiting on it could hang the session.
                         self._observers.emit_nowait(event)
@@ -559,10 +580,19 @@ class Session:
         finally:
             if self._containment is not None and process.returncode is not None:
                 self._containment.release(process.pid)
-            self._running.pop(process).set()
-            self._reaped.add(process)
+            del self._running[process]
+            if not self._running and self._none_running is not None:
+                self._none_running.set()
+            if process._has_streams():
+                # Only for _close(); a process without pipes or a terminal
+                # has nothing to close there.
+                self._reaped.add(process)
             if process._usage is not None:
-                self._spent = total_usage([self._spent, process._usage])
+                unsummed = self._unsummed
+                unsummed.append(process._usage)
+                if len(unsummed) >= _SUM_BATCH:
+                    self._spent = total_usage([self._spent, *unsummed])
+                    unsummed.clear()
 
     async def _emit_exited(self, event: ObserverEvent, started: trio.Event) -> None:
         # A BLOCK sink gets EXITED only after STARTED: if STARTED is still
@@ -582,7 +612,8 @@ class Session:
 
     async def _wait_for_processes(self) -> None:
         while self._running:
-            await next(iter(self._running.values())).wait()
+            self._none_running = trio.Event()
+            await self._none_running.wait()
 
     async def _stop_leftovers(self, exit_codes: dict[int, int]) -> None:
         # Brought up to date first, so that what the sweep stops is known,

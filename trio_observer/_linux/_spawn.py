@@ -207,10 +207,11 @@ def _c_strings(items: Sequence[bytes], *extra: bytes) -> ctypes.Array[ctypes.c_c
 # os.environ as the child's envp, kept between spawns: the entries
 # ("KEY=value" bytes) made from a snapshot of os.environ._data, and the
 # NULL-terminated arrays of them, each with one extra variable (a session's
-# id). Comparing the snapshot with _data is one C-level dict comparison, so
-# a change to os.environ is still seen at the next spawn, and only then is
-# the block made again. The block is replaced whole, so a thread never
-# pairs a snapshot with other entries.
+# id), found by that variable as given (a str pair, so that a spawn encodes
+# nothing). Comparing the snapshot with _data is one C-level dict
+# comparison, so a change to os.environ is still seen at the next spawn,
+# and only then is the block made again. The block is replaced whole, so a
+# thread never pairs a snapshot with other entries.
 _MAX_EXTRAS: Final = 16
 
 
@@ -218,14 +219,19 @@ _MAX_EXTRAS: Final = 16
 class _EnvironBlock:
     __slots__ = ("arrays", "entries", "skip", "snapshot")
 
-    def __init__(self, data: dict[bytes, bytes], skip: bytes | None) -> None:
+    def __init__(self, data: dict[bytes, bytes], skip: str | None) -> None:
         self.snapshot = dict(data)
         self.skip = skip
-        self.entries = [k + b"=" + v for k, v in self.snapshot.items() if k != skip]
-        self.arrays: dict[bytes | None, ctypes.Array[ctypes.c_char_p]] = {}
+        skip_key = None if skip is None else os.fsencode(skip)
+        self.entries = [k + b"=" + v for k, v in self.snapshot.items() if k != skip_key]
+        self.arrays: dict[tuple[str, str] | None, ctypes.Array[ctypes.c_char_p]] = {}
 
 
 _environ_block: _EnvironBlock | None = None
+
+
+def _extra_entries(extra: tuple[str, str] | None) -> tuple[bytes, ...]:
+    return () if extra is None else (os.fsencode(extra[0]) + b"=" + os.fsencode(extra[1]),)
 
 
 def _envp(
@@ -234,25 +240,44 @@ def _envp(
     """The child's ``envp``: ``env`` (default: os.environ now) and ``extra``,
     which replaces a variable of its name."""
     global _environ_block
-    skip = extra_entry = None
-    if extra is not None:
-        skip = os.fsencode(extra[0])
-        extra_entry = skip + b"=" + os.fsencode(extra[1])
-    extras = () if extra_entry is None else (extra_entry,)
+    skip = None if extra is None else extra[0]
     data = getattr(os.environ, "_data", None) if env is None else None
     if type(data) is not dict:
         source = os.environ if env is None else env
+        skip_key = None if skip is None else os.fsencode(skip)
         entries = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in source.items()]
-        return _c_strings([e for e in entries if e.partition(b"=")[0] != skip], *extras)
+        return _c_strings(
+            [e for e in entries if e.partition(b"=")[0] != skip_key], *_extra_entries(extra)
+        )
     block = _environ_block
     if block is None or block.skip != skip or block.snapshot != data:
         block = _environ_block = _EnvironBlock(data, skip)
-    array = block.arrays.get(extra_entry)
+    array = block.arrays.get(extra)
     if array is None:
         if len(block.arrays) >= _MAX_EXTRAS:
             block.arrays.clear()
-        array = block.arrays[extra_entry] = _c_strings(block.entries, *extras)
+        array = block.arrays[extra] = _c_strings(block.entries, *_extra_entries(extra))
     return array
+
+
+# The executable and argv of recent spawns as posix_spawn takes them
+# (encoded, argv as a NULL-terminated array), so that starting the same
+# command again converts nothing; posix_spawn only reads them.
+_MAX_COMMANDS: Final = 32
+_commands: dict[tuple[str, tuple[str, ...]], tuple[bytes, ctypes.Array[ctypes.c_char_p]]] = {}
+
+
+def _command(executable: str, argv: Sequence[str]) -> tuple[bytes, ctypes.Array[ctypes.c_char_p]]:
+    key = (executable, tuple(argv))
+    command = _commands.get(key)
+    if command is None:
+        if len(_commands) >= _MAX_COMMANDS:
+            _commands.clear()
+        command = _commands[key] = (
+            os.fsencode(executable),
+            _c_strings([os.fsencode(arg) for arg in argv]),
+        )
+    return command
 
 
 @final
@@ -422,7 +447,7 @@ def _spawn(
             "cwd needs posix_spawn_file_actions_addchdir_np (glibc >= 2.29), "
             "which this C library lacks"
         )
-    c_argv = _c_strings([os.fsencode(arg) for arg in argv])
+    c_executable, c_argv = _command(executable, argv)
     c_envp = _envp(env, extra_env)
     key = (cwd_str, terminal, stdio)
     actions = _actions_cache.get(key)
@@ -438,7 +463,7 @@ def _spawn(
         # ctypes releases the GIL for the call; glibc's posix_spawn
         # suspends only this thread until the child has exec'd.
         err = libc.posix_spawn(
-            ctypes.byref(pid), os.fsencode(executable), actions.buffer, attr, c_argv, c_envp
+            ctypes.byref(pid), c_executable, actions.buffer, attr, c_argv, c_envp
         )
     finally:
         for fd in copies:
