@@ -6,8 +6,8 @@ import os
 import resource
 import sys
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,11 +65,20 @@ async def _watch(interval: float = 0.005) -> AsyncIterator[tuple[QuietWatch, tri
         watch.close()
 
 
-async def test_the_watch_calls_back_once_a_descriptor_reads_differently(tmp_path: Path) -> None:
+@contextmanager
+def _counters(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    # A file standing in for a schedstat: its path, and a descriptor open on it.
     path = tmp_path / "counters"
     path.write_bytes(b"1 2 3\n")
     fd = os.open(path, os.O_RDONLY)
     try:
+        yield path, fd
+    finally:
+        os.close(fd)
+
+
+async def test_the_watch_calls_back_once_a_descriptor_reads_differently(tmp_path: Path) -> None:
+    with _counters(tmp_path) as (path, fd):
         async with _watch() as (watch, moved):
             watch.arm([(fd, b"1 2 3\n")])
             await _checks(watch, 3)
@@ -80,16 +89,11 @@ async def test_the_watch_calls_back_once_a_descriptor_reads_differently(tmp_path
                 await moved.wait()
             # Once per arm: the thread let go of the snapshot.
             assert not watch.armed
-    finally:
-        os.close(fd)
     assert _watch_threads() == []
 
 
 async def test_a_disarmed_watch_reads_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "counters"
-    path.write_bytes(b"1 2 3\n")
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with _counters(tmp_path) as (path, fd):
         async with _watch() as (watch, moved):
             watch.arm([(fd, b"1 2 3\n")])
             await _checks(watch, 1)
@@ -100,8 +104,6 @@ async def test_a_disarmed_watch_reads_nothing(tmp_path: Path) -> None:
             await trio.sleep(0.1)
             assert watch.checks == checks
             assert not moved.is_set()
-    finally:
-        os.close(fd)
 
 
 async def test_a_failed_thread_wakes_the_loop_and_is_reported(

@@ -120,11 +120,7 @@ class QuietWatch:
                 when it is readable (the connector's socket and
                 ``hold_queued``); ``True`` calls back as a moved snapshot does.
         """
-        with self._lock:
-            self._snapshot = snapshot
-            self._drain = drain
-            self._generation += 1
-        self._poke()
+        self._set(snapshot, drain)
 
     def disarm(self) -> None:
         """Stop watching; on return, nothing of the snapshot or the drain is being read.
@@ -132,24 +128,30 @@ class QuietWatch:
         Blocks while the thread is in the middle of a read (one ``pread``
         per descriptor, or one drain), never longer.
         """
-        if self._snapshot is None:
-            return
-        with self._lock:
-            self._snapshot = None
-            self._drain = None
-            self._generation += 1
-        self._poke()
+        if self._snapshot is not None:
+            self._set(None, None)
 
     def close(self) -> None:
         """Stop the thread and wait for it to end."""
-        with self._lock:
-            self._snapshot = None
-            self._drain = None
-            self._closing = True
-        self._poke()
+        self._set(None, None, closing=True)
         self._thread.join()
         os.close(self._wake_read)
         os.close(self._wake_write)
+
+    def _set(
+        self,
+        snapshot: Snapshot | None,
+        drain: tuple[int, Callable[[], bool]] | None,
+        *,
+        closing: bool = False,
+    ) -> None:
+        # What the thread reads next; a new generation makes it start over.
+        with self._lock:
+            self._snapshot = snapshot
+            self._drain = drain
+            self._generation += 1
+            self._closing = self._closing or closing
+        self._poke()
 
     def _poke(self) -> None:
         try:
