@@ -52,7 +52,6 @@ from ._core import (
     Report,
     Row,
     Target,
-    best,
     fmt_seconds,
     interleave,
     interleave_async,
@@ -139,8 +138,8 @@ async def _session_spawn(config: Config) -> tuple[Row, str]:
         samples = await interleave_async(trials, rounds)
     row = time_row(
         "spawn+reap true in a session: containment cgroup vs process-group",
-        best(samples["cgroup"]),
-        best(samples["process-group"]),
+        median(samples["cgroup"]),
+        median(samples["process-group"]),
         Target("<=", 1.10),
     )
     return row, f"session spawn: median of {rounds} rounds x {per_block}, interleaved"
@@ -190,8 +189,8 @@ async def _stop_rows(config: Config, containment: CgroupContainment) -> tuple[Ro
     row = time_row(
         f"stop {size}-process SIGTERM-ignoring tree after grace, to last reap: "
         "cgroup vs process-group sweep",
-        best(by_cgroup),
-        best(by_sweep),
+        median(by_cgroup),
+        median(by_sweep),
     )
     return row, f"stop: median of {rounds}"
 
@@ -390,8 +389,8 @@ async def _measure(config: Config) -> Report:
         )
         mechanism_row = time_row(
             "spawn+reap true, mechanism: Popen+place+usage+release vs Popen",
-            best(samples["cgroup"]),
-            best(samples["process-group"]),
+            median(samples["cgroup"]),
+            median(samples["process-group"]),
             Target("<=", 1.10),
         )
         stop_row, stop_note = await _stop_rows(config, containment)

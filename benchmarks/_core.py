@@ -158,11 +158,6 @@ def median(samples: Sequence[float]) -> Figure:
     return Figure(samples)
 
 
-# The sections' old name: the verdict figure was the fastest round. It is
-# the median for every section now, whichever name a section calls.
-best = median
-
-
 def ratio_spread(
     ours: float, alternative: float, *, invert: bool = False
 ) -> tuple[float, float] | None:

@@ -57,7 +57,7 @@ from trio_observer._linux import _cgroup, _cgroup_leftovers
 from trio_observer._linux._cgroup import Cgroup
 from trio_observer._linux._tree import Backend, TreeObserver
 
-from ._core import Config, Report, Row, Target, best, fmt_seconds, interleave_async, time_row
+from ._core import Config, Report, Row, Target, fmt_seconds, interleave_async, median, time_row
 
 SLEEP = shutil.which("sleep") or "/usr/bin/sleep"
 ALL = frozenset({EventCategory.PROCESS, EventCategory.FILE, EventCategory.NETWORK})
@@ -257,10 +257,10 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
         ),
     }
     samples = await interleave_async(trials, rounds)
-    idle = best(samples["idle"])
+    idle = median(samples["idle"])
     rows = []
     for backend in ("connector", "poll"):
-        used = best(samples[backend])
+        used = median(samples[backend])
         rows.append(
             Row(
                 f"observe {tree.size}-process tree, PROCESS+FILE+NETWORK, {backend}",
@@ -271,7 +271,7 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
             )
         )
     if tree.group is not None:
-        used = best(samples["poll, in a cgroup"])
+        used = median(samples["poll, in a cgroup"])
         rows.append(
             Row(
                 f"observe {tree.size}-process tree, PROCESS+FILE+NETWORK, poll, in a cgroup",
@@ -281,7 +281,7 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
                 Target("<=", 0.02),
             )
         )
-    used = best(samples["connector, PROCESS only"])
+    used = median(samples["connector, PROCESS only"])
     rows.append(
         Row(
             f"observe {tree.size}-process tree, PROCESS only, connector",
@@ -296,7 +296,7 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
             if categories != "PROCESS only"
             else ("connector, PROCESS only, busy machine")
         )
-        used = best(samples[key])
+        used = median(samples[key])
         rows.append(
             Row(
                 f"the same, {categories}, connector, while a stranger starts /bin/true in a loop",
@@ -305,7 +305,7 @@ async def _measure_cpu(config: Config, tree: _Tree) -> Report:
                 used - idle,
             )
         )
-    floor = best(samples["bare loop"])
+    floor = median(samples["bare loop"])
     rows.append(
         Row(
             f"a bare trio loop waking every {INTERVAL * 1e3:.0f} ms (a look per wake costs more)",
@@ -516,8 +516,8 @@ async def _measure_pass(config: Config, tree: _Tree) -> Report:
         rows=[
             time_row(
                 f"one {ours_name} scan vs {label}",
-                best(samples[ours_name]),
-                best(samples[theirs_name]),
+                median(samples[ours_name]),
+                median(samples[theirs_name]),
             )
             for ours_name, theirs_name, label in pairs
         ],
