@@ -319,10 +319,18 @@ class ObserverRegistry:
         policy. The session uses this where it must not wait (while it tears
         a process tree down after a cancellation). It is also the cheapest
         way to emit to ``DROP_OLDEST`` sinks: no coroutine is made.
+
+        Raises:
+          TypeError: ``event`` is not an :class:`ObserverEvent` (its
+            ``category`` not an :class:`EventCategory`), before it is
+            delivered anywhere.
         """
         # No early return for an empty registry: the routes are empty then,
         # and the check cost every delivering call more than it saved.
-        plain, general = self._routes[event.category]
+        try:
+            plain, general = self._routes[event.category]
+        except (AttributeError, KeyError, TypeError):
+            raise _not_an_event("event", event) from None
         for sink, send_nowait in plain:
             try:
                 send_nowait(event)
@@ -359,12 +367,21 @@ class ObserverRegistry:
         ``trio.Cancelled``. A ``KeyboardInterrupt`` never lands between
         delivering to a sink and counting it: it is raised where this call
         waits, or at the caller's next checkpoint.
+
+        Raises:
+          TypeError: ``event`` is not an :class:`ObserverEvent` (its
+            ``category`` not an :class:`EventCategory`), before it is
+            delivered anywhere. With no sink at all it is not looked at:
+            that path is one check.
         """
         if not self._sinks:
             return
         # Both routes are read before delivering: a sink that disconnects
         # now moves to the general route, and must not be counted twice.
-        plain, general = self._routes[event.category]
+        try:
+            plain, general = self._routes[event.category]
+        except (AttributeError, KeyError, TypeError):
+            raise _not_an_event("event", event) from None
         for sink, send_nowait in plain:
             try:
                 send_nowait(event)
@@ -399,21 +416,50 @@ class ObserverRegistry:
         :meth:`emit` does, and every event of the batch not yet offered to a
         sink as missed on that sink, then raises ``trio.Cancelled``: no
         event of the batch goes uncounted.
+
+        Raises:
+          TypeError: ``events`` is not iterable, or an item of it is not an
+            :class:`ObserverEvent` (its ``category`` not an
+            :class:`EventCategory`): raised, naming the item's index,
+            before any event of the batch is delivered. With no sink at
+            all the batch is not looked at.
         """
         if not self._sinks:
             return
-        batch = events if isinstance(events, (list, tuple)) else tuple(events)
+        if isinstance(events, (list, tuple)):
+            batch: Sequence[ObserverEvent] = events
+        else:
+            try:
+                batch = tuple(events)
+            except TypeError:
+                raise TypeError(
+                    f"events must be an iterable of ObserverEvent, not {events!r}"
+                ) from None
         end = len(batch)
+        # A run of events of one category shares its routes, and each plain
+        # sink takes the whole run in one loop of its own (a DROP_OLDEST
+        # sink never waits, so it may run ahead of the BLOCK sinks; each
+        # sink still sees the events in order). The runs are found before
+        # anything is delivered, so a bad item is refused with nothing of
+        # the batch delivered or counted.
+        runs: list[tuple[int, int, EventCategory]] = []
         start = 0
-        while start < end:
-            # A run of events of one category shares its routes, and each
-            # plain sink takes the whole run in one loop of its own (a
-            # DROP_OLDEST sink never waits, so it may run ahead of the
-            # BLOCK sinks; each sink still sees the events in order).
-            category = batch[start].category
-            stop = start + 1
-            while stop < end and batch[stop].category is category:
-                stop += 1
+        try:
+            while start < end:
+                category = batch[start].category
+                if category not in self._routes:
+                    raise KeyError(category)
+                stop = start + 1
+                while stop < end and batch[stop].category is category:
+                    stop += 1
+                runs.append((start, stop, category))
+                start = stop
+        except (AttributeError, KeyError, TypeError):
+            index = next((i for i, item in enumerate(batch) if not _is_event(item)), None)
+            if index is None:
+                raise  # from an item that passes for an event; not ours to name
+            raise _not_an_event(f"events[{index}]", batch[index]) from None
+        for start, stop, category in runs:
             run = batch[start:stop] if start or stop < end else batch
             routes = self._routes[category]
             plain, general = routes
@@ -441,7 +487,17 @@ class ObserverRegistry:
                         for sink in self._by_category[unsent.category]:
                             sink.count_missed()
                     raise
-            start = stop
+
+
+def _is_event(item: object) -> bool:
+    return isinstance(getattr(item, "category", None), EventCategory)
+
+
+def _not_an_event(name: str, item: object) -> TypeError:
+    if hasattr(item, "category"):
+        category = item.category
+        return TypeError(f"{name}.category must be an EventCategory, not {category!r}")
+    return TypeError(f"{name} must be an ObserverEvent, not {item!r}")
 
 
 _Plain = tuple[tuple[_Sink, Callable[[object], None]], ...]
