@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 
 
 def check_int(name: str, value: int, *, minimum: int) -> int:
@@ -50,3 +51,43 @@ def check_seconds(
     if not allow_infinite and math.isinf(seconds):
         raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
     return seconds
+
+
+def check_bool(name: str, value: bool) -> bool:
+    """Return ``value`` if it is a bool: a flag given ``"yes"`` or ``1`` is a mistake.
+
+    Raises:
+      TypeError: ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def check_signal(name: str, value: int) -> int:
+    """Return ``value`` if it is a signal this platform has (or 0, which only checks).
+
+    Raises:
+      TypeError: ``value`` is not an int (a bool is not one).
+      ValueError: no signal has that number here.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a signal number, not {value!r}")
+    if value != 0 and value not in _VALID_SIGNALS:
+        raise ValueError(f"{name}: no signal {value} on this platform")
+    return value
+
+
+def check_bytes(name: str, value: bytes | bytearray | memoryview) -> None:
+    """Refuse what is not bytes-like: ``bytes(3)`` would be three NUL bytes.
+
+    Raises:
+      TypeError: ``value`` is not ``bytes``, ``bytearray`` or ``memoryview``.
+    """
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"{name} must be bytes, bytearray or memoryview, not {type(value).__name__}"
+        )
+
+
+_VALID_SIGNALS: frozenset[int] = frozenset(int(s) for s in signal.valid_signals())
