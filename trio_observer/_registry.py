@@ -8,7 +8,7 @@ from typing import Any, Final, Literal, final, overload
 
 import trio
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 from ._events import EventCategory, ObserverEvent
 from ._sink import (
     DELIVERED,
@@ -158,6 +158,7 @@ class ObserverRegistry:
         """
         sink = self._sinks.pop(sink_id, None)
         if sink is None:
+            _check_sink_id(sink_id)
             return False
         sink.send_channel.close()
         self._interest_changed()
@@ -232,7 +233,7 @@ class ObserverRegistry:
         report_missed: bool,
     ) -> AsyncIterator[Subscription[Any]]:
         sink_id, receive_channel = self._add(
-            categories, capacity, backpressure, tagged=report_missed
+            categories, capacity, backpressure, tagged=check_bool("report_missed", report_missed)
         )
         subscription: Subscription[Any] = Subscription(
             sink_id, self._sinks[sink_id], receive_channel
@@ -247,7 +248,10 @@ class ObserverRegistry:
     def status(self, sink_id: ObserverSubscriberId) -> ObserverSinkStatus | None:
         """Return the sink's counters, or None if it is not registered."""
         sink = self._sinks.get(sink_id)
-        return None if sink is None else sink.status()
+        if sink is None:
+            _check_sink_id(sink_id)
+            return None
+        return sink.status()
 
     def __len__(self) -> int:
         return len(self._sinks)
@@ -262,7 +266,10 @@ class ObserverRegistry:
         Emitters call this before building an event, so an event nobody
         would receive is never built.
         """
-        return bool(self._by_category[category])
+        try:
+            return bool(self._by_category[category])
+        except (KeyError, TypeError):
+            raise TypeError(f"category must be an EventCategory, not {category!r}") from None
 
     @property
     def closed(self) -> bool:
@@ -487,6 +494,13 @@ class ObserverRegistry:
                         for sink in self._by_category[unsent.category]:
                             sink.count_missed()
                     raise
+
+
+def _check_sink_id(sink_id: object) -> None:
+    # Only where an id was not found: the string form (as_str()) of a
+    # registered id would otherwise read as "not registered".
+    if not isinstance(sink_id, ObserverSubscriberId):
+        raise TypeError(f"sink_id must be an ObserverSubscriberId, not {sink_id!r}")
 
 
 def _is_event(item: object) -> bool:
