@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 from ._lines import LineBatches, LineReader, LineSplitter
 
 if TYPE_CHECKING:
@@ -199,6 +199,7 @@ class OutputCursor(trio.abc.ReceiveChannel[bytes | OutputGap]):
     def _splitter(
         self, encoding: str, errors: str, keepends: bool, max_line_chars: int | None
     ) -> LineSplitter:
+        check_bool("keepends", keepends)
         if max_line_chars is None:
             max_line_chars = self._log.max_bytes
         check_int("max_line_chars", max_line_chars, minimum=1)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
+from ._checks import check_seconds
+
 if TYPE_CHECKING:
     from ._output import OutputLog
 
@@ -145,9 +147,7 @@ def deadline(name: str, timeout: float | None) -> float:
     """Turn a ``timeout`` argument into an absolute trio deadline (inf for None)."""
     if timeout is None:
         return math.inf
-    if not timeout >= 0:
-        raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {timeout!r}")
-    return trio.current_time() + timeout
+    return trio.current_time() + check_seconds(name, timeout)
 
 
 async def search(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal, final
 
 import trio
 
-from ._checks import check_int
+from ._checks import check_bytes, check_int, check_seconds
 from ._sink import ObserverBackpressure, check_backpressure
 
 if TYPE_CHECKING:
@@ -166,8 +166,10 @@ class OutputLog:
 
         Raises:
           trio.ClosedResourceError: :meth:`close` was called.
+          TypeError: ``data`` is not bytes, bytearray or memoryview.
         """
         if type(data) is not bytes:
+            check_bytes("data", data)
             # A bytearray may be reused by the caller; the backlog must not change.
             data = bytes(data)
         if data:
@@ -247,7 +249,10 @@ class OutputLog:
         Raises:
           trio.ClosedResourceError: :meth:`close` was called, before or
             during the wait (``data`` is then not fed).
+          TypeError: ``data`` is not bytes, bytearray or memoryview.
         """
+        if type(data) is not bytes:
+            check_bytes("data", data)
         if self._closed:
             raise trio.ClosedResourceError("this OutputLog was closed (end of stream)")
         try:
@@ -414,8 +419,9 @@ class OutputLog:
             ``exc.seen`` as above).
           TypeError: ``pattern`` is not a pattern or a list of them.
           ValueError: ``since`` is a cursor of another log or an offset
-            outside ``0..total_bytes``; ``timeout`` is negative; the list
-            of patterns is empty.
+            outside ``0..total_bytes``; ``timeout`` is negative, NaN or too
+            large for a float; the list of patterns is empty. (``TypeError``
+            for a ``timeout`` that is not a number.)
         """
         from ._expect import compile_patterns, search
 
@@ -464,10 +470,11 @@ class OutputLog:
 
         Raises:
           TimeoutError: ``timeout`` passed while output kept arriving.
-          ValueError: ``quiet`` or ``timeout`` is negative or NaN.
+          TypeError: ``quiet`` or ``timeout`` is not a number (a bool is not one).
+          ValueError: ``quiet`` or ``timeout`` is negative, NaN or too large
+            for a float.
         """
-        if not quiet >= 0:
-            raise ValueError(f"quiet must be a number of seconds >= 0, not {quiet!r}")
+        check_seconds("quiet", quiet)
         from ._expect import deadline
 
         timeout_at = deadline("timeout", timeout)
