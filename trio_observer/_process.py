@@ -12,7 +12,7 @@ from typing import IO, Any, Final, final
 
 import trio
 
-from ._checks import check_seconds
+from ._checks import check_bytes, check_seconds, check_signal
 from ._events import ResourceUsage, TerminationOutcome
 from ._grace import Grace, terminate_then_kill
 from ._linux import (
@@ -85,6 +85,8 @@ class Pty:
         """
         if isinstance(data, str):
             data = data.encode("utf-8")
+        else:
+            check_bytes("data", data)
         await self._stream.send_all(data)
 
     async def sendline(self, text: bytes | str = "") -> None:
@@ -93,7 +95,11 @@ class Pty:
         Sends ``os.linesep`` after it (``\\n``), which the terminal turns
         into the end of a line, as Enter does.
         """
-        line = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        if isinstance(text, str):
+            line = text.encode("utf-8")
+        else:
+            check_bytes("text", text)
+            line = bytes(text)
         await self._stream.send_all(line + os.linesep.encode())
 
     @property
@@ -264,7 +270,13 @@ class Process:
         Does nothing once the process has been reaped: its pid may already
         belong to somebody else. Until then it uses the process's pidfd
         where Linux has one, so the signal cannot reach a reused pid.
+
+        Raises:
+          TypeError: ``sig`` is not an int (a bool is not one).
+          ValueError: this platform has no signal ``sig`` (0 sends nothing
+            and only checks, as with ``kill(2)``).
         """
+        check_signal("sig", sig)
         if self._returncode is not None:
             return
         try:
@@ -293,7 +305,11 @@ class Process:
         reaped: from then on its group id may be reused by an unrelated
         process (what the group left behind is stopped by the session when
         its block ends).
+
+        Raises:
+          TypeError, ValueError: as :meth:`send_signal`.
         """
+        check_signal("sig", sig)
         if self._returncode is not None:
             return
         try:

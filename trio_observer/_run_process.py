@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._checks import check_bool
 from ._process import Process, StdioArg
 
 if TYPE_CHECKING:
@@ -55,6 +56,12 @@ async def run_process(
                     f"{name}=subprocess.PIPE is only valid with nursery.start, since "
                     "that is the only way to reach the pipe"
                 )
+    for flag, value in (
+        ("check", check),
+        ("capture_stdout", capture_stdout),
+        ("capture_stderr", capture_stderr),
+    ):
+        check_bool(flag, value)
     if capture_stdout and stdout is not None:
         raise ValueError("capture_stdout: cannot be combined with stdout=")
     if capture_stderr and stderr is not None:
