@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_observer import CAPTURE, open_session
+from trio_observer import (
+    CAPTURE,
+    EventCategory,
+    ObserverBackpressure,
+    ObserverRegistry,
+    OutputLog,
+    open_session,
+)
 
 
 @pytest.mark.parametrize(
@@ -129,3 +138,120 @@ async def test_a_pty_with_a_stream_is_refused() -> None:
             await session.start_process(
                 [sys.executable, "-c", "pass"], pty=True, stdout=subprocess.PIPE
             )
+
+
+# -- the methods of what a session hands out ----------------------------------
+
+_LOG_CALLS: list[tuple[str, Callable[[OutputLog], object], type[Exception], str]] = [
+    # Fed three NUL bytes into the log.
+    ("feed_nowait(3)", lambda log: log.feed_nowait(3), TypeError, "data"),  # type: ignore[arg-type]
+    ("feed_nowait(str)", lambda log: log.feed_nowait("hi"), TypeError, "data"),  # type: ignore[arg-type]
+    ("feed(3)", lambda log: log.feed(3), TypeError, "data"),  # type: ignore[arg-type]
+    # Waited True seconds, i.e. one.
+    ("expect timeout=True", lambda log: log.expect(b"zz", timeout=True), TypeError, "timeout"),
+    ("expect timeout='1'", lambda log: log.expect(b"zz", timeout="1"), TypeError, "timeout"),  # type: ignore[arg-type]
+    (
+        "expect timeout=10**400",
+        lambda log: log.expect(b"zz", timeout=10**400),
+        ValueError,
+        "timeout",
+    ),
+    ("wait_for_idle(True)", lambda log: log.wait_for_idle(True, timeout=1), TypeError, "quiet"),
+    ("wait_for_idle('1')", lambda log: log.wait_for_idle("1"), TypeError, "quiet"),  # type: ignore[arg-type]
+    (
+        "wait_for_idle timeout=True",
+        lambda log: log.wait_for_idle(5, timeout=True),
+        TypeError,
+        "timeout",
+    ),
+    # Accepted: any truthy value kept the line endings.
+    (
+        "lines(keepends='yes')",
+        lambda log: log.cursor().lines(keepends="yes"),  # type: ignore[arg-type]
+        TypeError,
+        "keepends",
+    ),
+    (
+        "line_batches(keepends=1)",
+        lambda log: log.cursor().line_batches(keepends=1),  # type: ignore[arg-type]
+        TypeError,
+        "keepends",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "call", "error", "name"), _LOG_CALLS, ids=[c[0] for c in _LOG_CALLS]
+)
+async def test_bad_arguments_to_an_output_log_are_refused_by_name(
+    label: str, call: Callable[[OutputLog], object], error: type[Exception], name: str
+) -> None:
+    log = OutputLog()
+    log.feed_nowait(b"hello\n")
+
+    async def attempt() -> None:
+        result = call(log)
+        if inspect.isawaitable(result):
+            await result
+
+    with pytest.raises(error, match=name):
+        await attempt()
+    # Nothing was fed, and the log goes on.
+    assert log.total_bytes == 6
+    log.feed_nowait(b"more\n")
+    assert (await log.expect(b"more", timeout=1)).end == 10
+
+
+async def test_bad_arguments_to_the_registry_are_refused_by_name() -> None:
+    registry = ObserverRegistry()
+    sink_id, _ = registry.add_channel([EventCategory.LIFECYCLE], 4, ObserverBackpressure.BLOCK)
+    # A KeyError from a dict lookup.
+    with pytest.raises(TypeError, match="category"):
+        registry.wants("lifecycle")  # type: ignore[arg-type]
+    # False and None: the string form of an id (as_str()) looked unknown.
+    with pytest.raises(TypeError, match="sink_id"):
+        registry.remove(sink_id.as_str())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sink_id"):
+        registry.status(sink_id.as_str())  # type: ignore[arg-type]
+    # Accepted: any truthy value tagged the sink.
+    with pytest.raises(TypeError, match="report_missed"):
+        async with registry.subscribe([EventCategory.LIFECYCLE], report_missed="yes"):  # type: ignore[call-overload]
+            pass
+    assert registry.wants(EventCategory.LIFECYCLE)
+    assert len(registry) == 1
+    assert registry.remove(sink_id)
+
+
+async def test_bad_signals_and_terminal_input_are_refused_by_name() -> None:
+    async with open_session() as session:
+        process = await session.start_process(["sleep", "30"])
+        for sig, error in (
+            ("TERM", TypeError),
+            (True, TypeError),
+            (1.5, TypeError),
+            (-1, ValueError),
+            (99999, ValueError),
+        ):
+            # OSError (EINVAL) from the kernel, or (True) a SIGHUP sent.
+            with pytest.raises(error, match="sig"):
+                process.send_signal(sig)  # type: ignore[arg-type]
+            with pytest.raises(error, match="sig"):
+                process.signal_tree(sig)  # type: ignore[arg-type]
+        assert process.poll() is None
+        typist = await session.start_process(["cat"], pty=True)
+        assert typist.pty is not None
+        # Typed three NUL bytes and Enter.
+        with pytest.raises(TypeError, match="text"):
+            await typist.pty.sendline(3)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="data"):
+            await typist.pty.write(3)  # type: ignore[arg-type]
+        await typist.pty.sendline("ok")
+        await typist.pty.log.expect("ok\r\nok\r\n", timeout=10)
+        assert b"\0" not in typist.pty.log.snapshot()
+        # Accepted: any truthy value meant True.
+        for flag in ("check", "capture_stdout", "capture_stderr"):
+            with pytest.raises(TypeError, match=flag):
+                await session.run_process(["true"], **{flag: "yes"})  # type: ignore[arg-type]
+        assert process.poll() is None
+        process.kill()
+        typist.kill()
