@@ -240,7 +240,15 @@ def negotiate_capabilities(
 
     Returns:
         A report with an entry for every :class:`EventCategory`.
+
+    Raises:
+        TypeError: ``scope`` is not a :class:`TraceScope`, or ``proc_root``
+            not a str.
     """
+    if not isinstance(scope, TraceScope):
+        raise TypeError(f"scope must be a TraceScope, not {scope!r}")
+    if not isinstance(proc_root, str):
+        raise TypeError(f"proc_root must be a str, not {type(proc_root).__name__}")
     caps: dict[EventCategory, CategoryCapability] = {}
 
     def put(
