@@ -15,6 +15,7 @@ from typing import Any, final
 
 import trio
 
+from .._checks import check_bool
 from .._cursor import OutputGap
 from . import _protocol
 from ._paths import resolve_socket_path
@@ -402,8 +403,20 @@ async def _output_items(remote: RemoteStream) -> AsyncIterator[bytes | OutputGap
 
 
 def remote_item(frame: dict[str, Any]) -> RemoteEvent | RemoteMissed:
-    """The event or loss marker a subscription's ``stream`` frame carries."""
-    if "missed" in frame:
+    """The event or loss marker a subscription's ``stream`` frame carries.
+
+    Raises:
+      TypeError: ``frame`` is not a dict.
+      ValueError: ``frame`` lacks what a subscription's frame holds.
+    """
+    if not isinstance(frame, dict):
+        raise TypeError(f"frame must be a dict (a decoded frame), not {type(frame).__name__}")
+    missed = "missed" in frame
+    keys = ("seq", "missed", "lost_in") if missed else ("seq", "event")
+    absent = [key for key in keys if key not in frame]
+    if absent:
+        raise ValueError(f"frame is not a subscription's stream frame: no {', '.join(absent)}")
+    if missed:
         return RemoteMissed(frame["seq"], frame["missed"], frame["lost_in"])
     return RemoteEvent(frame["seq"], frame["event"])
 
@@ -430,6 +443,7 @@ async def connect(
         ``autostart`` is false.
       DaemonError: the daemon refused this connection (another user's).
     """
+    check_bool("autostart", autostart)
     path = resolve_socket_path(socket)
     try:
         stream = await _connect(path)
