@@ -488,7 +488,15 @@ class OTelExporter:
         counted (``emit_errors``, ``trio_observer.export.lost`` with reason
         ``emit-error``) and reported once in this module's ``logging``
         logger, ``trio_observer.otel``.
+
+        Raises:
+          TypeError: ``event`` is not an :class:`ObserverEvent`, or
+            ``session_id`` neither a str nor None (nothing is exported).
         """
+        if not isinstance(event, ObserverEvent):
+            raise TypeError(f"event must be an ObserverEvent, not {event!r}")
+        if session_id is not None and not isinstance(session_id, str):
+            raise TypeError(f"session_id must be a str or None, not {session_id!r}")
         attributes = event_attributes(event, session_id=session_id, command_args=self._command_args)
         severity_number, severity_text = self._warn if warns(event) else self._info
         try:
