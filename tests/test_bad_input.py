@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -17,9 +18,15 @@ from trio_observer import (
     CAPTURE,
     EventCategory,
     ObserverBackpressure,
+    ObserverEvent,
+    ObserverEventKind,
     ObserverRegistry,
+    OTelExporter,
     OutputLog,
+    connect,
+    negotiate_capabilities,
     open_session,
+    remote_item,
 )
 
 
@@ -255,3 +262,38 @@ async def test_bad_signals_and_terminal_input_are_refused_by_name() -> None:
         assert process.poll() is None
         process.kill()
         typist.kill()
+
+
+def test_capabilities_remote_frames_and_the_exporter_refuse_bad_arguments_by_name() -> None:
+    # Each was accepted (a report for scope 'x', the exporter's record of
+    # session 3) or raised KeyError/AttributeError.
+    with pytest.raises(TypeError, match="scope"):
+        negotiate_capabilities("launched-process-tree")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="proc_root"):
+        negotiate_capabilities(proc_root=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="frame"):
+        remote_item({"type": "event"})
+    with pytest.raises(TypeError, match="frame"):
+        remote_item("frame")  # type: ignore[arg-type]
+    exporter = OTelExporter()
+    with pytest.raises(TypeError, match="event"):
+        exporter.emit("started")  # type: ignore[arg-type]
+    event = ObserverEvent(
+        category=EventCategory.LIFECYCLE,
+        kind=ObserverEventKind.STARTED,
+        pid=1,
+        timestamp_ms=0.0,
+    )
+    with pytest.raises(TypeError, match="session_id"):
+        exporter.emit(event, session_id=3)  # type: ignore[arg-type]
+    assert exporter.status().records_emitted == 0
+    exporter.emit(event)
+    assert exporter.status().records_emitted == 1
+
+
+async def test_connect_refuses_a_non_bool_autostart(tmp_path: Path) -> None:
+    # "no" is truthy: it started a daemon.
+    with pytest.raises(TypeError, match="autostart"):
+        async with connect(tmp_path / "daemon.sock", autostart="no"):  # type: ignore[arg-type]
+            pass
+    assert not (tmp_path / "daemon.sock").exists()
