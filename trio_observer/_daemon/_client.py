@@ -22,11 +22,31 @@ from ._paths import resolve_socket_path
 
 
 class DaemonError(Exception):
-    """The daemon refused a request; ``code`` is the error code of docs/protocol.md."""
+    """The daemon refused a request; ``code`` is the error code of docs/protocol.md.
+
+    A refused parameter (code ``bad-params``) is also a :class:`ValueError`,
+    as the same argument refused in-process would be.
+    """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+class _BadParams(DaemonError, ValueError):
+    """A ``bad-params`` refusal: catchable as DaemonError or ValueError."""
+
+
+def _refusal(frame: dict[str, Any]) -> DaemonError:
+    code, message = frame["code"], frame["message"]
+    return _BadParams(code, message) if code == "bad-params" else DaemonError(code, message)
+
+
+def _strings(name: str, value: Sequence[str]) -> list[str]:
+    # A str is a sequence of its letters: "ls" would go out as ["l", "s"].
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of str, not a single {type(value).__name__}")
+    return list(value)
 
 
 @final
@@ -86,7 +106,7 @@ class RemoteStream:
             self.end = frame
             self._client._forget(self._rid)
             if "code" in frame:
-                raise DaemonError(frame["code"], frame["message"])
+                raise _refusal(frame)
             raise StopAsyncIteration
         return frame
 
@@ -141,7 +161,7 @@ class DaemonClient:
                         except trio.WouldBlock:
                             await channel[0].send(frame)
                     elif frame["type"] == "error":
-                        raise DaemonError(frame["code"], frame["message"])
+                        raise _refusal(frame)
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -183,7 +203,7 @@ class DaemonClient:
         frame = await self._next_frame(rid)
         if frame["type"] == "error":
             self._forget(rid)
-            raise DaemonError(frame["code"], frame["message"])
+            raise _refusal(frame)
         return rid, frame["result"]
 
     async def request(self, method: str, **params: Any) -> dict[str, Any]:
@@ -270,7 +290,7 @@ class DaemonClient:
         )
         return await self.request(
             "start",
-            argv=list(argv),
+            argv=_strings("argv", argv),
             session=session,
             name=name,
             cwd=cwd,
@@ -340,7 +360,7 @@ class DaemonClient:
         return await self.stream(
             "subscribe",
             session=session,
-            categories=list(categories),
+            categories=_strings("categories", categories),
             capacity=capacity,
             backpressure=backpressure,
             detach_timeout=detach_timeout,
@@ -457,7 +477,7 @@ async def connect(
         await stream.send_all(_protocol.encode(_protocol.hello()))
         first = await _first_frame(stream, client._decoder)
         if first["type"] == "error":
-            raise DaemonError(first["code"], first["message"])
+            raise _refusal(first)
         _protocol.check_hello(first)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._read_frames)
