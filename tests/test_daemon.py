@@ -595,3 +595,26 @@ async def test_cancelling_a_stream_leaves_the_connection_in_step(
                 # Cancelled while the daemon writes the other frames.
                 await stream.aclose()
                 assert "pid" in await client.status()
+
+
+async def test_bad_arguments_to_a_daemon_client_are_refused_by_name(daemon: DaemonProcess) -> None:
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            # A str is a sequence: "ls" was sent as ["l", "s"], and "lifecycle"
+            # as its letters.
+            with pytest.raises(TypeError, match="argv"):
+                await client.start("ls")
+            with pytest.raises(TypeError, match="categories"):
+                await client.subscribe(categories="lifecycle")
+            # What the daemon refuses as bad-params is a ValueError too, as
+            # the same argument refused in-process would be.
+            with pytest.raises(ValueError, match=r"bad-params.*backlog_bytes") as caught:
+                await client.start([PY, "-c", "pass"], backlog_bytes=0)
+            assert isinstance(caught.value, DaemonError)
+            assert caught.value.code == "bad-params"
+            # Other refusals are not.
+            with pytest.raises(DaemonError, match="no-such-session") as refused:
+                await client.signal("nobody", 15)
+            assert not isinstance(refused.value, ValueError)
+            # Nothing was started by any of it.
+            assert all(not session["processes"] for session in await client.sessions())
