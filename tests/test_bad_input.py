@@ -28,6 +28,7 @@ from trio_observer import (
     open_session,
     remote_item,
 )
+from trio_observer.pytest_plugin import start_service
 
 
 @pytest.mark.parametrize(
@@ -297,3 +298,26 @@ async def test_connect_refuses_a_non_bool_autostart(tmp_path: Path) -> None:
         async with connect(tmp_path / "daemon.sock", autostart="no"):  # type: ignore[arg-type]
             pass
     assert not (tmp_path / "daemon.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        # The service was started, then expect() refused the pattern.
+        ({"ready_output": 3}, TypeError, "pattern"),
+        ({"ready_output": []}, ValueError, "pattern"),
+        # A timeout of True seconds.
+        ({"ready_output": b"up", "timeout": True}, TypeError, "timeout"),
+        ({"ready_output": b"up", "timeout": "30"}, TypeError, "timeout"),
+        ({"ready_port": 80, "host": 3}, TypeError, "host"),
+        ({"ready_port": 0}, ValueError, "ready_port"),
+        ({}, ValueError, "ready_output"),
+    ],
+)
+async def test_start_service_refuses_bad_arguments_before_starting_anything(
+    kwargs: dict[str, object], error: type[Exception], name: str
+) -> None:
+    async with open_session() as session:
+        with pytest.raises(error, match=name):
+            await start_service(session, [sys.executable, "-c", "print('up')"], **kwargs)  # type: ignore[arg-type]
+        assert session.processes == ()

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import pytest
 import trio
 
-from ._expect import Pattern
+from ._checks import check_seconds
+from ._expect import Pattern, compile_patterns
 from ._linux import PROC, read_cmdline, read_stat, scan_all
 from ._process import CAPTURE, Process
 from ._session import Session, open_session
@@ -155,6 +156,9 @@ async def start_service(
     Raises:
       ValueError: Neither ``ready_output`` nor ``ready_port`` given, or a
         port outside 1-65535, or a negative timeout.
+      TypeError: ``ready_output`` is not a pattern, ``timeout`` not a
+        number or ``host`` not a str. Every argument is checked before the
+        service is started.
       ServiceNotReady: The timeout expired or the service exited first.
     """
     if ready_output is None and ready_port is None:
@@ -165,8 +169,12 @@ async def start_service(
         or not 0 < ready_port < 65536
     ):
         raise ValueError(f"ready_port must be an int in 1-65535, not {ready_port!r}")
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be a number >= 0, not {timeout!r}")
+    check_seconds("timeout", timeout)
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a str, not {type(host).__name__}")
+    if ready_output is not None:
+        # Refused here rather than by expect(), once the service is running.
+        compile_patterns(ready_output, "utf-8")
     process = await session.start_process(
         argv, stdout=CAPTURE, stderr=subprocess.STDOUT, cwd=cwd, env=env
     )
