@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from tests.registry_helpers import BLOCK, DROP, LIFECYCLE, drain, ev, status
-from trio_observer import ObserverRegistry
+from trio_observer import ObserverEvent, ObserverRegistry, ObserverSubscriberId
 
 # An event whose category is a string ("lifecycle" is what the JSON form
 # says), and things that are not events at all.
@@ -17,11 +17,26 @@ _BAD_CATEGORY = dataclasses.replace(ev(1), category="lifecycle")  # type: ignore
 _NOT_EVENTS: list[Any] = [_BAD_CATEGORY, "started", None, {"category": LIFECYCLE}]
 
 
+Sinks = list[tuple[ObserverSubscriberId, trio.MemoryReceiveChannel[ObserverEvent]]]
+
+
+def _two_sinks() -> tuple[ObserverRegistry, Sinks]:
+    """A registry with a DROP_OLDEST and a BLOCK sink for LIFECYCLE."""
+    registry = ObserverRegistry()
+    return registry, [registry.add_channel([LIFECYCLE], 8, policy) for policy in (DROP, BLOCK)]
+
+
+def _assert_only(registry: ObserverRegistry, sinks: Sinks, pids: list[int]) -> None:
+    """Each sink got ``pids`` and counted them, and nothing else."""
+    for sink_id, receiver in sinks:
+        assert drain(receiver) == pids
+        assert status(registry, sink_id).delivered_events == len(pids)
+        assert status(registry, sink_id).missed_events == 0
+
+
 @pytest.mark.parametrize("bad", _NOT_EVENTS)
 async def test_emit_and_emit_nowait_refuse_what_is_not_an_event_and_go_on(bad: Any) -> None:
-    registry = ObserverRegistry()
-    drop_id, drop_rx = registry.add_channel([LIFECYCLE], 8, DROP)
-    block_id, block_rx = registry.add_channel([LIFECYCLE], 8, BLOCK)
+    registry, sinks = _two_sinks()
     with pytest.raises(TypeError, match=r"^event"):
         registry.emit_nowait(bad)
     with pytest.raises(TypeError, match=r"^event"):
@@ -29,24 +44,16 @@ async def test_emit_and_emit_nowait_refuse_what_is_not_an_event_and_go_on(bad: A
     # Nothing was delivered or counted, and the registry goes on.
     await registry.emit(ev(2))
     registry.emit_nowait(ev(3))
-    for sink_id, receiver in ((drop_id, drop_rx), (block_id, block_rx)):
-        assert drain(receiver) == [2, 3]
-        assert status(registry, sink_id).delivered_events == 2
-        assert status(registry, sink_id).missed_events == 0
+    _assert_only(registry, sinks, [2, 3])
 
 
 @pytest.mark.parametrize("bad", _NOT_EVENTS)
 async def test_emit_many_refuses_a_batch_with_a_bad_item_before_delivering_any(bad: Any) -> None:
-    registry = ObserverRegistry()
-    drop_id, drop_rx = registry.add_channel([LIFECYCLE], 8, DROP)
-    block_id, block_rx = registry.add_channel([LIFECYCLE], 8, BLOCK)
+    registry, sinks = _two_sinks()
     with pytest.raises(TypeError, match=r"^events\[2\]"):
         await registry.emit_many([ev(1), ev(2), bad, ev(4)])
     await registry.emit_many([ev(5), ev(6)])
-    for sink_id, receiver in ((drop_id, drop_rx), (block_id, block_rx)):
-        assert drain(receiver) == [5, 6]
-        assert status(registry, sink_id).delivered_events == 2
-        assert status(registry, sink_id).missed_events == 0
+    _assert_only(registry, sinks, [5, 6])
 
 
 async def test_a_bad_item_is_refused_before_a_full_block_sink_is_waited_on() -> None:
