@@ -417,11 +417,11 @@ class OutputLog:
             ``exc.seen`` holds the bytes searched).
           ExpectEOF: the stream ended without a match (an :class:`EOFError`;
             ``exc.seen`` as above).
-          TypeError: ``pattern`` is not a pattern or a list of them.
+          TypeError: ``pattern`` is not a pattern or a list of them, or
+            ``timeout`` is not a number (a bool is not one).
           ValueError: ``since`` is a cursor of another log or an offset
             outside ``0..total_bytes``; ``timeout`` is negative, NaN or too
-            large for a float; the list of patterns is empty. (``TypeError``
-            for a ``timeout`` that is not a number.)
+            large for a float; the list of patterns is empty.
         """
         from ._expect import compile_patterns, search
 
