@@ -437,3 +437,41 @@ def test_ctrl_c_while_a_pass_waits_on_a_full_block_sink_counts_the_rest() -> Non
     status = registry.status(sink_id)
     assert status is not None
     assert (status.delivered_events, status.missed_events) == (1, 4)
+
+
+THREAD_EXEC_ROOT = """
+import os, sys, threading
+log = sys.argv[1]
+children = []
+for _ in range(12):
+    pid = os.fork()
+    if pid == 0:
+        # execve() from a thread other than the main one: the kernel ends
+        # the main thread first (an exit record for the pid, status 0).
+        script = f"echo $$ >> {log}; exit 7"
+        threading.Thread(target=os.execv, args=("/bin/sh", ["sh", "-c", script])).start()
+        threading.Event().wait()
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_a_thread_that_execs_gets_the_exit_of_its_program(tmp_path: Path) -> None:
+    # The defect: the main thread's exit record was judged by reading /proc
+    # when it was handled; a process that had exec'd and exited by then was
+    # reported exited with status 0 (exact), its exec and status 7 ignored.
+    if not CONNECTOR_USABLE:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    log = tmp_path / "pids"
+    with trio.fail_after(30):
+        async with observed_session([EventCategory.PROCESS]) as (session, consumer):
+            await session.run_process([PY, "-c", THREAD_EXEC_ROOT, str(log)])
+    pids = recorded_pids(log)
+    assert len(pids) == 12
+    assert not consumer.of(ObserverEventKind.OBSERVATION_LOST), "the kernel dropped records"
+    for pid in pids:
+        exits = consumer.of(ObserverEventKind.DESCENDANT_EXITED, pid)
+        assert [(e.grade, e.exit_code) for e in exits] == [(EventGrade.EXACT, 7)], pid
+        assert len(consumer.of(ObserverEventKind.DESCENDANT_EXEC, pid)) == 1, pid

@@ -917,6 +917,8 @@ class TreeObserver:
                 events.extend(members.on_exec(record))
         if batch.overruns:
             self._lost_overruns += batch.overruns
+            # A lost record may have been a thread's creation or end.
+            members.forget_threads()
             events.append(self._loss_event(None))
             # The lost records may have been forks or exits of the tree.
             events.extend(self._pass_events(scan_tree=True))

@@ -65,6 +65,12 @@ class TreeNode:
     # The command line last reported: a poll that reads another one has
     # seen an exec.
     argv: tuple[str, ...] | None = None
+    # With the connector, the threads other than the main one, from the
+    # records (see TreeMembers.on_exit); None where they are not all known
+    # (a process not seen forked, or after lost records): /proc is read.
+    threads: set[int] | None = None
+    # Threads whose exit record came before the record of their creation.
+    early_thread_exits: set[int] | None = None
 
     def tracked(self) -> TrackedProcess:
         """Return this process as the descriptor and activity scans want it."""
@@ -116,6 +122,9 @@ class TreeMembers:
         # children file lists them: kept while that parent is not read again.
         self._seen_dead: dict[tuple[int, int], int] = {}
         self._recent_exits: dict[int, ExitRecord] = {}
+        # Thread records of unknown processes, by pid: a child can start
+        # threads before its parent sends the record of its fork.
+        self._early_threads: dict[int, _EarlyThreads] = {}
         # Set by add_root, cleared by scan: a root added since the last scan
         # (the poll backend reads its children at the next pass; the
         # connector sees its forks and does not rescan).
@@ -560,6 +569,7 @@ class TreeMembers:
             earlier process's with the same pid.
         """
         if record.child_pid != record.child_tgid:
+            self._thread_started(record)
             return []  # a new thread, not a new process
         child = record.child_tgid
         root = self._root_of(record.parent_tgid)
@@ -568,6 +578,18 @@ class TreeMembers:
         stat = read_stat(self._proc_root, child)
         starttime = stat.starttime if stat is not None else None
         node = TreeNode(child, starttime, record.parent_tgid, root)
+        # A fork makes a process of one thread, and every thread it makes
+        # has a record: they are counted from the records, with those that
+        # came before this one (the child ran before its parent sent it).
+        early_threads = self._early_threads.pop(child, None)
+        if (
+            early_threads is not None
+            and early_threads.since_ns >= record.timestamp_ns - _EARLY_EXIT_SLACK_NS
+        ):
+            node.threads = early_threads.started
+            node.early_thread_exits = early_threads.ended or None
+        else:
+            node.threads = set()
         self._members[child] = node
         when = _kernel_time_ms(record.timestamp_ns)
         events = [self._started_event(node, when, grade=EventGrade.EXACT)]
@@ -595,7 +617,14 @@ class TreeMembers:
         self._main_thread_gone.discard(record.tgid)
         node = self._members.get(record.tgid)
         if node is None:
+            early_threads = self._early_threads.get(record.tgid)
+            if early_threads is not None:
+                early_threads.started.clear()  # execve() leaves one thread
             return []
+        if node.threads is not None:
+            # execve() leaves one thread, the main one (the caller, if it
+            # was another, took the main thread's pid without an exit).
+            node.threads = set()
         return [
             self._exec_event(
                 node,
@@ -646,9 +675,17 @@ class TreeMembers:
             ``DESCENDANT_EXITED`` (exact); for a root, only the closes.
         """
         pid = record.tgid
-        if record.pid != pid and pid not in self._main_thread_gone:
-            return []  # a thread ended, the process goes on
         node = self._members.get(pid)
+        if node is not None and node.threads is not None:
+            if not self._last_thread(node, record):
+                return []
+            return self._member_exited(node, record)
+        if record.pid != pid and pid not in self._main_thread_gone:
+            if node is None and pid not in self._roots:
+                early_threads = self._early_threads.get(pid)
+                if early_threads is not None:
+                    early_threads.count_out(record.pid)
+            return []  # a thread ended, the process goes on
         known = node if node is not None else self._roots.get(pid)
         if known is None:
             if record.pid == pid:
@@ -663,6 +700,73 @@ class TreeMembers:
         if node is None:
             del self._roots[pid]
             return self._descriptors.forget(known.tracked())
+        return self._member_exited(node, record)
+
+    def _thread_started(self, record: ForkRecord) -> None:
+        tgid, tid = record.child_tgid, record.child_pid
+        node = self._members.get(tgid)
+        if node is None:
+            if tgid in self._roots:
+                return
+            # Perhaps a child whose fork record is still to come: kept (for
+            # a while) so that its threads are counted when it comes.
+            early_threads = self._early_threads.get(tgid)
+            if early_threads is None:
+                early_threads = self._early_threads[tgid] = _EarlyThreads(record.timestamp_ns)
+                if len(self._early_threads) > _RECENT_EXITS:
+                    del self._early_threads[next(iter(self._early_threads))]
+            if tid in early_threads.ended:
+                early_threads.ended.discard(tid)
+            else:
+                early_threads.started.add(tid)
+            return
+        if node.threads is None:
+            return
+        early = node.early_thread_exits
+        if early is not None and tid in early:
+            early.discard(tid)  # it has already exited
+        else:
+            node.threads.add(tid)
+
+    def _last_thread(self, node: TreeNode, record: ExitRecord) -> bool:
+        """Count a thread of ``node`` out; return whether it was the process's last.
+
+        Decided by the records alone, never by ``/proc``: when the record
+        is handled the process may have gone on (an ``execve`` by another
+        thread, and even its exit), or its pid may have been reused.
+        """
+        threads = node.threads
+        assert threads is not None
+        pid = node.pid
+        if record.pid != pid:
+            if record.pid in threads:
+                threads.discard(record.pid)
+            else:
+                # Its creation's record is still to come (the creator may
+                # be preempted before sending it), or it was the thread that
+                # called execve(), which is counted out already.
+                if node.early_thread_exits is None:
+                    node.early_thread_exits = set()
+                node.early_thread_exits.add(record.pid)
+            if threads or pid not in self._main_thread_gone:
+                return False
+        elif threads:
+            # The main thread ended (pthread_exit, or an execve() by another
+            # thread, which takes its pid): the process goes on.
+            self._main_thread_gone.add(pid)
+            return False
+        self._main_thread_gone.discard(pid)
+        return True
+
+    def forget_threads(self) -> None:
+        """Stop counting threads from the records (some were lost): ``/proc`` decides."""
+        for node in self._members.values():
+            node.threads = None
+            node.early_thread_exits = None
+        self._early_threads.clear()
+
+    def _member_exited(self, node: TreeNode, record: ExitRecord) -> list[ObserverEvent]:
+        pid = node.pid
         del self._members[pid]
         if node.starttime is not None and node.ppid is not None:
             # Reported now, but it may stay a zombie of its parent for a
@@ -686,6 +790,22 @@ class TreeMembers:
             )
         )
         return events
+
+
+@dataclass(slots=True)
+class _EarlyThreads:
+    """The thread records of a process not known (yet) to be in the tree."""
+
+    since_ns: int
+    """The kernel's time of the first one."""
+    started: set[int] = field(default_factory=set)
+    ended: set[int] = field(default_factory=set)
+
+    def count_out(self, tid: int) -> None:
+        if tid in self.started:
+            self.started.discard(tid)
+        else:
+            self.ended.add(tid)
 
 
 @dataclass(slots=True)
