@@ -398,9 +398,10 @@ class TreeObserver:
         Call it when every process of the tree is gone (the session does,
         after its final sweep). It reads whatever the kernel still queued:
         the connector multicasts a record onto our socket as the kernel
-        sends it, and a process's exit record is sent before it becomes a
-        zombie, so once the tree is dead one read until the socket is empty
-        holds every record of it. With polling it scans once more. Then
+        sends it, and an exiting task sends its exit record right after it
+        became a zombie, so once the tree is dead one read until the socket
+        is empty holds every record of it (but that of a task reaped in the
+        instant between the two). With polling it scans once more. Then
         every member still believed alive is looked at: a gone one gets its
         ``DESCENDANT_EXITED`` (``INFERRED``: its record was lost, or no scan
         saw it go), with its closes; processes the sweep reaped that the tree

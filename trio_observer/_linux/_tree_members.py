@@ -777,7 +777,9 @@ class TreeMembers:
                 # after lost records: the oldest is the likeliest reaped.
                 del self._seen_dead[next(iter(self._seen_dead))]
         if self._reap_adopted:
-            # Reaped once it is a zombie: the record comes before that.
+            # Reaped once it is a zombie (reap() waits for that: the
+            # record is sent right after the zombie is made, but the loop
+            # may handle it at once).
             self._to_reap[pid] = node.starttime
         events = self._descriptors.forget(node.tracked())
         events.append(
