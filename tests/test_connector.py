@@ -484,6 +484,48 @@ async def test_a_remembered_exit_is_not_paired_with_a_later_process_of_its_pid(
     assert members.descendants() == {101, 102}
 
 
+async def test_a_later_process_of_an_exited_members_pid_is_not_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The defect: a member gone before its fork record was handled has no
+    # start time, and reap() took any zombie child of this process at its
+    # pid for it: a later process of the pid (another session's child, the
+    # pids having come round) lost its exit status to this observer.
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    members = TreeMembers(
+        proc_root=proc.path,
+        descriptors=DescriptorTracker(proc.path),
+        adopt_marker=None,
+        reap_adopted=True,
+    )
+    members.add_root(100)
+    now = time.monotonic_ns()
+    ticks = os.sysconf("SC_CLK_TCK")
+    boot_ticks = time.clock_gettime_ns(time.CLOCK_BOOTTIME) * ticks // 10**9
+    members.on_fork(ForkRecord(now, 100, 100, 101, 101))  # 101 is gone already
+    [exited] = members.on_exit(ExitRecord(now, 101, 101, 3))
+    assert (exited.kind, exited.exit_code) == (K.DESCENDANT_EXITED, 3)
+    reaped: list[int] = []
+
+    def waitpid(pid: int, options: int) -> tuple[int, int]:
+        reaped.append(pid)
+        return (0, 0)
+
+    monkeypatch.setattr(os, "waitpid", waitpid)
+    # Ten seconds later, pid 101 is a zombie child of this process again.
+    proc.add(101, os.getpid(), state="Z", starttime=boot_ticks + 10 * ticks)
+    members.reap()
+    assert reaped == []
+    assert not members.reap_pending
+    # Its own zombie (started before its exit) is reaped as before.
+    members.on_fork(ForkRecord(now, 100, 100, 102, 102))
+    members.on_exit(ExitRecord(now, 102, 102, 0))
+    proc.add(102, os.getpid(), state="Z", starttime=boot_ticks - ticks)
+    members.reap()
+    assert reaped == [102]
+
+
 def refuse() -> FakeConnectorSocket:
     raise ConnectorUnavailableError("refused for the test")
 

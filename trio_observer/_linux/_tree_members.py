@@ -136,8 +136,10 @@ class TreeMembers:
         # Children of this process whose environment lacked the marker, by
         # identity, so it is read once per process and not once per scan.
         self._not_ours: set[tuple[int, int]] = set()
-        # Exited members that may still be zombie children of this process.
-        self._to_reap: dict[int, int | None] = {}
+        # Exited members that may still be zombie children of this process,
+        # with their start time, or when it is unknown the latest tick they
+        # can have started at (see reap).
+        self._to_reap: dict[int, tuple[int | None, int | None]] = {}
         # Processes of the tree whose main thread exited (pthread_exit in
         # main, or another thread's execve) while other threads run on: the
         # exit of the last one ends the process.
@@ -295,7 +297,7 @@ class TreeMembers:
             return None
         scan.seen_dead[stat.identity] = stat.ppid
         if self._reap_adopted and stat.ppid == self._self_pid:
-            self._to_reap[node.pid] = stat.starttime
+            self._to_reap[node.pid] = (stat.starttime, None)
         # After the main thread, older kernels show the main thread's own
         # status here, not the one the last thread's exit_group() set (6.18
         # shows the group's): not taken, rather than perhaps wrong.
@@ -448,14 +450,19 @@ class TreeMembers:
 
     def reap(self) -> None:
         """Reap exited members that are zombie children of this process."""
-        for pid, starttime in list(self._to_reap.items()):
+        for pid, (starttime, started_by) in list(self._to_reap.items()):
             stat = read_stat(self._proc_root, pid)
             if (
                 stat is None
                 or stat.ppid != self._self_pid
                 or (starttime is not None and stat.starttime != starttime)
+                # (A tick of slack: the two clocks are read one after the
+                # other.)
+                or (started_by is not None and stat.starttime > started_by + 1)
             ):
-                del self._to_reap[pid]  # reaped by someone else, or not ours
+                # Reaped by someone else, or not ours: another child of this
+                # process (another session's, say) must keep its status.
+                del self._to_reap[pid]
                 continue
             if not stat.is_dead:
                 continue  # still exiting (the connector reports exits early)
@@ -500,7 +507,7 @@ class TreeMembers:
                 if stat.exit_code is not None:
                     code = wait_status_to_exit_code(stat.exit_code)
                 if self._reap_adopted and stat.ppid == self._self_pid:
-                    self._to_reap[pid] = stat.starttime
+                    self._to_reap[pid] = (stat.starttime, None)
             events.extend(self._descriptors.forget(node.tracked()))
             events.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
         return events, running
@@ -777,10 +784,14 @@ class TreeMembers:
                 # after lost records: the oldest is the likeliest reaped.
                 del self._seen_dead[next(iter(self._seen_dead))]
         if self._reap_adopted:
-            # Reaped once it is a zombie (reap() waits for that: the
-            # record is sent right after the zombie is made, but the loop
-            # may handle it at once).
-            self._to_reap[pid] = node.starttime
+            # Reaped once it is a zombie. Its start time is unknown when it
+            # was gone by the time its fork record was handled: it started
+            # before it exited, so a process of the pid that started after
+            # that is another one (the pids came round meanwhile).
+            self._to_reap[pid] = (
+                node.starttime,
+                _boot_ticks(record.timestamp_ns) if node.starttime is None else None,
+            )
         events = self._descriptors.forget(node.tracked())
         events.append(
             self._process_event(
@@ -859,6 +870,17 @@ class _ProcView:
 
 def _same(node: TreeNode, stat: ProcStat) -> bool:
     return node.starttime is None or node.starttime == stat.starttime
+
+
+_TICKS_PER_SECOND: Final = os.sysconf("SC_CLK_TCK")
+
+
+def _boot_ticks(timestamp_ns: int) -> int:
+    """The clock tick after boot (the unit of stat's start time) of a connector time."""
+    # Connector timestamps are CLOCK_MONOTONIC, start times CLOCK_BOOTTIME
+    # (which also counts suspended time).
+    boot_ns = timestamp_ns + time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    return boot_ns * _TICKS_PER_SECOND // 1_000_000_000
 
 
 def _kernel_time_ms(timestamp_ns: int) -> float:
