@@ -427,6 +427,27 @@ async def test_threads_are_counted_from_the_records_not_read_late_from_proc(
     assert observer.known_descendants() == {103, 104}
 
 
+async def test_an_exec_superseded_in_its_batch_has_no_argv(tmp_path: Path) -> None:
+    # The defect: each exec record's argv was read from /proc when handled,
+    # so in an exec chain read in one batch (sh -c 'exec env ...') every
+    # exec showed the last program's command line, graded EXACT.
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = _fake_connector_observer(proc, sock, collector)
+    with trio.fail_after(10):
+        async with observing(observer):
+            proc.add(101, 100, argv=("true",))  # by the time it is read
+            sock.push(fork(100, 101), exec_(101), exec_(101), fork(100, 102))
+            await collector.wait_for(lambda e: e.pid == 102)
+    assert [(e.kind, e.pid, e.argv) for e in collector.events if e.pid == 101] == [
+        (K.DESCENDANT_STARTED, 101, ("true",)),
+        (K.DESCENDANT_EXEC, 101, None),
+        (K.DESCENDANT_EXEC, 101, ("true",)),
+    ]
+
+
 async def test_threads_started_before_the_fork_record_are_counted(tmp_path: Path) -> None:
     # The child ran first: its thread's record came before its own fork's.
     proc = FakeProc(tmp_path)

@@ -609,8 +609,13 @@ class TreeMembers:
             events.extend(self.on_exit(early_exit))
         return events
 
-    def on_exec(self, record: ExecRecord) -> list[ObserverEvent]:
+    def on_exec(self, record: ExecRecord, *, superseded: bool = False) -> list[ObserverEvent]:
         """Report that a descendant called ``execve()``.
+
+        With ``superseded`` (a later exec of the process, or the end of its
+        main thread, is among the records already read), ``/proc`` no
+        longer shows this program: ``argv`` is ``None`` rather than a later
+        program's.
 
         An ``execve()`` by a thread other than the main one ends the main
         thread (with an exit record for the process's pid) and gives its pid
@@ -635,7 +640,7 @@ class TreeMembers:
         return [
             self._exec_event(
                 node,
-                read_cmdline(self._proc_root, node.pid),
+                None if superseded else read_cmdline(self._proc_root, node.pid),
                 grade=EventGrade.EXACT,
                 timestamp_ms=_kernel_time_ms(record.timestamp_ns),
             )
