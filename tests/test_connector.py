@@ -406,6 +406,13 @@ async def test_threads_are_counted_from_the_records_not_read_late_from_proc(
                 fork(102, 160, child_tgid=102),
                 exit_(102, 0),
                 exit_(160, 4 << 8, tgid=102),
+                # 105's thread 170 calls exit_group(6) while its main
+                # thread is in pthread_exit: the main thread keeps 0, and
+                # its record comes last.
+                fork(100, 105),
+                fork(105, 170, child_tgid=105),
+                exit_(170, 6 << 8, tgid=105),
+                exit_(105, 0),
                 # 103 exits 3, and its pid goes to the next child, running.
                 fork(100, 103),
                 exit_(103, 3 << 8),
@@ -419,6 +426,8 @@ async def test_threads_are_counted_from_the_records_not_read_late_from_proc(
         (K.DESCENDANT_EXITED, 101, 7),
         (K.DESCENDANT_STARTED, 102, None),
         (K.DESCENDANT_EXITED, 102, 4),
+        (K.DESCENDANT_STARTED, 105, None),
+        (K.DESCENDANT_EXITED, 105, 6),
         (K.DESCENDANT_STARTED, 103, None),
         (K.DESCENDANT_EXITED, 103, 3),
         (K.DESCENDANT_STARTED, 103, None),

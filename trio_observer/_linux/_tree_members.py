@@ -71,6 +71,9 @@ class TreeNode:
     threads: set[int] | None = None
     # Threads whose exit record came before the record of their creation.
     early_thread_exits: set[int] | None = None
+    # The status of the latest thread other than the main one that ended
+    # with one (see TreeMembers._end_status).
+    thread_status: int = 0
 
     def tracked(self) -> TrackedProcess:
         """Return this process as the descriptor and activity scans want it."""
@@ -637,6 +640,7 @@ class TreeMembers:
             # execve() leaves one thread, the main one (the caller, if it
             # was another, took the main thread's pid without an exit).
             node.threads = set()
+            node.thread_status = 0
         return [
             self._exec_event(
                 node,
@@ -691,7 +695,7 @@ class TreeMembers:
         if node is not None and node.threads is not None:
             if not self._last_thread(node, record):
                 return []
-            return self._member_exited(node, record)
+            return self._member_exited(node, record, _end_status(node, record))
         if record.pid != pid and pid not in self._main_thread_gone:
             if node is None and pid not in self._roots:
                 early_threads = self._early_threads.get(pid)
@@ -751,6 +755,8 @@ class TreeMembers:
         assert threads is not None
         pid = node.pid
         if record.pid != pid:
+            if record.exit_code:
+                node.thread_status = record.exit_code
             if record.pid in threads:
                 threads.discard(record.pid)
             else:
@@ -777,7 +783,9 @@ class TreeMembers:
             node.early_thread_exits = None
         self._early_threads.clear()
 
-    def _member_exited(self, node: TreeNode, record: ExitRecord) -> list[ObserverEvent]:
+    def _member_exited(
+        self, node: TreeNode, record: ExitRecord, exit_code: int | None = None
+    ) -> list[ObserverEvent]:
         pid = node.pid
         del self._members[pid]
         if node.starttime is not None and node.ppid is not None:
@@ -802,7 +810,7 @@ class TreeMembers:
             self._process_event(
                 node,
                 ObserverEventKind.DESCENDANT_EXITED,
-                record.exit_code,
+                record.exit_code if exit_code is None else exit_code,
                 grade=EventGrade.EXACT,
                 timestamp_ms=_kernel_time_ms(record.timestamp_ns),
             )
@@ -875,6 +883,22 @@ class _ProcView:
 
 def _same(node: TreeNode, stat: ProcStat) -> bool:
     return node.starttime is None or node.starttime == stat.starttime
+
+
+def _end_status(node: TreeNode, last: ExitRecord) -> int:
+    """The status of a process whose last thread's exit record is ``last``.
+
+    ``wait()`` gives the group's status after an ``exit_group()`` or a
+    fatal signal, which every thread still running then ends with, and
+    else the main thread's own. A main thread that was already in its own
+    exit (``pthread_exit``, status 0) when another thread called
+    ``exit_group(n)`` keeps 0, and its record may come last: the group's
+    status is then that of the other threads. Threads end with a status
+    of their own only that way (``pthread_exit`` gives 0).
+    """
+    if last.pid == node.pid and last.exit_code == 0:
+        return node.thread_status
+    return last.exit_code
 
 
 _TICKS_PER_SECOND: Final = os.sysconf("SC_CLK_TCK")
