@@ -375,6 +375,112 @@ async def test_a_main_thread_exit_is_not_the_process_exit(tmp_path: Path) -> Non
     assert observer.known_descendants() == {103, 104, 105}
 
 
+async def test_threads_are_counted_from_the_records_not_read_late_from_proc(
+    tmp_path: Path,
+) -> None:
+    # The defect: the end of a main thread was judged by reading /proc when
+    # the record was handled. A process whose other thread had exec'd (or
+    # that pthread_exit'd in main) and exited by then was reported exited
+    # with the killed main thread's status 0, and its exec and true status
+    # ignored; a pid reused by then was taken for the process living on, so
+    # its exit and the next process of the pid were never reported.
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = _fake_connector_observer(proc, sock, collector)
+    with trio.fail_after(10):
+        async with observing(observer):
+            # When handled, 101 and 102 are gone; 103 is another process.
+            proc.add(103, 100, starttime=2000)
+            sock.push(
+                # execve() in thread 150 kills the main thread (status 0),
+                # the program exits 7.
+                fork(100, 101),
+                fork(101, 150, child_tgid=101),
+                exit_(101, 0),
+                exec_(101),
+                exit_(101, 7 << 8),
+                # pthread_exit in main, then thread 160 ends the process: 4.
+                fork(100, 102),
+                fork(102, 160, child_tgid=102),
+                exit_(102, 0),
+                exit_(160, 4 << 8, tgid=102),
+                # 105's thread 170 calls exit_group(6) while its main
+                # thread is in pthread_exit: the main thread keeps 0, and
+                # its record comes last.
+                fork(100, 105),
+                fork(105, 170, child_tgid=105),
+                exit_(170, 6 << 8, tgid=105),
+                exit_(105, 0),
+                # 103 exits 3, and its pid goes to the next child, running.
+                fork(100, 103),
+                exit_(103, 3 << 8),
+                fork(100, 103),
+                fork(100, 104),
+            )
+            await collector.wait_for(lambda e: e.pid == 104)
+    assert [(e.kind, e.pid, e.exit_code) for e in collector.events] == [
+        (K.DESCENDANT_STARTED, 101, None),
+        (K.DESCENDANT_EXEC, 101, None),
+        (K.DESCENDANT_EXITED, 101, 7),
+        (K.DESCENDANT_STARTED, 102, None),
+        (K.DESCENDANT_EXITED, 102, 4),
+        (K.DESCENDANT_STARTED, 105, None),
+        (K.DESCENDANT_EXITED, 105, 6),
+        (K.DESCENDANT_STARTED, 103, None),
+        (K.DESCENDANT_EXITED, 103, 3),
+        (K.DESCENDANT_STARTED, 103, None),
+        (K.DESCENDANT_STARTED, 104, None),
+    ]
+    assert observer.known_descendants() == {103, 104}
+
+
+async def test_an_exec_superseded_in_its_batch_has_no_argv(tmp_path: Path) -> None:
+    # The defect: each exec record's argv was read from /proc when handled,
+    # so in an exec chain read in one batch (sh -c 'exec env ...') every
+    # exec showed the last program's command line, graded EXACT.
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = _fake_connector_observer(proc, sock, collector)
+    with trio.fail_after(10):
+        async with observing(observer):
+            proc.add(101, 100, argv=("true",))  # by the time it is read
+            sock.push(fork(100, 101), exec_(101), exec_(101), fork(100, 102))
+            await collector.wait_for(lambda e: e.pid == 102)
+    assert [(e.kind, e.pid, e.argv) for e in collector.events if e.pid == 101] == [
+        (K.DESCENDANT_STARTED, 101, ("true",)),
+        (K.DESCENDANT_EXEC, 101, None),
+        (K.DESCENDANT_EXEC, 101, ("true",)),
+    ]
+
+
+async def test_threads_started_before_the_fork_record_are_counted(tmp_path: Path) -> None:
+    # The child ran first: its thread's record came before its own fork's.
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    sock = FakeConnectorSocket()
+    collector = Collector()
+    observer = _fake_connector_observer(proc, sock, collector)
+    with trio.fail_after(10):
+        async with observing(observer):
+            sock.push(
+                fork(101, 150, child_tgid=101),
+                fork(101, 151, child_tgid=101),
+                exit_(151, 0, tgid=101),
+                fork(100, 101),
+                exit_(101, 0),  # the main thread; 150 runs on
+                fork(100, 102),
+            )
+            await collector.wait_for(lambda e: e.pid == 102)
+            assert collector.kinds(101) == [K.DESCENDANT_STARTED]
+            sock.push(exit_(150, 6 << 8, tgid=101))
+            exited = await collector.wait_for(lambda e: e.kind is K.DESCENDANT_EXITED)
+    assert (exited.pid, exited.exit_code) == (101, 6)
+
+
 async def test_a_remembered_exit_is_not_paired_with_a_later_process_of_its_pid(
     tmp_path: Path,
 ) -> None:
@@ -406,6 +512,48 @@ async def test_a_remembered_exit_is_not_paired_with_a_later_process_of_its_pid(
     assert members.on_exit(ExitRecord(now - 1000, 103, 103, 2)) == []
     assert fork_of(103) == [(K.DESCENDANT_STARTED, None), (K.DESCENDANT_EXITED, 2)]
     assert members.descendants() == {101, 102}
+
+
+async def test_a_later_process_of_an_exited_members_pid_is_not_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The defect: a member gone before its fork record was handled has no
+    # start time, and reap() took any zombie child of this process at its
+    # pid for it: a later process of the pid (another session's child, the
+    # pids having come round) lost its exit status to this observer.
+    proc = FakeProc(tmp_path)
+    proc.add(100, 1)
+    members = TreeMembers(
+        proc_root=proc.path,
+        descriptors=DescriptorTracker(proc.path),
+        adopt_marker=None,
+        reap_adopted=True,
+    )
+    members.add_root(100)
+    now = time.monotonic_ns()
+    ticks = os.sysconf("SC_CLK_TCK")
+    boot_ticks = time.clock_gettime_ns(time.CLOCK_BOOTTIME) * ticks // 10**9
+    members.on_fork(ForkRecord(now, 100, 100, 101, 101))  # 101 is gone already
+    [exited] = members.on_exit(ExitRecord(now, 101, 101, 3))
+    assert (exited.kind, exited.exit_code) == (K.DESCENDANT_EXITED, 3)
+    reaped: list[int] = []
+
+    def waitpid(pid: int, options: int) -> tuple[int, int]:
+        reaped.append(pid)
+        return (0, 0)
+
+    monkeypatch.setattr(os, "waitpid", waitpid)
+    # Ten seconds later, pid 101 is a zombie child of this process again.
+    proc.add(101, os.getpid(), state="Z", starttime=boot_ticks + 10 * ticks)
+    members.reap()
+    assert reaped == []
+    assert not members.reap_pending
+    # Its own zombie (started before its exit) is reaped as before.
+    members.on_fork(ForkRecord(now, 100, 100, 102, 102))
+    members.on_exit(ExitRecord(now, 102, 102, 0))
+    proc.add(102, os.getpid(), state="Z", starttime=boot_ticks - ticks)
+    members.reap()
+    assert reaped == [102]
 
 
 def refuse() -> FakeConnectorSocket:

@@ -437,3 +437,87 @@ def test_ctrl_c_while_a_pass_waits_on_a_full_block_sink_counts_the_rest() -> Non
     status = registry.status(sink_id)
     assert status is not None
     assert (status.delivered_events, status.missed_events) == (1, 4)
+
+
+THREAD_EXEC_ROOT = """
+import os, sys, threading
+log = sys.argv[1]
+children = []
+for _ in range(12):
+    pid = os.fork()
+    if pid == 0:
+        # execve() from a thread other than the main one: the kernel ends
+        # the main thread first (an exit record for the pid, status 0).
+        script = f"echo $$ >> {log}; exit 7"
+        threading.Thread(target=os.execv, args=("/bin/sh", ["sh", "-c", script])).start()
+        threading.Event().wait()
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_a_thread_that_execs_gets_the_exit_of_its_program(tmp_path: Path) -> None:
+    # The defect: the main thread's exit record was judged by reading /proc
+    # when it was handled; a process that had exec'd and exited by then was
+    # reported exited with status 0 (exact), its exec and status 7 ignored.
+    if not CONNECTOR_USABLE:
+        pytest.skip("the process connector needs CAP_NET_ADMIN")
+    log = tmp_path / "pids"
+    with trio.fail_after(30):
+        async with observed_session([EventCategory.PROCESS]) as (session, consumer):
+            await session.run_process([PY, "-c", THREAD_EXEC_ROOT, str(log)])
+    pids = recorded_pids(log)
+    assert len(pids) == 12
+    assert not consumer.of(ObserverEventKind.OBSERVATION_LOST), "the kernel dropped records"
+    for pid in pids:
+        exits = consumer.of(ObserverEventKind.DESCENDANT_EXITED, pid)
+        assert [(e.grade, e.exit_code) for e in exits] == [(EventGrade.EXACT, 7)], pid
+        assert len(consumer.of(ObserverEventKind.DESCENDANT_EXEC, pid)) == 1, pid
+
+
+PID_REUSE_ROOT = """
+import os, sys
+log = sys.argv[1]
+def child(code):
+    pid = os.fork()
+    if pid == 0:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {code}\\n")
+        os._exit(code)
+    os.waitpid(pid, 0)
+    return pid
+for _ in range(10):
+    first = child(3)
+    # The next pid the kernel hands out is first's again (unless another
+    # process of the machine forks in between).
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(first - 1))
+    child(5)
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_a_pid_reused_at_once_is_two_processes(tmp_path: Path) -> None:
+    # The defect: the exit record of the first process of a pid was judged
+    # by reading /proc when handled; the next process of the pid, running
+    # by then, was taken for the first one living on (main thread gone), so
+    # the first one's exit and the second one's start were never reported.
+    if not CONNECTOR_USABLE:
+        pytest.skip("the process connector and ns_last_pid need root")
+    log = tmp_path / "pids"
+    with trio.fail_after(30):
+        async with observed_session([EventCategory.PROCESS]) as (session, consumer):
+            await session.run_process([PY, "-c", PID_REUSE_ROOT, str(log)])
+    recorded: dict[int, list[int]] = {}
+    for line in log.read_text().splitlines():
+        pid, code = map(int, line.split())
+        recorded.setdefault(pid, []).append(code)
+    if all(len(codes) == 1 for codes in recorded.values()):
+        pytest.skip("no pid was reused (the machine forked in between every time)")
+    assert not consumer.of(ObserverEventKind.OBSERVATION_LOST), "the kernel dropped records"
+    for pid, codes in recorded.items():
+        exits = consumer.of(ObserverEventKind.DESCENDANT_EXITED, pid)
+        assert [(e.grade, e.exit_code) for e in exits] == [(EventGrade.EXACT, c) for c in codes]
+        assert len(consumer.of(ObserverEventKind.DESCENDANT_STARTED, pid)) == len(codes)

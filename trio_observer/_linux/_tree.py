@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     # most sessions (no tree category wanted) would pay for nothing.
     from ._activity import ActivityWatch
     from ._cgroup import Cgroup
-    from ._connector import ConnectorBatch, ConnectorSocket, ProcConnector
+    from ._connector import ConnectorBatch, ConnectorRecord, ConnectorSocket, ProcConnector
     from ._descriptors import DescriptorTracker
     from ._quiet_watch import QuietWatch, Snapshot
     from ._tree_members import TreeMembers
@@ -398,9 +398,10 @@ class TreeObserver:
         Call it when every process of the tree is gone (the session does,
         after its final sweep). It reads whatever the kernel still queued:
         the connector multicasts a record onto our socket as the kernel
-        sends it, and a process's exit record is sent before it becomes a
-        zombie, so once the tree is dead one read until the socket is empty
-        holds every record of it. With polling it scans once more. Then
+        sends it, and an exiting task sends its exit record right after it
+        became a zombie, so once the tree is dead one read until the socket
+        is empty holds every record of it (but that of a task reaped in the
+        instant between the two). With polling it scans once more. Then
         every member still believed alive is looked at: a gone one gets its
         ``DESCENDANT_EXITED`` (``INFERRED``: its record was lost, or no scan
         saw it go), with its closes; processes the sweep reaped that the tree
@@ -908,15 +909,18 @@ class TreeObserver:
         self._connector_records += len(batch.records)
         events: list[ObserverEvent] = []
         members = self._tree
-        for record in batch.records:
+        superseded = _superseded_execs(batch.records)
+        for index, record in enumerate(batch.records):
             if isinstance(record, ForkRecord):
                 events.extend(members.on_fork(record))
             elif isinstance(record, ExitRecord):
                 events.extend(members.on_exit(record))
             else:
-                events.extend(members.on_exec(record))
+                events.extend(members.on_exec(record, superseded=index in superseded))
         if batch.overruns:
             self._lost_overruns += batch.overruns
+            # A lost record may have been a thread's creation or end.
+            members.forget_threads()
             events.append(self._loss_event(None))
             # The lost records may have been forks or exits of the tree.
             events.extend(self._pass_events(scan_tree=True))
@@ -927,3 +931,25 @@ class TreeObserver:
         events = self._batch_events(batch)
         await self._emit_all(events)
         return bool(events)
+
+
+def _superseded_execs(records: Sequence[ConnectorRecord]) -> set[int]:
+    """The indexes of the exec records followed, later in ``records``, by
+    another exec or the end of the main thread of the same process.
+
+    What ``/proc`` shows of such a process when the batch is handled is no
+    longer the program of that exec: a later one's, or nothing.
+    """
+    from ._connector import ExecRecord, ExitRecord
+
+    superseded: set[int] = set()
+    changed: set[int] = set()
+    for index in range(len(records) - 1, -1, -1):
+        record = records[index]
+        if isinstance(record, ExecRecord):
+            if record.tgid in changed:
+                superseded.add(index)
+            changed.add(record.tgid)
+        elif isinstance(record, ExitRecord) and record.pid == record.tgid:
+            changed.add(record.tgid)
+    return superseded

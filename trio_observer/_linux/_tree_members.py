@@ -65,6 +65,15 @@ class TreeNode:
     # The command line last reported: a poll that reads another one has
     # seen an exec.
     argv: tuple[str, ...] | None = None
+    # With the connector, the threads other than the main one, from the
+    # records (see TreeMembers.on_exit); None where they are not all known
+    # (a process not seen forked, or after lost records): /proc is read.
+    threads: set[int] | None = None
+    # Threads whose exit record came before the record of their creation.
+    early_thread_exits: set[int] | None = None
+    # The status of the latest thread other than the main one that ended
+    # with one (see TreeMembers._end_status).
+    thread_status: int = 0
 
     def tracked(self) -> TrackedProcess:
         """Return this process as the descriptor and activity scans want it."""
@@ -116,6 +125,9 @@ class TreeMembers:
         # children file lists them: kept while that parent is not read again.
         self._seen_dead: dict[tuple[int, int], int] = {}
         self._recent_exits: dict[int, ExitRecord] = {}
+        # Thread records of unknown processes, by pid: a child can start
+        # threads before its parent sends the record of its fork.
+        self._early_threads: dict[int, _EarlyThreads] = {}
         # Set by add_root, cleared by scan: a root added since the last scan
         # (the poll backend reads its children at the next pass; the
         # connector sees its forks and does not rescan).
@@ -127,8 +139,10 @@ class TreeMembers:
         # Children of this process whose environment lacked the marker, by
         # identity, so it is read once per process and not once per scan.
         self._not_ours: set[tuple[int, int]] = set()
-        # Exited members that may still be zombie children of this process.
-        self._to_reap: dict[int, int | None] = {}
+        # Exited members that may still be zombie children of this process,
+        # with their start time, or when it is unknown the latest tick they
+        # can have started at (see reap).
+        self._to_reap: dict[int, tuple[int | None, int | None]] = {}
         # Processes of the tree whose main thread exited (pthread_exit in
         # main, or another thread's execve) while other threads run on: the
         # exit of the last one ends the process.
@@ -286,7 +300,7 @@ class TreeMembers:
             return None
         scan.seen_dead[stat.identity] = stat.ppid
         if self._reap_adopted and stat.ppid == self._self_pid:
-            self._to_reap[node.pid] = stat.starttime
+            self._to_reap[node.pid] = (stat.starttime, None)
         # After the main thread, older kernels show the main thread's own
         # status here, not the one the last thread's exit_group() set (6.18
         # shows the group's): not taken, rather than perhaps wrong.
@@ -439,14 +453,19 @@ class TreeMembers:
 
     def reap(self) -> None:
         """Reap exited members that are zombie children of this process."""
-        for pid, starttime in list(self._to_reap.items()):
+        for pid, (starttime, started_by) in list(self._to_reap.items()):
             stat = read_stat(self._proc_root, pid)
             if (
                 stat is None
                 or stat.ppid != self._self_pid
                 or (starttime is not None and stat.starttime != starttime)
+                # (A tick of slack: the two clocks are read one after the
+                # other.)
+                or (started_by is not None and stat.starttime > started_by + 1)
             ):
-                del self._to_reap[pid]  # reaped by someone else, or not ours
+                # Reaped by someone else, or not ours: another child of this
+                # process (another session's, say) must keep its status.
+                del self._to_reap[pid]
                 continue
             if not stat.is_dead:
                 continue  # still exiting (the connector reports exits early)
@@ -491,7 +510,7 @@ class TreeMembers:
                 if stat.exit_code is not None:
                     code = wait_status_to_exit_code(stat.exit_code)
                 if self._reap_adopted and stat.ppid == self._self_pid:
-                    self._to_reap[pid] = stat.starttime
+                    self._to_reap[pid] = (stat.starttime, None)
             events.extend(self._descriptors.forget(node.tracked()))
             events.append(self._process_event(node, ObserverEventKind.DESCENDANT_EXITED, code))
         return events, running
@@ -560,6 +579,7 @@ class TreeMembers:
             earlier process's with the same pid.
         """
         if record.child_pid != record.child_tgid:
+            self._thread_started(record)
             return []  # a new thread, not a new process
         child = record.child_tgid
         root = self._root_of(record.parent_tgid)
@@ -568,6 +588,18 @@ class TreeMembers:
         stat = read_stat(self._proc_root, child)
         starttime = stat.starttime if stat is not None else None
         node = TreeNode(child, starttime, record.parent_tgid, root)
+        # A fork makes a process of one thread, and every thread it makes
+        # has a record: they are counted from the records, with those that
+        # came before this one (the child ran before its parent sent it).
+        early_threads = self._early_threads.pop(child, None)
+        if (
+            early_threads is not None
+            and early_threads.since_ns >= record.timestamp_ns - _EARLY_EXIT_SLACK_NS
+        ):
+            node.threads = early_threads.started
+            node.early_thread_exits = early_threads.ended or None
+        else:
+            node.threads = set()
         self._members[child] = node
         when = _kernel_time_ms(record.timestamp_ns)
         events = [self._started_event(node, when, grade=EventGrade.EXACT)]
@@ -580,8 +612,13 @@ class TreeMembers:
             events.extend(self.on_exit(early_exit))
         return events
 
-    def on_exec(self, record: ExecRecord) -> list[ObserverEvent]:
+    def on_exec(self, record: ExecRecord, *, superseded: bool = False) -> list[ObserverEvent]:
         """Report that a descendant called ``execve()``.
+
+        With ``superseded`` (a later exec of the process, or the end of its
+        main thread, is among the records already read), ``/proc`` no
+        longer shows this program: ``argv`` is ``None`` rather than a later
+        program's.
 
         An ``execve()`` by a thread other than the main one ends the main
         thread (with an exit record for the process's pid) and gives its pid
@@ -595,11 +632,19 @@ class TreeMembers:
         self._main_thread_gone.discard(record.tgid)
         node = self._members.get(record.tgid)
         if node is None:
+            early_threads = self._early_threads.get(record.tgid)
+            if early_threads is not None:
+                early_threads.started.clear()  # execve() leaves one thread
             return []
+        if node.threads is not None:
+            # execve() leaves one thread, the main one (the caller, if it
+            # was another, took the main thread's pid without an exit).
+            node.threads = set()
+            node.thread_status = 0
         return [
             self._exec_event(
                 node,
-                read_cmdline(self._proc_root, node.pid),
+                None if superseded else read_cmdline(self._proc_root, node.pid),
                 grade=EventGrade.EXACT,
                 timestamp_ms=_kernel_time_ms(record.timestamp_ns),
             )
@@ -646,9 +691,17 @@ class TreeMembers:
             ``DESCENDANT_EXITED`` (exact); for a root, only the closes.
         """
         pid = record.tgid
-        if record.pid != pid and pid not in self._main_thread_gone:
-            return []  # a thread ended, the process goes on
         node = self._members.get(pid)
+        if node is not None and node.threads is not None:
+            if not self._last_thread(node, record):
+                return []
+            return self._member_exited(node, record, _end_status(node, record))
+        if record.pid != pid and pid not in self._main_thread_gone:
+            if node is None and pid not in self._roots:
+                early_threads = self._early_threads.get(pid)
+                if early_threads is not None:
+                    early_threads.count_out(record.pid)
+            return []  # a thread ended, the process goes on
         known = node if node is not None else self._roots.get(pid)
         if known is None:
             if record.pid == pid:
@@ -663,6 +716,77 @@ class TreeMembers:
         if node is None:
             del self._roots[pid]
             return self._descriptors.forget(known.tracked())
+        return self._member_exited(node, record)
+
+    def _thread_started(self, record: ForkRecord) -> None:
+        tgid, tid = record.child_tgid, record.child_pid
+        node = self._members.get(tgid)
+        if node is None:
+            if tgid in self._roots:
+                return
+            # Perhaps a child whose fork record is still to come: kept (for
+            # a while) so that its threads are counted when it comes.
+            early_threads = self._early_threads.get(tgid)
+            if early_threads is None:
+                early_threads = self._early_threads[tgid] = _EarlyThreads(record.timestamp_ns)
+                if len(self._early_threads) > _RECENT_EXITS:
+                    del self._early_threads[next(iter(self._early_threads))]
+            if tid in early_threads.ended:
+                early_threads.ended.discard(tid)
+            else:
+                early_threads.started.add(tid)
+            return
+        if node.threads is None:
+            return
+        early = node.early_thread_exits
+        if early is not None and tid in early:
+            early.discard(tid)  # it has already exited
+        else:
+            node.threads.add(tid)
+
+    def _last_thread(self, node: TreeNode, record: ExitRecord) -> bool:
+        """Count a thread of ``node`` out; return whether it was the process's last.
+
+        Decided by the records alone, never by ``/proc``: when the record
+        is handled the process may have gone on (an ``execve`` by another
+        thread, and even its exit), or its pid may have been reused.
+        """
+        threads = node.threads
+        assert threads is not None
+        pid = node.pid
+        if record.pid != pid:
+            if record.exit_code:
+                node.thread_status = record.exit_code
+            if record.pid in threads:
+                threads.discard(record.pid)
+            else:
+                # Its creation's record is still to come (the creator may
+                # be preempted before sending it), or it was the thread that
+                # called execve(), which is counted out already.
+                if node.early_thread_exits is None:
+                    node.early_thread_exits = set()
+                node.early_thread_exits.add(record.pid)
+            if threads or pid not in self._main_thread_gone:
+                return False
+        elif threads:
+            # The main thread ended (pthread_exit, or an execve() by another
+            # thread, which takes its pid): the process goes on.
+            self._main_thread_gone.add(pid)
+            return False
+        self._main_thread_gone.discard(pid)
+        return True
+
+    def forget_threads(self) -> None:
+        """Stop counting threads from the records (some were lost): ``/proc`` decides."""
+        for node in self._members.values():
+            node.threads = None
+            node.early_thread_exits = None
+        self._early_threads.clear()
+
+    def _member_exited(
+        self, node: TreeNode, record: ExitRecord, exit_code: int | None = None
+    ) -> list[ObserverEvent]:
+        pid = node.pid
         del self._members[pid]
         if node.starttime is not None and node.ppid is not None:
             # Reported now, but it may stay a zombie of its parent for a
@@ -673,19 +797,41 @@ class TreeMembers:
                 # after lost records: the oldest is the likeliest reaped.
                 del self._seen_dead[next(iter(self._seen_dead))]
         if self._reap_adopted:
-            # Reaped once it is a zombie: the record comes before that.
-            self._to_reap[pid] = node.starttime
+            # Reaped once it is a zombie. Its start time is unknown when it
+            # was gone by the time its fork record was handled: it started
+            # before it exited, so a process of the pid that started after
+            # that is another one (the pids came round meanwhile).
+            self._to_reap[pid] = (
+                node.starttime,
+                _boot_ticks(record.timestamp_ns) if node.starttime is None else None,
+            )
         events = self._descriptors.forget(node.tracked())
         events.append(
             self._process_event(
                 node,
                 ObserverEventKind.DESCENDANT_EXITED,
-                record.exit_code,
+                record.exit_code if exit_code is None else exit_code,
                 grade=EventGrade.EXACT,
                 timestamp_ms=_kernel_time_ms(record.timestamp_ns),
             )
         )
         return events
+
+
+@dataclass(slots=True)
+class _EarlyThreads:
+    """The thread records of a process not known (yet) to be in the tree."""
+
+    since_ns: int
+    """The kernel's time of the first one."""
+    started: set[int] = field(default_factory=set)
+    ended: set[int] = field(default_factory=set)
+
+    def count_out(self, tid: int) -> None:
+        if tid in self.started:
+            self.started.discard(tid)
+        else:
+            self.ended.add(tid)
 
 
 @dataclass(slots=True)
@@ -737,6 +883,33 @@ class _ProcView:
 
 def _same(node: TreeNode, stat: ProcStat) -> bool:
     return node.starttime is None or node.starttime == stat.starttime
+
+
+def _end_status(node: TreeNode, last: ExitRecord) -> int:
+    """The status of a process whose last thread's exit record is ``last``.
+
+    ``wait()`` gives the group's status after an ``exit_group()`` or a
+    fatal signal, which every thread still running then ends with, and
+    else the main thread's own. A main thread that was already in its own
+    exit (``pthread_exit``, status 0) when another thread called
+    ``exit_group(n)`` keeps 0, and its record may come last: the group's
+    status is then that of the other threads. Threads end with a status
+    of their own only that way (``pthread_exit`` gives 0).
+    """
+    if last.pid == node.pid and last.exit_code == 0:
+        return node.thread_status
+    return last.exit_code
+
+
+_TICKS_PER_SECOND: Final = os.sysconf("SC_CLK_TCK")
+
+
+def _boot_ticks(timestamp_ns: int) -> int:
+    """The clock tick after boot (the unit of stat's start time) of a connector time."""
+    # Connector timestamps are CLOCK_MONOTONIC, start times CLOCK_BOOTTIME
+    # (which also counts suspended time).
+    boot_ns = timestamp_ns + time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    return boot_ns * _TICKS_PER_SECOND // 1_000_000_000
 
 
 def _kernel_time_ms(timestamp_ns: int) -> float:
