@@ -21,7 +21,13 @@ from .._events import EventCategory
 from .._pty import PtySize
 from .._sink import ObserverBackpressure
 from ._protocol import OUTPUT_CHUNK_BYTES, error
-from ._sessions import DaemonSession, ProcessRecord, RemoteSubscription, RequestError
+from ._sessions import (
+    DaemonSession,
+    ProcessRecord,
+    RemoteSubscription,
+    RequestError,
+    StreamOwner,
+)
 
 logger = logging.getLogger("trio_observer.daemon")
 
@@ -454,10 +460,11 @@ _BATCH: Final = 64
 async def _pump(
     connection: Connection, remote: RemoteSubscription, rid: int, reply: Reply, from_seq: int
 ) -> None:
-    # One connection streams a subscription at a time: a resume takes it
-    # over from a connection that may be dying, after which the frames the
-    # old one took are in the resend buffer.
-    await remote.take_over(connection)
+    # One request streams a subscription at a time: a resume takes it over
+    # from a connection that may be dying (or from an older request of this
+    # one), after which the frames the old one took are in the resend buffer.
+    owner = StreamOwner(connection, connection.requests[rid])
+    await remote.take_over(owner)
     try:
         await reply(remote.status())
         replayed = [{**frame, "id": rid} for frame in remote.replay(from_seq)]
@@ -474,7 +481,7 @@ async def _pump(
             # end frame's status says why it ended.
             remote.session.forget(remote)
     finally:
-        remote.release(connection)
+        remote.release(owner)
 
 
 async def _subscriptions(

@@ -103,6 +103,31 @@ def _log_counts(log: OutputLog) -> dict[str, int]:
     return {"total_bytes": log.total_bytes, "dropped_bytes": log.dropped_bytes}
 
 
+class StreamOwner:
+    """One streaming request of one connection: where a subscription's frames go.
+
+    The request, not the connection, owns the stream: a connection may
+    resume a subscription again while its older stream of it still runs.
+    """
+
+    __slots__ = ("connection", "scope")
+
+    def __init__(self, connection: Any, scope: trio.CancelScope) -> None:
+        self.connection = connection
+        self.scope = scope
+
+    def stop(self, new_owner: StreamOwner) -> None:
+        """Make this stream let go, for ``new_owner`` to take over."""
+        if self.connection is new_owner.connection:
+            # The same client resumed again: its older stream ends with a
+            # "cancelled" end frame, and the connection goes on.
+            self.scope.cancel()
+        else:
+            # Usually a connection that is dying: its frames are in the
+            # resend buffer once it has let go.
+            self.connection.close()
+
+
 RESEND_DEFAULT: Final = 256
 REMOVED_KEPT: Final = 16
 """Removed subscriptions a session keeps listed (and resumable) at most."""
@@ -145,7 +170,7 @@ class RemoteSubscription:
         self._resend_counted_to = 0
         self.ended = False
         self.removed_reason: str | None = None
-        self.attached: Any = None
+        self.attached: StreamOwner | None = None
         self._attach_changed = trio.Event()
         self._remove = trio.Event()
         self._finished = trio.Event()
@@ -190,22 +215,23 @@ class RemoteSubscription:
             else:
                 await _first(changed, self._remove)
 
-    async def take_over(self, owner: Any) -> None:
-        """Make ``owner`` (a connection) the one that receives the stream.
+    async def take_over(self, owner: StreamOwner) -> None:
+        """Make ``owner`` (a request of a connection) the one that receives the stream.
 
-        A connection already streaming it is closed (it is usually one that
-        is dying), and this waits until it has let go, so that the frames
-        it took are in the resend buffer. A removed subscription can still
-        be resumed: it hands out what its channel buffered, then ends.
+        A stream of it on another connection is closed with its connection
+        (it is usually one that is dying), an older one on the same
+        connection is cancelled; this waits until it has let go, so that the
+        frames it took are in the resend buffer. A removed subscription can
+        still be resumed: it hands out what its channel buffered, then ends.
         """
         while self.attached is not None and self.attached is not owner:
-            self.attached.close()
+            self.attached.stop(owner)
             await self._attach_changed.wait()
         self.attached = owner
         self._signal()
 
-    def release(self, owner: object) -> None:
-        """Forget ``owner`` if it is still the receiving connection."""
+    def release(self, owner: StreamOwner) -> None:
+        """Forget ``owner`` if it is still the receiving stream."""
         if self.attached is owner:
             self.attached = None
             self._signal()
