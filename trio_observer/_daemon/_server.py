@@ -35,6 +35,11 @@ class DaemonAlreadyRunning(RuntimeError):
 
 FINISH_WRITE_SECONDS: Final = 5.0
 """How long a cancelled write may take to finish the frames it started."""
+MAX_OPEN_REQUESTS: Final = 1024
+"""Requests one connection may have open at once; more are refused with
+``too-many-requests``. Each open request is a task, so without a bound a
+client that sends without reading the replies grows the daemon without
+end; with one, the refusals it does not read stop the daemon reading it."""
 
 
 class Connection:
@@ -263,6 +268,19 @@ async def _run_connection(connection: Connection, handle: Any) -> None:
                         raise _protocol.ProtocolError(
                             "malformed-frame", f"request id {request_id} is already in use"
                         )
+                    if len(connection.requests) >= MAX_OPEN_REQUESTS:
+                        # Answered by this task: a client that does not read
+                        # its answers stops being read, instead of piling up
+                        # tasks in the daemon.
+                        await connection.send(
+                            _protocol.error(
+                                request_id,
+                                "too-many-requests",
+                                f"this connection has {MAX_OPEN_REQUESTS} requests open; "
+                                "wait for one to end first",
+                            )
+                        )
+                        continue
                     scope = connection.requests[request_id] = trio.CancelScope()
                     requests.start_soon(handle, connection, message, scope)
         except _protocol.ProtocolError as exc:
