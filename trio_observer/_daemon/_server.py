@@ -35,6 +35,13 @@ class DaemonAlreadyRunning(RuntimeError):
 
 FINISH_WRITE_SECONDS: Final = 5.0
 """How long a cancelled write may take to finish the frames it started."""
+ACCEPT_RETRY_SECONDS: Final = 0.1
+"""How long the listener waits when accept() fails for want of fds or memory."""
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+# A client that went away between connect() and accept().
+_ACCEPT_IGNORABLE_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 MAX_OPEN_REQUESTS: Final = 1024
 """Requests one connection may have open at once; more are refused with
 ``too-many-requests``. Each open request is a task, so without a bound a
@@ -205,8 +212,32 @@ class Daemon:
                 return
 
     async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        out_of_capacity = False
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORABLE_ERRNOS:
+                    continue  # that client is gone already
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                # Out of fds (or memory), perhaps because of one client's
+                # many connections: the daemon, its sessions and their
+                # processes must not end for it. The next clients wait in
+                # the backlog until connections or processes that end free
+                # some (as in trio.serve_listeners).
+                if not out_of_capacity:
+                    logger.error(
+                        "cannot accept connections (%s); retrying every %.1f s",
+                        os.strerror(exc.errno),
+                        ACCEPT_RETRY_SECONDS,
+                    )
+                    out_of_capacity = True
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            if out_of_capacity:
+                logger.info("accepting connections again")
+                out_of_capacity = False
             nursery.start_soon(self._serve, sock)
 
     async def _serve(self, sock: trio.socket.SocketType) -> None:

@@ -1,0 +1,106 @@
+"""What one client can do to the daemon: it stays up and bounded for the others."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import trio_observer
+from trio_observer._daemon._protocol import FrameDecoder, encode, hello
+from trio_observer._daemon._server import MAX_OPEN_REQUESTS
+
+from .conftest import PY
+from .test_daemon import DaemonProcess, daemon, start_daemon  # noqa: F401  (the fixture)
+
+HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+async def test_a_client_that_sends_without_reading_is_bounded(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    """Found by the audit: every request became a task at once, however many
+    were open, so a client that sent requests and never read the replies
+    grew the daemon without bound (256,000 requests in 20 s: 1.8 GB of RSS).
+    Past MAX_OPEN_REQUESTS open on one connection, a request is refused;
+    those that were open are answered as usual."""
+    extra = 5
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.start([PY, "-c", "import time; time.sleep(60)"], name="sleeper")
+            sock = trio.socket.socket(socket.AF_UNIX)
+            await sock.connect(str(daemon.path))
+            stream = trio.SocketStream(sock)
+            async with stream:
+                count = MAX_OPEN_REQUESTS + extra
+                waits = (
+                    encode(
+                        {
+                            "type": "request",
+                            "id": i,
+                            "method": "wait",
+                            "params": {"process": "sleeper"},
+                        }
+                    )
+                    for i in range(count)
+                )
+                # Then a request that answers at once, to know when the
+                # daemon has read them all.
+                last = encode({"type": "request", "id": count, "method": "status"})
+                await stream.send_all(encode(hello()) + b"".join(waits) + last)
+                decoder = FrameDecoder()
+                frames: list[dict[str, Any]] = []
+                while not any(f.get("id") == count for f in frames):
+                    frames.extend(decoder.feed(await stream.receive_some()))
+                refused = [f for f in frames if f["type"] == "error"]
+                assert [f["id"] for f in refused] == list(range(MAX_OPEN_REQUESTS, count + 1))
+                assert {f["code"] for f in refused} == {"too-many-requests"}
+                # The open ones go on: the sleeper's end answers each of them.
+                await client.terminate("sleeper", grace_period=5)
+                while len(frames) < 2 + count:
+                    frames.extend(decoder.feed(await stream.receive_some()))
+                replies = [f for f in frames if f["type"] == "reply"]
+                assert sorted(f["id"] for f in replies) == list(range(MAX_OPEN_REQUESTS))
+
+
+async def test_running_out_of_fds_does_not_end_the_daemon(tmp_path: Path) -> None:
+    """Found by the audit: accept() failing with EMFILE (one client's many
+    connections used up the daemon's fds) raised out of the listener task
+    and ended the daemon, and with it every session and its processes.
+    It now waits for fds to come free and serves on."""
+    # A soft limit of 48 fds: a few dozen connections use them up.
+    limit = f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, {HARD}))"
+    prefix = [PY, "-c", limit + "; os.execv(sys.argv[1], sys.argv[1:])"]
+    running = start_daemon(tmp_path / "d" / "daemon.sock", prefix=prefix)
+    assert running.process.stderr is not None
+    socks: list[socket.socket] = []
+    try:
+        with trio.fail_after(60):
+            async with trio_observer.connect(running.path, autostart=False) as client:
+                await client.start([PY, "-c", "import time; time.sleep(60)"], name="sleeper")
+            # Fewer than the listen backlog (64), so that no connect blocks:
+            # those the daemon cannot accept wait in the backlog.
+            for _ in range(60):
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(str(running.path))
+                socks.append(sock)
+            while b"cannot accept connections" not in (
+                line := await trio.to_thread.run_sync(running.process.stderr.readline)
+            ):
+                assert line, "the daemon ended"
+            for sock in socks:
+                sock.close()
+            async with trio_observer.connect(running.path, autostart=False) as client:
+                (session,) = await client.sessions()
+                assert session["processes"][0]["state"] == "running"
+                await client.terminate("sleeper", grace_period=5)
+    finally:
+        for sock in socks:
+            sock.close()
+        running.process.send_signal(signal.SIGTERM)
+        running.process.communicate(timeout=60)
+    assert running.process.returncode == 0
