@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import trio
 
 import trio_observer
 from trio_observer._daemon._client import RemoteEvent, remote_item
 
+from .conftest import PY
 from .test_daemon import DaemonProcess, daemon, run_batch, wait_exited  # noqa: F401  (the fixture)
 
 
@@ -43,3 +46,30 @@ async def test_a_second_resume_on_one_connection_ends_the_first_stream(
             assert status["attached"] is True
             assert status["next_seq"] == 10
             await second.aclose()
+
+
+async def test_a_command_line_that_is_not_utf8_is_streamed(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    """Found by the audit: a descendant whose command line held a byte that
+    is not UTF-8 (read from /proc as a lone surrogate) made its event frame
+    unencodable; the subscription's stream ended with internal-error, and
+    each resume replayed the same frame and failed again, so no later event
+    was ever received. Such strings now go out as \\udcXX escapes."""
+    arg = os.fsdecode(b"caf\xe9")
+    script = "import os, sys; sys.stdout.write(os.fsencode(sys.argv[1]).hex())"
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.create_session("default")
+            stream = await client.subscribe()
+            await client.start([PY, "-c", script, arg], name="latin1")
+            await client.wait("latin1")
+            started, exited = [remote_item(await stream.__anext__()) for _ in range(2)]
+            assert isinstance(started, RemoteEvent)
+            assert isinstance(exited, RemoteEvent)
+            assert started.event["kind"] == "started"
+            assert started.event["argv"][-1] == arg
+            assert exited.event["kind"] == "exited"
+            # The child got the very bytes (its own record of them).
+            output = [item async for item in await client.output("latin1")]
+            assert output == [b"caf\xe9".hex().encode()]
