@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 import trio_observer
@@ -104,3 +105,27 @@ async def test_running_out_of_fds_does_not_end_the_daemon(tmp_path: Path) -> Non
         running.process.send_signal(signal.SIGTERM)
         running.process.communicate(timeout=60)
     assert running.process.returncode == 0
+
+
+async def test_a_reply_larger_than_a_frame_is_refused_as_such(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    """Found by the audit: a reply the encoder refused (over 1 MiB, here the
+    session list of processes with long command lines) counted as sent, so
+    the daemon logged an internal error and sent an ``end`` frame in place
+    of the reply, and the client failed with KeyError 'result'."""
+    long_args = ["x" * 100_000] * 2
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            for index in range(6):
+                await client.start([PY, "-c", "pass", *long_args], name=f"long{index}")
+            with pytest.raises(trio_observer.DaemonError, match="reply-too-large") as caught:
+                await client.sessions()
+            assert caught.value.code == "reply-too-large"
+            # The connection, and the daemon, go on.
+            assert (await client.status())["processes"] == 6
+            for index in range(6):
+                await client.wait(f"long{index}")
+                await client.remove(f"long{index}")
+            (session,) = await client.sessions()
+            assert session["processes"] == []

@@ -20,7 +20,7 @@ import trio
 from .._events import EventCategory
 from .._pty import PtySize
 from .._sink import ObserverBackpressure
-from ._protocol import OUTPUT_CHUNK_BYTES, error
+from ._protocol import MAX_FRAME_BYTES, OUTPUT_CHUNK_BYTES, ProtocolError, error
 from ._sessions import (
     DaemonSession,
     ProcessRecord,
@@ -547,8 +547,18 @@ async def handle(connection: Connection, message: dict[str, Any], scope: trio.Ca
 
     async def reply(result: dict[str, Any]) -> None:
         nonlocal replied
+        try:
+            await connection.send({"type": "reply", "id": rid, "result": result})
+        except ProtocolError:
+            # Refused by the encoder, before a byte was written: the client
+            # gets an error in place of the reply, not an end frame for a
+            # stream it never had.
+            raise RequestError(
+                "reply-too-large",
+                f"the reply to {message['method']!r:.60} would be larger than a frame may be "
+                f"({MAX_FRAME_BYTES} bytes)",
+            ) from None
         replied = True
-        await connection.send({"type": "reply", "id": rid, "result": result})
 
     try:
         with scope:
