@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
 import trio_observer
-from trio_observer._daemon._client import RemoteEvent, remote_item
+from trio_observer._daemon._client import RemoteEvent, RemoteMissed, remote_item
+from trio_observer._daemon._protocol import MAX_FRAME_BYTES, encode
 
 from .conftest import PY
 from .test_daemon import DaemonProcess, daemon, run_batch, wait_exited  # noqa: F401  (the fixture)
@@ -73,3 +75,44 @@ async def test_a_command_line_that_is_not_utf8_is_streamed(
             # The child got the very bytes (its own record of them).
             output = [item async for item in await client.output("latin1")]
             assert output == [b"caf\xe9".hex().encode()]
+
+
+async def test_an_event_too_large_for_a_frame_is_counted_in_its_place(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    """Found by the audit: an event whose frame would pass 1 MiB (a
+    descendant's 1.2 MB command line, here a STARTED event whose argv just
+    fits in the start request) could not be sent: the stream ended with
+    internal-error and each resume replayed it and failed again, so the
+    subscription never got past it. It now goes out as a "too-large"
+    marker for its one number, and the stream goes on."""
+    request = {"type": "request", "id": 1, "method": "start"}
+    # Chunks under the kernel's limit for one argument (128 KiB).
+    argv = [PY, "-c", "pass", *["x" * 100_000] * 10]
+    params = {"argv": argv, "session": "default", "name": "huge"}
+    spare = MAX_FRAME_BYTES + 4 - len(encode({**request, "params": params}))
+    argv.append("y" * (spare - len(',""')))
+    assert len(encode({**request, "params": params})) == MAX_FRAME_BYTES + 4
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.create_session("default")
+            stream = await client.subscribe()
+            # The request fits; its reply, which says more, does not.
+            with pytest.raises(trio_observer.DaemonError, match="reply-too-large"):
+                await client.request("start", **params)
+            # (Every reply that describes it is too large too: its exit
+            # is known from the stream.)
+            first = [remote_item(await stream.__anext__()) for _ in range(2)]
+            assert first[0] == RemoteMissed(seq=1, count=1, lost_in="too-large")
+            assert isinstance(first[1], RemoteEvent)
+            assert (first[1].seq, first[1].event["kind"]) == (1, "exited")
+            await client.start([PY, "-c", "pass"], name="small")
+            await client.wait("small")
+            then = [remote_item(await stream.__anext__()) for _ in range(2)]
+            assert all(isinstance(i, RemoteEvent) for i in then)
+            assert [(i.seq, i.event["kind"]) for i in then if isinstance(i, RemoteEvent)] == [
+                (2, "started"),
+                (3, "exited"),
+            ]
+            status = await client.subscription_status(stream.result["id"])
+            assert status["too_large_events"] == 1

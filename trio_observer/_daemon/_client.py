@@ -56,7 +56,9 @@ class RemoteMissed:
 
     ``lost_in`` is ``"sink"`` when the session's sink had no room for them
     (as :class:`MissedEvents`), ``"connection"`` when they were sent to a
-    connection that died and the resend buffer no longer held them.
+    connection that died and the resend buffer no longer held them, and
+    ``"too-large"`` for one event too large for any frame (a command line
+    of about a million characters).
     """
 
     seq: int
@@ -64,7 +66,7 @@ class RemoteMissed:
     count: int
     """How many events were lost here."""
     lost_in: str
-    """``"sink"`` or ``"connection"``."""
+    """``"sink"``, ``"connection"`` or ``"too-large"``."""
 
 
 @final

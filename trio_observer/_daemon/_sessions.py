@@ -28,6 +28,7 @@ from .._pty import PtySize
 from .._session import Session, open_session
 from .._sink import ObserverBackpressure, ObserverSinkStatus
 from .._subscription import MissedEvents, Subscription
+from ._protocol import MAX_FRAME_BYTES, ProtocolError, encode
 
 if TYPE_CHECKING:
     from .._otel import OTelExporter
@@ -167,6 +168,7 @@ class RemoteSubscription:
         self.sent_frames = 0
         self.events_framed = 0
         self.missed_in_resend = 0
+        self.too_large_events = 0
         self._resend_counted_to = 0
         self.ended = False
         self.removed_reason: str | None = None
@@ -323,6 +325,25 @@ class RemoteSubscription:
             }
         else:
             frame = {"type": "stream", "seq": self.next_seq, "event": item.to_dict()}
+            if _too_large(frame):
+                # No frame can carry it: counted in its place, so that the
+                # stream (and every resume of it) goes on past it.
+                self.too_large_events += 1
+                logger.warning(
+                    "session %r: subscription %s: event %d (%s of pid %s) is too large "
+                    "for a frame; sent as a too-large marker",
+                    self.session.name,
+                    self.id,
+                    self.next_seq,
+                    item.kind.value,
+                    item.pid,
+                )
+                frame = {
+                    "type": "stream",
+                    "seq": self.next_seq + 1,
+                    "missed": 1,
+                    "lost_in": "too-large",
+                }
             self.next_seq += 1
             self.events_framed += 1
         self.sent.append((int(frame["seq"]), frame))
@@ -353,9 +374,32 @@ class RemoteSubscription:
             "next_seq": self.next_seq,
             "sent_frames": self.sent_frames,
             "missed_in_resend": self.missed_in_resend,
+            "too_large_events": self.too_large_events,
             "ended": self.ended,
             "removed": self.removed_reason,
         }
+
+
+# Room left in a frame for what the event does not hold (the request id).
+_FRAME_MARGIN: Final = 64
+# A character takes at most this many bytes in a frame (a \u00XX escape).
+_MAX_BYTES_PER_CHAR: Final = 6
+
+
+def _too_large(frame: dict[str, Any]) -> bool:
+    """Whether ``frame`` (an event's) encodes to more than a frame may hold.
+
+    Only a command line can be that long (a path is at most PATH_MAX); the
+    frame is encoded to check only when its argv might be, so that the
+    ordinary event costs a sum, not a second encoding.
+    """
+    argv = frame["event"].get("argv")
+    if not argv or sum(map(len, argv)) * _MAX_BYTES_PER_CHAR < MAX_FRAME_BYTES // 2:
+        return False
+    try:
+        return len(encode(frame)) > MAX_FRAME_BYTES - _FRAME_MARGIN
+    except ProtocolError:
+        return True
 
 
 async def _first(*events: trio.Event) -> None:
