@@ -12,6 +12,7 @@ import pytest
 import trio
 
 import trio_observer
+from trio_observer._daemon._handlers import MAX_MESSAGE_CHARS
 from trio_observer._daemon._protocol import FrameDecoder, encode, hello
 from trio_observer._daemon._server import MAX_OPEN_REQUESTS
 
@@ -129,3 +130,24 @@ async def test_a_reply_larger_than_a_frame_is_refused_as_such(
                 await client.remove(f"long{index}")
             (session,) = await client.sessions()
             assert session["processes"] == []
+
+
+async def test_an_error_naming_a_long_argument_does_not_end_the_daemon(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    """Found by the audit: an error message quotes what the client sent, and
+    the repr of 300,000 DEL characters (5 bytes each in the frame) made the
+    no-such-process error frame 1.5 MB; the encoder's refusal escaped the
+    request handler and ended the daemon, its sessions and their processes.
+    Messages are now cut to MAX_MESSAGE_CHARS."""
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            started = await client.start([PY, "-c", "import time; time.sleep(60)"], name="keep")
+            with pytest.raises(trio_observer.DaemonError, match="no-such-process") as caught:
+                await client.wait("\x7f" * 300_000)
+            assert len(str(caught.value)) < 2 * MAX_MESSAGE_CHARS
+            (session,) = await client.sessions()
+            assert session["processes"][0]["pid"] == started["pid"]
+            assert session["processes"][0]["state"] == "running"
+            await client.terminate("keep", grace_period=5)
+    assert daemon.process.poll() is None

@@ -540,6 +540,19 @@ METHODS: Final[dict[str, Handler]] = {
 }
 
 
+MAX_MESSAGE_CHARS: Final = 2000
+"""The longest error message sent; a longer one is cut (and says so)."""
+
+
+def _bounded(text: str) -> str:
+    # A message names what the client sent (a process name, a path), and a
+    # frame holding it must still encode: unbounded, a long enough name
+    # made the error frame too large, and that error ended the daemon.
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}... (cut from {len(text)} characters)"
+
+
 async def handle(connection: Connection, message: dict[str, Any], scope: trio.CancelScope) -> None:
     """Run one request to its end; errors become error frames, the connection goes on."""
     rid: int = message["id"]
@@ -577,12 +590,10 @@ async def handle(connection: Connection, message: dict[str, Any], scope: trio.Ca
                         raise
                     # A bug in a handler must not take the daemon, its
                     # sessions or its other clients down with it.
-                    logger.exception("request %r failed", message["method"])
+                    logger.exception("request %.80r failed", message["method"])
                     exc = RequestError("internal-error", f"{type(exc).__name__}: {exc}")
-                if replied:
-                    await connection.send({**error(rid, exc.code, str(exc)), "type": "end"})
-                else:
-                    await connection.send(error(rid, exc.code, str(exc)))
+                refusal = error(rid, exc.code, _bounded(str(exc)))
+                await connection.send({**refusal, "type": "end"} if replied else refusal)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:

@@ -265,6 +265,10 @@ class Daemon:
             # answering (that error comes out of the requests' nursery):
             # only this connection ends, never the daemon.
             pass
+        except* Exception:
+            # A bug that escaped the request handlers: it ends this
+            # connection, never the daemon with every session it holds.
+            logger.exception("closing a connection (pid %d) after an internal error", pid)
         finally:
             connection.close()
 
