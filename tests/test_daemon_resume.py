@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import trio
 
 import trio_observer
-from trio_observer._daemon._client import RemoteEvent, RemoteMissed, remote_item
+from trio_observer._daemon._client import (
+    STREAM_BUFFER_FRAMES,
+    RemoteEvent,
+    RemoteMissed,
+    remote_item,
+)
 from trio_observer._daemon._protocol import MAX_FRAME_BYTES, encode
 
 from .conftest import PY
@@ -116,3 +122,40 @@ async def test_an_event_too_large_for_a_frame_is_counted_in_its_place(
             ]
             status = await client.subscription_status(stream.result["id"])
             assert status["too_large_events"] == 1
+
+
+async def test_a_stream_nobody_reads_does_not_hold_up_other_answers(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    """Found by the audit: the client's reader waited for room in a stream's
+    buffer (256 frames), so a client that subscribed and made requests
+    before reading the stream hung: the 130th start never returned, its
+    reply stuck behind events nobody read. The stream is now cut instead:
+    its reader gets the 256 frames held, then BrokenResourceError, and
+    resumes from the last seq with nothing lost."""
+    count = 140  # 280 events
+    true = shutil.which("true") or "/bin/true"
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as client:
+            await client.create_session("default")
+            stream = await client.subscribe(capacity=1024)
+            for index in range(count):
+                await client.start([true], name=f"t{index}")
+            for index in range(count):
+                await client.wait(f"t{index}")
+            # The 256 frames held, then the cut.
+            seqs: list[int] = []
+            for _ in range(STREAM_BUFFER_FRAMES):
+                item = remote_item(await stream.__anext__())
+                assert isinstance(item, RemoteEvent)
+                seqs.append(item.seq)
+            with pytest.raises(trio.BrokenResourceError, match="frames behind"):
+                await stream.__anext__()
+            assert seqs == list(range(STREAM_BUFFER_FRAMES))
+            resumed = await client.resume(stream.result["id"], from_seq=len(seqs))
+            while len(seqs) < 2 * count:
+                item = remote_item(await resumed.__anext__())
+                assert isinstance(item, RemoteEvent)
+                assert item.seq == len(seqs)
+                seqs.append(item.seq)
+            await resumed.aclose()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, final
+from typing import Any, Final, final
 
 import trio
 
@@ -19,6 +19,9 @@ from .._checks import check_bool
 from .._cursor import OutputGap
 from . import _protocol
 from ._paths import resolve_socket_path
+
+STREAM_BUFFER_FRAMES: Final = 256
+"""Frames of one stream the client holds for a reader that has not taken them."""
 
 
 class DaemonError(Exception):
@@ -87,6 +90,13 @@ class RemoteStream:
     Obtained from a :class:`DaemonClient` method; ``result`` is the
     daemon's first reply. Breaking out of the loop leaves the rest unread;
     :meth:`aclose` asks the daemon to stop sending.
+
+    A stream nobody reads does not hold up the connection's other answers:
+    once ``STREAM_BUFFER_FRAMES`` (256) of its frames are unread, it is cut
+    (the daemon is asked to stop sending it), and reading it gives what was
+    held, then ``trio.BrokenResourceError``. Resume it as after a lost
+    connection: a subscription from one past the last ``seq`` you have,
+    output from the offset you reached.
     """
 
     def __init__(self, client: DaemonClient, rid: int, result: dict[str, Any]) -> None:
@@ -141,6 +151,9 @@ class DaemonClient:
         self._lock = trio.Lock()
         self._broken: BaseException | None = None
         self._closed = trio.Event()
+        # Streams cut because their reader fell STREAM_BUFFER_FRAMES behind.
+        self._cut: set[int] = set()
+        self._nursery: trio.Nursery | None = None  # set by connect()
 
     async def _send(self, message: dict[str, Any]) -> None:
         async with self._lock:
@@ -156,12 +169,15 @@ class DaemonClient:
                     rid = frame.get("id")
                     channel = self._pending.get(rid) if isinstance(rid, int) else None
                     if channel is not None:
-                        # Without a checkpoint while the reader keeps up: a
-                        # yield per frame would cost a scheduling round each.
+                        assert isinstance(rid, int)
+                        if rid in self._cut:
+                            continue
+                        # Without a checkpoint: a yield per frame would cost
+                        # a scheduling round each.
                         try:
                             channel[0].send_nowait(frame)
                         except trio.WouldBlock:
-                            await channel[0].send(frame)
+                            self._cut_stream(rid)
                     elif frame["type"] == "error":
                         raise _refusal(frame)
         except (
@@ -176,6 +192,27 @@ class DaemonClient:
         finally:
             self._closed.set()
 
+    def _cut_stream(self, rid: int) -> None:
+        # Its reader is STREAM_BUFFER_FRAMES behind. Waiting for it would
+        # hold every other answer on the connection behind frames nobody
+        # reads (a request made before reading the stream never returned);
+        # instead its reader gets what is held, then an error, and resumes.
+        self._cut.add(rid)
+        self._pending[rid][0].close()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._cancel_cut, rid)
+
+    async def _cancel_cut(self, rid: int) -> None:
+        # Not request(): its reply is not waited for (the reader task that
+        # would deliver it may be the caller's own).
+        cancel_id = self._next_id
+        self._next_id += 1
+        message = {"type": "request", "id": cancel_id, "method": "cancel"}
+        try:
+            await self._send({**message, "params": {"request": rid}})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
     async def wait_closed(self) -> None:
         """Wait until the daemon has closed this connection (after :meth:`shutdown`)."""
         await self._closed.wait()
@@ -184,6 +221,12 @@ class DaemonClient:
         try:
             return await self._pending[rid][1].receive()
         except (trio.EndOfChannel, KeyError):
+            if rid in self._cut:
+                self._forget(rid)
+                raise trio.BrokenResourceError(
+                    f"the stream fell {STREAM_BUFFER_FRAMES} frames behind its reader and was "
+                    "cut; resume it from the last seq (or offset) you have"
+                ) from None
             raise trio.BrokenResourceError(
                 "the connection to the daemon was lost"
             ) from self._broken
@@ -200,7 +243,7 @@ class DaemonClient:
             ) from self._broken
         rid = self._next_id
         self._next_id += 1
-        self._pending[rid] = trio.open_memory_channel[dict[str, Any]](256)
+        self._pending[rid] = trio.open_memory_channel[dict[str, Any]](STREAM_BUFFER_FRAMES)
         await self._send({"type": "request", "id": rid, "method": method, "params": params})
         frame = await self._next_frame(rid)
         if frame["type"] == "error":
@@ -482,6 +525,7 @@ async def connect(
             raise _refusal(first)
         _protocol.check_hello(first)
         async with trio.open_nursery() as nursery:
+            client._nursery = nursery
             nursery.start_soon(client._read_frames)
             try:
                 yield client
