@@ -159,3 +159,27 @@ async def test_a_stream_nobody_reads_does_not_hold_up_other_answers(
                 assert item.seq == len(seqs)
                 seqs.append(item.seq)
             await resumed.aclose()
+
+
+async def test_a_slow_reader_alone_on_its_connection_is_slowed_not_cut(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    # The other side of the test above: with nothing else waiting on the
+    # connection, a stream 256 frames behind holds the daemon back (the
+    # events wait in the sink), and every one arrives.
+    count = 140
+    true = shutil.which("true") or "/bin/true"
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as reader:
+            await reader.create_session("default")
+            stream = await reader.subscribe(capacity=1024)
+            async with trio_observer.connect(daemon.path, autostart=False) as other:
+                for index in range(count):
+                    await other.start([true], name=f"t{index}")
+                for index in range(count):
+                    await other.wait(f"t{index}")
+            for seq in range(2 * count):
+                item = remote_item(await stream.__anext__())
+                assert isinstance(item, RemoteEvent)
+                assert item.seq == seq
+            await stream.aclose()

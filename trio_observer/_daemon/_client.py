@@ -91,12 +91,15 @@ class RemoteStream:
     daemon's first reply. Breaking out of the loop leaves the rest unread;
     :meth:`aclose` asks the daemon to stop sending.
 
-    A stream nobody reads does not hold up the connection's other answers:
-    once ``STREAM_BUFFER_FRAMES`` (256) of its frames are unread, it is cut
-    (the daemon is asked to stop sending it), and reading it gives what was
-    held, then ``trio.BrokenResourceError``. Resume it as after a lost
-    connection: a subscription from one past the last ``seq`` you have,
-    output from the offset you reached.
+    A reader that falls behind slows the daemon down (backpressure), up to
+    ``STREAM_BUFFER_FRAMES`` (256) frames held, as long as nothing else on
+    the connection waits. A stream nobody reads does not hold up the
+    answers to the connection's other requests, though: once it holds 256
+    frames while another request or stream waits, it is cut (the daemon is
+    asked to stop sending it), and reading it gives what was held, then
+    ``trio.BrokenResourceError``. Resume it as after a lost connection: a
+    subscription from one past the last ``seq`` you have, output from the
+    offset you reached.
     """
 
     def __init__(self, client: DaemonClient, rid: int, result: dict[str, Any]) -> None:
@@ -153,6 +156,10 @@ class DaemonClient:
         self._closed = trio.Event()
         # Streams cut because their reader fell STREAM_BUFFER_FRAMES behind.
         self._cut: set[int] = set()
+        # Tasks waiting for a frame, by request id; and the stream the
+        # reader waits to hand a frame to, with the scope that stops that.
+        self._waiting: dict[int, int] = {}
+        self._blocked: tuple[int, trio.CancelScope] | None = None
         self._nursery: trio.Nursery | None = None  # set by connect()
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -177,7 +184,7 @@ class DaemonClient:
                         try:
                             channel[0].send_nowait(frame)
                         except trio.WouldBlock:
-                            self._cut_stream(rid)
+                            await self._hand_over_late(rid, channel[0], frame)
                     elif frame["type"] == "error":
                         raise _refusal(frame)
         except (
@@ -192,11 +199,33 @@ class DaemonClient:
         finally:
             self._closed.set()
 
+    async def _hand_over_late(
+        self, rid: int, send: trio.MemorySendChannel[dict[str, Any]], frame: dict[str, Any]
+    ) -> None:
+        # The stream's reader is STREAM_BUFFER_FRAMES behind. Waiting for it
+        # slows the daemon down, which is right while nothing else waits;
+        # but while the reader task waits it reads nothing, so an answer
+        # someone else waits for would never come (a request made before
+        # reading a subscription never returned): then the stream is cut.
+        if any(other != rid and self._starved(other) for other in self._waiting):
+            self._cut_stream(rid)
+            return
+        with trio.CancelScope() as scope:
+            self._blocked = (rid, scope)
+            try:
+                await send.send(frame)
+            finally:
+                self._blocked = None
+        if scope.cancelled_caught:
+            self._cut_stream(rid)
+
+    def _starved(self, rid: int) -> bool:
+        """Whether a task waiting for a frame of ``rid`` needs the reader for it."""
+        channels = self._pending.get(rid)
+        return channels is None or channels[1].statistics().current_buffer_used == 0
+
     def _cut_stream(self, rid: int) -> None:
-        # Its reader is STREAM_BUFFER_FRAMES behind. Waiting for it would
-        # hold every other answer on the connection behind frames nobody
-        # reads (a request made before reading the stream never returned);
-        # instead its reader gets what is held, then an error, and resumes.
+        # Its reader gets what is held, then an error, and resumes.
         self._cut.add(rid)
         self._pending[rid][0].close()
         assert self._nursery is not None
@@ -218,6 +247,10 @@ class DaemonClient:
         await self._closed.wait()
 
     async def _next_frame(self, rid: int) -> dict[str, Any]:
+        if self._blocked is not None and self._blocked[0] != rid and self._starved(rid):
+            # The reader waits for another stream's reader: see _hand_over_late.
+            self._blocked[1].cancel()
+        self._waiting[rid] = self._waiting.get(rid, 0) + 1
         try:
             return await self._pending[rid][1].receive()
         except (trio.EndOfChannel, KeyError):
@@ -230,6 +263,10 @@ class DaemonClient:
             raise trio.BrokenResourceError(
                 "the connection to the daemon was lost"
             ) from self._broken
+        finally:
+            left = self._waiting.pop(rid) - 1
+            if left:
+                self._waiting[rid] = left
 
     def _forget(self, rid: int) -> None:
         channels = self._pending.pop(rid, None)
