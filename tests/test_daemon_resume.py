@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import trio
+import trio.testing
 
 import trio_observer
 from trio_observer._daemon._client import (
@@ -183,3 +184,36 @@ async def test_a_slow_reader_alone_on_its_connection_is_slowed_not_cut(
                 assert isinstance(item, RemoteEvent)
                 assert item.seq == seq
             await stream.aclose()
+
+
+async def test_closing_a_stream_its_reader_fell_behind_leaves_the_connection(
+    daemon: DaemonProcess,  # noqa: F811
+) -> None:
+    """Found by the audit (an old bug): closing a stream whose 256 frames were unread
+    closed the channel the client's reader task was waiting to hand the
+    next frame to; the ClosedResourceError that woke it was taken for the
+    connection's end, and every later request failed."""
+    count = 140
+    true = shutil.which("true") or "/bin/true"
+    with trio.fail_after(60):
+        async with trio_observer.connect(daemon.path, autostart=False) as reader:
+            await reader.create_session("default")
+            stream = await reader.subscribe(capacity=1024)
+            async with trio_observer.connect(daemon.path, autostart=False) as other:
+                for index in range(count):
+                    await other.start([true], name=f"t{index}")
+                for index in range(count):
+                    await other.wait(f"t{index}")
+                # The reader's buffer is full once the daemon has handed
+                # out more than it holds.
+                sub_id = stream.result["id"]
+                while True:
+                    status = await other.subscription_status(sub_id)
+                    if status["sent_frames"] > STREAM_BUFFER_FRAMES:
+                        break
+                    await trio.sleep(0.01)
+            # Those frames are in this side's socket: once every task here
+            # waits, the client's reader waits for room in the stream.
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.aclose()
+            assert (await reader.status())["subscriptions"] == 1

@@ -214,6 +214,8 @@ class DaemonClient:
             self._blocked = (rid, scope)
             try:
                 await send.send(frame)
+            except trio.ClosedResourceError:
+                return  # the stream was closed (aclose) meanwhile: not the connection
             finally:
                 self._blocked = None
         if scope.cancelled_caught:
