@@ -127,13 +127,17 @@ async def test_an_event_too_large_for_a_frame_is_counted_in_its_place(
 
 async def test_a_stream_nobody_reads_does_not_hold_up_other_answers(
     daemon: DaemonProcess,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Found by the audit: the client's reader waited for room in a stream's
     buffer (256 frames), so a client that subscribed and made requests
     before reading the stream hung: the 130th start never returned, its
-    reply stuck behind events nobody read. The stream is now cut instead:
-    its reader gets the 256 frames held, then BrokenResourceError, and
-    resumes from the last seq with nothing lost."""
+    reply stuck behind events nobody read. The stream is now cut once it
+    has held up an answer for STREAM_CUT_SECONDS: its reader gets the 256
+    frames held, then BrokenResourceError, and resumes from the last seq
+    with nothing lost."""
+    # Not 5 s of waiting for the cut in the suite.
+    monkeypatch.setattr(trio_observer._daemon._client, "STREAM_CUT_SECONDS", 0.05, raising=False)
     count = 140  # 280 events
     true = shutil.which("true") or "/bin/true"
     with trio.fail_after(60):

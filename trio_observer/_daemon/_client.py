@@ -22,6 +22,8 @@ from ._paths import resolve_socket_path
 
 STREAM_BUFFER_FRAMES: Final = 256
 """Frames of one stream the client holds for a reader that has not taken them."""
+STREAM_CUT_SECONDS: Final = 5.0
+"""How long a full stream may hold up an answer another task waits for."""
 
 
 class DaemonError(Exception):
@@ -91,11 +93,12 @@ class RemoteStream:
     daemon's first reply. Breaking out of the loop leaves the rest unread;
     :meth:`aclose` asks the daemon to stop sending.
 
-    A reader that falls behind slows the daemon down (backpressure), up to
-    ``STREAM_BUFFER_FRAMES`` (256) frames held, as long as nothing else on
-    the connection waits. A stream nobody reads does not hold up the
-    answers to the connection's other requests, though: once it holds 256
-    frames while another request or stream waits, it is cut (the daemon is
+    A reader that falls behind slows the daemon down (backpressure): the
+    client holds up to ``STREAM_BUFFER_FRAMES`` (256) of its frames, and
+    while those are unread it reads nothing more from the connection. A
+    stream nobody reads must not hold up the answers to the connection's
+    other requests for good, though: once it has held an answer another
+    task waits for for ``STREAM_CUT_SECONDS`` (5), it is cut (the daemon is
     asked to stop sending it), and reading it gives what was held, then
     ``trio.BrokenResourceError``. Resume it as after a lost connection: a
     subscription from one past the last ``seq`` you have, output from the
@@ -203,15 +206,16 @@ class DaemonClient:
         self, rid: int, send: trio.MemorySendChannel[dict[str, Any]], frame: dict[str, Any]
     ) -> None:
         # The stream's reader is STREAM_BUFFER_FRAMES behind. Waiting for it
-        # slows the daemon down, which is right while nothing else waits;
-        # but while the reader task waits it reads nothing, so an answer
-        # someone else waits for would never come (a request made before
-        # reading a subscription never returned): then the stream is cut.
-        if any(other != rid and self._starved(other) for other in self._waiting):
-            self._cut_stream(rid)
-            return
+        # slows the daemon down, which is right for a slow reader (a pipe, a
+        # terminal). But while the reader task waits it reads nothing, and
+        # if the stream's reader is not reading at all (it waits for another
+        # answer: a request made before reading a subscription), that answer
+        # never comes. So once another task waits, the wait is bounded by
+        # STREAM_CUT_SECONDS, then the stream is cut.
         with trio.CancelScope() as scope:
             self._blocked = (rid, scope)
+            if any(other != rid and self._starved(other) for other in self._waiting):
+                self._bound_block()
             try:
                 await send.send(frame)
             except trio.ClosedResourceError:
@@ -220,6 +224,11 @@ class DaemonClient:
                 self._blocked = None
         if scope.cancelled_caught:
             self._cut_stream(rid)
+
+    def _bound_block(self) -> None:
+        if self._blocked is not None:
+            scope = self._blocked[1]
+            scope.deadline = min(scope.deadline, trio.current_time() + STREAM_CUT_SECONDS)
 
     def _starved(self, rid: int) -> bool:
         """Whether a task waiting for a frame of ``rid`` needs the reader for it."""
@@ -251,7 +260,7 @@ class DaemonClient:
     async def _next_frame(self, rid: int) -> dict[str, Any]:
         if self._blocked is not None and self._blocked[0] != rid and self._starved(rid):
             # The reader waits for another stream's reader: see _hand_over_late.
-            self._blocked[1].cancel()
+            self._bound_block()
         self._waiting[rid] = self._waiting.get(rid, 0) + 1
         try:
             return await self._pending[rid][1].receive()
