@@ -237,8 +237,11 @@ class DaemonClient:
 
     def _cut_stream(self, rid: int) -> None:
         # Its reader gets what is held, then an error, and resumes.
+        channels = self._pending.get(rid)
+        if channels is None:
+            return  # closed by its reader (aclose) meanwhile
         self._cut.add(rid)
-        self._pending[rid][0].close()
+        channels[0].close()
         assert self._nursery is not None
         self._nursery.start_soon(self._cancel_cut, rid)
 
