@@ -67,7 +67,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--follow",
         "-f",
         action="store_true",
-        help="keep going (default: print the id and what is buffered)",
+        help="print the events as they come (without it: only the first line, then exit)",
     )
     events.add_argument("--resume", metavar="ID", help="resume subscription ID")
     events.add_argument(

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, final
+from typing import Any, Final, final
 
 import trio
 
@@ -19,6 +19,11 @@ from .._checks import check_bool
 from .._cursor import OutputGap
 from . import _protocol
 from ._paths import resolve_socket_path
+
+STREAM_BUFFER_FRAMES: Final = 256
+"""Frames of one stream the client holds for a reader that has not taken them."""
+STREAM_CUT_SECONDS: Final = 5.0
+"""How long a full stream may hold up an answer another task waits for."""
 
 
 class DaemonError(Exception):
@@ -56,7 +61,9 @@ class RemoteMissed:
 
     ``lost_in`` is ``"sink"`` when the session's sink had no room for them
     (as :class:`MissedEvents`), ``"connection"`` when they were sent to a
-    connection that died and the resend buffer no longer held them.
+    connection that died and the resend buffer no longer held them, and
+    ``"too-large"`` for one event too large for any frame (a command line
+    of about a million characters).
     """
 
     seq: int
@@ -64,7 +71,7 @@ class RemoteMissed:
     count: int
     """How many events were lost here."""
     lost_in: str
-    """``"sink"`` or ``"connection"``."""
+    """``"sink"``, ``"connection"`` or ``"too-large"``."""
 
 
 @final
@@ -85,6 +92,17 @@ class RemoteStream:
     Obtained from a :class:`DaemonClient` method; ``result`` is the
     daemon's first reply. Breaking out of the loop leaves the rest unread;
     :meth:`aclose` asks the daemon to stop sending.
+
+    A reader that falls behind slows the daemon down (backpressure): the
+    client holds up to ``STREAM_BUFFER_FRAMES`` (256) of its frames, and
+    while those are unread it reads nothing more from the connection. A
+    stream nobody reads must not hold up the answers to the connection's
+    other requests for good, though: once it has held an answer another
+    task waits for for ``STREAM_CUT_SECONDS`` (5), it is cut (the daemon is
+    asked to stop sending it), and reading it gives what was held, then
+    ``trio.BrokenResourceError``. Resume it as after a lost connection: a
+    subscription from one past the last ``seq`` you have, output from the
+    offset you reached.
     """
 
     def __init__(self, client: DaemonClient, rid: int, result: dict[str, Any]) -> None:
@@ -139,6 +157,13 @@ class DaemonClient:
         self._lock = trio.Lock()
         self._broken: BaseException | None = None
         self._closed = trio.Event()
+        # Streams cut because their reader fell STREAM_BUFFER_FRAMES behind.
+        self._cut: set[int] = set()
+        # Tasks waiting for a frame, by request id; and the stream the
+        # reader waits to hand a frame to, with the scope that stops that.
+        self._waiting: dict[int, int] = {}
+        self._blocked: tuple[int, trio.CancelScope] | None = None
+        self._nursery: trio.Nursery | None = None  # set by connect()
 
     async def _send(self, message: dict[str, Any]) -> None:
         async with self._lock:
@@ -154,12 +179,15 @@ class DaemonClient:
                     rid = frame.get("id")
                     channel = self._pending.get(rid) if isinstance(rid, int) else None
                     if channel is not None:
-                        # Without a checkpoint while the reader keeps up: a
-                        # yield per frame would cost a scheduling round each.
+                        assert isinstance(rid, int)
+                        if rid in self._cut:
+                            continue
+                        # Without a checkpoint: a yield per frame would cost
+                        # a scheduling round each.
                         try:
                             channel[0].send_nowait(frame)
                         except trio.WouldBlock:
-                            await channel[0].send(frame)
+                            await self._hand_over_late(rid, channel[0], frame)
                     elif frame["type"] == "error":
                         raise _refusal(frame)
         except (
@@ -174,17 +202,85 @@ class DaemonClient:
         finally:
             self._closed.set()
 
+    async def _hand_over_late(
+        self, rid: int, send: trio.MemorySendChannel[dict[str, Any]], frame: dict[str, Any]
+    ) -> None:
+        # The stream's reader is STREAM_BUFFER_FRAMES behind. Waiting for it
+        # slows the daemon down, which is right for a slow reader (a pipe, a
+        # terminal). But while the reader task waits it reads nothing, and
+        # if the stream's reader is not reading at all (it waits for another
+        # answer: a request made before reading a subscription), that answer
+        # never comes. So once another task waits, the wait is bounded by
+        # STREAM_CUT_SECONDS, then the stream is cut.
+        with trio.CancelScope() as scope:
+            self._blocked = (rid, scope)
+            if any(other != rid and self._starved(other) for other in self._waiting):
+                self._bound_block()
+            try:
+                await send.send(frame)
+            except trio.ClosedResourceError:
+                return  # the stream was closed (aclose) meanwhile: not the connection
+            finally:
+                self._blocked = None
+        if scope.cancelled_caught:
+            self._cut_stream(rid)
+
+    def _bound_block(self) -> None:
+        if self._blocked is not None:
+            scope = self._blocked[1]
+            scope.deadline = min(scope.deadline, trio.current_time() + STREAM_CUT_SECONDS)
+
+    def _starved(self, rid: int) -> bool:
+        """Whether a task waiting for a frame of ``rid`` needs the reader for it."""
+        channels = self._pending.get(rid)
+        return channels is None or channels[1].statistics().current_buffer_used == 0
+
+    def _cut_stream(self, rid: int) -> None:
+        # Its reader gets what is held, then an error, and resumes.
+        channels = self._pending.get(rid)
+        if channels is None:
+            return  # closed by its reader (aclose) meanwhile
+        self._cut.add(rid)
+        channels[0].close()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._cancel_cut, rid)
+
+    async def _cancel_cut(self, rid: int) -> None:
+        # Not request(): its reply is not waited for (the reader task that
+        # would deliver it may be the caller's own).
+        cancel_id = self._next_id
+        self._next_id += 1
+        message = {"type": "request", "id": cancel_id, "method": "cancel"}
+        try:
+            await self._send({**message, "params": {"request": rid}})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
     async def wait_closed(self) -> None:
         """Wait until the daemon has closed this connection (after :meth:`shutdown`)."""
         await self._closed.wait()
 
     async def _next_frame(self, rid: int) -> dict[str, Any]:
+        if self._blocked is not None and self._blocked[0] != rid and self._starved(rid):
+            # The reader waits for another stream's reader: see _hand_over_late.
+            self._bound_block()
+        self._waiting[rid] = self._waiting.get(rid, 0) + 1
         try:
             return await self._pending[rid][1].receive()
         except (trio.EndOfChannel, KeyError):
+            if rid in self._cut:
+                self._forget(rid)
+                raise trio.BrokenResourceError(
+                    f"the stream fell {STREAM_BUFFER_FRAMES} frames behind its reader and was "
+                    "cut; resume it from the last seq (or offset) you have"
+                ) from None
             raise trio.BrokenResourceError(
                 "the connection to the daemon was lost"
             ) from self._broken
+        finally:
+            left = self._waiting.pop(rid) - 1
+            if left:
+                self._waiting[rid] = left
 
     def _forget(self, rid: int) -> None:
         channels = self._pending.pop(rid, None)
@@ -198,7 +294,7 @@ class DaemonClient:
             ) from self._broken
         rid = self._next_id
         self._next_id += 1
-        self._pending[rid] = trio.open_memory_channel[dict[str, Any]](256)
+        self._pending[rid] = trio.open_memory_channel[dict[str, Any]](STREAM_BUFFER_FRAMES)
         await self._send({"type": "request", "id": rid, "method": method, "params": params})
         frame = await self._next_frame(rid)
         if frame["type"] == "error":
@@ -480,6 +576,7 @@ async def connect(
             raise _refusal(first)
         _protocol.check_hello(first)
         async with trio.open_nursery() as nursery:
+            client._nursery = nursery
             nursery.start_soon(client._read_frames)
             try:
                 yield client

@@ -20,8 +20,14 @@ import trio
 from .._events import EventCategory
 from .._pty import PtySize
 from .._sink import ObserverBackpressure
-from ._protocol import OUTPUT_CHUNK_BYTES, error
-from ._sessions import DaemonSession, ProcessRecord, RemoteSubscription, RequestError
+from ._protocol import MAX_FRAME_BYTES, OUTPUT_CHUNK_BYTES, ProtocolError, error
+from ._sessions import (
+    DaemonSession,
+    ProcessRecord,
+    RemoteSubscription,
+    RequestError,
+    StreamOwner,
+)
 
 logger = logging.getLogger("trio_observer.daemon")
 
@@ -454,10 +460,11 @@ _BATCH: Final = 64
 async def _pump(
     connection: Connection, remote: RemoteSubscription, rid: int, reply: Reply, from_seq: int
 ) -> None:
-    # One connection streams a subscription at a time: a resume takes it
-    # over from a connection that may be dying, after which the frames the
-    # old one took are in the resend buffer.
-    await remote.take_over(connection)
+    # One request streams a subscription at a time: a resume takes it over
+    # from a connection that may be dying (or from an older request of this
+    # one), after which the frames the old one took are in the resend buffer.
+    owner = StreamOwner(connection, connection.requests[rid])
+    await remote.take_over(owner)
     try:
         await reply(remote.status())
         replayed = [{**frame, "id": rid} for frame in remote.replay(from_seq)]
@@ -474,7 +481,7 @@ async def _pump(
             # end frame's status says why it ended.
             remote.session.forget(remote)
     finally:
-        remote.release(connection)
+        remote.release(owner)
 
 
 async def _subscriptions(
@@ -533,6 +540,19 @@ METHODS: Final[dict[str, Handler]] = {
 }
 
 
+MAX_MESSAGE_CHARS: Final = 2000
+"""The longest error message sent; a longer one is cut (and says so)."""
+
+
+def _bounded(text: str) -> str:
+    # A message names what the client sent (a process name, a path), and a
+    # frame holding it must still encode: unbounded, a long enough name
+    # made the error frame too large, and that error ended the daemon.
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}... (cut from {len(text)} characters)"
+
+
 async def handle(connection: Connection, message: dict[str, Any], scope: trio.CancelScope) -> None:
     """Run one request to its end; errors become error frames, the connection goes on."""
     rid: int = message["id"]
@@ -540,8 +560,18 @@ async def handle(connection: Connection, message: dict[str, Any], scope: trio.Ca
 
     async def reply(result: dict[str, Any]) -> None:
         nonlocal replied
+        try:
+            await connection.send({"type": "reply", "id": rid, "result": result})
+        except ProtocolError:
+            # Refused by the encoder, before a byte was written: the client
+            # gets an error in place of the reply, not an end frame for a
+            # stream it never had.
+            raise RequestError(
+                "reply-too-large",
+                f"the reply to {message['method']!r:.60} would be larger than a frame may be "
+                f"({MAX_FRAME_BYTES} bytes)",
+            ) from None
         replied = True
-        await connection.send({"type": "reply", "id": rid, "result": result})
 
     try:
         with scope:
@@ -560,12 +590,10 @@ async def handle(connection: Connection, message: dict[str, Any], scope: trio.Ca
                         raise
                     # A bug in a handler must not take the daemon, its
                     # sessions or its other clients down with it.
-                    logger.exception("request %r failed", message["method"])
+                    logger.exception("request %.80r failed", message["method"])
                     exc = RequestError("internal-error", f"{type(exc).__name__}: {exc}")
-                if replied:
-                    await connection.send({**error(rid, exc.code, str(exc)), "type": "end"})
-                else:
-                    await connection.send(error(rid, exc.code, str(exc)))
+                refusal = error(rid, exc.code, _bounded(str(exc)))
+                await connection.send({**refusal, "type": "end"} if replied else refusal)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:

@@ -45,10 +45,19 @@ class ProtocolError(Exception):
 def encode(message: dict[str, Any]) -> bytes:
     """Return one frame holding ``message``.
 
+    A string that is not valid Unicode (a command line or a path with
+    bytes that are not UTF-8, which Python holds as lone surrogates
+    U+DC80..U+DCFF) is written as ``\\udcXX`` escapes: JSON can say it,
+    UTF-8 cannot, and a Python peer reads back the same string.
+
     Raises:
       ProtocolError: the encoded message is larger than ``MAX_FRAME_BYTES``.
     """
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    try:
+        body = text.encode("utf-8")
+    except UnicodeEncodeError:
+        body = json.dumps(message, separators=(",", ":")).encode("ascii")
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError(
             "oversized-frame", f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}"

@@ -35,6 +35,18 @@ class DaemonAlreadyRunning(RuntimeError):
 
 FINISH_WRITE_SECONDS: Final = 5.0
 """How long a cancelled write may take to finish the frames it started."""
+ACCEPT_RETRY_SECONDS: Final = 0.1
+"""How long the listener waits when accept() fails for want of fds or memory."""
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+# A client that went away between connect() and accept().
+_ACCEPT_IGNORABLE_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+MAX_OPEN_REQUESTS: Final = 1024
+"""Requests one connection may have open at once; more are refused with
+``too-many-requests``. Each open request is a task, so without a bound a
+client that sends without reading the replies grows the daemon without
+end; with one, the refusals it does not read stop the daemon reading it."""
 
 
 class Connection:
@@ -200,8 +212,32 @@ class Daemon:
                 return
 
     async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        out_of_capacity = False
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORABLE_ERRNOS:
+                    continue  # that client is gone already
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                # Out of fds (or memory), perhaps because of one client's
+                # many connections: the daemon, its sessions and their
+                # processes must not end for it. The next clients wait in
+                # the backlog until connections or processes that end free
+                # some (as in trio.serve_listeners).
+                if not out_of_capacity:
+                    logger.error(
+                        "cannot accept connections (%s); retrying every %.1f s",
+                        os.strerror(exc.errno),
+                        ACCEPT_RETRY_SECONDS,
+                    )
+                    out_of_capacity = True
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            if out_of_capacity:
+                logger.info("accepting connections again")
+                out_of_capacity = False
             nursery.start_soon(self._serve, sock)
 
     async def _serve(self, sock: trio.socket.SocketType) -> None:
@@ -229,6 +265,10 @@ class Daemon:
             # answering (that error comes out of the requests' nursery):
             # only this connection ends, never the daemon.
             pass
+        except* Exception:
+            # A bug that escaped the request handlers: it ends this
+            # connection, never the daemon with every session it holds.
+            logger.exception("closing a connection (pid %d) after an internal error", pid)
         finally:
             connection.close()
 
@@ -263,6 +303,19 @@ async def _run_connection(connection: Connection, handle: Any) -> None:
                         raise _protocol.ProtocolError(
                             "malformed-frame", f"request id {request_id} is already in use"
                         )
+                    if len(connection.requests) >= MAX_OPEN_REQUESTS:
+                        # Answered by this task: a client that does not read
+                        # its answers stops being read, instead of piling up
+                        # tasks in the daemon.
+                        await connection.send(
+                            _protocol.error(
+                                request_id,
+                                "too-many-requests",
+                                f"this connection has {MAX_OPEN_REQUESTS} requests open; "
+                                "wait for one to end first",
+                            )
+                        )
+                        continue
                     scope = connection.requests[request_id] = trio.CancelScope()
                     requests.start_soon(handle, connection, message, scope)
         except _protocol.ProtocolError as exc:

@@ -28,6 +28,7 @@ from .._pty import PtySize
 from .._session import Session, open_session
 from .._sink import ObserverBackpressure, ObserverSinkStatus
 from .._subscription import MissedEvents, Subscription
+from ._protocol import MAX_FRAME_BYTES, ProtocolError, encode
 
 if TYPE_CHECKING:
     from .._otel import OTelExporter
@@ -103,6 +104,31 @@ def _log_counts(log: OutputLog) -> dict[str, int]:
     return {"total_bytes": log.total_bytes, "dropped_bytes": log.dropped_bytes}
 
 
+class StreamOwner:
+    """One streaming request of one connection: where a subscription's frames go.
+
+    The request, not the connection, owns the stream: a connection may
+    resume a subscription again while its older stream of it still runs.
+    """
+
+    __slots__ = ("connection", "scope")
+
+    def __init__(self, connection: Any, scope: trio.CancelScope) -> None:
+        self.connection = connection
+        self.scope = scope
+
+    def stop(self, new_owner: StreamOwner) -> None:
+        """Make this stream let go, for ``new_owner`` to take over."""
+        if self.connection is new_owner.connection:
+            # The same client resumed again: its older stream ends with a
+            # "cancelled" end frame, and the connection goes on.
+            self.scope.cancel()
+        else:
+            # Usually a connection that is dying: its frames are in the
+            # resend buffer once it has let go.
+            self.connection.close()
+
+
 RESEND_DEFAULT: Final = 256
 REMOVED_KEPT: Final = 16
 """Removed subscriptions a session keeps listed (and resumable) at most."""
@@ -142,10 +168,11 @@ class RemoteSubscription:
         self.sent_frames = 0
         self.events_framed = 0
         self.missed_in_resend = 0
+        self.too_large_events = 0
         self._resend_counted_to = 0
         self.ended = False
         self.removed_reason: str | None = None
-        self.attached: Any = None
+        self.attached: StreamOwner | None = None
         self._attach_changed = trio.Event()
         self._remove = trio.Event()
         self._finished = trio.Event()
@@ -190,22 +217,23 @@ class RemoteSubscription:
             else:
                 await _first(changed, self._remove)
 
-    async def take_over(self, owner: Any) -> None:
-        """Make ``owner`` (a connection) the one that receives the stream.
+    async def take_over(self, owner: StreamOwner) -> None:
+        """Make ``owner`` (a request of a connection) the one that receives the stream.
 
-        A connection already streaming it is closed (it is usually one that
-        is dying), and this waits until it has let go, so that the frames
-        it took are in the resend buffer. A removed subscription can still
-        be resumed: it hands out what its channel buffered, then ends.
+        A stream of it on another connection is closed with its connection
+        (it is usually one that is dying), an older one on the same
+        connection is cancelled; this waits until it has let go, so that the
+        frames it took are in the resend buffer. A removed subscription can
+        still be resumed: it hands out what its channel buffered, then ends.
         """
         while self.attached is not None and self.attached is not owner:
-            self.attached.close()
+            self.attached.stop(owner)
             await self._attach_changed.wait()
         self.attached = owner
         self._signal()
 
-    def release(self, owner: object) -> None:
-        """Forget ``owner`` if it is still the receiving connection."""
+    def release(self, owner: StreamOwner) -> None:
+        """Forget ``owner`` if it is still the receiving stream."""
         if self.attached is owner:
             self.attached = None
             self._signal()
@@ -297,6 +325,25 @@ class RemoteSubscription:
             }
         else:
             frame = {"type": "stream", "seq": self.next_seq, "event": item.to_dict()}
+            if _too_large(frame):
+                # No frame can carry it: counted in its place, so that the
+                # stream (and every resume of it) goes on past it.
+                self.too_large_events += 1
+                logger.warning(
+                    "session %r: subscription %s: event %d (%s of pid %s) is too large "
+                    "for a frame; sent as a too-large marker",
+                    self.session.name,
+                    self.id,
+                    self.next_seq,
+                    item.kind.value,
+                    item.pid,
+                )
+                frame = {
+                    "type": "stream",
+                    "seq": self.next_seq + 1,
+                    "missed": 1,
+                    "lost_in": "too-large",
+                }
             self.next_seq += 1
             self.events_framed += 1
         self.sent.append((int(frame["seq"]), frame))
@@ -327,9 +374,32 @@ class RemoteSubscription:
             "next_seq": self.next_seq,
             "sent_frames": self.sent_frames,
             "missed_in_resend": self.missed_in_resend,
+            "too_large_events": self.too_large_events,
             "ended": self.ended,
             "removed": self.removed_reason,
         }
+
+
+# Room left in a frame for what the event does not hold (the request id).
+_FRAME_MARGIN: Final = 64
+# A character takes at most this many bytes in a frame (a \u00XX escape).
+_MAX_BYTES_PER_CHAR: Final = 6
+
+
+def _too_large(frame: dict[str, Any]) -> bool:
+    """Whether ``frame`` (an event's) encodes to more than a frame may hold.
+
+    Only a command line can be that long (a path is at most PATH_MAX); the
+    frame is encoded to check only when its argv might be, so that the
+    ordinary event costs a sum, not a second encoding.
+    """
+    argv = frame["event"].get("argv")
+    if not argv or sum(map(len, argv)) * _MAX_BYTES_PER_CHAR < MAX_FRAME_BYTES // 2:
+        return False
+    try:
+        return len(encode(frame)) > MAX_FRAME_BYTES - _FRAME_MARGIN
+    except ProtocolError:
+        return True
 
 
 async def _first(*events: trio.Event) -> None:
