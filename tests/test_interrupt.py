@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,66 @@ def test_a_signal_right_after_cmd_started_stops_cmd(tmp_path: Path, sig: signal.
         assert cli.returncode == 128 + sig
     finally:
         if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+# CMD for the test below: it writes its pid, then a line for each SIGTERM
+# it gets (and ignores), so that the test knows when the CLI has started
+# stopping it.
+_TERM_COUNTER = """
+import os, signal, sys, time
+out = open(sys.argv[1], "a", buffering=1)
+signal.signal(signal.SIGTERM, lambda *_: out.write("TERM\\n"))
+out.write(f"{os.getpid()}\\n")
+while True:
+    time.sleep(60)
+"""
+
+
+def _wait_for_line(path: Path, text: str, cli: subprocess.Popen[bytes]) -> list[str]:
+    # A real condition with a deadline: CMD wrote the line (or the CLI died).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and cli.poll() is None:
+        lines = path.read_text().split() if path.exists() else []
+        if text in lines or (text == "pid" and lines):
+            return lines
+        time.sleep(0.01)
+    raise AssertionError(f"CMD never wrote {text!r} (CLI exit {cli.poll()})")
+
+
+@pytest.mark.parametrize("containment", ["process-group", "auto"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_second_signal_during_the_teardown_still_stops_cmd(
+    tmp_path: Path, sig: signal.Signals, containment: str
+) -> None:
+    # The first signal starts the teardown (SIGTERM to CMD, which ignores
+    # it, then a 60 s grace); the second, while the grace runs, must not
+    # kill the CLI and leave CMD running: it ends the grace (SIGKILL now).
+    out = tmp_path / "cmd.out"
+    cli = subprocess.Popen(
+        [
+            *(PY, "-m", "trio_observer", "run", "--grace-period", "60"),
+            *("--containment", containment, "--", PY, "-c", _TERM_COUNTER, str(out)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pid = 0
+    try:
+        pid = int(_wait_for_line(out, "pid", cli)[0])
+        cli.send_signal(sig)
+        _wait_for_line(out, "TERM", cli)
+        cli.send_signal(sig)
+        # Half the grace period: only a teardown cut short ends in time.
+        returncode = cli.wait(timeout=30)
+        assert _gone(pid), f"CMD {pid} outlived the CLI (exit {returncode})"
+        assert returncode == 128 + sig
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        if pid and not _gone(pid):
             os.kill(pid, signal.SIGKILL)
 
 

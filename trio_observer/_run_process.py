@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 _BYTES = (bytes, bytearray, memoryview)
 
 
+@trio.lowlevel.enable_ki_protection
 async def run_process(
     session: Session,
     argv: Sequence[str | os.PathLike[str]],
@@ -84,6 +85,11 @@ async def run_process(
     out: list[bytes] = []
     err: list[bytes] = []
 
+    # Each a task of its own, protected as the session's tasks are (trio
+    # then delivers Ctrl-C to the main task): a KeyboardInterrupt raised in
+    # one before its ``async with`` left its pipe open for good, since the
+    # process no longer holds it for the session to close.
+    @trio.lowlevel.enable_ki_protection
     async def feed(stream: trio.abc.SendStream, data: bytes) -> None:
         async with stream:
             try:
@@ -92,6 +98,7 @@ async def run_process(
                 # The child closed its stdin early: as in trio, not an error.
                 pass
 
+    @trio.lowlevel.enable_ki_protection
     async def read(stream: trio.abc.ReceiveStream, chunks: list[bytes]) -> None:
         async with stream:
             async for chunk in stream:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, final
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, ParamSpec, TypeVar, final
 
 import trio
 
@@ -161,12 +163,16 @@ class Session:
             or wants(EventCategory.NETWORK)
         )
 
+    @trio.lowlevel.enable_ki_protection
     async def _run_tree_observer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         # Started once per session, by its first start_process; it does
         # nothing (no scan, no socket) until a sink asks for PROCESS, FILE
-        # or NETWORK.
+        # or NETWORK. Protected from KeyboardInterrupt, as every task of
+        # the session is (trio then delivers it to the main task): raised
+        # in here, between run() marking itself running and its finally,
+        # it left the teardown waiting in finish() for a stop never set.
         with self._tree_scope:
             await self._tree.run(task_status=task_status)
 
@@ -216,6 +222,7 @@ class Session:
             return group_usage(self._containment.group)
         return total_usage([self._spent, *self._unsummed, *(p.resources() for p in self._running)])
 
+    @trio.lowlevel.enable_ki_protection
     async def start_process(
         self,
         argv: Sequence[str | os.PathLike[str]],
@@ -312,6 +319,10 @@ class Session:
             # process's first fork: wait for the observer to be subscribed.
             await self._tree.wait_active()
             self._check_open()
+        # From here the KeyboardInterrupt of a Ctrl-C comes only at the
+        # checkpoints below (this method is protected): in between, after
+        # the spawn and before the try, it would have left a process that
+        # nobody holds and the session waits for.
         process, started = self._launch(spec)
         try:
             try:
@@ -471,6 +482,7 @@ class Session:
             scope.deadline = deadline
             await done.wait()
 
+    @trio.lowlevel.enable_ki_protection
     async def run_process(
         self,
         argv: Sequence[str | os.PathLike[str]],
@@ -676,9 +688,14 @@ class Session:
                     await done.wait()
                 except KeyboardInterrupt:
                     interrupted = True
-                    self._grace.hurry()
+                    self._hurry_teardown()
         if interrupted:
             raise KeyboardInterrupt
+
+    def _hurry_teardown(self) -> None:
+        # What a second Ctrl-C does during the teardown (the CLI's second
+        # SIGTERM too): SIGKILL now to what still runs, no grace after.
+        self._grace.hurry()
 
     def _drain_patience(self) -> float:
         return max(self._grace.seconds, _MIN_DRAIN_SECONDS)
@@ -690,7 +707,58 @@ class Session:
             process._close_streams()
 
 
-@asynccontextmanager
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+@final
+class _ProtectedContext(AbstractAsyncContextManager[_T]):
+    """An ``asynccontextmanager``'s context, entered and exited under KI protection."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: AbstractAsyncContextManager[_T]) -> None:
+        self._context = context
+
+    # contextlib's __aenter__ and __aexit__ run our generator: a
+    # KeyboardInterrupt in their frames, after the generator yielded or
+    # before it is resumed, would leave the session's nursery open (trio
+    # then fails with TrioInternalError) and its cgroup and processes
+    # behind. Called from here, their frames are protected too.
+    @trio.lowlevel.enable_ki_protection
+    async def __aenter__(self) -> _T:
+        return await self._context.__aenter__()
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        return await self._context.__aexit__(exc_type, exc, traceback)
+
+
+def _ki_protected_context(
+    function: Callable[_P, AsyncIterator[_T]],
+) -> Callable[_P, AbstractAsyncContextManager[_T]]:
+    """``asynccontextmanager`` with the generator, its enter and its exit protected.
+
+    Trio raises KeyboardInterrupt at any instruction of unprotected code;
+    protected, it comes at the next checkpoint, where the generator's
+    ``try``/``finally`` blocks handle it like any other exception. The
+    caller's block itself stays unprotected: it is the user's code.
+    """
+    make = asynccontextmanager(trio.lowlevel.enable_ki_protection(function))
+
+    @functools.wraps(function)
+    def protected(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[_T]:
+        return _ProtectedContext(make(*args, **kwargs))
+
+    return protected
+
+
+@_ki_protected_context
 async def open_session(
     *,
     grace_period: float = 5.0,

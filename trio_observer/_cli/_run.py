@@ -99,7 +99,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "its events are written as JSON Lines, one object per line. The exit status "
             "is CMD's (128 + N when signal N ended it). Signal N (Ctrl-C, SIGTERM, SIGHUP) "
             "to trio-observer stops CMD and everything it started, and the exit status "
-            "is then 128 + N."
+            "is then 128 + N; a second signal while it waits out the grace period "
+            "sends SIGKILL at once."
         ),
         epilog="example: trio-observer run --events events.jsonl -- make test",
     )
@@ -428,12 +429,20 @@ async def _stop_on_signal(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    # Kept until the session has ended (the caller cancels ``scope`` then),
+    # not left at the first signal: the handlers would go back to the
+    # defaults, and a second SIGTERM or SIGHUP during the teardown would
+    # kill this process while CMD's tree waits out its grace period, so
+    # a CMD that ignores SIGTERM outlived us. A second signal ends the
+    # grace instead (SIGKILL now), as a second Ctrl-C does for a session.
     with scope, trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         task_status.started()
         async for sig in signals:
-            stopped_by.append(sig)
-            session.cancel_scope.cancel()
-            return
+            if stopped_by:
+                session._hurry_teardown()
+            else:
+                stopped_by.append(sig)
+                session.cancel_scope.cancel()
 
 
 @contextlib.contextmanager
