@@ -12,6 +12,7 @@ it began).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ import trio
 
 import trio_observer._registry
 import trio_observer._sink
+import trio_observer._subscription
 from tests.registry_helpers import BLOCK, DROP, FILE, LIFECYCLE, ev
 from trio_observer import ObserverEvent, ObserverRegistry
 
@@ -36,12 +38,13 @@ _OURS = frozenset(
 class _CtrlCAt:
     """A tracer that raises SIGINT at one instruction of our frames."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, files: frozenset[str] = _OURS) -> None:
         self.target = target
+        self.files = files
         self.seen = 0
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event != "call" or frame.f_code.co_filename not in _OURS:
+        if event != "call" or frame.f_code.co_filename not in self.files:
             return None
         frame.f_trace_lines = False
         frame.f_trace_opcodes = True
@@ -180,6 +183,43 @@ def test_ctrl_c_anywhere_in_add_channel_leaves_no_sink_unrouted() -> None:
             for sink in registry._sinks.values():
                 status = sink.status()
                 assert status.delivered_events + status.missed_events == 1, target
+            if not interrupted:
+                return target - 1
+            target += 1
+
+    assert trio.run(main) > 20
+
+
+def test_ctrl_c_anywhere_in_entering_or_leaving_subscribe_leaves_no_sink() -> None:
+    # Raised after the sink was registered but before the block was entered
+    # (in the generator before its try, in Subscription(), or in contextlib's
+    # __aenter__ after the generator yielded), the sink stayed registered
+    # with nobody holding its receiver: a BLOCK sink then stalled every
+    # later emit of its categories for good.
+    counted = _OURS | {
+        trio_observer._subscription.Subscription.__init__.__code__.co_filename,
+        contextlib.__file__,
+    }
+
+    async def main() -> int:
+        target = 1
+        while True:
+            registry = ObserverRegistry()
+            tracer = _CtrlCAt(target, counted)
+            try:
+                sys.settrace(tracer)
+                try:
+                    async with registry.subscribe([LIFECYCLE], backpressure=BLOCK):
+                        pass
+                finally:
+                    sys.settrace(None)
+                await trio.lowlevel.checkpoint()
+            except KeyboardInterrupt:
+                interrupted = True
+            else:
+                interrupted = False
+            assert interrupted == (tracer.seen >= target), target
+            assert registry._sinks == {}, f"Ctrl-C at instruction {target}: a sink was left"
             if not interrupted:
                 return target - 1
             target += 1

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Literal, final, overload
 
 import trio
 
 from ._checks import check_bool, check_int
 from ._events import EventCategory, ObserverEvent
+from ._ki import ki_protected_context
 from ._sink import (
     DELIVERED,
     FULL,
@@ -224,7 +225,10 @@ class ObserverRegistry:
         """
         return self._subscribe(categories, capacity, backpressure, report_missed)
 
-    @asynccontextmanager
+    # Entered and exited under protection: a Ctrl-C after _add but before
+    # the try below (or in contextlib's __aenter__, after the yield) left
+    # the sink registered with nobody holding its receiver.
+    @ki_protected_context
     async def _subscribe(
         self,
         categories: Iterable[EventCategory],

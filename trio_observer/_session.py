@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from types import TracebackType
-from typing import TYPE_CHECKING, ParamSpec, TypeVar, final
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, final
 
 import trio
 
@@ -23,6 +21,7 @@ from ._events import (
     lifecycle_event,
 )
 from ._grace import Grace
+from ._ki import ki_protected_context
 from ._limits import Limits, check_limits
 from ._linux import (
     CONTAINMENTS,
@@ -707,58 +706,7 @@ class Session:
             process._close_streams()
 
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-@final
-class _ProtectedContext(AbstractAsyncContextManager[_T]):
-    """An ``asynccontextmanager``'s context, entered and exited under KI protection."""
-
-    __slots__ = ("_context",)
-
-    def __init__(self, context: AbstractAsyncContextManager[_T]) -> None:
-        self._context = context
-
-    # contextlib's __aenter__ and __aexit__ run our generator: a
-    # KeyboardInterrupt in their frames, after the generator yielded or
-    # before it is resumed, would leave the session's nursery open (trio
-    # then fails with TrioInternalError) and its cgroup and processes
-    # behind. Called from here, their frames are protected too.
-    @trio.lowlevel.enable_ki_protection
-    async def __aenter__(self) -> _T:
-        return await self._context.__aenter__()
-
-    @trio.lowlevel.enable_ki_protection
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool | None:
-        return await self._context.__aexit__(exc_type, exc, traceback)
-
-
-def _ki_protected_context(
-    function: Callable[_P, AsyncIterator[_T]],
-) -> Callable[_P, AbstractAsyncContextManager[_T]]:
-    """``asynccontextmanager`` with the generator, its enter and its exit protected.
-
-    Trio raises KeyboardInterrupt at any instruction of unprotected code;
-    protected, it comes at the next checkpoint, where the generator's
-    ``try``/``finally`` blocks handle it like any other exception. The
-    caller's block itself stays unprotected: it is the user's code.
-    """
-    make = asynccontextmanager(trio.lowlevel.enable_ki_protection(function))
-
-    @functools.wraps(function)
-    def protected(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[_T]:
-        return _ProtectedContext(make(*args, **kwargs))
-
-    return protected
-
-
-@_ki_protected_context
+@ki_protected_context
 async def open_session(
     *,
     grace_period: float = 5.0,
