@@ -187,12 +187,23 @@ async def _start_caught(containment: str, pid_file: Path) -> None:
         session.cancel_scope.cancel()
 
 
+async def _resources(containment: str, pid_file: Path) -> None:
+    # The user's block reads a running process's usage (its /proc files and,
+    # with a cgroup, its leaf's), which is the user's unprotected code.
+    async with open_session(containment=containment, grace_period=10) as session:
+        process = await session.start_process(["sh", "-c", _tree_script(pid_file)])
+        await _wait_recorded(pid_file, 2)
+        process.resources()
+        session.cancel_scope.cancel()
+
+
 SCENARIOS = {
     "tree": _tree,
     "run": _run,
     "pty": _pty,
     "capture": _capture,
     "start-caught": _start_caught,
+    "resources": _resources,
 }
 
 

@@ -219,3 +219,24 @@ def test_ctrl_c_anywhere_in_run_process_leaves_no_pipe(tmp_path: Path) -> None:
         "run_process.<locals>.feed",
     ]
     assert _every_instruction("run", "process-group", frames, tmp_path, ci_stride=2) > 100
+
+
+def test_ctrl_c_anywhere_in_reading_a_processs_usage_leaves_no_fd(tmp_path: Path) -> None:
+    # Process.resources() is called from the user's own, unprotected code;
+    # a Ctrl-C between the os.open of a /proc or cgroup file and the try
+    # that closes it left the fd open for good.
+    containment = "auto" if _cgroup.probe().available else "process-group"
+    frames = [
+        "Process.resources",
+        "with_cgroup",
+        "running_usage",
+        "Cgroup.cpu_seconds",
+        "Cgroup.read",
+        "Cgroup._read_of",
+        "Cgroup.memory_peak",
+        "Cgroup.pids_peak",
+        "Cgroup.oom_kills",
+        "Cgroup.subtree_control",
+        "read_file",
+    ]
+    assert _every_instruction("resources", containment, frames, tmp_path) > 30

@@ -263,6 +263,9 @@ def own_start_time() -> tuple[int, int]:
     return _own_start
 
 
+# KI-protected: called from the user's own code too (Process.resources),
+# where a Ctrl-C between the open and the try that closes would leak the fd.
+@trio.lowlevel.enable_ki_protection
 def read_file(path: str) -> str | None:
     """A kernfs file's content, ``None`` if it does not exist.
 
@@ -282,6 +285,7 @@ def read_file(path: str) -> str | None:
         os.close(fd)
 
 
+@trio.lowlevel.enable_ki_protection
 def write_file(path: str, value: str) -> None:
     """Write ``value`` to a kernfs file in one ``write`` (the kernel wants one)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)

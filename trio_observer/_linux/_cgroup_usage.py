@@ -11,6 +11,8 @@ import os
 import resource
 from collections.abc import Iterable
 
+import trio
+
 from .._events import ResourceUsage
 from ._cgroup import Cgroup
 
@@ -54,6 +56,10 @@ def with_cgroup(usage: ResourceUsage, group: Cgroup | None) -> ResourceUsage:
     )
 
 
+# KI-protected: Process.resources() calls it from the user's code, and a
+# Ctrl-C in a `with open()`'s exit call left the file open until the
+# exception's frames were collected.
+@trio.lowlevel.enable_ki_protection
 def running_usage(pid: int, proc_root: str = "/proc") -> ResourceUsage:
     """A living process's own CPU time (``stat``) and peak RSS (``VmHWM``).
 

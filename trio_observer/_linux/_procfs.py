@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Final, final
 
+import trio
+
 # A process vanishing between listdir() and open() shows up as any of these;
 # ProcessLookupError appears on some /proc files (e.g. reading a dead task's
 # fd directory), PermissionError for other users' processes.
@@ -130,6 +132,9 @@ def parse_stat(text: str) -> ProcStat:
 _READ_SIZE: Final = 16384
 
 
+# KI-protected: called from the user's own code too (Process.resources),
+# where a Ctrl-C between the open and the try that closes would leak the fd.
+@trio.lowlevel.enable_ki_protection
 def _read_bytes(path: str, *, one_record: bool = False) -> bytes | None:
     # os.open and os.read rather than open(): a buffered file object costs
     # an fstat and the object itself, on a path taken for every process a
