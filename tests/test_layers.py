@@ -18,6 +18,7 @@ LAYERS = {
     "_checks": 0,
     "_grace": 0,
     "_limits": 0,
+    "_ki": 0,
     "_sink": 1,
     "_pty": 1,
     "_linux": 1,
