@@ -618,3 +618,18 @@ async def test_bad_arguments_to_a_daemon_client_are_refused_by_name(daemon: Daem
             assert not isinstance(refused.value, ValueError)
             # Nothing was started by any of it.
             assert all(not session["processes"] for session in await client.sessions())
+
+
+async def test_autostart_that_cannot_spawn_the_daemon_leaves_no_fd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # connect() starts a daemon when none answers. When the spawn itself
+    # failed, start_daemon closed the pipe's write end but not its read
+    # end: one fd lost per attempt.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(FileNotFoundError):
+            async with trio_observer.connect(tmp_path / "d" / "daemon.sock"):
+                pass  # pragma: no cover
+    assert set(os.listdir("/proc/self/fd")) == before

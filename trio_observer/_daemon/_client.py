@@ -607,6 +607,7 @@ async def _connect(path: Path) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+@trio.lowlevel.enable_ki_protection
 async def start_daemon(path: Path, options: Sequence[str] = ()) -> None:
     """Start ``trio-observer daemon`` in the background and wait until it listens.
 
@@ -619,27 +620,29 @@ async def start_daemon(path: Path, options: Sequence[str] = ()) -> None:
       RuntimeError: the daemon exited before it was ready.
     """
     read_fd, write_fd = os.pipe()
-    try:
-        process = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-m",
-                "trio_observer",
-                "daemon",
-                "--socket",
-                os.fspath(path),
-                "--detach",
-                "--ready-fd",
-                str(write_fd),
-                *options,
-            ],
-            pass_fds=[write_fd],
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    finally:
-        os.close(write_fd)
+    # The read end is the stream's from here, so that it is closed however
+    # the spawn ends (it used to be left open when the spawn failed).
     async with trio.lowlevel.FdStream(read_fd) as ready:
+        try:
+            process = await trio.lowlevel.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "trio_observer",
+                    "daemon",
+                    "--socket",
+                    os.fspath(path),
+                    "--detach",
+                    "--ready-fd",
+                    str(write_fd),
+                    *options,
+                ],
+                pass_fds=[write_fd],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(write_fd)
         answer = b""
         while chunk := await ready.receive_some(64):
             answer += chunk
