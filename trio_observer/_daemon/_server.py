@@ -21,7 +21,7 @@ import trio
 from .._linux import clean_leftovers, leftover_sessions, probe_cgroup
 from . import _protocol
 from ._paths import peer_uid, prepare_directory
-from ._sessions import DaemonSession, resolve_containment
+from ._sessions import DaemonSession, RequestError, resolve_containment
 
 if TYPE_CHECKING:
     from .._otel import OTelExporter
@@ -146,9 +146,13 @@ class Daemon:
 
         Raises:
           RequestError: ``containment`` is unknown, or ``"cgroup"`` where
-            none can be made.
+            none can be made; or the daemon is stopping.
         """
         assert self._session_nursery is not None
+        if self.stop_requested.is_set():
+            # Made after the shutdown listed the sessions to close, it
+            # would never be closed, and the daemon would wait for it.
+            raise RequestError("daemon-stopping", "the daemon is stopping: no new session")
         daemon_session = DaemonSession(
             name,
             grace_period=grace_period,
@@ -196,8 +200,13 @@ class Daemon:
                     await self.stop_requested.wait()
                     logger.info("stopping: closing %d session(s)", len(self.sessions))
                     # Sessions first, while clients can still watch them end.
+                    # All at once: one after another, the last tree would
+                    # get its SIGTERM only after every grace period before.
+                    closing = list(self.sessions.values())
+                    for daemon_session in closing:
+                        daemon_session.close()
                     with trio.CancelScope(shield=True):
-                        for daemon_session in list(self.sessions.values()):
+                        for daemon_session in closing:
                             await self.close_session(daemon_session)
                     connections.cancel_scope.cancel()
         finally:
@@ -205,11 +214,21 @@ class Daemon:
             _unlink(self.socket_path)
 
     async def _stop_on_signal(self) -> None:
+        # Kept until the daemon ends, not left at the first signal: the
+        # default handlers would be back, and a second SIGTERM would kill
+        # the daemon while its sessions wait out their grace periods, so a
+        # tree that ignores SIGTERM outlived it. A later signal (or the
+        # first, after a shutdown request) ends the grace periods instead:
+        # SIGKILL now, as a second Ctrl-C does for a session.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 logger.info("received %s", signal.Signals(sig).name)
-                self.stop_requested.set()
-                return
+                if not self.stop_requested.is_set():
+                    self.stop_requested.set()
+                    continue
+                logger.info("ending the grace periods: SIGKILL to what still runs")
+                for daemon_session in self.sessions.values():
+                    daemon_session.hurry()
 
     async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         out_of_capacity = False
@@ -407,8 +426,9 @@ async def serve(
     """Run a daemon on ``socket_path`` until it is told to stop.
 
     A ``shutdown`` request, or SIGTERM/SIGINT when ``handle_signals``,
-    stops it: every session is closed with its grace period and everything
-    is reaped before this returns. With ``exporter``, every session's
+    stops it: every session is closed with its grace period, all at once,
+    and everything is reaped before this returns; a second signal ends the
+    grace periods (SIGKILL now). With ``exporter``, every session's
     lifecycle events are also exported to OpenTelemetry.
     """
     daemon = Daemon(socket_path, exporter)

@@ -493,6 +493,9 @@ class DaemonSession:
                 ) as session,
             ):
                 self._session = session
+                if self.closing:
+                    # close() came while the session was opening.
+                    session.cancel_scope.cancel()
                 if self._exporter is not None:
                     await outside.start(self._exporter.export_session, session)
                 async with trio.open_nursery() as nursery:
@@ -508,6 +511,11 @@ class DaemonSession:
         self.closing = True
         if self._session is not None:
             self._session.cancel_scope.cancel()
+
+    def hurry(self) -> None:
+        """End the grace period of the teardown: SIGKILL now to what still runs."""
+        if self._session is not None:
+            self._session._hurry_teardown()
 
     async def start(
         self,
