@@ -58,6 +58,12 @@ def stopping(tmp_path: Path) -> Iterator[DaemonProcess]:
     if running.process.poll() is None:
         running.process.kill()
     running.process.communicate(timeout=60)
+    # What a failed test left: a process-group session's trees outlive a
+    # killed daemon.
+    for pid in _notes(tmp_path / "notes", "up"):
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        reap_zombie_child(pid)
 
 
 async def _stubborn_sessions(running: DaemonProcess, notes: Path, count: int) -> set[int]:
@@ -75,11 +81,6 @@ async def _stubborn_sessions(running: DaemonProcess, notes: Path, count: int) ->
 def _finish(running: DaemonProcess, pids: set[int]) -> int:
     code = running.process.wait(timeout=60)
     left = {pid for pid in pids if alive(pid)}
-    for pid in left:
-        # Only so that a failure does not leave them running.
-        os.kill(pid, signal.SIGKILL)
-    for pid in pids:
-        reap_zombie_child(pid)
     assert left == set(), f"still running after the daemon exited: {left}"
     return code
 
