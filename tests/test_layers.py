@@ -34,6 +34,7 @@ LAYERS = {
     "_process": 4,
     "_start_args": 4,
     "_session": 5,
+    "_open_session": 5,
     "_run_process": 5,
     "_otel_records": 1,
     "_otel": 6,

@@ -38,6 +38,7 @@ if _typing.TYPE_CHECKING:
     from ._expect import ExpectMatch as ExpectMatch
     from ._expect import ExpectTimeout as ExpectTimeout
     from ._limits import Limits as Limits
+    from ._open_session import open_session as open_session
     from ._otel import OTelExporter as OTelExporter
     from ._otel import OTelExportStatus as OTelExportStatus
     from ._output import OutputLog as OutputLog
@@ -47,7 +48,6 @@ if _typing.TYPE_CHECKING:
     from ._pty import PtySize as PtySize
     from ._registry import ObserverRegistry as ObserverRegistry
     from ._session import Session as Session
-    from ._session import open_session as open_session
     from ._sink import ObserverBackpressure as ObserverBackpressure
     from ._sink import ObserverSinkStatus as ObserverSinkStatus
     from ._sink import ObserverSubscriberId as ObserverSubscriberId
@@ -102,7 +102,7 @@ _MODULE_OF: dict[str, str] = {
     "UnsupportedCategoryError": "._capabilities",
     "connect": "._daemon._client",
     "negotiate_capabilities": "._capabilities",
-    "open_session": "._session",
+    "open_session": "._open_session",
     "remote_item": "._daemon._client",
 }
 """The private module that defines each public name."""

@@ -16,8 +16,9 @@ import trio
 from ._checks import check_seconds
 from ._expect import Pattern, compile_patterns
 from ._linux import PROC, read_cmdline, read_stat, scan_all
+from ._open_session import open_session
 from ._process import CAPTURE, Process
-from ._session import Session, open_session
+from ._session import Session
 
 
 def _open_fds() -> dict[str, str]:

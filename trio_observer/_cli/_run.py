@@ -16,9 +16,10 @@ from .._checks import check_seconds
 from .._events import EventCategory, TerminationOutcome
 from .._limits import Limits
 from .._linux import CONTAINMENTS, CgroupUnavailableError, probe_cgroup
+from .._open_session import open_session
 from .._process import Process
 from .._pty import PtySize
-from .._session import Session, open_session
+from .._session import Session
 from .._sink import ObserverBackpressure
 from . import _otlp
 from ._prog import PROG

@@ -22,10 +22,11 @@ import trio
 
 from .._events import EventCategory, ObserverEvent
 from .._linux import CONTAINMENTS, probe_cgroup
+from .._open_session import open_session
 from .._output import OutputLog
 from .._process import CAPTURE, Process
 from .._pty import PtySize
-from .._session import Session, open_session
+from .._session import Session
 from .._sink import ObserverBackpressure, ObserverSinkStatus
 from .._subscription import MissedEvents, Subscription
 from ._protocol import MAX_FRAME_BYTES, ProtocolError, encode
