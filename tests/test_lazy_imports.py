@@ -22,6 +22,10 @@ _HEAVY = (
     "trio_observer._linux._nettables",
     "trio_observer._linux._descriptors",
     "trio_observer._linux._tree_members",
+    "trio_observer._linux._tree_members_state",
+    "trio_observer._linux._tree_members_scan",
+    "trio_observer._linux._tree_members_orphans",
+    "trio_observer._linux._tree_members_records",
 )
 
 # Not needed to run a command in a session and write its LIFECYCLE events.
